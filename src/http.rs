@@ -1,0 +1,255 @@
+//! HTTP plumbing shared by the gate and comfy-sim: one body type, response builders, query
+//! parsing, bounded body reads, the WebSocket upgrade handshake and an accept loop whose
+//! connections can be closed all at once (a graceful stop, or a simulated crash).
+//!
+//! Both servers are plain hyper 1 services; keeping this layer small and shared means the sim
+//! and the gate make the same choices on the wire (HTTP/1.1 and h2, upgrades, header limits).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Errors a body may carry while streaming.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The one response body type used everywhere.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// A whole body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty_body() -> Body {
+    full(Bytes::new())
+}
+
+/// A response with an empty body, as aiohttp's bare `web.Response(status=…)`.
+pub fn status(code: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(empty_body());
+    *resp.status_mut() = code;
+    resp
+}
+
+/// A JSON response, serialised like aiohttp's `json_response` (content type and charset).
+pub fn json(code: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut resp = Response::new(full(bytes));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+/// A plain-text response.
+pub fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut resp = Response::new(full(body.into()));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Decoded query parameters, in order; a repeated key keeps every value.
+pub fn query_pairs(uri: &http::Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The first value of one query parameter (aiohttp's `rel_url.query.get`).
+pub fn query_param(uri: &http::Uri, key: &str) -> Option<String> {
+    query_pairs(uri)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("request body could not be read: {0}")]
+    Read(String),
+}
+
+/// Reads a whole body, refusing more than `limit` bytes (aiohttp's `client_max_size`).
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) => {
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(BodyError::TooLarge { limit })
+            } else {
+                Err(BodyError::Read(err.to_string()))
+            }
+        }
+    }
+}
+
+/// True when the request asks for a WebSocket upgrade.
+pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+/// The 101 answer to a WebSocket upgrade request, or a 400 when the handshake headers are bad.
+pub fn websocket_accept<B>(req: &Request<B>) -> Result<Response<Body>, Response<Body>> {
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v == "13")
+        .unwrap_or(false);
+    if !version_ok {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version",
+        ));
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut resp = status(StatusCode::SWITCHING_PROTOCOLS);
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    Ok(resp)
+}
+
+/// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages).
+pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let mut cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    cfg.max_message_size = Some(4 << 20);
+    cfg.max_frame_size = Some(4 << 20);
+    cfg
+}
+
+/// Turns an upgraded hyper connection into a server-side WebSocket stream.
+pub async fn server_websocket(
+    upgraded: hyper::upgrade::Upgraded,
+) -> tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        Some(websocket_config()),
+    )
+    .await
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Timeouts and limits of the accept loop.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Time a client gets to send a complete request head (slowloris guard).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` until `stop` is cancelled. Cancelling drops every open
+/// connection at once (upgraded WebSocket streams are the handler's to watch).
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServeOptions,
+    stop: CancellationToken,
+) where
+    H: Fn(Request<Incoming>, ConnInfo) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let stop = stop.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            let info = ConnInfo { peer, local };
+            let service = hyper::service::service_fn(move |req| {
+                let fut = handler(req, info);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(options.header_read_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                res = conn => {
+                    if let Err(err) = res {
+                        tracing::trace!(%err, "connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,6 @@
+//! comfy-gate: a GPU-aware reverse proxy and load balancer in front of many ComfyUI instances,
+//! and comfy-sim, a simulated ComfyUI backend for tests, benchmarks and the demo.
+
+pub mod http;
+pub mod protocol;
+pub mod sim;

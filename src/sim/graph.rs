@@ -1,0 +1,147 @@
+//! ComfyUI's `ExecutionList` (comfy_execution/graph.py): which node runs next.
+//!
+//! Output nodes are added first; their uncached inputs are pulled in depth-first; among ready
+//! nodes, output nodes go first, then nodes feeding an output, then those two steps away, then
+//! the earliest added. Reproducing it keeps the sim's `executing` order equal to ComfyUI's.
+
+use std::collections::HashMap;
+
+use indexmap::{IndexMap, IndexSet};
+use serde_json::{Map, Value};
+
+pub struct ExecutionList<'a> {
+    prompt: &'a Map<String, Value>,
+    is_output_class: &'a (dyn Fn(&str) -> bool + Sync),
+    pending: IndexSet<String>,
+    block_count: HashMap<String, usize>,
+    blocking: HashMap<String, IndexMap<String, ()>>,
+}
+
+fn link_source(v: &Value) -> Option<&str> {
+    match v {
+        Value::Array(a) if a.len() == 2 && a[1].is_number() => a[0].as_str(),
+        _ => None,
+    }
+}
+
+impl<'a> ExecutionList<'a> {
+    pub fn new(
+        prompt: &'a Map<String, Value>,
+        is_output_class: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> Self {
+        Self {
+            prompt,
+            is_output_class,
+            pending: IndexSet::new(),
+            block_count: HashMap::new(),
+            blocking: HashMap::new(),
+        }
+    }
+
+    pub fn add_node(&mut self, id: &str, is_cached: &dyn Fn(&str) -> bool) {
+        let mut stack = vec![id.to_string()];
+        let mut links = Vec::new();
+        while let Some(u) = stack.pop() {
+            if self.pending.contains(&u) || !self.prompt.contains_key(&u) {
+                continue;
+            }
+            self.pending.insert(u.clone());
+            self.block_count.insert(u.clone(), 0);
+            self.blocking.insert(u.clone(), IndexMap::new());
+            if let Some(inputs) = self.prompt[&u]["inputs"].as_object() {
+                for v in inputs.values() {
+                    if let Some(from) = link_source(v) {
+                        if !is_cached(from) {
+                            stack.push(from.to_string());
+                        }
+                        links.push((from.to_string(), u.clone()));
+                    }
+                }
+            }
+        }
+        for (from, to) in links {
+            if is_cached(&from) || !self.prompt.contains_key(&from) {
+                continue;
+            }
+            self.add_node(&from, is_cached);
+            let blocked = self.blocking.entry(from).or_default();
+            if !blocked.contains_key(&to) {
+                blocked.insert(to.clone(), ());
+                *self.block_count.entry(to).or_default() += 1;
+            }
+        }
+    }
+
+    fn is_output(&self, id: &str) -> bool {
+        self.prompt[id]["class_type"]
+            .as_str()
+            .is_some_and(|c| (self.is_output_class)(c))
+    }
+
+    /// The next node to run, or `None` when nothing is left (or only a cycle).
+    pub fn stage(&self) -> Option<String> {
+        let ready: Vec<&String> = self
+            .pending
+            .iter()
+            .filter(|id| self.block_count.get(*id) == Some(&0))
+            .collect();
+        let blocked = |id: &str| self.blocking.get(id).into_iter().flat_map(|m| m.keys());
+        ready
+            .iter()
+            .find(|id| self.is_output(id))
+            .or_else(|| {
+                ready
+                    .iter()
+                    .find(|id| blocked(id).any(|b| self.is_output(b)))
+            })
+            .or_else(|| {
+                ready
+                    .iter()
+                    .find(|id| blocked(id).any(|b| blocked(b).any(|c| self.is_output(c))))
+            })
+            .or(ready.first())
+            .map(|id| id.to_string())
+    }
+
+    pub fn complete(&mut self, id: &str) {
+        self.pending.shift_remove(id);
+        if let Some(blocked) = self.blocking.remove(id) {
+            for to in blocked.keys() {
+                if let Some(c) = self.block_count.get_mut(to) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// ComfyUI's default txt2img graph runs loader, latent, negative, positive, sampler, decode,
+    /// save: the order ComfyUI's own list produces.
+    #[test]
+    fn txt2img_order_matches_comfyui() {
+        let prompt = json!({
+            "3": {"class_type": "KSampler", "inputs": {"seed": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}
+        });
+        let prompt = prompt.as_object().unwrap();
+        let is_output = |c: &str| c == "SaveImage";
+        let mut list = ExecutionList::new(prompt, &is_output);
+        list.add_node("9", &|_| false);
+        let mut order = Vec::new();
+        while let Some(id) = list.stage() {
+            list.complete(&id);
+            order.push(id);
+        }
+        assert_eq!(order, ["4", "5", "7", "6", "3", "8", "9"]);
+    }
+}

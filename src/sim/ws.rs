@@ -1,0 +1,98 @@
+//! `GET /ws`: sid choice, the first `status`, the reconnect `executing` replay and the
+//! `feature_flags` exchange, exactly as ComfyUI's `websocket_handler`.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::instance::{Instance, lock};
+use crate::http::{Body, query_param, server_websocket, websocket_accept};
+
+pub fn handle(inst: Arc<Instance>, mut req: Request<Incoming>) -> Response<Body> {
+    let resp = match websocket_accept(&req) {
+        Ok(r) => r,
+        Err(bad) => return bad,
+    };
+    let requested = query_param(req.uri(), "clientId").unwrap_or_default();
+    let sid = if requested.is_empty() {
+        uuid::Uuid::new_v4().simple().to_string()
+    } else {
+        requested
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let ws = server_websocket(upgraded).await;
+        serve_socket(inst, sid, ws).await;
+    });
+    resp
+}
+
+async fn serve_socket<S>(
+    inst: Arc<Instance>,
+    sid: String,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (mut rx, dropped) = inst.hub.register(&sid);
+    // Initial state, to this socket only.
+    inst.hub.send_json(
+        "status",
+        json!({ "status": inst.queue_info(), "sid": sid }),
+        Some(&sid),
+    );
+    let replay = {
+        let ctx = lock(&inst.exec);
+        (ctx.client_id.as_deref() == Some(sid.as_str()))
+            .then(|| ctx.last_node_id.clone())
+            .flatten()
+    };
+    if let Some(node) = replay {
+        inst.hub
+            .send_json("executing", json!({ "node": node }), Some(&sid));
+    }
+    let mut first_message = true;
+    loop {
+        tokio::select! {
+            _ = inst.stop.cancelled() => break,
+            _ = dropped.cancelled() => {
+                let _ = sink.close().await;
+                break;
+            }
+            out = rx.recv() => {
+                let Some(msg) = out else { break };
+                while inst.faults.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::select! {
+                        _ = inst.stop.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                    }
+                }
+                if sink.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            incoming = stream.next() => {
+                match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(data) = serde_json::from_str::<Value>(&text) else { continue };
+                        if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
+                            let flags = data.get("data").cloned().unwrap_or_else(|| json!({}));
+                            inst.hub.set_feature_flags(&sid, flags);
+                            inst.hub.send_json("feature_flags", inst.features(), Some(&sid));
+                        }
+                        first_message = false;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+    }
+    inst.hub.unregister(&sid);
+}
