@@ -128,22 +128,19 @@ pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
-/// The 101 answer to a WebSocket upgrade request, or a 400 when the handshake headers are bad.
-pub fn websocket_accept<B>(req: &Request<B>) -> Result<Response<Body>, Response<Body>> {
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
+/// The 101 answer to a WebSocket upgrade request, or a 400 when the handshake headers are bad
+/// (check the status before upgrading).
+pub fn websocket_accept<B>(req: &Request<B>) -> Response<Body> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .map(|v| v == "13")
         .unwrap_or(false);
     if !version_ok {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "unsupported WebSocket version",
-        ));
+        return text(StatusCode::BAD_REQUEST, "unsupported WebSocket version");
     }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut resp = status(StatusCode::SWITCHING_PROTOCOLS);
@@ -153,7 +150,7 @@ pub fn websocket_accept<B>(req: &Request<B>) -> Result<Response<Body>, Response<
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    Ok(resp)
+    resp
 }
 
 /// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages).

@@ -244,10 +244,11 @@ pub async fn run_worker(inst: Arc<Instance>) {
             if inst.stop.is_cancelled() {
                 return;
             }
-            if !inst.faults.frozen() {
-                if let Some(item) = lock(&inst.queue).start_next() {
-                    break item;
-                }
+            let next = (!inst.faults.frozen())
+                .then(|| lock(&inst.queue).start_next())
+                .flatten();
+            if let Some(item) = next {
+                break item;
             }
             tokio::select! {
                 _ = inst.stop.cancelled() => return,

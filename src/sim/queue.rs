@@ -165,10 +165,8 @@ pub fn page<'a>(
     offset: i64,
 ) -> Map<String, Value> {
     let mut offset = offset;
-    if offset < 0 {
-        if let Some(max) = max_items {
-            offset = len as i64 - max;
-        }
+    if let (true, Some(max)) = (offset < 0, max_items) {
+        offset = len as i64 - max;
     }
     let mut out = Map::new();
     if max_items.is_some_and(|m| m <= 0) {

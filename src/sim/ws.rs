@@ -13,10 +13,10 @@ use super::instance::{Instance, lock};
 use crate::http::{Body, query_param, server_websocket, websocket_accept};
 
 pub fn handle(inst: Arc<Instance>, mut req: Request<Incoming>) -> Response<Body> {
-    let resp = match websocket_accept(&req) {
-        Ok(r) => r,
-        Err(bad) => return bad,
-    };
+    let resp = websocket_accept(&req);
+    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
     let requested = query_param(req.uri(), "clientId").unwrap_or_default();
     let sid = if requested.is_empty() {
         uuid::Uuid::new_v4().simple().to_string()

@@ -1,0 +1,232 @@
+//! Shared helpers for integration tests: start comfy-sim instances on port 0 and drive them with
+//! real HTTP (reqwest) and WebSocket (tokio-tungstenite) clients.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for any one event before failing (never a timing assertion).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A sim at test speed (1/100 of real durations).
+pub async fn sim() -> SimHandle {
+    sim_with(SimConfig::default()).await
+}
+
+pub async fn sim_with(config: SimConfig) -> SimHandle {
+    SimBackend::start(SimConfig {
+        time_scale: 0.01,
+        ..config
+    })
+    .await
+    .expect("sim starts")
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .expect("client")
+}
+
+pub async fn post_json(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = http()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub async fn get_json(base: &str, path: &str) -> (u16, Value) {
+    let resp = http()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub async fn get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
+    let resp = http()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.unwrap_or_default().to_vec())
+}
+
+/// ComfyUI's default txt2img workflow (script_examples), with a seed and checkpoint.
+pub fn txt2img(seed: u64, ckpt: &str) -> Value {
+    json!({
+        "3": {"class_type": "KSampler", "inputs": {"cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": seed, "steps": 20}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 512, "width": 512}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "masterpiece best quality girl"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}}
+    })
+}
+
+pub const SDXL: &str = "sd_xl_base_1.0.safetensors";
+pub const SD15: &str = "v1-5-pruned-emaonly-fp16.safetensors";
+
+/// A model-free graph: EmptyImage → ImageBlur → SaveImage.
+pub fn blur_graph(color: u32) -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "ComfyUI"}}
+    })
+}
+
+/// One frame received on a WebSocket.
+#[derive(Clone, Debug)]
+pub enum Frame {
+    Json(Value),
+    Binary(Vec<u8>),
+}
+
+impl Frame {
+    pub fn kind(&self) -> String {
+        match self {
+            Frame::Json(v) => v["type"].as_str().unwrap_or("?").to_string(),
+            Frame::Binary(b) => format!("binary:{}", b.get(3).copied().unwrap_or(0)),
+        }
+    }
+    pub fn data(&self) -> &Value {
+        match self {
+            Frame::Json(v) => &v["data"],
+            Frame::Binary(_) => &Value::Null,
+        }
+    }
+}
+
+pub struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    /// Connects to `base` (http://…) `/ws`, optionally with `?clientId=`.
+    pub async fn connect(base: &str, client_id: Option<&str>) -> Ws {
+        let url = format!(
+            "{}/ws{}",
+            base.replacen("http", "ws", 1),
+            client_id
+                .map(|c| format!("?clientId={c}"))
+                .unwrap_or_default()
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connects");
+        Ws { stream }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.stream
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        let _ = self.stream.send(m).await;
+    }
+
+    /// The next frame, or `None` when the socket closes (panics after PATIENCE).
+    pub async fn next(&mut self) -> Option<Frame> {
+        self.next_within(PATIENCE)
+            .await
+            .expect("a frame within patience")
+    }
+
+    /// `Err(())` on timeout, `Ok(None)` when closed.
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Option<Frame>, ()> {
+        loop {
+            let msg = tokio::time::timeout(wait, self.stream.next())
+                .await
+                .map_err(|_| ())?;
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return Ok(Some(Frame::Json(
+                        serde_json::from_str(&t).expect("json frame"),
+                    )));
+                }
+                Some(Ok(Message::Binary(b))) => return Ok(Some(Frame::Binary(b.to_vec()))),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Frames until (and including) `executing {node: null, prompt_id}`.
+    pub async fn until_done(&mut self, prompt_id: &str) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        loop {
+            let f = self
+                .next()
+                .await
+                .expect("socket open until the prompt is done");
+            let done = f.kind() == "executing"
+                && f.data()["node"].is_null()
+                && f.data()["prompt_id"] == prompt_id;
+            frames.push(f);
+            if done {
+                return frames;
+            }
+        }
+    }
+
+    /// Frames until one of type `kind` arrives (returned last).
+    pub async fn until_kind(&mut self, kind: &str) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        loop {
+            let f = self.next().await.expect("socket open");
+            let hit = f.kind() == kind;
+            frames.push(f);
+            if hit {
+                return frames;
+            }
+        }
+    }
+}
+
+/// Polls `/history/{id}` until it is non-empty.
+pub async fn wait_history(base: &str, prompt_id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, h) = get_json(base, &format!("/history/{prompt_id}")).await;
+        if h.get(prompt_id).is_some() {
+            return h[prompt_id].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history for {prompt_id} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A small PNG for uploads.
+pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    comfy_gate::sim::images::SimImage::synthesize(width, height, seed).to_png(&[], true)
+}
