@@ -1,35 +1,147 @@
-//! `comfy-gate`: the gateway binary. This first version only reports that the gateway is not
-//! built yet; `comfy-sim` is the usable binary of this release.
+//! `comfy-gate`: run the gateway, check a config, run the demo fleet.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use comfy_gate::config::{self, FileConfig};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "comfy-gate",
-    version,
-    about = "GPU-aware reverse proxy and load balancer for ComfyUI"
-)]
+#[command(name = "comfy-gate", version, about = "GPU-aware reverse proxy and load balancer for ComfyUI")]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the gateway (not built yet).
-    Run,
-    /// Start a simulated fleet and the gateway (not built yet).
-    Demo,
+    /// Run the gateway.
+    Run {
+        /// Configuration file (see proxy.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client-facing address (overrides the file).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin address (overrides the file).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// A backend base URL, repeatable (replaces the file's backends).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Validate a configuration file and report errors with file, line and field.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start three simulated ComfyUI backends and the gate in front of them.
+    Demo {
+        /// Client-facing address.
+        #[arg(long, default_value = "127.0.0.1:8188")]
+        listen: SocketAddr,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:8189")]
+        admin_listen: SocketAddr,
+        /// Simulated time scale (1.0 = real GPU durations).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+    },
 }
 
-fn main() {
-    let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Run) | Some(Command::Demo) | None => {
-            eprintln!(
-                "comfy-gate: the gateway is not built yet in this release; run `comfy-sim` for a simulated ComfyUI backend"
-            );
-            std::process::exit(2);
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    match Cli::parse().command {
+        Command::Check { config: path } => match config::load(&path) {
+            Ok(c) => {
+                println!("{}: ok ({} backends, listen {})", path.display(), c.backends.len(), c.server.listen);
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        Command::Run { config: path, listen, admin_listen, backends } => {
+            let (mut file, text, name) = match &path {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    let file: FileConfig = match toml::from_str(&text) {
+                        Ok(f) => f,
+                        Err(_) => {
+                            // Report with file, line and field.
+                            let e = config::parse(&text, &p.display().to_string()).unwrap_err();
+                            eprintln!("{e}");
+                            std::process::exit(1);
+                        }
+                    };
+                    (file, text, p.display().to_string())
+                }
+                None => (FileConfig::default(), String::new(), "(command line)".to_string()),
+            };
+            if let Some(l) = listen {
+                file.server.listen = l;
+            }
+            if let Some(a) = admin_listen {
+                file.server.admin_listen = a;
+            }
+            if !backends.is_empty() {
+                file.backends = backends.iter().map(|u| config::backend_from_url(u)).collect();
+            }
+            let cfg = match config::validate(file, &text, &name) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            };
+            let handle = comfy_gate::gate::run(cfg).await?;
+            println!("comfy-gate listening on http://{} (admin http://{})", handle.addr, handle.admin_addr);
+            shutdown_signal().await;
+            handle.shutdown().await;
+            Ok(())
+        }
+        Command::Demo { listen, admin_listen, time_scale } => {
+            let demo = comfy_gate::demo::start(listen, admin_listen, time_scale).await?;
+            println!("comfy-gate demo listening on http://{}", demo.gate.addr);
+            for s in &demo.sims {
+                let c = s.config();
+                println!("  backend {:<10} {}  speed {:.1}  VRAM {} GB", c.name, s.url(), c.speed, c.vram_total_gb);
+            }
+            println!("admin: http://{}/readyz  http://{}/admin/backends", demo.gate.admin_addr, demo.gate.admin_addr);
+            println!("open:  http://{}/system_stats  (every simulated GPU)", demo.gate.addr);
+            println!("run:   ComfyUI's script_examples/websockets_api_example.py with server_address = \"{}\"", demo.gate.addr);
+            println!("       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)");
+            shutdown_signal().await;
+            demo.gate.shutdown().await;
+            Ok(())
         }
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::cost;
 use super::graph::ExecutionList;
-use super::images::SimImage;
+use crate::files::images::SimImage;
 use super::instance::{Instance, lock};
 use super::nodes::find;
 use super::queue::QueueItem;
@@ -91,7 +91,7 @@ struct Run<'a> {
     prompt: &'a Map<String, Value>,
     client_id: Option<String>,
     messages: Vec<Value>,
-    progress: IndexMap<String, (&'static str, f64, f64)>,
+    progress: IndexMap<String, (&'static str, Value, Value)>,
     previews: bool,
 }
 
@@ -134,13 +134,18 @@ impl Run<'_> {
     }
 
     fn set_progress(&mut self, id: &str, state: &'static str, value: f64, max: f64) {
-        self.progress.insert(id.to_string(), (state, value, max));
+        self.progress
+            .insert(id.to_string(), (state, json!(value), json!(max)));
         self.send_progress_state();
     }
 
+    /// `finish_progress`: value = max. A node never started (a cache hit) keeps the registry's
+    /// integer default `max = 1`, as ComfyUI reports it.
     fn finish_progress(&mut self, id: &str) {
-        let max = self.progress.get(id).map(|p| p.2).unwrap_or(1.0);
-        self.set_progress(id, "finished", max, max);
+        let max = self.progress.get(id).map(|p| p.2.clone()).unwrap_or(json!(1));
+        self.progress
+            .insert(id.to_string(), ("finished", max.clone(), max));
+        self.send_progress_state();
     }
 
     /// ComfyUI's progress hook: interrupt check, `progress_state` (+ type 4), `progress`

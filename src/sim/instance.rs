@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::SimConfig;
 use super::faults::Faults;
-use super::files::Dirs;
+use crate::files::Dirs;
 use super::hub::Hub;
 use super::nodes::{NodeDef, catalogue};
 use super::queue::PromptQueue;

@@ -20,10 +20,10 @@ pub mod config;
 pub mod cost;
 mod exec;
 pub mod faults;
-pub mod files;
+
 mod graph;
 mod hub;
-pub mod images;
+
 mod instance;
 pub mod nodes;
 pub mod queue;
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{ModelFile, SimConfig};
 pub use faults::Fault;
 use faults::Faults;
-use files::Dirs;
+use crate::files::Dirs;
 pub use instance::SimStats;
 use instance::{Instance, lock};
 

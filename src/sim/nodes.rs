@@ -581,6 +581,27 @@ pub fn object_info(def: &NodeDef, config: &SimConfig, input_images: &[String]) -
         order.insert("hidden".into(), json!(hidden.keys().collect::<Vec<_>>()));
         input.insert("hidden".into(), Value::Object(hidden));
     }
+    if def.v3 {
+        // V3 schema nodes (`GET_NODE_INFO_V1`): nulls instead of omissions, in their key order.
+        return json!({
+            "input": input,
+            "input_order": order,
+            "output": def.outputs,
+            "output_is_list": vec![false; def.outputs.len()],
+            "output_name": def.outputs,
+            "output_tooltips": vec![Value::Null; def.outputs.len()],
+            "output_matchtypes": null,
+            "name": def.class,
+            "display_name": null,
+            "description": def.description,
+            "python_module": def.python_module,
+            "category": def.category,
+            "output_node": def.output_node,
+            "deprecated": false,
+            "experimental": false,
+            "api_node": false,
+        });
+    }
     let mut info = json!({
         "input": input,
         "input_order": order,
@@ -596,13 +617,6 @@ pub fn object_info(def: &NodeDef, config: &SimConfig, input_images: &[String]) -
     });
     if let Some(tips) = &def.output_tooltips {
         info["output_tooltips"] = json!(tips);
-    }
-    if def.v3 {
-        info["output_tooltips"] = json!(vec![Value::Null; def.outputs.len()]);
-        info["output_matchtypes"] = Value::Null;
-        info["deprecated"] = json!(false);
-        info["experimental"] = json!(false);
-        info["api_node"] = json!(false);
     }
     info
 }

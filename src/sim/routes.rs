@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Number, Value, json};
 
 use super::faults::Fault;
-use super::files::{self, UploadForm, UploadOutcome};
+use crate::files::{self, UploadOutcome};
 use super::instance::{Instance, lock};
 use super::nodes::{find, object_info};
 use super::queue::QueueItem;
@@ -161,9 +161,8 @@ async fn route(
         }
         (Method::GET, "/view") => files::view(&inst.dirs, query),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
-            let form = match parse_upload(content_type, body).await {
-                Ok(f) => f,
-                Err(resp) => return resp,
+            let Ok(form) = files::parse_upload_form(content_type, body).await else {
+                return internal_error();
             };
             match files::upload(&inst.dirs, form, path == "/upload/mask") {
                 UploadOutcome::Saved(v) => ok_json(v),
@@ -285,9 +284,17 @@ fn post_prompt(inst: &Instance, body: &[u8]) -> Response<Body> {
     let Some(prompt) = data.remove("prompt") else {
         return json_resp(StatusCode::BAD_REQUEST, &errors::no_prompt());
     };
-    let Value::Object(mut prompt) = prompt else {
-        return internal_error();
+    // Python iterates whatever `prompt` is: an empty list or string has no outputs, anything
+    // else that is not a dict raises (500).
+    let mut prompt = match prompt {
+        Value::Object(m) => m,
+        Value::Array(a) if a.is_empty() => Map::new(),
+        Value::String(s) if s.is_empty() => Map::new(),
+        _ => return internal_error(),
     };
+    if let Some((id, _)) = prompt.iter().find(|(_, n)| n.is_string() || n.is_array()) {
+        return json_resp(StatusCode::BAD_REQUEST, &errors::missing_class_type(id));
+    }
     if prompt.values().any(|n| !n.is_object()) {
         return internal_error();
     }
@@ -393,31 +400,4 @@ fn post_interrupt(inst: &Instance, body: &[u8]) -> Response<Body> {
         inst.interrupt.store(true, Ordering::SeqCst);
     }
     status(StatusCode::OK)
-}
-
-async fn parse_upload(content_type: &str, body: &[u8]) -> Result<UploadForm, Response<Body>> {
-    let boundary = multer::parse_boundary(content_type).map_err(|_| internal_error())?;
-    let data = bytes::Bytes::copy_from_slice(body);
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(data) });
-    let mut multipart = multer::Multipart::new(stream, boundary);
-    let mut form = UploadForm::default();
-    while let Some(field) = multipart.next_field().await.map_err(|_| internal_error())? {
-        let name = field.name().unwrap_or("").to_string();
-        let file_name = field.file_name().map(str::to_string);
-        let bytes = field.bytes().await.map_err(|_| internal_error())?;
-        let as_text = || String::from_utf8_lossy(&bytes).into_owned();
-        match name.as_str() {
-            "image" => {
-                form.image = file_name
-                    .map(|f| (f, bytes.to_vec()))
-                    .or(Some((String::new(), Vec::new())))
-            }
-            "type" => form.kind = Some(as_text()),
-            "subfolder" => form.subfolder = Some(as_text()),
-            "overwrite" => form.overwrite = Some(as_text()),
-            "original_ref" => form.original_ref = Some(as_text()),
-            _ => {}
-        }
-    }
-    Ok(form)
 }

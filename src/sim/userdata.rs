@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use http::{Method, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
-use super::files::normalize;
+use crate::files::normalize;
 use super::instance::Instance;
 use crate::http::{Body, json as json_resp, status, text};
 

@@ -1,12 +1,15 @@
-//! The instance's `input/`, `output/` and `temp/` directories: ComfyUI's save-path counter,
-//! `/view` with its path checks, and `/upload/image|mask` with its collision rules.
+//! ComfyUI's file rules, shared by comfy-sim and the gate: the `input/`, `output/` and `temp/`
+//! layout, the save-path counter, `/view` with its path checks, and `/upload/image|mask` with its
+//! collision rules. The gate keeps uploads by the same rules, so a client sees one ComfyUI.
+
+pub mod images;
 
 use std::path::{Component, Path, PathBuf};
 
 use http::{Response, StatusCode, header};
 use sha2::{Digest, Sha256};
 
-use super::images::SimImage;
+use crate::files::images::SimImage;
 use crate::http::{Body, full, status};
 
 /// The instance's directories.
@@ -368,7 +371,7 @@ fn composite_mask(
         Err(_) => return Ok(None),
     };
     let (orig, _) = SimImage::from_png(&original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let text = super::images::png_text_chunks(&original);
+    let text = images::png_text_chunks(&original);
     let (mask_img, mask_alpha) =
         SimImage::from_png(data).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     let alpha =
@@ -413,4 +416,30 @@ mod tests {
         assert!(folder.ends_with("output/runs"));
         assert!(dirs.save_path(&dirs.output, "../escape").is_err());
     }
+}
+
+/// Parses a `multipart/form-data` upload body into its fields.
+pub async fn parse_upload_form(content_type: &str, body: &[u8]) -> Result<UploadForm, String> {
+    let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
+    let data = bytes::Bytes::copy_from_slice(body);
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(data) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let mut form = UploadForm::default();
+    while let Some(field) = multipart.next_field().await.map_err(|e| e.to_string())? {
+        let name = field.name().unwrap_or("").to_string();
+        let file_name = field.file_name().map(str::to_string);
+        let bytes = field.bytes().await.map_err(|e| e.to_string())?;
+        let as_text = || String::from_utf8_lossy(&bytes).into_owned();
+        match name.as_str() {
+            "image" => {
+                form.image = Some(file_name.map(|f| (f, bytes.to_vec())).unwrap_or_default())
+            }
+            "type" => form.kind = Some(as_text()),
+            "subfolder" => form.subfolder = Some(as_text()),
+            "overwrite" => form.overwrite = Some(as_text()),
+            "original_ref" => form.original_ref = Some(as_text()),
+            _ => {}
+        }
+    }
+    Ok(form)
 }

@@ -1,0 +1,93 @@
+//! The gate's one error type. Each error knows whose fault it is (client, backend, gate) and is
+//! mapped to an HTTP status in exactly one place, [`GateError::into_response`]. Client errors
+//! use ComfyUI's error shape so existing clients can show them.
+
+use http::{Response, StatusCode};
+use serde_json::json;
+
+use crate::http::{Body, json as json_resp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// The request body is not valid JSON.
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
+    /// The request is well-formed JSON but not what the route takes.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    /// A client-chosen prompt_id the gate already knows.
+    #[error("prompt_id {0} is already in use")]
+    DuplicatePromptId(String),
+    /// The browser's Origin does not match the gate's Host (ComfyUI's rule).
+    #[error("cross-origin request refused")]
+    ForbiddenOrigin,
+    /// No healthy backend can take the request.
+    #[error("no healthy backend")]
+    NoBackend,
+    /// A backend failed (connection refused, reset, timeout).
+    #[error("backend {backend}: {message}")]
+    Backend { backend: String, message: String },
+}
+
+impl GateError {
+    /// Whether the client may retry the same request (nothing was applied).
+    pub fn retry_safe(&self) -> bool {
+        matches!(self, GateError::NoBackend | GateError::Backend { .. })
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GateError::BadJson(_) | GateError::BadRequest(_) | GateError::DuplicatePromptId(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            GateError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
+            GateError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            GateError::Backend { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            GateError::BadJson(_) => "invalid_json",
+            GateError::BadRequest(_) => "bad_request",
+            GateError::TooLarge(_) => "request_too_large",
+            GateError::DuplicatePromptId(_) => "duplicate_prompt_id",
+            GateError::ForbiddenOrigin => "forbidden_origin",
+            GateError::NoBackend => "no_backend",
+            GateError::Backend { .. } => "backend_error",
+        }
+    }
+
+    /// The response: ComfyUI's `{"error": {type, message, details, extra_info}, "node_errors": {}}`
+    /// shape, except the origin refusal, which is ComfyUI's bare 403.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        if matches!(self, GateError::ForbiddenOrigin) {
+            return crate::http::status(status);
+        }
+        let details = match &self {
+            GateError::DuplicatePromptId(id) => id.clone(),
+            _ => String::new(),
+        };
+        json_resp(
+            status,
+            &json!({
+                "error": { "type": self.kind(), "message": self.to_string(), "details": details, "extra_info": {} },
+                "node_errors": {},
+            }),
+        )
+    }
+}
+
+impl From<crate::http::BodyError> for GateError {
+    fn from(e: crate::http::BodyError) -> Self {
+        match e {
+            crate::http::BodyError::TooLarge { limit } => GateError::TooLarge(limit),
+            crate::http::BodyError::Read(m) => GateError::BadRequest(m),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Files across backends (design §2 "Files follow prompts").
+//!
+//! Output names collide across backends (`ComfyUI_00001_.png` everywhere), so the gate presents
+//! one namespace, as a single ComfyUI would: the first file seen under a name keeps it, a later
+//! file from another backend under the same name is shown under the next free counter
+//! (`ComfyUI_00002_.png`). The alias index maps each shown name back to (backend, real name),
+//! and `/view` follows it. Uploads are kept by the gate (ComfyUI's collision rules, in its state
+//! directory) and copied to a backend just before a prompt that names them runs there.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::Gate;
+use crate::error::GateError;
+use crate::files::Dirs;
+use crate::http::{Body, status};
+
+/// `(type, subfolder, filename)`.
+type FileKey = (String, String, String);
+
+#[derive(Default)]
+struct AliasIndex {
+    by_real: HashMap<(usize, FileKey), String>,
+    by_alias: HashMap<FileKey, (usize, String)>,
+}
+
+/// The next name in ComfyUI's `<prefix>_<counter>_.<ext>` sequence, or `name (n).ext`.
+fn bump(name: &str, n: u32) -> String {
+    let Some((before_ext, ext)) = name.rsplit_once('.') else {
+        return format!("{name} ({n})");
+    };
+    let counter = before_ext
+        .strip_suffix('_')
+        .and_then(|body| body.rsplit_once('_'))
+        .filter(|(_, digits)| !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()));
+    match counter {
+        Some((prefix, digits)) => {
+            let value = digits.parse::<u64>().unwrap_or(0) + u64::from(n);
+            format!("{prefix}_{value:0width$}_.{ext}", width = digits.len())
+        }
+        None => format!("{before_ext} ({n}).{ext}"),
+    }
+}
+
+impl AliasIndex {
+    fn alias(&mut self, backend: usize, key: FileKey) -> String {
+        if let Some(a) = self.by_real.get(&(backend, key.clone())) {
+            return a.clone();
+        }
+        let (kind, sub, name) = key.clone();
+        let mut shown = name.clone();
+        let mut n = 0;
+        while self.by_alias.contains_key(&(kind.clone(), sub.clone(), shown.clone())) {
+            n += 1;
+            shown = bump(&name, n);
+        }
+        self.by_alias
+            .insert((kind, sub, shown.clone()), (backend, name));
+        self.by_real.insert((backend, key), shown.clone());
+        shown
+    }
+}
+
+pub struct GateFiles {
+    index: Mutex<AliasIndex>,
+    /// Uploaded inputs, by ComfyUI's rules.
+    pub dirs: Dirs,
+    /// `(backend, relative path, sha256)` already copied.
+    placed: Mutex<HashSet<(usize, String, [u8; 32])>>,
+}
+
+impl GateFiles {
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        let dirs = Dirs::create(&state_dir.join("files"))?;
+        Ok(Self {
+            index: Mutex::new(AliasIndex::default()),
+            dirs,
+            placed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Rewrites every file item (`{"filename", "subfolder", "type"}`) in a UI output from
+    /// `backend` to its gate-wide name.
+    pub fn alias_outputs(&self, backend: usize, value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                let is_file = map.get("filename").is_some_and(Value::is_string)
+                    && map.get("type").is_some_and(Value::is_string);
+                if is_file && map["type"] != "input" {
+                    let key = (
+                        map["type"].as_str().unwrap_or("").to_string(),
+                        map.get("subfolder").and_then(Value::as_str).unwrap_or("").to_string(),
+                        map["filename"].as_str().unwrap_or("").to_string(),
+                    );
+                    let shown = self
+                        .index
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .alias(backend, key);
+                    map.insert("filename".into(), Value::String(shown));
+                    return;
+                }
+                for v in map.values_mut() {
+                    self.alias_outputs(backend, v);
+                }
+            }
+            Value::Array(items) => {
+                for v in items {
+                    self.alias_outputs(backend, v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The backend and real name behind a shown `(type, subfolder, filename)`.
+    pub fn resolve(&self, kind: &str, subfolder: &str, name: &str) -> Option<(usize, String)> {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_alias
+            .get(&(kind.to_string(), subfolder.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Copies every upload the prompt names (LoadImage `image` values and any other string input
+    /// naming a stored file) to `backend`, once per content.
+    pub async fn ensure_inputs(&self, gate: &Gate, backend: usize, prompt: &Value) -> Result<(), GateError> {
+        let mut names = Vec::new();
+        for node in prompt.as_object().into_iter().flat_map(|m| m.values()) {
+            for v in node["inputs"].as_object().into_iter().flat_map(|m| m.values()) {
+                if let Some(s) = v.as_str() {
+                    let plain = s.strip_suffix(" [input]").unwrap_or(s);
+                    if !plain.is_empty() && !plain.contains("..") && !plain.starts_with('/') {
+                        names.push(plain.to_string());
+                    }
+                }
+            }
+        }
+        for rel in names {
+            let path = self.dirs.input.join(&rel);
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            let key = (backend, rel.clone(), digest);
+            if self.placed.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+                continue;
+            }
+            let (subfolder, name) = match rel.rsplit_once('/') {
+                Some((s, n)) => (s.to_string(), n.to_string()),
+                None => (String::new(), rel.clone()),
+            };
+            let boundary = format!("comfygate{}", uuid::Uuid::new_v4().simple());
+            let mut body = Vec::with_capacity(bytes.len() + 512);
+            for (field, value) in [("type", "input"), ("subfolder", subfolder.as_str()), ("overwrite", "true")] {
+                body.extend_from_slice(
+                    format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n").as_bytes(),
+                );
+            }
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(&bytes);
+            body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+            let b = gate.backend(backend);
+            let (code, _, _) = gate
+                .upstream
+                .call(
+                    &b.config,
+                    Method::POST,
+                    "/upload/image",
+                    Some(Bytes::from(body)),
+                    Some(&format!("multipart/form-data; boundary={boundary}")),
+                    None,
+                )
+                .await?;
+            if !code.is_success() {
+                return Err(GateError::Backend {
+                    backend: b.name().to_string(),
+                    message: format!("upload of {rel} answered {code}"),
+                });
+            }
+            self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+        }
+        Ok(())
+    }
+}
+
+impl Gate {
+    /// `GET /view`: inputs from the gate's store; outputs from the backend that produced them.
+    pub async fn view(&self, query: &[(String, String)]) -> Response<Body> {
+        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
+        let Some(raw_name) = get("filename") else {
+            return status(StatusCode::NOT_FOUND);
+        };
+        let (name, annotated) = match raw_name.rsplit_once(" [") {
+            Some((n, t)) if t.ends_with(']') => (n.to_string(), Some(t.trim_end_matches(']').to_string())),
+            _ => (raw_name.clone(), None),
+        };
+        let kind = annotated.or_else(|| get("type")).unwrap_or_else(|| "output".into());
+        if kind == "input" {
+            return crate::files::view(&self.files.dirs, query);
+        }
+        let subfolder = get("subfolder").unwrap_or_default();
+        let (backend, real) = match self.files.resolve(&kind, &subfolder, &name) {
+            Some(found) => found,
+            None => {
+                // Not produced through the gate: ask backends in order (home first).
+                let mut order: Vec<usize> = (0..self.backends.len()).collect();
+                order.sort_by_key(|i| (*i != self.config.home, *i));
+                let mut found = None;
+                for i in order.into_iter().filter(|i| self.backend(*i).is_up()) {
+                    let path = format!("/view?{}", encode_query(query));
+                    if let Ok((code, headers, body)) = self
+                        .upstream
+                        .call(&self.backend(i).config, Method::GET, &path, None, None, None)
+                        .await
+                    {
+                        if code != StatusCode::NOT_FOUND {
+                            return bytes_response(code, &headers, body);
+                        }
+                        found = Some(code);
+                    }
+                }
+                return status(found.unwrap_or(StatusCode::NOT_FOUND));
+            }
+        };
+        let mut q: Vec<(String, String)> = query.to_vec();
+        for (k, v) in q.iter_mut() {
+            if k == "filename" {
+                *v = real.clone();
+            }
+            if k == "type" {
+                *v = kind.clone();
+            }
+        }
+        if !q.iter().any(|(k, _)| k == "type") {
+            q.push(("type".into(), kind));
+        }
+        let path = format!("/view?{}", encode_query(&q));
+        match self
+            .upstream
+            .call(&self.backend(backend).config, Method::GET, &path, None, None, None)
+            .await
+        {
+            Ok((code, headers, body)) => {
+                let mut resp = bytes_response(code, &headers, body);
+                if let Ok(v) = format!("filename=\"{name}\"").parse() {
+                    resp.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
+                }
+                resp
+            }
+            Err(e) => {
+                self.record_health(backend, false);
+                e.into_response()
+            }
+        }
+    }
+}
+
+pub fn encode_query(q: &[(String, String)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(q.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .finish()
+}
+
+fn bytes_response(code: StatusCode, headers: &http::HeaderMap, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(crate::http::full(body));
+    *resp.status_mut() = code;
+    for name in [http::header::CONTENT_TYPE, http::header::CONTENT_DISPOSITION, http::header::CACHE_CONTROL] {
+        if let Some(v) = headers.get(&name) {
+            resp.headers_mut().insert(name, v.clone());
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collisions_get_the_next_counter() {
+        let mut idx = AliasIndex::default();
+        let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
+        assert_eq!(idx.alias(0, key("ComfyUI_00001_.png")), "ComfyUI_00001_.png");
+        assert_eq!(idx.alias(1, key("ComfyUI_00001_.png")), "ComfyUI_00002_.png");
+        assert_eq!(idx.alias(0, key("ComfyUI_00002_.png")), "ComfyUI_00003_.png");
+        assert_eq!(idx.alias(1, key("ComfyUI_00001_.png")), "ComfyUI_00002_.png", "stable");
+        assert_eq!(idx.by_alias[&key("ComfyUI_00003_.png")], (0, "ComfyUI_00002_.png".into()));
+        assert_eq!(idx.alias(0, key("x.webp")), "x.webp");
+        assert_eq!(idx.alias(1, key("x.webp")), "x (1).webp");
+    }
+}

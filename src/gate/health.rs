@@ -1,0 +1,57 @@
+//! Active health probes: `GET /system_stats` on every backend at `health.interval_ms`. A probe
+//! also refreshes the backend's VRAM telemetry. Passive failures (connection errors while
+//! proxying) are recorded through [`Gate::record_health`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Gate;
+use super::fleet::{Health, Telemetry};
+
+impl Gate {
+    /// Records one health result; on a flip, logs it, invalidates merged caches and wakes the
+    /// dispatcher.
+    pub fn record_health(&self, backend: usize, ok: bool) {
+        let b = self.backend(backend);
+        if let Some(state) = b.record(ok, &self.config.health) {
+            tracing::info!(backend = b.name(), ?state, "backend health changed");
+            self.fleet_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if state == Health::Up {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    async fn probe(&self, backend: usize) {
+        let b = self.backend(backend).clone();
+        let timeout = Duration::from_millis(self.config.health.timeout_ms);
+        let result = tokio::time::timeout(timeout, self.upstream.get_json(&b.config, "/system_stats")).await;
+        match result {
+            Ok(Ok((status, body))) if status.is_success() => {
+                if let Some(t) = Telemetry::from_system_stats(&body) {
+                    b.telemetry.store(Arc::new(t));
+                }
+                self.record_health(backend, true);
+            }
+            _ => self.record_health(backend, false),
+        }
+    }
+}
+
+/// One probe of every backend, concurrently.
+pub async fn probe_all(gate: &Arc<Gate>) {
+    let probes: Vec<_> = gate.backends.iter().map(|b| gate.probe(b.id)).collect();
+    futures_util::future::join_all(probes).await;
+}
+
+pub async fn probe_loop(gate: Arc<Gate>, backend: usize) {
+    let interval = Duration::from_millis(gate.config.health.interval_ms);
+    loop {
+        tokio::select! {
+            _ = gate.stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        gate.probe(backend).await;
+    }
+}

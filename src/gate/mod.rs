@@ -1,0 +1,197 @@
+//! The gateway: ComfyUI's HTTP and WebSocket API in front of many backends, with a gate-side
+//! queue and late binding (design §1–2).
+//!
+//! A prompt is recorded (owner map first: WebSocket events can beat HTTP answers), then either
+//! forwarded at once to the best backend with a free slot, or held in the gate queue until a
+//! slot frees. One upstream socket per backend, under the gate's own clientId, carries every
+//! event of every prompt; the gate routes each to the client that owns the prompt.
+
+mod admin;
+mod dispatch;
+mod events;
+pub mod fleet;
+mod gate_files;
+mod health;
+mod merged;
+pub mod picker;
+pub mod prompts;
+mod routes;
+pub mod sessions;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use fleet::BackendState;
+use gate_files::GateFiles;
+use picker::{LeastLoaded, Picker};
+use prompts::PromptTable;
+use sessions::Sessions;
+use upstream::Upstream;
+
+/// Shared state of a running gate.
+pub struct Gate {
+    pub config: Arc<Config>,
+    pub backends: Vec<Arc<BackendState>>,
+    prompts: Mutex<PromptTable>,
+    pub sessions: Sessions,
+    pub upstream: Upstream,
+    picker: Box<dyn Picker>,
+    files: GateFiles,
+    /// Wakes the dispatcher: a slot freed, a prompt arrived, a backend came up.
+    wake: Notify,
+    /// Serialises slot reservation so two dispatches never take the same slot.
+    reserve: Mutex<()>,
+    /// Bumped when a backend's health flips (invalidates merged caches).
+    pub fleet_generation: AtomicU64,
+    merged_cache: Mutex<merged::Cache>,
+    pub stop: CancellationToken,
+}
+
+/// A running gate, as `run` returns it.
+pub struct GateHandle {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gate: Arc<Gate>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl GateHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, closes client sockets with 1001 and waits for the serving tasks.
+    pub async fn shutdown(self) {
+        self.gate.sessions.close_all();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Gate {
+    fn lock_prompts(&self) -> MutexGuard<'_, PromptTable> {
+        self.prompts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `{"exec_info": {"queue_remaining": N}}` over the gate queue and every backend.
+    pub fn queue_info(&self) -> Value {
+        let queued = self.lock_prompts().queue_len();
+        let on_backends: usize = self
+            .backends
+            .iter()
+            .map(|b| b.queue_remaining.load(Ordering::SeqCst))
+            .sum();
+        json!({ "exec_info": { "queue_remaining": queued + on_backends } })
+    }
+
+    /// The gate-wide `status` broadcast.
+    pub fn broadcast_status(&self) {
+        self.sessions
+            .broadcast_json("status", json!({ "status": self.queue_info() }));
+    }
+
+    /// The gate's feature flags (`/features` and the `feature_flags` reply).
+    pub fn features(&self) -> Value {
+        json!({
+            "supports_preview_metadata": true,
+            "max_upload_size": self.config.server.max_body_bytes,
+            "extension": { "manager": { "supports_v4": true } },
+        })
+    }
+
+    /// The node now executing for a client's running prompt (the reconnect replay).
+    fn running_node_of(&self, sid: &str) -> Option<String> {
+        self.lock_prompts()
+            .records()
+            .filter(|r| r.client_id.as_deref() == Some(sid) && r.started)
+            .filter(|r| r.stage == prompts::Stage::OnBackend)
+            .find_map(|r| r.last_node.clone())
+    }
+
+    pub fn backend(&self, id: usize) -> &Arc<BackendState> {
+        &self.backends[id]
+    }
+
+    /// Whether any backend can take work.
+    pub fn ready(&self) -> bool {
+        self.backends.iter().any(|b| b.is_up())
+    }
+}
+
+/// Starts the gate: client listener, admin listener, probes, upstream sockets, dispatcher.
+pub async fn run(config: Config) -> std::io::Result<GateHandle> {
+    let config = Arc::new(config);
+    let listener = TcpListener::bind(config.server.listen).await?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let backends = config
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Arc::new(BackendState::new(i, b.clone())))
+        .collect();
+    let files = GateFiles::open(&config.state_dir())?;
+    let gate = Arc::new(Gate {
+        upstream: Upstream::new(config.upstream_timeout()),
+        config: config.clone(),
+        backends,
+        prompts: Mutex::new(PromptTable::default()),
+        sessions: Sessions::default(),
+        picker: Box::new(LeastLoaded),
+        files,
+        wake: Notify::new(),
+        reserve: Mutex::new(()),
+        fleet_generation: AtomicU64::new(0),
+        merged_cache: Mutex::new(merged::Cache::default()),
+        stop: stop.clone(),
+    });
+    // One probe round before serving, so the first prompt sees a known fleet.
+    health::probe_all(&gate).await;
+    let mut tasks = Vec::new();
+    for b in &gate.backends {
+        tasks.push(tokio::spawn(health::probe_loop(gate.clone(), b.id)));
+        tasks.push(tokio::spawn(events::upstream_loop(gate.clone(), b.id)));
+    }
+    tasks.push(tokio::spawn(dispatch::dispatcher_loop(gate.clone())));
+    let serving = gate.clone();
+    let handler = Arc::new(move |req, info| routes::handle(serving.clone(), req, info));
+    let options = crate::http::ServeOptions {
+        header_read_timeout: config.header_read_timeout(),
+    };
+    tasks.push(tokio::spawn(crate::http::serve(
+        listener,
+        handler,
+        options.clone(),
+        stop.clone(),
+    )));
+    let admin_gate = gate.clone();
+    let admin_handler = Arc::new(move |req, _info| admin::handle(admin_gate.clone(), req));
+    tasks.push(tokio::spawn(crate::http::serve(
+        admin_listener,
+        admin_handler,
+        options,
+        stop.clone(),
+    )));
+    tracing::info!(%addr, %admin_addr, backends = gate.backends.len(), "comfy-gate listening");
+    Ok(GateHandle {
+        addr,
+        admin_addr,
+        gate,
+        stop,
+        tasks,
+    })
+}
