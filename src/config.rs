@@ -225,16 +225,28 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         message,
     };
     if raw.scheduler.max_inflight == 0 {
-        return Err(err(None, "scheduler.max_inflight", "must be at least 1".into()));
+        return Err(err(
+            None,
+            "scheduler.max_inflight",
+            "must be at least 1".into(),
+        ));
     }
     if raw.health.unhealthy_threshold == 0 || raw.health.healthy_threshold == 0 {
         return Err(err(None, "health", "thresholds must be at least 1".into()));
     }
     if raw.health.interval_ms == 0 || raw.health.timeout_ms == 0 {
-        return Err(err(None, "health", "interval_ms and timeout_ms must be positive".into()));
+        return Err(err(
+            None,
+            "health",
+            "interval_ms and timeout_ms must be positive".into(),
+        ));
     }
     if raw.server.max_body_bytes == 0 {
-        return Err(err(None, "server.max_body_bytes", "must be positive".into()));
+        return Err(err(
+            None,
+            "server.max_body_bytes",
+            "must be positive".into(),
+        ));
     }
     let mut backends: Vec<Backend> = Vec::new();
     let mut home = None;
@@ -243,14 +255,26 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         let (base, authority) = parse_backend_url(b.url.get_ref().trim())
             .map_err(|m| err(Some(b.url.span()), &field, m))?;
         if backends.iter().any(|x| x.base == base) {
-            return Err(err(Some(b.url.span()), &field, format!("`{base}` is listed twice")));
+            return Err(err(
+                Some(b.url.span()),
+                &field,
+                format!("`{base}` is listed twice"),
+            ));
         }
         if b.max_inflight == Some(0) {
-            return Err(err(Some(b.url.span()), &format!("backend[{i}].max_inflight"), "must be at least 1".into()));
+            return Err(err(
+                Some(b.url.span()),
+                &format!("backend[{i}].max_inflight"),
+                "must be at least 1".into(),
+            ));
         }
         if b.home {
             if home.is_some() {
-                return Err(err(Some(b.url.span()), &format!("backend[{i}].home"), "only one backend can be home".into()));
+                return Err(err(
+                    Some(b.url.span()),
+                    &format!("backend[{i}].home"),
+                    "only one backend can be home".into(),
+                ));
             }
             home = Some(i);
         }
@@ -262,7 +286,11 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         });
     }
     if backends.is_empty() {
-        return Err(err(None, "backend", "at least one [[backend]] (or --backend URL) is required".into()));
+        return Err(err(
+            None,
+            "backend",
+            "at least one [[backend]] (or --backend URL) is required".into(),
+        ));
     }
     Ok(Config {
         server: raw.server,
@@ -313,7 +341,10 @@ mod tests {
     fn errors_name_file_line_and_field() {
         let text = "[server]\nlisten = \"127.0.0.1:1\"\n\n[[backend]]\nurl = \"ftp://x:1\"\n";
         let e = parse(text, "proxy.toml").unwrap_err();
-        assert_eq!((e.file.as_str(), e.line, e.field.as_str()), ("proxy.toml", 5, "backend[0].url"));
+        assert_eq!(
+            (e.file.as_str(), e.line, e.field.as_str()),
+            ("proxy.toml", 5, "backend[0].url")
+        );
         assert!(e.to_string().starts_with("proxy.toml:5: backend[0].url: "));
 
         let e = parse("[server]\nlisten = 5\n", "p.toml").unwrap_err();

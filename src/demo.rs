@@ -9,16 +9,20 @@ use crate::sim::{SimBackend, SimConfig, SimHandle};
 
 /// The demo fleet: a fast 80 GB card, a 24 GB card, a slow 12 GB card.
 pub fn fleet() -> Vec<SimConfig> {
-    [("gpu0-h100", 2.0, 80.0), ("gpu1-4090", 1.0, 24.0), ("gpu2-3060", 0.5, 12.0)]
-        .into_iter()
-        .map(|(name, speed, vram)| SimConfig {
-            name: name.to_string(),
-            speed,
-            vram_total_gb: vram,
-            previews: true,
-            ..Default::default()
-        })
-        .collect()
+    [
+        ("gpu0-h100", 2.0, 80.0),
+        ("gpu1-4090", 1.0, 24.0),
+        ("gpu2-3060", 0.5, 12.0),
+    ]
+    .into_iter()
+    .map(|(name, speed, vram)| SimConfig {
+        name: name.to_string(),
+        speed,
+        vram_total_gb: vram,
+        previews: true,
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// A running demo: the sims and the gate.
@@ -36,9 +40,13 @@ pub async fn start(listen: SocketAddr, admin: SocketAddr, time_scale: f64) -> an
     let mut file = FileConfig::default();
     file.server.listen = listen;
     file.server.admin_listen = admin;
-    file.server.state_dir = Some(std::env::temp_dir().join(format!("comfy-gate-demo-{}", std::process::id())));
+    file.server.state_dir =
+        Some(std::env::temp_dir().join(format!("comfy-gate-demo-{}", std::process::id())));
     file.health.interval_ms = 500;
-    file.backends = sims.iter().map(|s| config::backend_from_url(&s.url())).collect();
+    file.backends = sims
+        .iter()
+        .map(|s| config::backend_from_url(&s.url()))
+        .collect();
     for (b, s) in file.backends.iter_mut().zip(&sims) {
         b.name = Some(s.config().name.clone());
     }

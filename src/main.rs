@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use comfy_gate::config::{self, FileConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "comfy-gate", version, about = "GPU-aware reverse proxy and load balancer for ComfyUI")]
+#[command(
+    name = "comfy-gate",
+    version,
+    about = "GPU-aware reverse proxy and load balancer for ComfyUI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,12 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Check { config: path } => match config::load(&path) {
             Ok(c) => {
-                println!("{}: ok ({} backends, listen {})", path.display(), c.backends.len(), c.server.listen);
+                println!(
+                    "{}: ok ({} backends, listen {})",
+                    path.display(),
+                    c.backends.len(),
+                    c.server.listen
+                );
                 Ok(())
             }
             Err(e) => {
@@ -89,10 +98,16 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
-        Command::Run { config: path, listen, admin_listen, backends } => {
+        Command::Run {
+            config: path,
+            listen,
+            admin_listen,
+            backends,
+        } => {
             let (mut file, text, name) = match &path {
                 Some(p) => {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
                     let file: FileConfig = match toml::from_str(&text) {
                         Ok(f) => f,
                         Err(_) => {
@@ -104,7 +119,11 @@ async fn main() -> anyhow::Result<()> {
                     };
                     (file, text, p.display().to_string())
                 }
-                None => (FileConfig::default(), String::new(), "(command line)".to_string()),
+                None => (
+                    FileConfig::default(),
+                    String::new(),
+                    "(command line)".to_string(),
+                ),
             };
             if let Some(l) = listen {
                 file.server.listen = l;
@@ -113,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
                 file.server.admin_listen = a;
             }
             if !backends.is_empty() {
-                file.backends = backends.iter().map(|u| config::backend_from_url(u)).collect();
+                file.backends = backends
+                    .iter()
+                    .map(|u| config::backend_from_url(u))
+                    .collect();
             }
             let cfg = match config::validate(file, &text, &name) {
                 Ok(c) => c,
@@ -123,22 +145,46 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             let handle = comfy_gate::gate::run(cfg).await?;
-            println!("comfy-gate listening on http://{} (admin http://{})", handle.addr, handle.admin_addr);
+            println!(
+                "comfy-gate listening on http://{} (admin http://{})",
+                handle.addr, handle.admin_addr
+            );
             shutdown_signal().await;
             handle.shutdown().await;
             Ok(())
         }
-        Command::Demo { listen, admin_listen, time_scale } => {
+        Command::Demo {
+            listen,
+            admin_listen,
+            time_scale,
+        } => {
             let demo = comfy_gate::demo::start(listen, admin_listen, time_scale).await?;
             println!("comfy-gate demo listening on http://{}", demo.gate.addr);
             for s in &demo.sims {
                 let c = s.config();
-                println!("  backend {:<10} {}  speed {:.1}  VRAM {} GB", c.name, s.url(), c.speed, c.vram_total_gb);
+                println!(
+                    "  backend {:<10} {}  speed {:.1}  VRAM {} GB",
+                    c.name,
+                    s.url(),
+                    c.speed,
+                    c.vram_total_gb
+                );
             }
-            println!("admin: http://{}/readyz  http://{}/admin/backends", demo.gate.admin_addr, demo.gate.admin_addr);
-            println!("open:  http://{}/system_stats  (every simulated GPU)", demo.gate.addr);
-            println!("run:   ComfyUI's script_examples/websockets_api_example.py with server_address = \"{}\"", demo.gate.addr);
-            println!("       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)");
+            println!(
+                "admin: http://{}/readyz  http://{}/admin/backends",
+                demo.gate.admin_addr, demo.gate.admin_addr
+            );
+            println!(
+                "open:  http://{}/system_stats  (every simulated GPU)",
+                demo.gate.addr
+            );
+            println!(
+                "run:   ComfyUI's script_examples/websockets_api_example.py with server_address = \"{}\"",
+                demo.gate.addr
+            );
+            println!(
+                "       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)"
+            );
             shutdown_signal().await;
             demo.gate.shutdown().await;
             Ok(())

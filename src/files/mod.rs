@@ -398,26 +398,6 @@ fn composite_mask(
     Ok(Some(out))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_follow_existing_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dirs = Dirs::create(tmp.path()).unwrap();
-        let (_, stem, c, sub) = dirs.save_path(&dirs.output, "ComfyUI").unwrap();
-        assert_eq!((stem.as_str(), c, sub.as_str()), ("ComfyUI", 1, ""));
-        std::fs::write(dirs.output.join("ComfyUI_00007_.png"), b"x").unwrap();
-        std::fs::write(dirs.output.join("Other_00099_.png"), b"x").unwrap();
-        assert_eq!(dirs.save_path(&dirs.output, "ComfyUI").unwrap().2, 8);
-        let (folder, _, c, sub) = dirs.save_path(&dirs.output, "runs/x").unwrap();
-        assert_eq!((c, sub.as_str()), (1, "runs"));
-        assert!(folder.ends_with("output/runs"));
-        assert!(dirs.save_path(&dirs.output, "../escape").is_err());
-    }
-}
-
 /// Parses a `multipart/form-data` upload body into its fields.
 pub async fn parse_upload_form(content_type: &str, body: &[u8]) -> Result<UploadForm, String> {
     let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
@@ -442,4 +422,24 @@ pub async fn parse_upload_form(content_type: &str, body: &[u8]) -> Result<Upload
         }
     }
     Ok(form)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_follow_existing_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs::create(tmp.path()).unwrap();
+        let (_, stem, c, sub) = dirs.save_path(&dirs.output, "ComfyUI").unwrap();
+        assert_eq!((stem.as_str(), c, sub.as_str()), ("ComfyUI", 1, ""));
+        std::fs::write(dirs.output.join("ComfyUI_00007_.png"), b"x").unwrap();
+        std::fs::write(dirs.output.join("Other_00099_.png"), b"x").unwrap();
+        assert_eq!(dirs.save_path(&dirs.output, "ComfyUI").unwrap().2, 8);
+        let (folder, _, c, sub) = dirs.save_path(&dirs.output, "runs/x").unwrap();
+        assert_eq!((c, sub.as_str()), (1, "runs"));
+        assert!(folder.ends_with("output/runs"));
+        assert!(dirs.save_path(&dirs.output, "../escape").is_err());
+    }
 }

@@ -19,8 +19,15 @@ pub async fn handle(gate: Arc<Gate>, req: Request<Incoming>) -> Response<Body> {
                 .iter()
                 .map(|b| json!({ "name": b.name(), "health": format!("{:?}", b.health()).to_lowercase() }))
                 .collect();
-            let code = if gate.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            json_resp(code, &json!({ "ready": gate.ready(), "backends": backends }))
+            let code = if gate.ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_resp(
+                code,
+                &json!({ "ready": gate.ready(), "backends": backends }),
+            )
         }
         "/admin/backends" => {
             let backends: Vec<_> = gate

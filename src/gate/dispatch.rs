@@ -29,27 +29,41 @@ enum Forwarded {
 
 impl Gate {
     /// `POST /prompt`.
-    pub async fn submit(self: &Arc<Self>, identity: String, body: &[u8]) -> Result<Response<Body>, GateError> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        identity: String,
+        body: &[u8],
+    ) -> Result<Response<Body>, GateError> {
         let mut data: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(m)) => m,
-            Ok(_) => return Err(GateError::BadRequest("the body must be a JSON object".into())),
+            Ok(_) => {
+                return Err(GateError::BadRequest(
+                    "the body must be a JSON object".into(),
+                ));
+            }
             Err(e) => return Err(GateError::BadJson(e.to_string())),
         };
         if !data.contains_key("prompt") {
             return Ok(json_resp(StatusCode::BAD_REQUEST, &errors::no_prompt()));
         }
         if !data["prompt"].is_object() {
-            return Err(GateError::BadRequest("`prompt` must be an object of nodes".into()));
+            return Err(GateError::BadRequest(
+                "`prompt` must be an object of nodes".into(),
+            ));
         }
         if data.get("extra_data").is_some_and(|e| !e.is_object()) {
-            return Err(GateError::BadRequest("`extra_data` must be an object".into()));
+            return Err(GateError::BadRequest(
+                "`extra_data` must be an object".into(),
+            ));
         }
         let id = match data.remove("prompt_id") {
             Some(v) => errors::python_str(&v),
             None => uuid::Uuid::new_v4().to_string(),
         };
         let client_id = data.remove("client_id").map(|v| errors::python_str(&v));
-        let front = data.remove("front").is_some_and(|v| v.as_bool().unwrap_or(!v.is_null()));
+        let front = data
+            .remove("front")
+            .is_some_and(|v| v.as_bool().unwrap_or(!v.is_null()));
         let explicit = data.remove("number");
         let direct = {
             let _reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
@@ -60,7 +74,8 @@ impl Gate {
             let number = match explicit {
                 Some(Value::Number(n)) => {
                     let f = n.as_f64().unwrap_or(0.0);
-                    serde_json::Number::from_f64(f).ok_or_else(|| GateError::BadRequest("`number` must be finite".into()))?
+                    serde_json::Number::from_f64(f)
+                        .ok_or_else(|| GateError::BadRequest("`number` must be finite".into()))?
                 }
                 Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
                 None => table.next_number(front),
@@ -78,7 +93,11 @@ impl Gate {
                 gate_history: None,
                 create_time: now_ms(),
             });
-            let slot = if table.queue_len() == 0 { self.reserve_slot() } else { None };
+            let slot = if table.queue_len() == 0 {
+                self.reserve_slot()
+            } else {
+                None
+            };
             match slot {
                 Some(b) => {
                     let r = table.get_mut(&id).expect("just inserted");
@@ -93,7 +112,12 @@ impl Gate {
             }
         };
         let number = self.lock_prompts().get(&id).map(|r| r.number.clone());
-        let queued_answer = || json_resp(StatusCode::OK, &json!({ "prompt_id": id, "number": number, "node_errors": {} }));
+        let queued_answer = || {
+            json_resp(
+                StatusCode::OK,
+                &json!({ "prompt_id": id, "number": number, "node_errors": {} }),
+            )
+        };
         let Some(backend) = direct else {
             self.broadcast_status();
             self.wake.notify_one();
@@ -157,19 +181,26 @@ impl Gate {
             body.insert("client_id".into(), json!(b.upstream_client_id));
             body
         };
-        if let Err(e) = self.files.ensure_inputs(self, backend, &body["prompt"]).await {
+        if let Err(e) = self
+            .files
+            .ensure_inputs(self, backend, &body["prompt"])
+            .await
+        {
             tracing::warn!(backend = b.name(), error = %e, "could not place uploads on backend");
             self.record_health(backend, false);
             b.release_slot();
             return Forwarded::Failed;
         }
-        let result = self.upstream.post_json(&b.config, "/prompt", &Value::Object(body)).await;
+        let result = self
+            .upstream
+            .post_json(&b.config, "/prompt", &Value::Object(body))
+            .await;
         match result {
             Ok((status, bytes)) if status == StatusCode::OK => {
-                if let Some(r) = self.lock_prompts().get_mut(id) {
-                    if r.stage == Stage::Dispatching {
-                        r.stage = Stage::OnBackend;
-                    }
+                if let Some(r) = self.lock_prompts().get_mut(id)
+                    && r.stage == Stage::Dispatching
+                {
+                    r.stage = Stage::OnBackend;
                 }
                 tracing::debug!(prompt = id, backend = b.name(), "dispatched");
                 Forwarded::Accepted(bytes)
@@ -201,19 +232,23 @@ impl Gate {
         let answer: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let error = &answer["error"];
         let node_errors = &answer["node_errors"];
-        let first_node = node_errors.as_object().and_then(|m| m.keys().next().cloned());
+        let first_node = node_errors
+            .as_object()
+            .and_then(|m| m.keys().next().cloned());
         let (client, message) = {
             let mut t = self.lock_prompts();
             let Some(r) = t.get_mut(id) else { return };
-            let node_type = first_node
-                .as_ref()
-                .and_then(|n| r.body["prompt"][n]["class_type"].as_str().map(str::to_string));
+            let node_type = first_node.as_ref().and_then(|n| {
+                r.body["prompt"][n]["class_type"]
+                    .as_str()
+                    .map(str::to_string)
+            });
             let message = json!({
                 "prompt_id": id,
                 "node_id": first_node,
                 "node_type": node_type,
                 "executed": [],
-                "exception_message": format!("{}: {}", error["message"].as_str().unwrap_or("Prompt outputs failed validation"), error["details"].as_str().unwrap_or("")),
+                "exception_message": validation_message(error, node_errors),
                 "exception_type": error["type"].as_str().unwrap_or("prompt_outputs_failed_validation"),
                 "traceback": [],
                 "current_inputs": {},
@@ -251,6 +286,27 @@ impl Gate {
         r.owner = Some(backend);
         Some((id, backend))
     }
+}
+
+/// "Prompt outputs failed validation" plus every node's "message: details" line.
+fn validation_message(error: &Value, node_errors: &Value) -> String {
+    let mut lines = vec![
+        error["message"]
+            .as_str()
+            .unwrap_or("Prompt outputs failed validation")
+            .to_string(),
+    ];
+    for (node, entry) in node_errors.as_object().into_iter().flatten() {
+        for e in entry["errors"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "{} {node}: {}: {}",
+                entry["class_type"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or(""),
+                e["details"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {

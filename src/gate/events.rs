@@ -28,7 +28,11 @@ pub async fn upstream_loop(gate: Arc<Gate>, backend: usize) {
         );
         let connect = tokio::time::timeout(
             Duration::from_secs(5),
-            tokio_tungstenite::connect_async_with_config(url, Some(crate::http::websocket_config()), false),
+            tokio_tungstenite::connect_async_with_config(
+                url,
+                Some(crate::http::websocket_config()),
+                false,
+            ),
         );
         match connect.await {
             Ok(Ok((ws, _))) => {
@@ -36,7 +40,8 @@ pub async fn upstream_loop(gate: Arc<Gate>, backend: usize) {
                 b.ws_connected.store(true, Ordering::SeqCst);
                 tracing::debug!(backend = b.name(), "upstream socket open");
                 let (mut sink, mut stream) = ws.split();
-                let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
+                let flags =
+                    json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
                 let _ = sink.send(Message::text(flags.to_string())).await;
                 gate.reconcile(backend).await;
                 loop {
@@ -104,13 +109,17 @@ impl Gate {
             _ => {}
         }
         let data = v["data"].take();
-        let Some(prompt_id) = data.get("prompt_id").and_then(Value::as_str).map(str::to_string) else {
+        let Some(prompt_id) = data
+            .get("prompt_id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        else {
             // No prompt_id: the reconnect replay or a custom event; it belongs to whatever
             // this backend is running.
-            if kind != "executing" {
-                if let Some(sid) = self.running_client(backend) {
-                    self.sessions.send_json(&sid, &kind, data);
-                }
+            if kind != "executing"
+                && let Some(sid) = self.running_client(backend)
+            {
+                self.sessions.send_json(&sid, &kind, data);
             }
             return;
         };
@@ -126,10 +135,10 @@ impl Gate {
                 }
             }
             "executing" => {
-                if let Some(node) = data.get("node").and_then(Value::as_str) {
-                    if let Some(r) = self.lock_prompts().get_mut(&prompt_id) {
-                        r.last_node = Some(node.to_string());
-                    }
+                if let Some(node) = data.get("node").and_then(Value::as_str)
+                    && let Some(r) = self.lock_prompts().get_mut(&prompt_id)
+                {
+                    r.last_node = Some(node.to_string());
                 }
             }
             "executed" => {
@@ -203,7 +212,9 @@ impl Gate {
             return;
         }
         let b = self.backend(backend).clone();
-        let Ok((_, queue)) = self.upstream.get_json(&b.config, "/queue").await else { return };
+        let Ok((_, queue)) = self.upstream.get_json(&b.config, "/queue").await else {
+            return;
+        };
         let listed = |key: &str, id: &str| {
             queue[key]
                 .as_array()

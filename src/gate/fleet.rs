@@ -25,7 +25,10 @@ impl Telemetry {
         Some(Self {
             vram_total: dev.get("vram_total")?.as_u64()?,
             vram_free: dev.get("vram_free")?.as_u64().unwrap_or(0)
-                + dev.get("torch_vram_free").and_then(Value::as_u64).unwrap_or(0),
+                + dev
+                    .get("torch_vram_free")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
             read_at: Some(Instant::now()),
         })
     }

@@ -56,7 +56,10 @@ impl AliasIndex {
         let (kind, sub, name) = key.clone();
         let mut shown = name.clone();
         let mut n = 0;
-        while self.by_alias.contains_key(&(kind.clone(), sub.clone(), shown.clone())) {
+        while self
+            .by_alias
+            .contains_key(&(kind.clone(), sub.clone(), shown.clone()))
+        {
             n += 1;
             shown = bump(&name, n);
         }
@@ -95,7 +98,10 @@ impl GateFiles {
                 if is_file && map["type"] != "input" {
                     let key = (
                         map["type"].as_str().unwrap_or("").to_string(),
-                        map.get("subfolder").and_then(Value::as_str).unwrap_or("").to_string(),
+                        map.get("subfolder")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
                         map["filename"].as_str().unwrap_or("").to_string(),
                     );
                     let shown = self
@@ -131,10 +137,19 @@ impl GateFiles {
 
     /// Copies every upload the prompt names (LoadImage `image` values and any other string input
     /// naming a stored file) to `backend`, once per content.
-    pub async fn ensure_inputs(&self, gate: &Gate, backend: usize, prompt: &Value) -> Result<(), GateError> {
+    pub async fn ensure_inputs(
+        &self,
+        gate: &Gate,
+        backend: usize,
+        prompt: &Value,
+    ) -> Result<(), GateError> {
         let mut names = Vec::new();
         for node in prompt.as_object().into_iter().flat_map(|m| m.values()) {
-            for v in node["inputs"].as_object().into_iter().flat_map(|m| m.values()) {
+            for v in node["inputs"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
                 if let Some(s) = v.as_str() {
                     let plain = s.strip_suffix(" [input]").unwrap_or(s);
                     if !plain.is_empty() && !plain.contains("..") && !plain.starts_with('/') {
@@ -145,10 +160,17 @@ impl GateFiles {
         }
         for rel in names {
             let path = self.dirs.input.join(&rel);
-            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             let digest: [u8; 32] = Sha256::digest(&bytes).into();
             let key = (backend, rel.clone(), digest);
-            if self.placed.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            if self
+                .placed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&key)
+            {
                 continue;
             }
             let (subfolder, name) = match rel.rsplit_once('/') {
@@ -157,7 +179,11 @@ impl GateFiles {
             };
             let boundary = format!("comfygate{}", uuid::Uuid::new_v4().simple());
             let mut body = Vec::with_capacity(bytes.len() + 512);
-            for (field, value) in [("type", "input"), ("subfolder", subfolder.as_str()), ("overwrite", "true")] {
+            for (field, value) in [
+                ("type", "input"),
+                ("subfolder", subfolder.as_str()),
+                ("overwrite", "true"),
+            ] {
                 body.extend_from_slice(
                     format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n").as_bytes(),
                 );
@@ -185,7 +211,10 @@ impl GateFiles {
                     message: format!("upload of {rel} answered {code}"),
                 });
             }
-            self.placed.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+            self.placed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key);
         }
         Ok(())
     }
@@ -199,10 +228,14 @@ impl Gate {
             return status(StatusCode::NOT_FOUND);
         };
         let (name, annotated) = match raw_name.rsplit_once(" [") {
-            Some((n, t)) if t.ends_with(']') => (n.to_string(), Some(t.trim_end_matches(']').to_string())),
+            Some((n, t)) if t.ends_with(']') => {
+                (n.to_string(), Some(t.trim_end_matches(']').to_string()))
+            }
             _ => (raw_name.clone(), None),
         };
-        let kind = annotated.or_else(|| get("type")).unwrap_or_else(|| "output".into());
+        let kind = annotated
+            .or_else(|| get("type"))
+            .unwrap_or_else(|| "output".into());
         if kind == "input" {
             return crate::files::view(&self.files.dirs, query);
         }
@@ -218,7 +251,14 @@ impl Gate {
                     let path = format!("/view?{}", encode_query(query));
                     if let Ok((code, headers, body)) = self
                         .upstream
-                        .call(&self.backend(i).config, Method::GET, &path, None, None, None)
+                        .call(
+                            &self.backend(i).config,
+                            Method::GET,
+                            &path,
+                            None,
+                            None,
+                            None,
+                        )
                         .await
                     {
                         if code != StatusCode::NOT_FOUND {
@@ -245,13 +285,21 @@ impl Gate {
         let path = format!("/view?{}", encode_query(&q));
         match self
             .upstream
-            .call(&self.backend(backend).config, Method::GET, &path, None, None, None)
+            .call(
+                &self.backend(backend).config,
+                Method::GET,
+                &path,
+                None,
+                None,
+                None,
+            )
             .await
         {
             Ok((code, headers, body)) => {
                 let mut resp = bytes_response(code, &headers, body);
                 if let Ok(v) = format!("filename=\"{name}\"").parse() {
-                    resp.headers_mut().insert(http::header::CONTENT_DISPOSITION, v);
+                    resp.headers_mut()
+                        .insert(http::header::CONTENT_DISPOSITION, v);
                 }
                 resp
             }
@@ -272,7 +320,11 @@ pub fn encode_query(q: &[(String, String)]) -> String {
 fn bytes_response(code: StatusCode, headers: &http::HeaderMap, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(crate::http::full(body));
     *resp.status_mut() = code;
-    for name in [http::header::CONTENT_TYPE, http::header::CONTENT_DISPOSITION, http::header::CACHE_CONTROL] {
+    for name in [
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_DISPOSITION,
+        http::header::CACHE_CONTROL,
+    ] {
         if let Some(v) = headers.get(&name) {
             resp.headers_mut().insert(name, v.clone());
         }
@@ -288,11 +340,27 @@ mod tests {
     fn collisions_get_the_next_counter() {
         let mut idx = AliasIndex::default();
         let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
-        assert_eq!(idx.alias(0, key("ComfyUI_00001_.png")), "ComfyUI_00001_.png");
-        assert_eq!(idx.alias(1, key("ComfyUI_00001_.png")), "ComfyUI_00002_.png");
-        assert_eq!(idx.alias(0, key("ComfyUI_00002_.png")), "ComfyUI_00003_.png");
-        assert_eq!(idx.alias(1, key("ComfyUI_00001_.png")), "ComfyUI_00002_.png", "stable");
-        assert_eq!(idx.by_alias[&key("ComfyUI_00003_.png")], (0, "ComfyUI_00002_.png".into()));
+        assert_eq!(
+            idx.alias(0, key("ComfyUI_00001_.png")),
+            "ComfyUI_00001_.png"
+        );
+        assert_eq!(
+            idx.alias(1, key("ComfyUI_00001_.png")),
+            "ComfyUI_00002_.png"
+        );
+        assert_eq!(
+            idx.alias(0, key("ComfyUI_00002_.png")),
+            "ComfyUI_00003_.png"
+        );
+        assert_eq!(
+            idx.alias(1, key("ComfyUI_00001_.png")),
+            "ComfyUI_00002_.png",
+            "stable"
+        );
+        assert_eq!(
+            idx.by_alias[&key("ComfyUI_00003_.png")],
+            (0, "ComfyUI_00002_.png".into())
+        );
         assert_eq!(idx.alias(0, key("x.webp")), "x.webp");
         assert_eq!(idx.alias(1, key("x.webp")), "x (1).webp");
     }

@@ -26,7 +26,8 @@ impl Gate {
     async fn probe(&self, backend: usize) {
         let b = self.backend(backend).clone();
         let timeout = Duration::from_millis(self.config.health.timeout_ms);
-        let result = tokio::time::timeout(timeout, self.upstream.get_json(&b.config, "/system_stats")).await;
+        let result =
+            tokio::time::timeout(timeout, self.upstream.get_json(&b.config, "/system_stats")).await;
         match result {
             Ok(Ok((status, body))) if status.is_success() => {
                 if let Some(t) = Telemetry::from_system_stats(&body) {

@@ -29,7 +29,11 @@ fn union(into: &mut Vec<Value>, more: &[Value]) {
 
 impl Gate {
     fn up_backends(&self) -> Vec<usize> {
-        self.backends.iter().filter(|b| b.is_up()).map(|b| b.id).collect()
+        self.backends
+            .iter()
+            .filter(|b| b.is_up())
+            .map(|b| b.id)
+            .collect()
     }
 
     /// GET `path` on every healthy backend; answers that are not 200 JSON are skipped.
@@ -55,7 +59,9 @@ impl Gate {
 
     /// Rewrites a backend's queue item or history `prompt` tuple to the client's view.
     fn restore_item(&self, backend: usize, item: &mut Value) {
-        let Some(id) = item.get(1).and_then(Value::as_str).map(str::to_string) else { return };
+        let Some(id) = item.get(1).and_then(Value::as_str).map(str::to_string) else {
+            return;
+        };
         let t = self.lock_prompts();
         let rec = t.get(&id).filter(|r| r.owner == Some(backend));
         if let Some(extra) = item.get_mut(3).and_then(Value::as_object_mut) {
@@ -89,7 +95,9 @@ impl Gate {
     /// Output node ids of a prompt, from the merged node definitions.
     fn output_nodes(&self, prompt: &Value) -> Vec<String> {
         let cache = self.merged_cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((_, info)) = &cache.object_info else { return Vec::new() };
+        let Some((_, info)) = &cache.object_info else {
+            return Vec::new();
+        };
         prompt
             .as_object()
             .into_iter()
@@ -105,11 +113,18 @@ impl Gate {
 
     /// `GET /queue`: the gate queue and every backend's queue, pending sorted by number.
     pub async fn merged_queue(&self) -> Value {
+        if self.lock_prompts().queue_len() > 0 {
+            // Outputs of gate-queued prompts come from the node definitions.
+            self.merged_object_info().await;
+        }
         let answers = self.fan_out("/queue").await;
         let mut running = Vec::new();
         let mut pending = Vec::new();
         for (i, mut q) in answers {
-            for (key, out) in [("queue_running", &mut running), ("queue_pending", &mut pending)] {
+            for (key, out) in [
+                ("queue_running", &mut running),
+                ("queue_pending", &mut pending),
+            ] {
                 if let Some(items) = q.get_mut(key).and_then(Value::as_array_mut) {
                     for item in items.iter_mut() {
                         self.restore_item(i, item);
@@ -120,7 +135,9 @@ impl Gate {
         }
         let gate_queued: Vec<(Value, Value)> = {
             let t = self.lock_prompts();
-            t.queued().map(|r| (r.body["prompt"].clone(), r.queue_item(Vec::new()))).collect()
+            t.queued()
+                .map(|r| (r.body["prompt"].clone(), r.queue_item(Vec::new())))
+                .collect()
         };
         for (prompt, mut item) in gate_queued {
             item[4] = json!(self.output_nodes(&prompt));
@@ -156,7 +173,12 @@ impl Gate {
         }
         entries.sort_by_key(|(t, _, _)| *t);
         let ordered: Vec<(String, Value)> = entries.into_iter().map(|(_, id, e)| (id, e)).collect();
-        Value::Object(page(ordered.iter().map(|(k, v)| (k, v)), ordered.len(), max_items, offset))
+        Value::Object(page(
+            ordered.iter().map(|(k, v)| (k, v)),
+            ordered.len(),
+            max_items,
+            offset,
+        ))
     }
 
     /// `GET /history/{id}`: the owner's entry (or the gate's own), else any backend's.
@@ -177,13 +199,12 @@ impl Gate {
             None => self.up_backends(),
         };
         for i in candidates {
-            if let Ok((code, mut v)) = self.upstream.get_json(&self.backend(i).config, &path).await {
-                if code.is_success() {
-                    if let Some(entry) = v.get_mut(id) {
-                        self.restore_entry(i, entry);
-                        return v;
-                    }
-                }
+            if let Ok((code, mut v)) = self.upstream.get_json(&self.backend(i).config, &path).await
+                && code.is_success()
+                && let Some(entry) = v.get_mut(id)
+            {
+                self.restore_entry(i, entry);
+                return v;
             }
         }
         json!({})
@@ -192,7 +213,10 @@ impl Gate {
     /// `GET /system_stats`: `system` from one backend, every backend's device.
     pub async fn merged_system_stats(&self) -> Value {
         let answers = self.fan_out("/system_stats").await;
-        let system = answers.first().map(|(_, v)| v["system"].clone()).unwrap_or(json!({}));
+        let system = answers
+            .first()
+            .map(|(_, v)| v["system"].clone())
+            .unwrap_or(json!({}));
         let mut devices = Vec::new();
         for (i, v) in &answers {
             for d in v["devices"].as_array().into_iter().flatten() {
@@ -209,16 +233,22 @@ impl Gate {
     pub async fn merged_object_info(&self) -> Value {
         let generation = self.fleet_generation.load(Ordering::SeqCst);
         let uploads_changed = self.files.dirs.input_images();
-        if let Some((g, v)) = &self.merged_cache.lock().unwrap_or_else(|e| e.into_inner()).object_info {
-            if *g == generation {
-                let mut v = v.clone();
-                add_uploads(&mut v, &uploads_changed);
-                return v;
-            }
+        if let Some((g, v)) = &self
+            .merged_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .object_info
+            && *g == generation
+        {
+            let mut v = v.clone();
+            add_uploads(&mut v, &uploads_changed);
+            return v;
         }
         let mut merged = Map::new();
         for (_, info) in self.fan_out("/object_info").await {
-            let Value::Object(classes) = info else { continue };
+            let Value::Object(classes) = info else {
+                continue;
+            };
             for (class, def) in classes {
                 match merged.get_mut(&class) {
                     None => {
@@ -230,8 +260,10 @@ impl Gate {
         }
         let value = Value::Object(merged);
         if !self.up_backends().is_empty() {
-            self.merged_cache.lock().unwrap_or_else(|e| e.into_inner()).object_info =
-                Some((generation, value.clone()));
+            self.merged_cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .object_info = Some((generation, value.clone()));
         }
         let mut value = value;
         add_uploads(&mut value, &uploads_changed);

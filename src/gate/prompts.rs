@@ -113,7 +113,9 @@ impl PromptTable {
 
     /// Puts a record in the gate queue at its place by `(number, id)`.
     pub fn enqueue(&mut self, id: &str) {
-        let Some(rec) = self.records.get_mut(id) else { return };
+        let Some(rec) = self.records.get_mut(id) else {
+            return;
+        };
         rec.stage = Stage::Queued;
         rec.owner = None;
         rec.started = false;

@@ -29,7 +29,12 @@ pub fn encode_segment(s: &str) -> String {
 /// Who is asking: an API key (hashed), a `Comfy-User`, or the peer address. Scopes interrupt
 /// without id, queue clear and history clear to the caller's own prompts.
 pub fn identity<B>(req: &Request<B>, info: &ConnInfo) -> String {
-    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+    };
     if let Some(auth) = h("authorization") {
         let digest = Sha256::digest(auth.as_bytes());
         return format!("key:{:x}", digest)[..20].to_string();
@@ -42,10 +47,15 @@ pub fn identity<B>(req: &Request<B>, info: &ConnInfo) -> String {
 
 fn origin_allowed<B>(gate: &Gate, req: &Request<B>) -> bool {
     let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
-    if let Some(origin) = h(header::ORIGIN) {
-        if gate.config.server.allowed_origins.iter().any(|o| o == origin) {
-            return true;
-        }
+    if let Some(origin) = h(header::ORIGIN)
+        && gate
+            .config
+            .server
+            .allowed_origins
+            .iter()
+            .any(|o| o == origin)
+    {
+        return true;
     }
     same_origin_allows(h(header::HOST), h(header::ORIGIN), is_loopback)
 }
@@ -64,7 +74,11 @@ fn api_path(raw: &str) -> &str {
     }
 }
 
-async fn route(gate: Arc<Gate>, req: Request<Incoming>, info: ConnInfo) -> Result<Response<Body>, GateError> {
+async fn route(
+    gate: Arc<Gate>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+) -> Result<Response<Body>, GateError> {
     if !origin_allowed(&gate, &req) {
         return Err(GateError::ForbiddenOrigin);
     }
@@ -87,10 +101,32 @@ async fn route(gate: Arc<Gate>, req: Request<Incoming>, info: ConnInfo) -> Resul
     }
     let owned = matches!(
         (&method, path.as_str()),
-        (&Method::POST, "/prompt" | "/queue" | "/interrupt" | "/history" | "/upload/image" | "/upload/mask" | "/free")
-            | (&Method::GET, "/prompt" | "/queue" | "/history" | "/view" | "/system_stats" | "/features" | "/object_info" | "/models" | "/embeddings" | "/extensions")
+        (
+            &Method::POST,
+            "/prompt"
+                | "/queue"
+                | "/interrupt"
+                | "/history"
+                | "/upload/image"
+                | "/upload/mask"
+                | "/free"
+        ) | (
+            &Method::GET,
+            "/prompt"
+                | "/queue"
+                | "/history"
+                | "/view"
+                | "/system_stats"
+                | "/features"
+                | "/object_info"
+                | "/models"
+                | "/embeddings"
+                | "/extensions"
+        )
     ) || (method == Method::GET
-        && (path.starts_with("/history/") || path.starts_with("/object_info/") || path.starts_with("/models/")));
+        && (path.starts_with("/history/")
+            || path.starts_with("/object_info/")
+            || path.starts_with("/models/")));
     if !owned {
         return gate.passthrough(None, req).await;
     }
@@ -119,17 +155,18 @@ async fn route(gate: Arc<Gate>, req: Request<Incoming>, info: ConnInfo) -> Resul
             Ok(status(StatusCode::OK))
         }
         (Method::GET, "/history") => {
-            let int = |k: &str| -> Result<Option<i64>, GateError> {
-                match query.iter().find(|(n, _)| n == k) {
-                    Some((_, v)) => v
-                        .trim()
-                        .parse()
-                        .map(Some)
-                        .map_err(|_| GateError::BadRequest(format!("`{k}` must be an integer"))),
-                    None => Ok(None),
-                }
-            };
-            ok(gate.merged_history(int("max_items")?, int("offset")?.unwrap_or(-1)).await)
+            let int =
+                |k: &str| -> Result<Option<i64>, GateError> {
+                    match query.iter().find(|(n, _)| n == k) {
+                        Some((_, v)) => v.trim().parse().map(Some).map_err(|_| {
+                            GateError::BadRequest(format!("`{k}` must be an integer"))
+                        }),
+                        None => Ok(None),
+                    }
+                };
+            ok(gate
+                .merged_history(int("max_items")?, int("offset")?.unwrap_or(-1))
+                .await)
         }
         (Method::GET, p) if p.starts_with("/history/") => {
             let id = percent_decode(&p["/history/".len()..]);
@@ -141,13 +178,15 @@ async fn route(gate: Arc<Gate>, req: Request<Incoming>, info: ConnInfo) -> Resul
                 .await
                 .map_err(|e| GateError::BadRequest(format!("malformed multipart body: {e}")))?;
             if form.kind.as_deref().is_some_and(|k| k != "input") {
-                return Err(GateError::BadRequest("the gate stores uploads of type `input` only".into()));
+                return Err(GateError::BadRequest(
+                    "the gate stores uploads of type `input` only".into(),
+                ));
             }
             match files::upload(&gate.files.dirs, form, path == "/upload/mask") {
                 UploadOutcome::Saved(v) => ok(v),
-                UploadOutcome::Status(code) if code.is_server_error() => {
-                    Err(GateError::BadRequest("the upload could not be stored".into()))
-                }
+                UploadOutcome::Status(code) if code.is_server_error() => Err(
+                    GateError::BadRequest("the upload could not be stored".into()),
+                ),
                 UploadOutcome::Status(code) => Ok(status(code)),
             }
         }
@@ -179,15 +218,15 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 3 <= bytes.len() {
-            if let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+        if bytes[i] == b'%'
+            && i + 3 <= bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
                 .ok()
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -209,7 +248,11 @@ fn truthy(v: Option<&Value>) -> bool {
 impl Gate {
     /// Streams a request to a backend (`target`, or the home backend if healthy, or any healthy
     /// one) and its answer back, raw path and query kept (`%2F` stays encoded).
-    async fn passthrough(&self, target: Option<usize>, req: Request<Incoming>) -> Result<Response<Body>, GateError> {
+    async fn passthrough(
+        &self,
+        target: Option<usize>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, GateError> {
         let backend = match target {
             Some(t) => Some(t).filter(|t| self.backend(*t).is_up()),
             None => std::iter::once(self.config.home)
@@ -235,7 +278,10 @@ impl Gate {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_for_downstream(&mut parts.headers);
-                Ok(Response::from_parts(parts, body.map_err(Into::into).boxed()))
+                Ok(Response::from_parts(
+                    parts,
+                    body.map_err(Into::into).boxed(),
+                ))
             }
             Err(e) => {
                 self.record_health(backend, false);
@@ -249,7 +295,11 @@ impl Gate {
         let data: Value = serde_json::from_slice(body).unwrap_or(json!({}));
         let targets: Vec<(String, usize)> = {
             let mut t = self.lock_prompts();
-            match data.get("prompt_id").filter(|v| truthy(Some(v))).map(python_str) {
+            match data
+                .get("prompt_id")
+                .filter(|v| truthy(Some(v)))
+                .map(python_str)
+            {
                 Some(id) => {
                     if t.unqueue(&id) {
                         if let Some(r) = t.get_mut(&id) {
@@ -260,7 +310,11 @@ impl Gate {
                         return Ok(status(StatusCode::OK));
                     }
                     t.get(&id)
-                        .and_then(|r| r.owner.filter(|_| r.stage == Stage::OnBackend).map(|o| (id.clone(), o)))
+                        .and_then(|r| {
+                            r.owner
+                                .filter(|_| r.stage == Stage::OnBackend)
+                                .map(|o| (id.clone(), o))
+                        })
                         .into_iter()
                         .collect()
                 }
@@ -273,7 +327,11 @@ impl Gate {
         };
         for (id, owner) in targets {
             let b = self.backend(owner).clone();
-            if let Err(e) = self.upstream.post_json(&b.config, "/interrupt", &json!({ "prompt_id": id })).await {
+            if let Err(e) = self
+                .upstream
+                .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
+                .await
+            {
                 self.record_health(owner, false);
                 return Err(e);
             }
@@ -284,7 +342,12 @@ impl Gate {
     /// `POST /queue`: delete by id (gate queue or owner's pending) and clear (the caller's).
     async fn post_queue(&self, identity: &str, body: &[u8]) -> Result<Response<Body>, GateError> {
         let data = parse_json(body)?;
-        let mut ids: Vec<String> = data["delete"].as_array().into_iter().flatten().map(python_str).collect();
+        let mut ids: Vec<String> = data["delete"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(python_str)
+            .collect();
         if truthy(data.get("clear")) {
             let t = self.lock_prompts();
             ids.extend(
@@ -302,10 +365,12 @@ impl Gate {
                     if let Some(r) = t.get_mut(id) {
                         r.stage = Stage::Done;
                     }
-                } else if let Some(r) = t.get(id).filter(|r| r.stage == Stage::OnBackend && !r.started) {
-                    if let Some(o) = r.owner {
-                        on_backends.push((id.clone(), o));
-                    }
+                } else if let Some(r) = t
+                    .get(id)
+                    .filter(|r| r.stage == Stage::OnBackend && !r.started)
+                    && let Some(o) = r.owner
+                {
+                    on_backends.push((id.clone(), o));
                 }
             }
         }
@@ -317,9 +382,11 @@ impl Gate {
             // If it is gone from the owner's queue without having started, it will never run:
             // its slot is free again.
             if let Ok((_, q)) = self.upstream.get_json(&b.config, "/queue").await {
-                let listed = ["queue_running", "queue_pending"]
-                    .iter()
-                    .any(|k| q[*k].as_array().is_some_and(|a| a.iter().any(|i| i[1] == id.as_str())));
+                let listed = ["queue_running", "queue_pending"].iter().any(|k| {
+                    q[*k]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|i| i[1] == id.as_str()))
+                });
                 let started = self.lock_prompts().get(&id).is_some_and(|r| r.started);
                 if !listed && !started {
                     self.finish(owner, &id);
@@ -333,7 +400,12 @@ impl Gate {
     /// `POST /history`: delete by id on the owner (or everywhere), clear the caller's entries.
     async fn post_history(&self, identity: &str, body: &[u8]) -> Result<Response<Body>, GateError> {
         let data = parse_json(body)?;
-        let mut ids: Vec<String> = data["delete"].as_array().into_iter().flatten().map(python_str).collect();
+        let mut ids: Vec<String> = data["delete"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(python_str)
+            .collect();
         if truthy(data.get("clear")) {
             let t = self.lock_prompts();
             ids.extend(
@@ -355,11 +427,19 @@ impl Gate {
             };
             let targets: Vec<usize> = match owner {
                 Some(o) => vec![o],
-                None => self.backends.iter().filter(|b| b.is_up()).map(|b| b.id).collect(),
+                None => self
+                    .backends
+                    .iter()
+                    .filter(|b| b.is_up())
+                    .map(|b| b.id)
+                    .collect(),
             };
             for t in targets {
                 let b = self.backend(t).clone();
-                let _ = self.upstream.post_json(&b.config, "/history", &json!({ "delete": [id] })).await;
+                let _ = self
+                    .upstream
+                    .post_json(&b.config, "/history", &json!({ "delete": [id] }))
+                    .await;
             }
         }
         Ok(status(StatusCode::OK))

@@ -152,7 +152,8 @@ where
         json!({ "status": gate.queue_info(), "sid": sid }),
     );
     if let Some(node) = gate.running_node_of(&sid) {
-        gate.sessions.send_json(&sid, "executing", json!({ "node": node }));
+        gate.sessions
+            .send_json(&sid, "executing", json!({ "node": node }));
     }
     let mut first_message = true;
     loop {

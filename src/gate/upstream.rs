@@ -135,16 +135,37 @@ impl Upstream {
     }
 
     /// GET returning JSON (non-JSON answers become `Value::Null`).
-    pub async fn get_json(&self, backend: &Backend, path: &str) -> Result<(StatusCode, Value), GateError> {
-        let (status, _, bytes) = self.call(backend, Method::GET, path, None, None, None).await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    pub async fn get_json(
+        &self,
+        backend: &Backend,
+        path: &str,
+    ) -> Result<(StatusCode, Value), GateError> {
+        let (status, _, bytes) = self
+            .call(backend, Method::GET, path, None, None, None)
+            .await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     /// POST a JSON body, returning status and raw body.
-    pub async fn post_json(&self, backend: &Backend, path: &str, body: &Value) -> Result<(StatusCode, Bytes), GateError> {
+    pub async fn post_json(
+        &self,
+        backend: &Backend,
+        path: &str,
+        body: &Value,
+    ) -> Result<(StatusCode, Bytes), GateError> {
         let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
         let (status, _, body) = self
-            .call(backend, Method::POST, path, Some(bytes), Some("application/json"), None)
+            .call(
+                backend,
+                Method::POST,
+                path,
+                Some(bytes),
+                Some("application/json"),
+                None,
+            )
             .await?;
         Ok((status, body))
     }
@@ -157,10 +178,16 @@ mod tests {
     #[test]
     fn hop_by_hop_and_origin_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert(header::ORIGIN, HeaderValue::from_static("http://evil"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("comfy-user", HeaderValue::from_static("alice"));
         strip_for_upstream(&mut h);
         assert_eq!(h.len(), 1);

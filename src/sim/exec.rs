@@ -16,10 +16,10 @@ use serde_json::{Map, Value, json};
 
 use super::cost;
 use super::graph::ExecutionList;
-use crate::files::images::SimImage;
 use super::instance::{Instance, lock};
 use super::nodes::find;
 use super::queue::QueueItem;
+use crate::files::images::SimImage;
 use crate::protocol::frames;
 use crate::protocol::now_ms;
 
@@ -142,7 +142,11 @@ impl Run<'_> {
     /// `finish_progress`: value = max. A node never started (a cache hit) keeps the registry's
     /// integer default `max = 1`, as ComfyUI reports it.
     fn finish_progress(&mut self, id: &str) {
-        let max = self.progress.get(id).map(|p| p.2.clone()).unwrap_or(json!(1));
+        let max = self
+            .progress
+            .get(id)
+            .map(|p| p.2.clone())
+            .unwrap_or(json!(1));
         self.progress
             .insert(id.to_string(), ("finished", max.clone(), max));
         self.send_progress_state();

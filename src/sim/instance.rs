@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::SimConfig;
 use super::faults::Faults;
-use crate::files::Dirs;
 use super::hub::Hub;
 use super::nodes::{NodeDef, catalogue};
 use super::queue::PromptQueue;
+use crate::files::Dirs;
 
 /// VRAM the CUDA context and allocator keep, in GB.
 pub const BASELINE_VRAM_GB: f64 = 0.4;

@@ -43,10 +43,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio_util::sync::CancellationToken;
 
+use crate::files::Dirs;
 pub use config::{ModelFile, SimConfig};
 pub use faults::Fault;
 use faults::Faults;
-use crate::files::Dirs;
 pub use instance::SimStats;
 use instance::{Instance, lock};
 

@@ -9,12 +9,12 @@ use hyper::body::Incoming;
 use serde_json::{Map, Number, Value, json};
 
 use super::faults::Fault;
-use crate::files::{self, UploadOutcome};
 use super::instance::{Instance, lock};
 use super::nodes::{find, object_info};
 use super::queue::QueueItem;
 use super::validate::{ValidationContext, validate_prompt};
 use super::{ControlRequest, userdata};
+use crate::files::{self, UploadOutcome};
 use crate::http::{Body, BodyError, json as json_resp, query_pairs, read_body, status, text};
 use crate::protocol::errors;
 use crate::protocol::origin::{is_loopback, same_origin_allows};

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use http::{Method, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
-use crate::files::normalize;
 use super::instance::Instance;
+use crate::files::normalize;
 use crate::http::{Body, json as json_resp, status, text};
 
 fn user_root(inst: &Instance) -> PathBuf {

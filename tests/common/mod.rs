@@ -228,5 +228,53 @@ pub async fn wait_history(base: &str, prompt_id: &str) -> Value {
 
 /// A small PNG for uploads.
 pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
-    comfy_gate::sim::images::SimImage::synthesize(width, height, seed).to_png(&[], true)
+    comfy_gate::files::images::SimImage::synthesize(width, height, seed).to_png(&[], true)
+}
+
+/// Starts a gate in front of `sims` on port 0 (admin on port 0), probing every 100 ms, with a
+/// fresh state directory; `tweak` adjusts the configuration first.
+pub async fn gate_with(
+    sims: &[&SimHandle],
+    tweak: impl FnOnce(&mut comfy_gate::config::FileConfig),
+) -> comfy_gate::gate::GateHandle {
+    use comfy_gate::config;
+    let mut file = config::FileConfig::default();
+    file.server.listen = "127.0.0.1:0".parse().unwrap();
+    file.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    file.server.state_dir = Some(
+        std::env::temp_dir().join(format!("comfy-gate-test-{}", uuid::Uuid::new_v4().simple())),
+    );
+    file.health.interval_ms = 100;
+    file.health.timeout_ms = 500;
+    file.backends = sims
+        .iter()
+        .map(|s| config::backend_from_url(&s.url()))
+        .collect();
+    tweak(&mut file);
+    let cfg = config::validate(file, "", "(test)").expect("valid test config");
+    comfy_gate::gate::run(cfg).await.expect("gate starts")
+}
+
+pub async fn gate(sims: &[&SimHandle]) -> comfy_gate::gate::GateHandle {
+    gate_with(sims, |_| {}).await
+}
+
+/// A reqwest client whose connections come from another loopback address (another "user").
+pub fn http_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .local_address(std::net::IpAddr::from(ip))
+        .build()
+        .expect("client")
+}
+
+/// Whether the PNG's embedded prompt has this KSampler seed (tells prompts' images apart).
+pub fn png_seed(png: &[u8]) -> Option<u64> {
+    let chunks = comfy_gate::files::images::png_text_chunks(png);
+    let prompt = &chunks.iter().find(|(k, _)| k == "prompt")?.1;
+    let v: Value = serde_json::from_str(prompt).ok()?;
+    v.as_object()?
+        .values()
+        .find(|n| n["class_type"] == "KSampler")
+        .and_then(|n| n["inputs"]["seed"].as_u64())
 }
