@@ -1,0 +1,106 @@
+//! The `comfy-gate` binary: `check` reports config errors with file, line and field; `run`
+//! works from the command line alone.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 backends"));
+}
+
+#[test]
+fn check_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[[backend]]\nurl = \"ftp://gpu\"\n",
+            ":5: backend[0].url: ",
+        ),
+        ("[scheduler]\nmax_inflight = \"two\"\n", ":2: "),
+        ("[health]\nintervall_ms = 5\n", ":2: "),
+        (
+            "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://a:1\"\n",
+            ":4: backend[1].url: ",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("bad{i}.toml{expected}")),
+            "case {i}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn run_needs_no_file() {
+    let (a, b) = (sim().await, sim().await);
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backend",
+            &a.url(),
+            "--backend",
+            &b.url(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the listening address")
+        .to_string();
+    let (code, _) = post_json(
+        &url,
+        "/prompt",
+        &json!({"prompt": blur_graph(3), "prompt_id": "cli"}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        wait_history(&url, "cli").await["status"]["status_str"],
+        "success"
+    );
+    child.kill().await.unwrap();
+}
