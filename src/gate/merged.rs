@@ -286,6 +286,29 @@ impl Gate {
         Some(Value::Array(out))
     }
 
+    /// `/api/jobs` (a page, with `query`) or `/api/jobs/{id}` (with `id`), derived from the
+    /// merged queue and history with ComfyUI's own rules.
+    pub async fn jobs(
+        &self,
+        query: Option<&crate::protocol::jobs::JobsQuery>,
+        id: Option<&str>,
+    ) -> Value {
+        let queue = self.merged_queue().await;
+        let history = match self.merged_history(None, -1).await {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let items = |k: &str| queue[k].as_array().cloned().unwrap_or_default();
+        let (running, pending) = (items("queue_running"), items("queue_pending"));
+        match (query, id) {
+            (_, Some(id)) => {
+                crate::protocol::jobs::one(id, &running, &pending, &history).unwrap_or(Value::Null)
+            }
+            (Some(q), None) => crate::protocol::jobs::list(&running, &pending, &history, q),
+            (None, None) => Value::Null,
+        }
+    }
+
     /// `queue_remaining` for `GET /prompt`: gate queue plus prompts on backends.
     pub fn prompt_info(&self) -> Value {
         let t = self.lock_prompts();

@@ -3,6 +3,7 @@
 //! the user-data home, or any healthy backend.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -17,7 +18,13 @@ use crate::error::GateError;
 use crate::files::{self, UploadOutcome};
 use crate::http::{Body, ConnInfo, json as json_resp, query_pairs, read_body, status};
 use crate::protocol::errors::python_str;
+use crate::protocol::jobs;
 use crate::protocol::origin::{is_loopback, same_origin_allows};
+
+/// Passthrough body states: fine, over the size limit, ended early by the client.
+const CLIENT_OK: u8 = 0;
+const CLIENT_TOO_LARGE: u8 = 1;
+const CLIENT_ABORTED: u8 = 2;
 
 /// Percent-encodes one path segment.
 pub fn encode_segment(s: &str) -> String {
@@ -124,7 +131,9 @@ async fn route(
                 | "/extensions"
         )
     ) || (method == Method::GET
-        && (path.starts_with("/history/")
+        && (path == "/api/jobs"
+            || path.starts_with("/api/jobs/")
+            || path.starts_with("/history/")
             || path.starts_with("/object_info/")
             || path.starts_with("/models/")));
     if !owned {
@@ -171,6 +180,22 @@ async fn route(
         (Method::GET, p) if p.starts_with("/history/") => {
             let id = percent_decode(&p["/history/".len()..]);
             ok(gate.history_one(&id).await)
+        }
+        (Method::GET, "/api/jobs") => match jobs::parse_query(&query) {
+            Ok(q) => ok(gate.jobs(Some(&q), None).await),
+            Err(msg) => Ok(json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg }))),
+        },
+        (Method::GET, p) if p.starts_with("/api/jobs/") => {
+            let id = percent_decode(&p["/api/jobs/".len()..]);
+            let job = gate.jobs(None, Some(&id)).await;
+            if job.is_null() {
+                Ok(json_resp(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": "Job not found" }),
+                ))
+            } else {
+                ok(job)
+            }
         }
         (Method::GET, "/view") => Ok(gate.view(&query).await),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
@@ -271,7 +296,24 @@ impl Gate {
         }
         let (mut parts, body) = req.into_parts();
         strip_for_upstream(&mut parts.headers);
-        let body = http_body_util::Limited::new(body, limit as usize).boxed();
+        // Errors of the client's own body (over the limit, or the client going away) are the
+        // client's, not the backend's: remember them so they are not held against its health.
+        let client_fault = Arc::new(AtomicU8::new(CLIENT_OK));
+        let seen = client_fault.clone();
+        let body = http_body_util::Limited::new(body, limit as usize)
+            .map_err(move |e| {
+                let kind = if e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    CLIENT_TOO_LARGE
+                } else {
+                    CLIENT_ABORTED
+                };
+                seen.store(kind, AtomicOrdering::SeqCst);
+                e
+            })
+            .boxed();
         let upstream_req = Request::from_parts(parts, body);
         let b = self.backend(backend).clone();
         match self.upstream.send(&b.config, upstream_req, None).await {
@@ -283,10 +325,14 @@ impl Gate {
                     body.map_err(Into::into).boxed(),
                 ))
             }
-            Err(e) => {
-                self.record_health(backend, false);
-                Err(e)
-            }
+            Err(e) => match client_fault.load(AtomicOrdering::SeqCst) {
+                CLIENT_TOO_LARGE => Err(GateError::TooLarge(limit as usize)),
+                CLIENT_ABORTED => Err(GateError::BadRequest("the request body ended early".into())),
+                _ => {
+                    self.record_health(backend, false);
+                    Err(e)
+                }
+            },
         }
     }
 

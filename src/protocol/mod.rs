@@ -6,6 +6,7 @@
 
 pub mod errors;
 pub mod frames;
+pub mod jobs;
 pub mod origin;
 
 /// Epoch milliseconds, the unit of every `timestamp` and `create_time` in ComfyUI.

@@ -16,8 +16,8 @@ use super::validate::{ValidationContext, validate_prompt};
 use super::{ControlRequest, userdata};
 use crate::files::{self, UploadOutcome};
 use crate::http::{Body, BodyError, json as json_resp, query_pairs, read_body, status, text};
-use crate::protocol::errors;
 use crate::protocol::origin::{is_loopback, same_origin_allows};
+use crate::protocol::{errors, jobs};
 
 /// aiohttp's answer to an unhandled exception.
 pub fn internal_error() -> Response<Body> {
@@ -158,6 +158,37 @@ async fn route(
                 q.delete_history(&errors::python_str(id));
             }
             status(StatusCode::OK)
+        }
+        (Method::GET, "/api/jobs") => match jobs::parse_query(query) {
+            Ok(q) => {
+                let queue = lock(&inst.queue);
+                let view = queue.to_json();
+                let history = queue.history_page(None, -1);
+                let items = |k: &str| view[k].as_array().cloned().unwrap_or_default();
+                ok_json(jobs::list(
+                    &items("queue_running"),
+                    &items("queue_pending"),
+                    &history,
+                    &q,
+                ))
+            }
+            Err(msg) => json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg })),
+        },
+        (Method::GET, p) if p.starts_with("/api/jobs/") => {
+            let id = userdata::percent_decode(&p["/api/jobs/".len()..]);
+            let queue = lock(&inst.queue);
+            let view = queue.to_json();
+            let history = queue.history_page(None, -1);
+            let items = |k: &str| view[k].as_array().cloned().unwrap_or_default();
+            match jobs::one(
+                &id,
+                &items("queue_running"),
+                &items("queue_pending"),
+                &history,
+            ) {
+                Some(job) => ok_json(job),
+                None => json_resp(StatusCode::NOT_FOUND, &json!({ "error": "Job not found" })),
+            }
         }
         (Method::GET, "/view") => files::view(&inst.dirs, query),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
