@@ -102,7 +102,10 @@ impl Gate {
                     .as_u64()
                     .unwrap_or(0);
                 b.queue_remaining.store(n as usize, Ordering::SeqCst);
-                self.broadcast_status();
+                // The handshake status (it carries the upstream sid) is no queue change.
+                if v["data"].get("sid").is_none() {
+                    self.broadcast_status();
+                }
                 return;
             }
             "feature_flags" => return,
