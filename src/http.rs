@@ -86,6 +86,26 @@ pub fn query_param(uri: &http::Uri, key: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// Decodes `%XX` escapes in a path segment (invalid escapes are kept as they are).
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -151,6 +171,31 @@ pub fn websocket_accept<B>(req: &Request<B>) -> Response<Body> {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
+}
+
+/// An accepted ComfyUI WebSocket upgrade: the 101 answer, the session id (`?clientId=` when
+/// present and non-empty, else a fresh uuid4 without dashes, as ComfyUI mints it) and the
+/// connection to await once the answer is sent.
+pub struct WsAccept {
+    pub response: Response<Body>,
+    pub sid: String,
+    pub upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Accepts `GET /ws` the ComfyUI way, or gives the 400 for a bad handshake.
+pub fn accept_comfy_websocket<B>(req: &mut Request<B>) -> Result<WsAccept, Box<Response<Body>>> {
+    let response = websocket_accept(req);
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Box::new(response));
+    }
+    let sid = query_param(req.uri(), "clientId")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    Ok(WsAccept {
+        response,
+        sid,
+        upgrade: hyper::upgrade::on(req),
+    })
 }
 
 /// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages).

@@ -218,13 +218,8 @@ impl Gate {
         let Ok((_, queue)) = self.upstream.get_json(&b.config, "/queue").await else {
             return;
         };
-        let listed = |key: &str, id: &str| {
-            queue[key]
-                .as_array()
-                .is_some_and(|items| items.iter().any(|i| i[1] == id))
-        };
         for id in ids {
-            if listed("queue_running", &id) || listed("queue_pending", &id) {
+            if super::prompts::queue_lists(&queue, &id) {
                 continue;
             }
             // Finished (history) or lost: either way the slot is free again.

@@ -6,6 +6,15 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Number, Value, json};
 
+/// Whether a backend's `/queue` answer lists `id` as running or pending.
+pub fn queue_lists(queue: &Value, id: &str) -> bool {
+    ["queue_running", "queue_pending"].iter().any(|k| {
+        queue[*k]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i[1] == id))
+    })
+}
+
 /// Where a prompt is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {

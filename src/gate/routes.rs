@@ -16,7 +16,9 @@ use super::prompts::Stage;
 use super::upstream::{strip_for_downstream, strip_for_upstream};
 use crate::error::GateError;
 use crate::files::{self, UploadOutcome};
-use crate::http::{Body, ConnInfo, json as json_resp, query_pairs, read_body, status};
+use crate::http::{
+    Body, ConnInfo, json as json_resp, percent_decode, query_pairs, read_body, status,
+};
 use crate::protocol::errors::python_str;
 use crate::protocol::jobs;
 use crate::protocol::origin::{is_loopback, same_origin_allows};
@@ -238,27 +240,6 @@ fn parse_json(body: &[u8]) -> Result<Value, GateError> {
     serde_json::from_slice(body).map_err(|e| GateError::BadJson(e.to_string()))
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 3 <= bytes.len()
-            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn truthy(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) => false,
@@ -385,9 +366,14 @@ impl Gate {
         Ok(status(StatusCode::OK))
     }
 
-    /// `POST /queue`: delete by id (gate queue or owner's pending) and clear (the caller's).
-    async fn post_queue(&self, identity: &str, body: &[u8]) -> Result<Response<Body>, GateError> {
-        let data = parse_json(body)?;
+    /// The ids a `{"delete": [...], "clear": bool}` body names: the listed ids, plus (with
+    /// `clear`) the caller's own prompts that `clearable` accepts.
+    fn targets(
+        &self,
+        data: &Value,
+        identity: &str,
+        clearable: impl Fn(&super::prompts::PromptRecord) -> bool,
+    ) -> Vec<String> {
         let mut ids: Vec<String> = data["delete"]
             .as_array()
             .into_iter()
@@ -398,11 +384,19 @@ impl Gate {
             let t = self.lock_prompts();
             ids.extend(
                 t.records()
-                    .filter(|r| r.identity == identity && !r.started)
-                    .filter(|r| matches!(r.stage, Stage::Queued | Stage::OnBackend))
+                    .filter(|r| r.identity == identity && clearable(r))
                     .map(|r| r.id.clone()),
             );
         }
+        ids
+    }
+
+    /// `POST /queue`: delete by id (gate queue or owner's pending) and clear (the caller's).
+    async fn post_queue(&self, identity: &str, body: &[u8]) -> Result<Response<Body>, GateError> {
+        let data = parse_json(body)?;
+        let ids = self.targets(&data, identity, |r| {
+            !r.started && matches!(r.stage, Stage::Queued | Stage::OnBackend)
+        });
         let mut on_backends: Vec<(String, usize)> = Vec::new();
         {
             let mut t = self.lock_prompts();
@@ -428,11 +422,7 @@ impl Gate {
             // If it is gone from the owner's queue without having started, it will never run:
             // its slot is free again.
             if let Ok((_, q)) = self.upstream.get_json(&b.config, "/queue").await {
-                let listed = ["queue_running", "queue_pending"].iter().any(|k| {
-                    q[*k]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|i| i[1] == id.as_str()))
-                });
+                let listed = super::prompts::queue_lists(&q, &id);
                 let started = self.lock_prompts().get(&id).is_some_and(|r| r.started);
                 if !listed && !started {
                     self.finish(owner, &id);
@@ -446,20 +436,7 @@ impl Gate {
     /// `POST /history`: delete by id on the owner (or everywhere), clear the caller's entries.
     async fn post_history(&self, identity: &str, body: &[u8]) -> Result<Response<Body>, GateError> {
         let data = parse_json(body)?;
-        let mut ids: Vec<String> = data["delete"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(python_str)
-            .collect();
-        if truthy(data.get("clear")) {
-            let t = self.lock_prompts();
-            ids.extend(
-                t.records()
-                    .filter(|r| r.identity == identity && r.stage == Stage::Done)
-                    .map(|r| r.id.clone()),
-            );
-        }
+        let ids = self.targets(&data, identity, |r| r.stage == Stage::Done);
         for id in ids {
             let owner = {
                 let mut t = self.lock_prompts();

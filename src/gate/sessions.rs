@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Gate;
-use crate::http::{Body, query_param, server_websocket, websocket_accept};
+use crate::http::{Body, accept_comfy_websocket, server_websocket};
 use crate::protocol::frames;
 
 struct Session {
@@ -121,23 +121,18 @@ impl Sessions {
 
 /// `GET /ws` on the gate.
 pub fn handle(gate: Arc<Gate>, mut req: Request<Incoming>) -> Response<Body> {
-    let resp = websocket_accept(&req);
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return resp;
-    }
-    let requested = query_param(req.uri(), "clientId").unwrap_or_default();
-    let sid = if requested.is_empty() {
-        uuid::Uuid::new_v4().simple().to_string()
-    } else {
-        requested
+    let accepted = match accept_comfy_websocket(&mut req) {
+        Ok(a) => a,
+        Err(bad) => return *bad,
     };
-    let upgrade = hyper::upgrade::on(&mut req);
+    let sid = accepted.sid;
+    let upgrade = accepted.upgrade;
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let ws = server_websocket(upgraded).await;
         serve(gate, sid, ws).await;
     });
-    resp
+    accepted.response
 }
 
 async fn serve<S>(gate: Arc<Gate>, sid: String, ws: tokio_tungstenite::WebSocketStream<S>)

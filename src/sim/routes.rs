@@ -139,7 +139,7 @@ async fn route(
             ))
         }
         (Method::GET, p) if p.starts_with("/history/") => {
-            let id = userdata::percent_decode(&p["/history/".len()..]);
+            let id = crate::http::percent_decode(&p["/history/".len()..]);
             let q = lock(&inst.queue);
             ok_json(match q.history_entry(&id) {
                 Some(entry) => json!({ id: entry }),
@@ -175,7 +175,7 @@ async fn route(
             Err(msg) => json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg })),
         },
         (Method::GET, p) if p.starts_with("/api/jobs/") => {
-            let id = userdata::percent_decode(&p["/api/jobs/".len()..]);
+            let id = crate::http::percent_decode(&p["/api/jobs/".len()..]);
             let queue = lock(&inst.queue);
             let view = queue.to_json();
             let history = queue.history_page(None, -1);
@@ -220,7 +220,7 @@ async fn route(
             ok_json(Value::Object(all))
         }
         (Method::GET, p) if p.starts_with("/object_info/") => {
-            let class = userdata::percent_decode(&p["/object_info/".len()..]);
+            let class = crate::http::percent_decode(&p["/object_info/".len()..]);
             let images = inst.dirs.input_images();
             ok_json(match find(&inst.defs, &class) {
                 Some(d) => json!({ class: object_info(d, &inst.config, &images) }),

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::instance::Instance;
 use crate::files::normalize;
-use crate::http::{Body, json as json_resp, status, text};
+use crate::http::{Body, json as json_resp, percent_decode, status, text};
 
 fn user_root(inst: &Instance) -> PathBuf {
     inst.dirs.user.join("default")
@@ -32,25 +32,6 @@ fn user_path(inst: &Instance, raw: &str) -> Option<PathBuf> {
         let _ = std::fs::create_dir_all(parent);
     }
     Some(path)
-}
-
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 3 <= bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn file_info(path: &Path, relative_to: &Path) -> Value {

@@ -10,26 +10,21 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::instance::{Instance, lock};
-use crate::http::{Body, query_param, server_websocket, websocket_accept};
+use crate::http::{Body, accept_comfy_websocket, server_websocket};
 
 pub fn handle(inst: Arc<Instance>, mut req: Request<Incoming>) -> Response<Body> {
-    let resp = websocket_accept(&req);
-    if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        return resp;
-    }
-    let requested = query_param(req.uri(), "clientId").unwrap_or_default();
-    let sid = if requested.is_empty() {
-        uuid::Uuid::new_v4().simple().to_string()
-    } else {
-        requested
+    let accepted = match accept_comfy_websocket(&mut req) {
+        Ok(a) => a,
+        Err(bad) => return *bad,
     };
-    let upgrade = hyper::upgrade::on(&mut req);
+    let sid = accepted.sid;
+    let upgrade = accepted.upgrade;
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let ws = server_websocket(upgraded).await;
         serve_socket(inst, sid, ws).await;
     });
-    resp
+    accepted.response
 }
 
 async fn serve_socket<S>(
