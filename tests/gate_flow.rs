@@ -556,3 +556,55 @@ async fn crashed_backends_get_no_work_and_prompts_wait_for_a_healthy_one() {
     let (code, _) = get_json(&admin, "/readyz").await;
     assert_eq!(code, 200);
 }
+
+/// `front: true` and client numbers order the gate queue as ComfyUI orders its heap.
+#[tokio::test]
+async fn front_and_numbers_order_the_gate_queue() {
+    let a = sim().await;
+    let gate = gate_with(&[&a], |f| f.scheduler.max_inflight = 1).await;
+    let base = gate.url();
+    let mut ws = Ws::connect(&base, Some("f")).await;
+    ws.next().await;
+    post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": long(1), "client_id": "f", "prompt_id": "busy"}),
+    )
+    .await;
+    ws.until_kind("progress").await;
+    let (_, x) = post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": short(2), "client_id": "f", "prompt_id": "x"}),
+    )
+    .await;
+    let (_, y) = post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": short(3), "client_id": "f", "prompt_id": "y", "front": true}),
+    )
+    .await;
+    let (_, z) = post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": short(4), "client_id": "f", "prompt_id": "z", "number": 1.5}),
+    )
+    .await;
+    assert_eq!(
+        (
+            x["number"].clone(),
+            y["number"].clone(),
+            z["number"].clone()
+        ),
+        (json!(1), json!(-2), json!(1.5))
+    );
+    post_json(&base, "/interrupt", &json!({"prompt_id": "busy"})).await;
+    let mut order = Vec::new();
+    while order.len() < 3 {
+        let f = ws.next().await.unwrap();
+        if f.kind() == "execution_start" && f.data()["prompt_id"] != "busy" {
+            order.push(f.data()["prompt_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(order, ["y", "x", "z"]);
+}
