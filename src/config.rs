@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub scheduler: SchedulerConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub recovery: RecoveryConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -41,8 +43,8 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     /// Timeout of one request to a backend, in ms (file transfers and long reads). Default 60000.
     pub upstream_timeout_ms: u64,
-    /// Where uploads and other gate state live. Default: `comfy-gate` under the system's
-    /// temporary directory.
+    /// Where the durable state (queue, owners, history, uploads) lives; `--state-dir` overrides
+    /// it. Default: `$STATE_DIRECTORY` (set by systemd) if set, else `./comfy-gate-state`.
     pub state_dir: Option<PathBuf>,
 }
 
@@ -99,6 +101,52 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[recovery]`: what happens to accepted prompts when things fail.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Times a prompt is re-run after its backend failed, before it is reported failed.
+    /// Default 2.
+    pub max_retries: u32,
+    /// A running prompt with no event for this long marks its backend stalled (its prompts
+    /// move elsewhere), in ms. Default 120000.
+    pub stall_timeout_ms: u64,
+    /// A prompt running longer than this is interrupted on its backend, in seconds. Default 1800.
+    pub max_run_time_s: u64,
+    /// What a prompt past `max_run_time_s` becomes: `fail` (reported failed) or `retry`
+    /// (run again elsewhere, counted against `max_retries`). Default `fail`.
+    pub max_run_time_action: RunTimeAction,
+    /// On SIGTERM/SIGINT, time given to in-flight requests before the gate exits, in ms.
+    /// Default 10000.
+    pub drain_timeout_ms: u64,
+    /// Finished history entries kept (oldest dropped first). Default 10000.
+    pub history_max_entries: usize,
+    /// Finished history entries older than this are dropped, in hours. Default 168 (7 days).
+    pub history_max_age_hours: u64,
+}
+
+/// See [`RecoveryConfig::max_run_time_action`].
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunTimeAction {
+    Fail,
+    Retry,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            stall_timeout_ms: 120_000,
+            max_run_time_s: 1800,
+            max_run_time_action: RunTimeAction::Fail,
+            drain_timeout_ms: 10_000,
+            history_max_entries: 10_000,
+            history_max_age_hours: 168,
+        }
+    }
+}
+
 /// One `[[backend]]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +170,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub scheduler: SchedulerConfig,
     pub health: HealthConfig,
+    pub recovery: RecoveryConfig,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,
@@ -145,12 +194,22 @@ impl Config {
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_millis(self.server.upstream_timeout_ms)
     }
-    /// The state directory, defaulted.
+    /// The state directory, defaulted (see [`ServerConfig::state_dir`]).
     pub fn state_dir(&self) -> PathBuf {
-        self.server
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("comfy-gate"))
+        self.server.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("comfy-gate-state"))
+        })
+    }
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.recovery.stall_timeout_ms)
+    }
+    pub fn max_run_time(&self) -> Duration {
+        Duration::from_secs(self.recovery.max_run_time_s)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.recovery.drain_timeout_ms)
     }
 }
 
@@ -241,6 +300,13 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
             "interval_ms and timeout_ms must be positive".into(),
         ));
     }
+    if raw.recovery.stall_timeout_ms == 0 || raw.recovery.max_run_time_s == 0 {
+        return Err(err(
+            None,
+            "recovery",
+            "stall_timeout_ms and max_run_time_s must be positive".into(),
+        ));
+    }
     if raw.server.max_body_bytes == 0 {
         return Err(err(
             None,
@@ -296,6 +362,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,
+        recovery: raw.recovery,
         backends,
         home: home.unwrap_or(0),
     })

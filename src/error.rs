@@ -27,6 +27,9 @@ pub enum GateError {
     /// No healthy backend can take the request.
     #[error("no healthy backend")]
     NoBackend,
+    /// The gate cannot keep its promise right now (its state store failed).
+    #[error("comfy-gate cannot accept work right now: {0}")]
+    Unavailable(String),
     /// A backend failed (connection refused, reset, timeout).
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },
@@ -35,7 +38,10 @@ pub enum GateError {
 impl GateError {
     /// Whether the client may retry the same request (nothing was applied).
     pub fn retry_safe(&self) -> bool {
-        matches!(self, GateError::NoBackend | GateError::Backend { .. })
+        matches!(
+            self,
+            GateError::NoBackend | GateError::Unavailable(_) | GateError::Backend { .. }
+        )
     }
 
     pub fn status(&self) -> StatusCode {
@@ -45,7 +51,7 @@ impl GateError {
             }
             GateError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
-            GateError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            GateError::NoBackend | GateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GateError::Backend { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -58,6 +64,7 @@ impl GateError {
             GateError::DuplicatePromptId(_) => "duplicate_prompt_id",
             GateError::ForbiddenOrigin => "forbidden_origin",
             GateError::NoBackend => "no_backend",
+            GateError::Unavailable(_) => "unavailable",
             GateError::Backend { .. } => "backend_error",
         }
     }

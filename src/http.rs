@@ -230,18 +230,22 @@ pub struct ConnInfo {
 pub struct ServeOptions {
     /// Time a client gets to send a complete request head (slowloris guard).
     pub header_read_timeout: Duration,
+    /// On stop: `None` drops every connection at once (a crash); `Some(d)` stops accepting and
+    /// lets in-flight requests finish for up to `d` (a graceful shutdown).
+    pub drain: Option<Duration>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(30),
+            drain: None,
         }
     }
 }
 
-/// Serves `handler` on `listener` until `stop` is cancelled. Cancelling drops every open
-/// connection at once (upgraded WebSocket streams are the handler's to watch).
+/// Serves `handler` on `listener` until `stop` is cancelled, then drops or drains connections
+/// as `options.drain` says (upgraded WebSocket streams are the handler's to close).
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: Arc<H>,
@@ -255,9 +259,15 @@ pub async fn serve<H, F>(
         Ok(a) => a,
         Err(_) => return,
     };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -270,28 +280,37 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let stop = stop.clone();
-        let options = options.clone();
-        tokio::spawn(async move {
-            let info = ConnInfo { peer, local };
-            let service = hyper::service::service_fn(move |req| {
-                let fut = handler(req, info);
-                async move { Ok::<_, Infallible>(fut.await) }
+        let info = ConnInfo { peer, local };
+        let service = hyper::service::service_fn(move |req| {
+            let fut = handler(req, info);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        if options.drain.is_some() {
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::trace!(%err, "connection ended with an error");
+                }
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(options.header_read_timeout);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                res = conn => {
-                    if let Err(err) = res {
-                        tracing::trace!(%err, "connection ended with an error");
+        } else {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    res = conn => {
+                        if let Err(err) = res {
+                            tracing::trace!(%err, "connection ended with an error");
+                        }
                     }
                 }
-            }
-        });
+            });
+        }
+    }
+    drop(listener);
+    if let Some(drain) = options.drain {
+        let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
     }
 }

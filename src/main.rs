@@ -34,6 +34,9 @@ enum Command {
         /// A backend base URL, repeatable (replaces the file's backends).
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// Directory of the durable state (overrides `server.state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Validate a configuration file and report errors with file, line and field.
     Check {
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             admin_listen,
             backends,
+            state_dir,
         } => {
             let (mut file, text, name) = match &path {
                 Some(p) => {
@@ -131,6 +135,9 @@ async fn main() -> anyhow::Result<()> {
             if let Some(a) = admin_listen {
                 file.server.admin_listen = a;
             }
+            if let Some(d) = state_dir {
+                file.server.state_dir = Some(d);
+            }
             if !backends.is_empty() {
                 file.backends = backends
                     .iter()
@@ -144,7 +151,13 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             };
-            let handle = comfy_gate::gate::run(cfg).await?;
+            let handle = match comfy_gate::gate::run(cfg).await {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("comfy-gate: {e}");
+                    std::process::exit(1);
+                }
+            };
             println!(
                 "comfy-gate listening on http://{} (admin http://{})",
                 handle.addr, handle.admin_addr

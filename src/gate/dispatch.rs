@@ -88,13 +88,21 @@ impl Gate {
                 identity,
                 stage: Stage::Queued,
                 owner: None,
-                started: false,
-                last_node: None,
-                gate_history: None,
                 create_time: now_ms(),
+                attempts: 0,
+                tried: Vec::new(),
+                oom_retried: false,
+                min_vram_total: None,
+                started: false,
+                started_at: None,
+                last_event: None,
+                last_node: None,
+                retry_after_run: false,
+                deadline_interrupt: None,
+                log: Default::default(),
             });
             let slot = if table.queue_len() == 0 {
-                self.reserve_slot()
+                table.get(&id).and_then(|r| self.reserve_slot(r))
             } else {
                 None
             };
@@ -111,6 +119,15 @@ impl Gate {
                 }
             }
         };
+        // Durable before anyone hears of it: a gate killed from here on still runs it.
+        if let Err(e) = self.try_persist(&[&id]) {
+            let mut t = self.lock_prompts();
+            t.remove(&id);
+            if let Some(b) = direct {
+                self.backend(b).release_slot();
+            }
+            return Err(GateError::Unavailable(e.to_string()));
+        }
         let number = self.lock_prompts().get(&id).map(|r| r.number.clone());
         let queued_answer = || {
             json_resp(
@@ -135,10 +152,14 @@ impl Gate {
             }
             Forwarded::Rejected(body) => {
                 self.lock_prompts().remove(&id);
+                if let Err(e) = self.store.remove(std::slice::from_ref(&id)) {
+                    tracing::error!(error = %e, "could not forget a refused prompt");
+                }
                 Ok(raw_json(StatusCode::BAD_REQUEST, body))
             }
             Forwarded::Failed => {
                 self.lock_prompts().enqueue(&id);
+                self.persist(&[&id]);
                 self.broadcast_status();
                 self.wake.notify_one();
                 Ok(queued_answer())
@@ -146,21 +167,33 @@ impl Gate {
         }
     }
 
-    /// Reserves a slot on the best backend; the caller holds `reserve`.
-    fn reserve_slot(&self) -> Option<usize> {
+    /// Reserves a slot on the best backend that may take `r` (healthy, not draining or stalled,
+    /// enough VRAM after an OOM, preferably one it did not fail on); the caller holds `reserve`.
+    fn reserve_slot(&self, r: &PromptRecord) -> Option<usize> {
         let stale_after = Duration::from_millis(self.config.health.interval_ms * 3);
-        let candidates: Vec<Candidate> = self
-            .backends
-            .iter()
-            .filter(|b| b.is_up() && b.free_slots() > 0)
-            .map(|b| Candidate {
-                id: b.id,
-                inflight: b.inflight.load(Ordering::SeqCst),
-                max_inflight: b.config.max_inflight,
-                vram_free: b.fresh_vram_free(stale_after),
-            })
-            .collect();
-        let chosen = self.picker.pick(&candidates)?;
+        let eligible = |b: &&Arc<super::fleet::BackendState>| {
+            b.accepts_work()
+                && b.free_slots() > 0
+                && r.min_vram_total
+                    .is_none_or(|min| b.telemetry.load().vram_total >= min)
+        };
+        let candidates = |avoid_tried: bool| -> Vec<Candidate> {
+            self.backends
+                .iter()
+                .filter(eligible)
+                .filter(|b| !avoid_tried || !r.tried.contains(&b.id))
+                .map(|b| Candidate {
+                    id: b.id,
+                    inflight: b.inflight.load(Ordering::SeqCst),
+                    max_inflight: b.config.max_inflight,
+                    vram_free: b.fresh_vram_free(stale_after),
+                })
+                .collect()
+        };
+        let chosen = self
+            .picker
+            .pick(&candidates(true))
+            .or_else(|| self.picker.pick(&candidates(false)))?;
         self.backend(chosen).inflight.fetch_add(1, Ordering::SeqCst);
         Some(chosen)
     }
@@ -201,7 +234,9 @@ impl Gate {
                     && r.stage == Stage::Dispatching
                 {
                     r.stage = Stage::OnBackend;
+                    r.last_event = Some(std::time::Instant::now());
                 }
+                self.persist(&[id]);
                 tracing::debug!(prompt = id, backend = b.name(), "dispatched");
                 Forwarded::Accepted(bytes)
             }
@@ -235,7 +270,7 @@ impl Gate {
         let first_node = node_errors
             .as_object()
             .and_then(|m| m.keys().next().cloned());
-        let (client, message) = {
+        let (client, message, entry) = {
             let mut t = self.lock_prompts();
             let Some(r) = t.get_mut(id) else { return };
             let node_type = first_node.as_ref().and_then(|n| {
@@ -263,9 +298,9 @@ impl Gate {
                 "meta": {},
             });
             r.stage = Stage::Done;
-            r.gate_history = Some(entry.clone());
-            (r.client_id.clone(), message)
+            (r.client_id.clone(), message, entry)
         };
+        self.keep_history(id, entry);
         if let Some(sid) = client {
             self.sessions.send_json(&sid, "execution_error", message);
             self.sessions
@@ -274,17 +309,23 @@ impl Gate {
         self.broadcast_status();
     }
 
-    /// Takes the head of the gate queue if a slot is free, reserving it.
+    /// Takes the first queued prompt that some free slot can take (a prompt that needs a larger
+    /// backend does not hold up the ones behind it), reserving the slot.
     fn take_next(&self) -> Option<(String, usize)> {
         let _reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let mut table = self.lock_prompts();
-        let id = table.head()?.to_string();
-        let backend = self.reserve_slot()?;
-        table.unqueue(&id);
-        let r = table.get_mut(&id)?;
-        r.stage = Stage::Dispatching;
-        r.owner = Some(backend);
-        Some((id, backend))
+        let ids: Vec<String> = table.queued().take(64).map(|r| r.id.clone()).collect();
+        for id in ids {
+            let Some(backend) = table.get(&id).and_then(|r| self.reserve_slot(r)) else {
+                continue;
+            };
+            table.unqueue(&id);
+            let r = table.get_mut(&id)?;
+            r.stage = Stage::Dispatching;
+            r.owner = Some(backend);
+            return Some((id, backend));
+        }
+        None
     }
 }
 
@@ -323,13 +364,15 @@ fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
 pub async fn dispatcher_loop(gate: Arc<Gate>) {
     loop {
         while let Some((id, backend)) = gate.take_next() {
+            gate.persist(&[&id]);
             let gate = gate.clone();
             tokio::spawn(async move {
                 match gate.forward(&id, backend).await {
                     Forwarded::Accepted(_) => {}
                     Forwarded::Rejected(body) => gate.report_rejected(&id, &body),
                     Forwarded::Failed => {
-                        gate.lock_prompts().enqueue(&id);
+                        gate.lock_prompts().enqueue_front(std::slice::from_ref(&id));
+                        gate.persist(&[&id]);
                         gate.wake.notify_one();
                     }
                 }

@@ -75,11 +75,15 @@ pub async fn upstream_loop(gate: Arc<Gate>, backend: usize) {
 }
 
 impl Gate {
-    /// The client sid of a prompt owned by `backend`, if any.
-    fn owner_client(&self, backend: usize, prompt_id: &str) -> Option<(bool, Option<String>)> {
+    /// The client sid of a prompt owned by `backend` whose events the client should see:
+    /// `None` if the prompt is not this backend's, `Some(None)` if nobody should see them.
+    fn owner_client(&self, backend: usize, prompt_id: &str) -> Option<Option<String>> {
         let t = self.lock_prompts();
         let r = t.get(prompt_id)?;
-        (r.owner == Some(backend)).then(|| (true, r.client_id.clone()))
+        // Events can beat the backend's answer to `POST /prompt` (still `Dispatching`).
+        let here = matches!(r.stage, Stage::Dispatching | Stage::OnBackend);
+        (r.owner == Some(backend) && here)
+            .then(|| r.client_id.clone().filter(|_| !r.retry_after_run))
     }
 
     fn running_client(&self, backend: usize) -> Option<String> {
@@ -89,11 +93,42 @@ impl Gate {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        self.lock_prompts().get(&running)?.client_id.clone()
+        self.owner_client(backend, &running).flatten()
+    }
+
+    /// Whether an `execution_error` is an out-of-memory error that another, larger backend
+    /// could avoid; if so the prompt is marked to run again there.
+    fn oom_retry(&self, backend: usize, prompt_id: &str, data: &Value) -> bool {
+        let text =
+            format!("{} {}", data["exception_type"], data["exception_message"]).to_lowercase();
+        if !(text.contains("outofmemory") || text.contains("out of memory")) {
+            return false;
+        }
+        let total = self.backend(backend).telemetry.load().vram_total;
+        let larger = self
+            .backends
+            .iter()
+            .any(|b| b.id != backend && b.is_up() && b.telemetry.load().vram_total > total);
+        let mut t = self.lock_prompts();
+        let Some(r) = t.get_mut(prompt_id) else {
+            return false;
+        };
+        if r.oom_retried || !larger {
+            return false;
+        }
+        r.oom_retried = true;
+        r.retry_after_run = true;
+        r.min_vram_total = Some(total + 1);
+        tracing::info!(
+            prompt = prompt_id,
+            backend = self.backend(backend).name(),
+            "out of memory; retrying on a larger backend"
+        );
+        true
     }
 
     /// Routes one JSON event from `backend`.
-    pub fn route_json(&self, backend: usize, mut v: Value) {
+    pub fn route_json(self: &Arc<Self>, backend: usize, mut v: Value) {
         let kind = v["type"].as_str().unwrap_or("").to_string();
         let b = self.backend(backend).clone();
         match kind.as_str() {
@@ -111,7 +146,7 @@ impl Gate {
             "feature_flags" => return,
             _ => {}
         }
-        let data = v["data"].take();
+        let mut data = v["data"].take();
         let Some(prompt_id) = data
             .get("prompt_id")
             .and_then(Value::as_str)
@@ -126,37 +161,45 @@ impl Gate {
             }
             return;
         };
-        let Some((_, client)) = self.owner_client(backend, &prompt_id) else {
+        let Some(mut client) = self.owner_client(backend, &prompt_id) else {
             return;
         };
-        let mut data = data;
-        match kind.as_str() {
-            "execution_start" => {
-                *b.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(prompt_id.clone());
-                if let Some(r) = self.lock_prompts().get_mut(&prompt_id) {
-                    r.started = true;
-                }
-            }
-            "executing" => {
-                if let Some(node) = data.get("node").and_then(Value::as_str)
-                    && let Some(r) = self.lock_prompts().get_mut(&prompt_id)
-                {
-                    r.last_node = Some(node.to_string());
-                }
-            }
-            "executed" => {
-                if let Some(output) = data.get_mut("output") {
-                    self.files.alias_outputs(backend, output);
-                }
-            }
-            _ => {}
+        // A backend that shows progress is not stalled.
+        b.stalled.store(false, Ordering::SeqCst);
+        if kind == "executed"
+            && let Some(output) = data.get_mut("output")
+        {
+            self.files.alias_outputs(backend, output);
         }
-        let done = kind == "executing" && data.get("node").is_some_and(Value::is_null);
+        if kind == "execution_error" && self.oom_retry(backend, &prompt_id, &data) {
+            client = None;
+        }
+        {
+            let mut t = self.lock_prompts();
+            if let Some(r) = t.get_mut(&prompt_id) {
+                r.last_event = Some(std::time::Instant::now());
+                super::recovery::log_event(r, &kind, &data);
+                match kind.as_str() {
+                    "execution_start" => {
+                        r.started = true;
+                        r.started_at = Some(std::time::Instant::now());
+                        *b.running.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(prompt_id.clone());
+                    }
+                    "executing" => {
+                        r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if kind == "executing" && data.get("node").is_some_and(Value::is_null) {
+            // History first, then the client hears it ended (see `completed`).
+            self.completed(backend, &prompt_id);
+            return;
+        }
         if let Some(sid) = &client {
             self.sessions.send_json(sid, &kind, data);
-        }
-        if done {
-            self.finish(backend, &prompt_id);
         }
     }
 
@@ -167,7 +210,7 @@ impl Gate {
                 .get("prompt_id")
                 .and_then(Value::as_str)
                 .and_then(|id| self.owner_client(backend, id))
-                .and_then(|(_, c)| c),
+                .flatten(),
             None => self.running_client(backend),
         };
         if let Some(sid) = client {
@@ -198,32 +241,6 @@ impl Gate {
             b.release_slot();
             b.completed.fetch_add(1, Ordering::SeqCst);
             self.wake.notify_one();
-        }
-    }
-
-    /// After the upstream socket (re)opens: prompts the gate believes are on this backend but
-    /// that finished (or vanished) while the socket was down are settled from `/history` and
-    /// `/queue`, so no slot stays taken forever.
-    pub async fn reconcile(&self, backend: usize) {
-        let ids: Vec<String> = self
-            .lock_prompts()
-            .records()
-            .filter(|r| r.owner == Some(backend) && r.stage == Stage::OnBackend)
-            .map(|r| r.id.clone())
-            .collect();
-        if ids.is_empty() {
-            return;
-        }
-        let b = self.backend(backend).clone();
-        let Ok((_, queue)) = self.upstream.get_json(&b.config, "/queue").await else {
-            return;
-        };
-        for id in ids {
-            if super::prompts::queue_lists(&queue, &id) {
-                continue;
-            }
-            // Finished (history) or lost: either way the slot is free again.
-            self.finish(backend, &id);
         }
     }
 }

@@ -67,14 +67,20 @@ pub struct BackendState {
     pub ws_connected: AtomicBool,
     /// Prompts this backend completed (any outcome), for tests and the admin API.
     pub completed: AtomicU64,
+    /// Set by the admin API: no new prompts; running ones finish.
+    pub draining: AtomicBool,
+    /// A running prompt made no progress for `stall_timeout`: no work until it shows an event.
+    pub stalled: AtomicBool,
 }
 
 impl BackendState {
-    pub fn new(id: usize, config: Backend) -> Self {
+    /// `upstream_client_id` must be stable across gate restarts (prompts still running on the
+    /// backend keep sending their events to it).
+    pub fn new(id: usize, config: Backend, upstream_client_id: String) -> Self {
         Self {
             id,
             config,
-            upstream_client_id: format!("comfy-gate-{}", uuid::Uuid::new_v4().simple()),
+            upstream_client_id,
             health: Mutex::new(HealthCounter {
                 state: Health::Unknown,
                 ok_streak: 0,
@@ -86,7 +92,26 @@ impl BackendState {
             queue_remaining: AtomicUsize::new(0),
             ws_connected: AtomicBool::new(false),
             completed: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the backend down now (a stall or a hang seen by the gate, not by probes); it comes
+    /// back after `healthy_threshold` good probes.
+    pub fn force_down(&self) -> bool {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let flipped = h.state != Health::Down;
+        h.state = Health::Down;
+        h.ok_streak = 0;
+        flipped
+    }
+
+    /// Whether the dispatcher may give it new work.
+    pub fn accepts_work(&self) -> bool {
+        self.is_up()
+            && !self.draining.load(Ordering::SeqCst)
+            && !self.stalled.load(Ordering::SeqCst)
     }
 
     pub fn name(&self) -> &str {
@@ -160,6 +185,7 @@ mod tests {
                 authority: "127.0.0.1:1".into(),
                 max_inflight: 2,
             },
+            "gate-test-0".into(),
         )
     }
 

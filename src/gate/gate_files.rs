@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -17,6 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::Gate;
+use super::store::Store;
 use crate::error::GateError;
 use crate::files::Dirs;
 use crate::http::{Body, status};
@@ -49,9 +50,17 @@ fn bump(name: &str, n: u32) -> String {
 }
 
 impl AliasIndex {
-    fn alias(&mut self, backend: usize, key: FileKey) -> String {
+    fn insert(&mut self, shown: FileKey, backend: usize, real: String) {
+        let (kind, sub, name) = shown.clone();
+        self.by_real
+            .insert((backend, (kind, sub, real.clone())), name);
+        self.by_alias.insert(shown, (backend, real));
+    }
+
+    /// The shown name of a backend's file; `Some(new)` when it was just assigned.
+    fn alias(&mut self, backend: usize, key: FileKey) -> (String, bool) {
         if let Some(a) = self.by_real.get(&(backend, key.clone())) {
-            return a.clone();
+            return (a.clone(), false);
         }
         let (kind, sub, name) = key.clone();
         let mut shown = name.clone();
@@ -66,12 +75,13 @@ impl AliasIndex {
         self.by_alias
             .insert((kind, sub, shown.clone()), (backend, name));
         self.by_real.insert((backend, key), shown.clone());
-        shown
+        (shown, true)
     }
 }
 
 pub struct GateFiles {
     index: Mutex<AliasIndex>,
+    store: Arc<Store>,
     /// Uploaded inputs, by ComfyUI's rules.
     pub dirs: Dirs,
     /// `(backend, relative path, sha256)` already copied.
@@ -79,10 +89,20 @@ pub struct GateFiles {
 }
 
 impl GateFiles {
-    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+    /// Opens the upload store under `state_dir` with the alias index a restart loaded.
+    pub fn open(
+        state_dir: &Path,
+        store: Arc<Store>,
+        aliases: Vec<(FileKey, (usize, String))>,
+    ) -> std::io::Result<Self> {
         let dirs = Dirs::create(&state_dir.join("files"))?;
+        let mut index = AliasIndex::default();
+        for (shown, (backend, real)) in aliases {
+            index.insert(shown, backend, real);
+        }
         Ok(Self {
-            index: Mutex::new(AliasIndex::default()),
+            index: Mutex::new(index),
+            store,
             dirs,
             placed: Mutex::new(HashSet::new()),
         })
@@ -104,11 +124,17 @@ impl GateFiles {
                             .to_string(),
                         map["filename"].as_str().unwrap_or("").to_string(),
                     );
-                    let shown = self
+                    let (shown, new) = self
                         .index
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .alias(backend, key);
+                        .alias(backend, key.clone());
+                    if new {
+                        let shown_key = (key.0, key.1, shown.clone());
+                        if let Err(e) = self.store.save_alias(&shown_key, &(backend, key.2)) {
+                            tracing::error!(error = %e, "could not persist a file alias");
+                        }
+                    }
                     map.insert("filename".into(), Value::String(shown));
                     return;
                 }
@@ -340,28 +366,20 @@ mod tests {
     fn collisions_get_the_next_counter() {
         let mut idx = AliasIndex::default();
         let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
+        let mut shown = |b: usize, n: &str| idx.alias(b, key(n)).0;
+        assert_eq!(shown(0, "ComfyUI_00001_.png"), "ComfyUI_00001_.png");
+        assert_eq!(shown(1, "ComfyUI_00001_.png"), "ComfyUI_00002_.png");
+        assert_eq!(shown(0, "ComfyUI_00002_.png"), "ComfyUI_00003_.png");
         assert_eq!(
-            idx.alias(0, key("ComfyUI_00001_.png")),
-            "ComfyUI_00001_.png"
-        );
-        assert_eq!(
-            idx.alias(1, key("ComfyUI_00001_.png")),
-            "ComfyUI_00002_.png"
-        );
-        assert_eq!(
-            idx.alias(0, key("ComfyUI_00002_.png")),
-            "ComfyUI_00003_.png"
-        );
-        assert_eq!(
-            idx.alias(1, key("ComfyUI_00001_.png")),
+            shown(1, "ComfyUI_00001_.png"),
             "ComfyUI_00002_.png",
             "stable"
         );
+        assert_eq!(shown(0, "x.webp"), "x.webp");
+        assert_eq!(shown(1, "x.webp"), "x (1).webp");
         assert_eq!(
             idx.by_alias[&key("ComfyUI_00003_.png")],
             (0, "ComfyUI_00002_.png".into())
         );
-        assert_eq!(idx.alias(0, key("x.webp")), "x.webp");
-        assert_eq!(idx.alias(1, key("x.webp")), "x (1).webp");
     }
 }

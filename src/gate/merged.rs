@@ -93,7 +93,7 @@ impl Gate {
     }
 
     /// Output node ids of a prompt, from the merged node definitions.
-    fn output_nodes(&self, prompt: &Value) -> Vec<String> {
+    pub(super) fn output_nodes_of(&self, prompt: &Value) -> Vec<String> {
         let cache = self.merged_cache.lock().unwrap_or_else(|e| e.into_inner());
         let Some((_, info)) = &cache.object_info else {
             return Vec::new();
@@ -140,7 +140,7 @@ impl Gate {
                 .collect()
         };
         for (prompt, mut item) in gate_queued {
-            item[4] = json!(self.output_nodes(&prompt));
+            item[4] = json!(self.output_nodes_of(&prompt));
             pending.push(item);
         }
         pending.sort_by(|a, b| {
@@ -152,23 +152,26 @@ impl Gate {
         json!({ "queue_running": running, "queue_pending": pending })
     }
 
-    /// `GET /history` over every backend plus entries the gate holds, ordered by completion
+    /// `GET /history`: the entries the gate collected (every prompt it ran) plus backends'
+    /// entries for prompts it does not know (sent to a backend directly), ordered by completion
     /// time, then paged with ComfyUI's rules.
     pub async fn merged_history(&self, max_items: Option<i64>, offset: i64) -> Value {
-        let mut entries: Vec<(i64, String, Value)> = Vec::new();
+        let mut entries: Vec<(i64, String, Value)> = self
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, (t, e))| (*t, id.clone(), e.clone()))
+            .collect();
         for (i, h) in self.fan_out("/history").await {
             let Value::Object(map) = h else { continue };
             for (id, mut entry) in map {
-                self.restore_entry(i, &mut entry);
-                entries.push((completion_time(&entry), id, entry));
-            }
-        }
-        {
-            let t = self.lock_prompts();
-            for r in t.records() {
-                if let Some(entry) = &r.gate_history {
-                    entries.push((completion_time(entry), r.id.clone(), entry.clone()));
+                if self.lock_prompts().contains(&id) {
+                    continue;
                 }
+                self.restore_entry(i, &mut entry);
+                let t = super::recovery::completion_time(&entry).unwrap_or(0);
+                entries.push((t, id, entry));
             }
         }
         entries.sort_by_key(|(t, _, _)| *t);
@@ -181,24 +184,17 @@ impl Gate {
         ))
     }
 
-    /// `GET /history/{id}`: the owner's entry (or the gate's own), else any backend's.
+    /// `GET /history/{id}`: the gate's entry for its prompts (`{}` until finished), a backend's
+    /// for prompts it does not know.
     pub async fn history_one(&self, id: &str) -> Value {
-        let (owner, gate_entry) = {
-            let t = self.lock_prompts();
-            match t.get(id) {
-                Some(r) => (r.owner, r.gate_history.clone()),
-                None => (None, None),
-            }
-        };
-        if let Some(entry) = gate_entry {
+        if let Some(entry) = self.gate_history(id) {
             return json!({ id: entry });
         }
+        if self.lock_prompts().contains(id) {
+            return json!({});
+        }
         let path = format!("/history/{}", crate::gate::routes::encode_segment(id));
-        let candidates: Vec<usize> = match owner {
-            Some(o) => vec![o],
-            None => self.up_backends(),
-        };
-        for i in candidates {
+        for i in self.up_backends() {
             if let Ok((code, mut v)) = self.upstream.get_json(&self.backend(i).config, &path).await
                 && code.is_success()
                 && let Some(entry) = v.get_mut(id)
@@ -318,14 +314,6 @@ impl Gate {
                 .count();
         json!({ "exec_info": { "queue_remaining": n } })
     }
-}
-
-fn completion_time(entry: &Value) -> i64 {
-    entry["status"]["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m[1]["timestamp"].as_i64())
-        .unwrap_or(0)
 }
 
 /// Merges combo option lists of one class definition into another.

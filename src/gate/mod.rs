@@ -15,14 +15,17 @@ mod health;
 mod merged;
 pub mod picker;
 pub mod prompts;
+mod recovery;
 mod routes;
 pub mod sessions;
+pub mod store;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use indexmap::IndexMap;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -32,7 +35,7 @@ use crate::config::Config;
 use fleet::BackendState;
 use gate_files::GateFiles;
 use picker::{LeastLoaded, Picker};
-use prompts::PromptTable;
+use prompts::{PromptTable, Stage};
 use sessions::Sessions;
 use upstream::Upstream;
 
@@ -52,6 +55,10 @@ pub struct Gate {
     /// Bumped when a backend's health flips (invalidates merged caches).
     pub fleet_generation: AtomicU64,
     merged_cache: Mutex<merged::Cache>,
+    /// Durable state (queue, owners, history, aliases).
+    store: Arc<store::Store>,
+    /// Finished prompts' history entries, oldest first: `id → (finished_at_ms, entry)`.
+    history: Mutex<IndexMap<String, (i64, Value)>>,
     pub stop: CancellationToken,
 }
 
@@ -69,14 +76,14 @@ impl GateHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting, closes client sockets with 1001 and waits for the serving tasks.
+    /// Graceful shutdown: stops accepting, closes client sockets with 1001, gives in-flight
+    /// requests up to `recovery.drain_timeout_ms`, then stops. Everything accepted is already
+    /// persisted; a restart with the same state directory finishes it.
     pub async fn shutdown(self) {
         self.gate.sessions.close_all();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        let drain = self.gate.config.drain_timeout() + std::time::Duration::from_millis(500);
+        let _ = tokio::time::timeout(drain, futures_util::future::join_all(self.tasks)).await;
     }
 }
 
@@ -130,26 +137,71 @@ impl Gate {
     }
 }
 
-/// Starts the gate: client listener, admin listener, probes, upstream sockets, dispatcher.
+/// Starts the gate: client listener, admin listener, probes, upstream sockets, dispatcher and
+/// watchdog. State from an earlier run in the same state directory is loaded first; a store that
+/// cannot be read is an error naming its file.
 pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     let config = Arc::new(config);
+    let state_dir = config.state_dir();
+    let (store, loaded) =
+        store::Store::open(&state_dir).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let store = Arc::new(store);
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let stop = CancellationToken::new();
-    let backends = config
+    let backends: Vec<Arc<BackendState>> = config
         .backends
         .iter()
         .enumerate()
-        .map(|(i, b)| Arc::new(BackendState::new(i, b.clone())))
+        .map(|(i, b)| {
+            Arc::new(BackendState::new(
+                i,
+                b.clone(),
+                format!("comfy-gate-{}-{i}", loaded.gate_id),
+            ))
+        })
         .collect();
-    let files = GateFiles::open(&config.state_dir())?;
+    let files = GateFiles::open(&state_dir, store.clone(), loaded.aliases)?;
+    let mut table = PromptTable::default();
+    table.set_counter(loaded.counter);
+    let mut queued = Vec::new();
+    for mut r in loaded.records {
+        match (r.stage, r.owner) {
+            (Stage::Queued, _) | (Stage::Dispatching | Stage::OnBackend, None) => {
+                queued.push(r.id.clone());
+            }
+            (Stage::Dispatching | Stage::OnBackend, Some(o)) if o < backends.len() => {
+                // Re-attached once its backend answers (see `reconcile`).
+                r.stage = Stage::OnBackend;
+                backends[o].inflight.fetch_add(1, Ordering::SeqCst);
+            }
+            (Stage::Dispatching | Stage::OnBackend, Some(_)) => queued.push(r.id.clone()),
+            (Stage::Done, _) => {}
+        }
+        table.insert(r);
+    }
+    for id in &queued {
+        table.enqueue(id);
+    }
+    let history: IndexMap<String, (i64, Value)> = loaded
+        .history
+        .into_iter()
+        .map(|(id, t, e)| (id, (t, e)))
+        .collect();
+    if table.records().next().is_some() {
+        tracing::info!(
+            prompts = table.records().count(),
+            queued = queued.len(),
+            "state restored"
+        );
+    }
     let gate = Arc::new(Gate {
         upstream: Upstream::new(config.upstream_timeout()),
         config: config.clone(),
         backends,
-        prompts: Mutex::new(PromptTable::default()),
+        prompts: Mutex::new(table),
         sessions: Sessions::default(),
         picker: Box::new(LeastLoaded),
         files,
@@ -157,6 +209,8 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         reserve: Mutex::new(()),
         fleet_generation: AtomicU64::new(0),
         merged_cache: Mutex::new(merged::Cache::default()),
+        store,
+        history: Mutex::new(history),
         stop: stop.clone(),
     });
     // One probe round before serving, so the first prompt sees a known fleet.
@@ -167,10 +221,12 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         tasks.push(tokio::spawn(events::upstream_loop(gate.clone(), b.id)));
     }
     tasks.push(tokio::spawn(dispatch::dispatcher_loop(gate.clone())));
+    tasks.push(tokio::spawn(recovery::watchdog_loop(gate.clone())));
     let serving = gate.clone();
     let handler = Arc::new(move |req, info| routes::handle(serving.clone(), req, info));
     let options = crate::http::ServeOptions {
         header_read_timeout: config.header_read_timeout(),
+        drain: Some(config.drain_timeout()),
     };
     tasks.push(tokio::spawn(crate::http::serve(
         listener,
@@ -186,7 +242,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         options,
         stop.clone(),
     )));
-    tracing::info!(%addr, %admin_addr, backends = gate.backends.len(), "comfy-gate listening");
+    tracing::info!(%addr, %admin_addr, backends = gate.backends.len(), state = %gate.store.path().display(), "comfy-gate listening");
     Ok(GateHandle {
         addr,
         admin_addr,

@@ -3,7 +3,9 @@
 //! heap orders them).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value, json};
 
 /// Whether a backend's `/queue` answer lists `id` as running or pending.
@@ -16,7 +18,8 @@ pub fn queue_lists(queue: &Value, id: &str) -> bool {
 }
 
 /// Where a prompt is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// In the gate queue.
     Queued,
@@ -28,8 +31,17 @@ pub enum Stage {
     Done,
 }
 
-/// One accepted prompt.
-#[derive(Clone, Debug)]
+/// What the gate saw of a prompt's run, enough to write its history entry itself if the backend
+/// cannot give it (it died right after finishing).
+#[derive(Clone, Debug, Default)]
+pub struct RunLog {
+    pub messages: Vec<Value>,
+    pub outputs: Map<String, Value>,
+    pub meta: Map<String, Value>,
+}
+
+/// One accepted prompt. Fields not marked `skip` are persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PromptRecord {
     pub id: String,
     pub number: Number,
@@ -41,16 +53,55 @@ pub struct PromptRecord {
     pub identity: String,
     pub stage: Stage,
     pub owner: Option<usize>,
-    /// `execution_start` seen on the owner.
-    pub started: bool,
-    /// Last `executing` node, for the reconnect replay.
-    pub last_node: Option<String>,
-    /// A history entry the gate itself holds (a prompt refused by a backend after waiting).
-    pub gate_history: Option<Value>,
     pub create_time: i64,
+    /// Runs lost to failed backends so far (bounded by `recovery.max_retries`).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Backends it was sent to before (a retry prefers others).
+    #[serde(default)]
+    pub tried: Vec<usize>,
+    /// The one out-of-memory retry was used.
+    #[serde(default)]
+    pub oom_retried: bool,
+    /// Only backends with at least this much VRAM (bytes) may take it (after an OOM).
+    #[serde(default)]
+    pub min_vram_total: Option<u64>,
+    /// `execution_start` seen on the owner.
+    #[serde(skip)]
+    pub started: bool,
+    #[serde(skip)]
+    pub started_at: Option<Instant>,
+    /// Last event from the owner for this prompt (stall detection).
+    #[serde(skip)]
+    pub last_event: Option<Instant>,
+    /// Last `executing` node, for the reconnect replay.
+    #[serde(skip)]
+    pub last_node: Option<String>,
+    /// The current run will be thrown away and the prompt run again (OOM or timeout retry):
+    /// its remaining events are not shown to the client.
+    #[serde(skip)]
+    pub retry_after_run: bool,
+    /// When the gate asked the owner to interrupt it for exceeding `max_run_time`.
+    #[serde(skip)]
+    pub deadline_interrupt: Option<Instant>,
+    #[serde(skip)]
+    pub log: RunLog,
 }
 
 impl PromptRecord {
+    /// Back to waiting: no owner, no run state.
+    pub fn reset_run(&mut self) {
+        self.stage = Stage::Queued;
+        self.owner = None;
+        self.started = false;
+        self.started_at = None;
+        self.last_event = None;
+        self.last_node = None;
+        self.retry_after_run = false;
+        self.deadline_interrupt = None;
+        self.log = RunLog::default();
+    }
+
     /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.
     pub fn queue_item(&self, outputs: Vec<String>) -> Value {
         json!([
@@ -92,6 +143,14 @@ fn key(n: &Number) -> f64 {
 }
 
 impl PromptTable {
+    pub fn counter(&self) -> i64 {
+        self.counter
+    }
+
+    pub fn set_counter(&mut self, counter: i64) {
+        self.counter = counter;
+    }
+
     /// The next global number: ComfyUI's counter, negated for `front`.
     pub fn next_number(&mut self, front: bool) -> Number {
         let n = self.counter;
@@ -120,14 +179,34 @@ impl PromptTable {
         self.records.remove(id)
     }
 
+    /// Puts records back at the head of the gate queue (a retry goes first), in number order.
+    pub fn enqueue_front(&mut self, ids: &[String]) {
+        let mut ids: Vec<String> = ids
+            .iter()
+            .filter(|i| self.records.contains_key(*i))
+            .cloned()
+            .collect();
+        ids.sort_by(|a, b| {
+            let (x, y) = (key(&self.records[a].number), key(&self.records[b].number));
+            x.partial_cmp(&y)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.cmp(b))
+        });
+        for id in ids.iter().rev() {
+            self.unqueue(id);
+            if let Some(rec) = self.records.get_mut(id) {
+                rec.reset_run();
+            }
+            self.queue.insert(0, id.clone());
+        }
+    }
+
     /// Puts a record in the gate queue at its place by `(number, id)`.
     pub fn enqueue(&mut self, id: &str) {
         let Some(rec) = self.records.get_mut(id) else {
             return;
         };
-        rec.stage = Stage::Queued;
-        rec.owner = None;
-        rec.started = false;
+        rec.reset_run();
         let k = (key(&rec.number), id.to_string());
         self.unqueue(id);
         let records = &self.records;
@@ -192,10 +271,18 @@ mod tests {
             identity: "x".into(),
             stage: Stage::Queued,
             owner: None,
-            started: false,
-            last_node: None,
-            gate_history: None,
             create_time: 0,
+            attempts: 0,
+            tried: Vec::new(),
+            oom_retried: false,
+            min_vram_total: None,
+            started: false,
+            started_at: None,
+            last_event: None,
+            last_node: None,
+            retry_after_run: false,
+            deadline_interrupt: None,
+            log: RunLog::default(),
         }
     }
 
@@ -212,5 +299,8 @@ mod tests {
         assert_eq!(t.head(), Some("f"));
         assert_eq!(t.next_number(false), Number::from(0));
         assert_eq!(t.next_number(true), Number::from(-1));
+        t.enqueue_front(&["b".to_string(), "a".to_string()]);
+        let ids: Vec<&str> = t.queued().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "f"], "retries go first, in number order");
     }
 }

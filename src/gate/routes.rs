@@ -333,6 +333,7 @@ impl Gate {
                             r.stage = Stage::Done;
                         }
                         drop(t);
+                        self.persist(&[&id]);
                         self.broadcast_status();
                         return Ok(status(StatusCode::OK));
                     }
@@ -414,6 +415,8 @@ impl Gate {
                 }
             }
         }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.persist(&refs);
         for (id, owner) in on_backends {
             let b = self.backend(owner).clone();
             self.upstream
@@ -438,16 +441,8 @@ impl Gate {
         let data = parse_json(body)?;
         let ids = self.targets(&data, identity, |r| r.stage == Stage::Done);
         for id in ids {
-            let owner = {
-                let mut t = self.lock_prompts();
-                match t.get_mut(&id) {
-                    Some(r) => {
-                        r.gate_history = None;
-                        r.owner
-                    }
-                    None => None,
-                }
-            };
+            let owner = self.lock_prompts().get(&id).and_then(|r| r.owner);
+            self.forget_history(&id);
             let targets: Vec<usize> = match owner {
                 Some(o) => vec![o],
                 None => self

@@ -1,0 +1,302 @@
+//! The gate's durable state (design §2 "Recovery"): every accepted prompt, its owner, finished
+//! history entries and the file alias index, in one redb file under the state directory.
+//!
+//! Writes are synchronous and durable before the gate answers, so a gate killed at any moment
+//! restarts knowing every prompt it had accepted. A file that is corrupt, from another program or
+//! from an incompatible schema is refused with a message naming it, never silently replaced.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::Value;
+
+use super::prompts::PromptRecord;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const PROMPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("prompts");
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: &str = "1";
+/// Marks the file as comfy-gate's.
+const MAGIC: &str = "comfy-gate state";
+
+/// Why the store could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {message}")]
+    Refused { path: String, message: String },
+    #[error("state store write failed: {0}")]
+    Write(String),
+}
+
+/// What a restart finds.
+#[derive(Default)]
+pub struct Loaded {
+    pub gate_id: String,
+    pub counter: i64,
+    pub records: Vec<PromptRecord>,
+    /// `(prompt_id, finished_at_ms, entry)`, oldest first.
+    pub history: Vec<(String, i64, Value)>,
+    /// `((type, subfolder, shown), (backend index, real name))`.
+    pub aliases: Vec<((String, String, String), (usize, String))>,
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+fn write_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Write(e.to_string())
+}
+
+impl Store {
+    /// The store file inside a state directory.
+    pub fn file(state_dir: &Path) -> PathBuf {
+        state_dir.join("comfy-gate.redb")
+    }
+
+    /// Opens (or creates) the store and loads everything in it.
+    pub fn open(state_dir: &Path) -> Result<(Store, Loaded), StoreError> {
+        let path = Self::file(state_dir);
+        let refuse = |message: String| StoreError::Refused {
+            path: path.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| refuse(format!("cannot create its directory: {e}")))?;
+        let existed = path.exists();
+        let db = Database::create(&path).map_err(|e| {
+            refuse(format!(
+                "cannot be opened ({e}); it is corrupt, in use by another comfy-gate, or not a comfy-gate store. \
+                 Nothing was changed: move it aside to start with an empty state"
+            ))
+        })?;
+        let store = Store {
+            db,
+            path: path.clone(),
+        };
+        let read = store.db.begin_read().map_err(|e| refuse(e.to_string()))?;
+        let meta = read.open_table(META);
+        let magic = match &meta {
+            Ok(t) => t
+                .get("magic")
+                .map_err(|e| refuse(e.to_string()))?
+                .map(|v| v.value().to_string()),
+            Err(_) => None,
+        };
+        let version = match &meta {
+            Ok(t) => t
+                .get("schema")
+                .map_err(|e| refuse(e.to_string()))?
+                .map(|v| v.value().to_string()),
+            Err(_) => None,
+        };
+        drop(meta);
+        drop(read);
+        match (magic.as_deref(), version.as_deref()) {
+            (Some(MAGIC), Some(SCHEMA_VERSION)) => {}
+            (Some(MAGIC), Some(other)) => {
+                return Err(refuse(format!(
+                    "has schema version {other}; this comfy-gate reads version {SCHEMA_VERSION}. \
+                     Nothing was changed: run the matching comfy-gate, or move the file aside"
+                )));
+            }
+            (None, None) if !existed || store.is_empty()? => store.init()?,
+            _ => {
+                return Err(refuse(
+                    "is not a comfy-gate state store. Nothing was changed: move it aside".into(),
+                ));
+            }
+        }
+        let loaded = store
+            .load()
+            .map_err(|e| refuse(format!("cannot be read: {e}")))?;
+        Ok((store, loaded))
+    }
+
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        let read = self.db.begin_read().map_err(write_err)?;
+        Ok(read.list_tables().map_err(write_err)?.next().is_none())
+    }
+
+    fn init(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut meta = txn.open_table(META).map_err(write_err)?;
+            meta.insert("magic", MAGIC).map_err(write_err)?;
+            meta.insert("schema", SCHEMA_VERSION).map_err(write_err)?;
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            meta.insert("gate_id", id.as_str()).map_err(write_err)?;
+            meta.insert("counter", "0").map_err(write_err)?;
+            txn.open_table(PROMPTS).map_err(write_err)?;
+            txn.open_table(HISTORY).map_err(write_err)?;
+            txn.open_table(ALIASES).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    fn load(&self) -> Result<Loaded, Box<dyn std::error::Error>> {
+        let read = self.db.begin_read()?;
+        let meta = read.open_table(META)?;
+        let get = |k: &str| -> Result<String, Box<dyn std::error::Error>> {
+            Ok(meta
+                .get(k)?
+                .map(|v| v.value().to_string())
+                .unwrap_or_default())
+        };
+        let mut loaded = Loaded {
+            gate_id: get("gate_id")?,
+            counter: get("counter")?.parse().unwrap_or(0),
+            ..Default::default()
+        };
+        for row in read.open_table(PROMPTS)?.iter()? {
+            let (_, v) = row?;
+            loaded.records.push(serde_json::from_slice(v.value())?);
+        }
+        for row in read.open_table(HISTORY)?.iter()? {
+            let (k, v) = row?;
+            let stored: Value = serde_json::from_slice(v.value())?;
+            loaded.history.push((
+                k.value().to_string(),
+                stored["finished_at"].as_i64().unwrap_or(0),
+                stored["entry"].clone(),
+            ));
+        }
+        loaded.history.sort_by_key(|(_, t, _)| *t);
+        for row in read.open_table(ALIASES)?.iter()? {
+            let (k, v) = row?;
+            let key: (String, String, String) = serde_json::from_str(k.value())?;
+            let target: (usize, String) = serde_json::from_slice(v.value())?;
+            loaded.aliases.push((key, target));
+        }
+        Ok(loaded)
+    }
+
+    /// Persists records (and the number counter) in one durable transaction.
+    pub fn save(&self, records: &[&PromptRecord], counter: Option<i64>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
+            for r in records {
+                let bytes = serde_json::to_vec(r).map_err(write_err)?;
+                t.insert(r.id.as_str(), bytes.as_slice())
+                    .map_err(write_err)?;
+            }
+            if let Some(c) = counter {
+                let mut meta = txn.open_table(META).map_err(write_err)?;
+                meta.insert("counter", c.to_string().as_str())
+                    .map_err(write_err)?;
+            }
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    pub fn remove(&self, ids: &[String]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
+            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
+            for id in ids {
+                t.remove(id.as_str()).map_err(write_err)?;
+                h.remove(id.as_str()).map_err(write_err)?;
+            }
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    /// Stores a finished prompt's history entry together with its final record.
+    pub fn save_history(
+        &self,
+        record: &PromptRecord,
+        finished_at: i64,
+        entry: &Value,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
+            let stored = serde_json::json!({ "finished_at": finished_at, "entry": entry });
+            let bytes = serde_json::to_vec(&stored).map_err(write_err)?;
+            h.insert(record.id.as_str(), bytes.as_slice())
+                .map_err(write_err)?;
+            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
+            let rec = serde_json::to_vec(record).map_err(write_err)?;
+            t.insert(record.id.as_str(), rec.as_slice())
+                .map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    pub fn delete_history(&self, id: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
+            h.remove(id).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    pub fn save_alias(
+        &self,
+        key: &(String, String, String),
+        target: &(usize, String),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut a = txn.open_table(ALIASES).map_err(write_err)?;
+            let k = serde_json::to_string(key).map_err(write_err)?;
+            let v = serde_json::to_vec(target).map_err(write_err)?;
+            a.insert(k.as_str(), v.as_slice()).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_foreign_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(Store::file(dir.path()), vec![0x5Au8; 8192]).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("comfy-gate.redb"), "{err}");
+        assert!(err.contains("Nothing was changed"), "{err}");
+        assert_eq!(
+            std::fs::read(Store::file(dir.path())).unwrap(),
+            vec![0x5Au8; 8192],
+            "left as it was"
+        );
+    }
+
+    #[test]
+    fn incompatible_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, loaded) = Store::open(dir.path()).unwrap();
+            assert_eq!(loaded.counter, 0);
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema", "99")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn reopening_keeps_the_gate_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Store::open(dir.path()).unwrap().1.gate_id;
+        assert_eq!(Store::open(dir.path()).unwrap().1.gate_id, id);
+    }
+}
