@@ -31,6 +31,9 @@ pub enum StoreError {
     Write(String),
 }
 
+/// A shown file `(type, subfolder, name)` and the `(backend, real name)` behind it.
+pub type AliasRow = ((String, String, String), (usize, String));
+
 /// What a restart finds.
 #[derive(Default)]
 pub struct Loaded {
@@ -40,7 +43,7 @@ pub struct Loaded {
     /// `(prompt_id, finished_at_ms, entry)`, oldest first.
     pub history: Vec<(String, i64, Value)>,
     /// `((type, subfolder, shown), (backend index, real name))`.
-    pub aliases: Vec<((String, String, String), (usize, String))>,
+    pub aliases: Vec<AliasRow>,
 }
 
 pub struct Store {
