@@ -25,10 +25,12 @@ pub fn fleet() -> Vec<SimConfig> {
     .collect()
 }
 
-/// A running demo: the sims and the gate.
+/// A running demo: the sims and the gate (its state lives in a temporary directory that goes
+/// away with the demo).
 pub struct Demo {
     pub sims: Vec<SimHandle>,
     pub gate: GateHandle,
+    _state: tempfile::TempDir,
 }
 
 /// Starts the fleet (at `time_scale`) and the gate on `listen`.
@@ -40,8 +42,10 @@ pub async fn start(listen: SocketAddr, admin: SocketAddr, time_scale: f64) -> an
     let mut file = FileConfig::default();
     file.server.listen = listen;
     file.server.admin_listen = admin;
-    file.server.state_dir =
-        Some(std::env::temp_dir().join(format!("comfy-gate-demo-{}", std::process::id())));
+    let state = tempfile::Builder::new()
+        .prefix("comfy-gate-demo-")
+        .tempdir()?;
+    file.server.state_dir = Some(state.path().to_path_buf());
     file.health.interval_ms = 500;
     file.backends = sims
         .iter()
@@ -52,5 +56,9 @@ pub async fn start(listen: SocketAddr, admin: SocketAddr, time_scale: f64) -> an
     }
     let cfg: Config = config::validate(file, "", "(demo)")?;
     let gate = gate::run(cfg).await?;
-    Ok(Demo { sims, gate })
+    Ok(Demo {
+        sims,
+        gate,
+        _state: state,
+    })
 }

@@ -63,6 +63,7 @@ fn check_names_file_line_and_field() {
 #[tokio::test]
 async fn run_needs_no_file() {
     let (a, b) = (sim().await, sim().await);
+    let state = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(BIN)
         .args([
             "run",
@@ -76,6 +77,8 @@ async fn run_needs_no_file() {
             &b.url(),
         ])
         .env("RUST_LOG", "warn")
+        .arg("--state-dir")
+        .arg(state.path())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

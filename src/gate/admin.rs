@@ -1,5 +1,7 @@
-//! The admin listener (localhost by default): `/healthz` (the process is up) and `/readyz`
-//! (some backend can take work).
+//! The admin listener (localhost by default): `/healthz` (the process is up), `/readyz` (some
+//! backend can take work), `/admin/backends` and backend drain:
+//! `POST /admin/backends/{name}/drain` (no new prompts; running ones finish there; prompts
+//! waiting in its queue move back to the gate queue) and `POST /admin/backends/{name}/undrain`.
 
 use std::sync::Arc;
 
@@ -42,10 +44,43 @@ pub async fn handle(gate: Arc<Gate>, req: Request<Incoming>) -> Response<Body> {
                         "completed": b.completed.load(std::sync::atomic::Ordering::SeqCst),
                         "ws_connected": b.ws_connected.load(std::sync::atomic::Ordering::SeqCst),
                         "vram_free": b.telemetry.load().vram_free,
+                        "draining": b.draining.load(std::sync::atomic::Ordering::SeqCst),
+                        "stalled": b.stalled.load(std::sync::atomic::Ordering::SeqCst),
                     })
                 })
                 .collect();
             json_resp(StatusCode::OK, &json!({ "backends": backends }))
+        }
+        p if p.starts_with("/admin/backends/") && req.method() == http::Method::POST => {
+            let rest = &p["/admin/backends/".len()..];
+            let Some((name, action)) = rest.rsplit_once('/') else {
+                return status(StatusCode::NOT_FOUND);
+            };
+            let name = crate::http::percent_decode(name);
+            let Some(b) = gate.backends.iter().find(|b| b.name() == name).cloned() else {
+                return json_resp(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": format!("no backend named {name}") }),
+                );
+            };
+            match action {
+                "drain" => {
+                    let moved = gate.drain(b.id).await;
+                    json_resp(
+                        StatusCode::OK,
+                        &json!({ "backend": name, "draining": true, "moved": moved }),
+                    )
+                }
+                "undrain" => {
+                    b.draining.store(false, std::sync::atomic::Ordering::SeqCst);
+                    gate.wake_dispatcher();
+                    json_resp(
+                        StatusCode::OK,
+                        &json!({ "backend": name, "draining": false }),
+                    )
+                }
+                _ => status(StatusCode::NOT_FOUND),
+            }
         }
         _ => status(StatusCode::NOT_FOUND),
     }

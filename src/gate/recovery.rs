@@ -381,6 +381,48 @@ impl Gate {
         b.release_slot();
     }
 
+    /// Drains a backend: no new prompts; prompts waiting in its queue (not started) are taken
+    /// off it and go back to the head of the gate queue (not counted as failures). Returns the
+    /// ids moved.
+    pub async fn drain(self: &Arc<Self>, backend: usize) -> Vec<String> {
+        let b = self.backend(backend).clone();
+        b.draining.store(true, Ordering::SeqCst);
+        let waiting: Vec<String> = self
+            .lock_prompts()
+            .records()
+            .filter(|r| r.owner == Some(backend) && r.stage == Stage::OnBackend && !r.started)
+            .map(|r| r.id.clone())
+            .collect();
+        if waiting.is_empty() {
+            return waiting;
+        }
+        let _ = self
+            .upstream
+            .post_json(&b.config, "/queue", &json!({ "delete": waiting }))
+            .await;
+        let Ok((_, queue)) = self.upstream.get_json(&b.config, "/queue").await else {
+            return Vec::new();
+        };
+        let moved: Vec<String> = waiting
+            .into_iter()
+            .filter(|id| !super::prompts::queue_lists(&queue, id))
+            .filter(|id| {
+                self.lock_prompts()
+                    .get(id)
+                    .is_some_and(|r| !r.started && r.stage == Stage::OnBackend)
+            })
+            .collect();
+        for id in &moved {
+            self.finish_without_done(backend, id);
+        }
+        self.requeue(&moved, false);
+        moved
+    }
+
+    pub fn wake_dispatcher(&self) {
+        self.wake.notify_one();
+    }
+
     /// Stall detection and `max_run_time`, checked a few times a second.
     fn check_deadlines(self: &Arc<Self>) {
         let stall = self.config.stall_timeout();
@@ -446,6 +488,21 @@ impl Gate {
         }
         for b in stalled_backends {
             self.mark_stalled(b, "a running prompt made no progress within stall_timeout");
+        }
+        // A backend that is down gives its prompts back.
+        let down: Vec<usize> = self
+            .backends
+            .iter()
+            .filter(|b| b.health() == super::fleet::Health::Down)
+            .map(|b| b.id)
+            .collect();
+        for b in down {
+            let has_prompts = self.lock_prompts().records().any(|r| {
+                r.owner == Some(b) && matches!(r.stage, Stage::Dispatching | Stage::OnBackend)
+            });
+            if has_prompts {
+                self.evacuate(b, "the backend is down");
+            }
         }
     }
 

@@ -72,6 +72,8 @@ pub struct Instance {
     pub stop: CancellationToken,
     /// Users of `/users` in this process.
     pub userdata_lock: tokio::sync::Mutex<()>,
+    /// Simulated time owed but not yet slept (timers cannot sleep for microseconds).
+    sleep_debt: Mutex<f64>,
 }
 
 /// Locks a std mutex, ignoring poisoning (state stays usable after a panicking test thread).
@@ -102,6 +104,7 @@ impl Instance {
             exec: Mutex::new(ExecContext::default()),
             stop,
             userdata_lock: tokio::sync::Mutex::new(()),
+            sleep_debt: Mutex::new(0.0),
         }
     }
 
@@ -120,6 +123,16 @@ impl Instance {
     /// advancing while the instance is hung or stalled. Returns false if the instance died.
     pub async fn sim_sleep(&self, seconds: f64) -> bool {
         let mut left = seconds * self.config.time_scale * self.faults.slow_factor();
+        {
+            // Many tiny sleeps (one per sampler step at test speed) would each cost a timer
+            // tick; owe them until they add up.
+            let mut debt = lock(&self.sleep_debt);
+            *debt += left;
+            if *debt < 0.005 && !self.faults.frozen() {
+                return !self.stop.is_cancelled();
+            }
+            left = std::mem::take(&mut *debt);
+        }
         let slice = 0.02;
         loop {
             if self.stop.is_cancelled() {
