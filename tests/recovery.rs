@@ -141,7 +141,7 @@ async fn hung_and_stalled_backends_lose_their_prompts_to_others() {
 /// is duplicated in `/history`.
 #[tokio::test]
 async fn sixty_prompts_survive_two_crashes() {
-    let sims = vec![sim().await, sim().await, sim().await, sim().await];
+    let sims = [sim().await, sim().await, sim().await, sim().await];
     let refs: Vec<&SimHandle> = sims.iter().collect();
     let gate = gate(&refs).await;
     let base = gate.url();
