@@ -1,0 +1,301 @@
+//! The gate process itself dies or stops: SIGKILL with work queued and running, SIGTERM with
+//! clients connected, and state stores it must refuse. The gate runs as the real binary;
+//! comfy-sim backends run in the test.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
+
+struct RunningGate {
+    child: Child,
+    url: String,
+}
+
+fn write_config(
+    dir: &Path,
+    backends: &[&comfy_gate::sim::SimHandle],
+    drain_ms: u64,
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\n\
+         [scheduler]\nmax_inflight = 1\n\n[health]\ninterval_ms = 100\ntimeout_ms = 500\n\n\
+         [recovery]\ndrain_timeout_ms = {drain_ms}\n\n",
+        dir.join("state").display()
+    );
+    for b in backends {
+        text.push_str(&format!("[[backend]]\nurl = \"{}\"\n\n", b.url()));
+    }
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start_gate(config: &Path) -> RunningGate {
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the gate starts")
+        .unwrap()
+        .expect("a first line");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the listening address")
+        .to_string();
+    RunningGate { child, url }
+}
+
+fn long(seed: u64) -> Value {
+    let mut g = txt2img(seed, SD15);
+    g["3"]["inputs"]["steps"] = json!(2000);
+    g
+}
+
+async fn wait_success(base: &str, id: &str) {
+    let h = wait_history(base, id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{id}: {h}");
+}
+
+/// Item 6: SIGKILL the gate with 20 prompts queued and 2 running, restart it on the same state
+/// directory: all 22 complete, and `/history/{id}` still answers for prompts finished before
+/// the kill, even after the backend that ran them restarted and forgot them.
+#[tokio::test]
+async fn sigkill_loses_nothing() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a, &b], 2000);
+    let mut gate = start_gate(&config).await;
+    for i in 0..2 {
+        let (code, _) = post_json(
+            &gate.url,
+            "/prompt",
+            &json!({"prompt": blur_graph(i), "prompt_id": format!("early-{i}")}),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    for i in 0..2 {
+        wait_success(&gate.url, &format!("early-{i}")).await;
+    }
+    let ids: Vec<String> = (0..22).map(|i| format!("late-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (code, _) = post_json(
+            &gate.url,
+            "/prompt",
+            &json!({"prompt": long(i as u64), "prompt_id": id}),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    let (_, q) = get_json(&gate.url, "/queue").await;
+    assert_eq!(
+        q["queue_running"].as_array().unwrap().len() + q["queue_pending"].as_array().unwrap().len(),
+        22
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, q) = get_json(&gate.url, "/queue").await;
+        if q["queue_running"].as_array().unwrap().len() == 2 {
+            assert_eq!(q["queue_pending"].as_array().unwrap().len(), 20);
+            break;
+        }
+        assert!(Instant::now() < deadline, "two prompts never ran: {q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.child.start_kill().unwrap();
+    gate.child.wait().await.unwrap();
+
+    // Both backends forget everything (history included); prompts running there are lost too.
+    a.crash();
+    a.restart().await.unwrap();
+    b.crash();
+    b.restart().await.unwrap();
+    let (_, h) = get_json(&a.url(), "/history").await;
+    assert_eq!(h, json!({}));
+
+    let gate = start_gate(&config).await;
+    for i in 0..2 {
+        wait_success(&gate.url, &format!("early-{i}")).await;
+    }
+    for id in &ids {
+        wait_success(&gate.url, id).await;
+    }
+    let (_, history) = get_json(&gate.url, "/history").await;
+    assert_eq!(history.as_object().unwrap().len(), 24, "each prompt once");
+    let (code, r) = post_json(
+        &gate.url,
+        "/prompt",
+        &json!({"prompt": blur_graph(9), "prompt_id": "late-3"}),
+    )
+    .await;
+    assert_eq!(
+        (code, r["error"]["type"].clone()),
+        (400, json!("duplicate_prompt_id")),
+        "ids survive the restart"
+    );
+}
+
+/// Item 6, the other case: prompts still running on a backend when the gate dies are followed
+/// after the restart (not re-run), because the gate's upstream identity is stable.
+#[tokio::test]
+async fn sigkill_reattaches_to_prompts_still_running() {
+    let a = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a], 2000);
+    let mut gate = start_gate(&config).await;
+    let mut g = txt2img(4, SD15);
+    g["3"]["inputs"]["steps"] = json!(6000);
+    post_json(
+        &gate.url,
+        "/prompt",
+        &json!({"prompt": g, "prompt_id": "steady"}),
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while get_json(&a.url(), "/queue").await.1["queue_running"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.child.start_kill().unwrap();
+    gate.child.wait().await.unwrap();
+    let gate = start_gate(&config).await;
+    wait_success(&gate.url, "steady").await;
+    assert_eq!(a.counters().prompts_accepted, 1, "followed, not sent again");
+}
+
+/// Item 7: SIGTERM with clients connected: the gate exits within `drain_timeout`, clients see a
+/// clean close (1001), and a restart finishes everything it had accepted.
+#[tokio::test]
+async fn sigterm_drains_and_a_restart_finishes_the_work() {
+    let a = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a], 2000);
+    let mut gate = start_gate(&config).await;
+    let ws_url = format!("{}/ws?clientId=watcher", gate.url.replacen("http", "ws", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let first = ws.next().await.unwrap().unwrap();
+    assert!(first.is_text());
+    for i in 0..4 {
+        post_json(
+            &gate.url,
+            "/prompt",
+            &json!({"prompt": long(i), "prompt_id": format!("t{i}"), "client_id": "watcher"}),
+        )
+        .await;
+    }
+    let pid = gate.child.id().expect("running");
+    let t0 = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut close_code = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(PATIENCE, ws.next()).await {
+        match msg {
+            Ok(Message::Close(frame)) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(close_code, Some(1001), "a clean close: going away");
+    let exit = tokio::time::timeout(Duration::from_secs(10), gate.child.wait())
+        .await
+        .expect("the gate exits")
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took < Duration::from_millis(2000 + 3000),
+        "exited within drain_timeout (+ slack): {took:?}"
+    );
+    let gate = start_gate(&config).await;
+    for i in 0..4 {
+        wait_success(&gate.url, &format!("t{i}")).await;
+    }
+}
+
+/// Item 9: a store that is corrupt or from an incompatible version is refused with a clear
+/// message naming the file, and left as it was.
+#[tokio::test]
+async fn bad_state_stores_are_refused_by_name() {
+    let a = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a], 2000);
+    let store = dir.path().join("state").join("comfy-gate.redb");
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let garbage = vec![0xA5u8; 4096];
+    std::fs::write(&store, &garbage).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&store.display().to_string()),
+        "names the file: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        garbage,
+        "never silently discarded"
+    );
+
+    // A comfy-gate store of another schema version.
+    std::fs::remove_file(&store).unwrap();
+    {
+        let db = redb::Database::create(&store).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+            let mut t = txn.open_table(meta).unwrap();
+            t.insert("magic", "comfy-gate state").unwrap();
+            t.insert("schema", "99").unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let out = tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&store.display().to_string()) && err.contains("schema version 99"),
+        "{err}"
+    );
+}
