@@ -425,3 +425,58 @@ async fn drain_moves_waiting_prompts_and_lets_running_ones_finish() {
     );
     assert_eq!(b.counters().prompts_succeeded, 2);
 }
+
+/// After `max_retries` lost runs the client gets `execution_error` and an error history entry
+/// saying why.
+#[tokio::test]
+async fn out_of_retries_is_reported_with_the_reason() {
+    let (a, b) = (sim().await, sim().await);
+    let gate = gate_with(&[&a, &b], |f| f.recovery.max_retries = 0).await;
+    let base = gate.url();
+    let mut ws = Ws::connect(&base, Some("r")).await;
+    ws.next().await;
+    post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": steps(1, 3000), "client_id": "r", "prompt_id": "doomed"}),
+    )
+    .await;
+    ws.until_kind("progress").await;
+    holder(&[&a, &b], "doomed").await.expect("running").crash();
+    let frames = ws.until_done("doomed").await;
+    let err = frames
+        .iter()
+        .find(|f| f.kind() == "execution_error")
+        .expect("reported");
+    assert_eq!(err.data()["exception_type"], "comfy_gate.BackendFailed");
+    let h = wait_history(&base, "doomed").await;
+    assert_eq!(h["status"]["status_str"], "error");
+    let msg =
+        h["status"]["messages"].as_array().unwrap().last().unwrap()[1]["exception_message"].clone();
+    assert!(msg.as_str().unwrap().contains("max_retries is 0"), "{msg}");
+}
+
+/// Finished history is bounded by count (oldest dropped first).
+#[tokio::test]
+async fn history_is_bounded() {
+    let a = sim().await;
+    let gate = gate_with(&[&a], |f| f.recovery.history_max_entries = 3).await;
+    for i in 0..5 {
+        post_json(
+            &gate.url(),
+            "/prompt",
+            &json!({"prompt": blur_graph(i), "prompt_id": format!("b{i}")}),
+        )
+        .await;
+        wait_history(&gate.url(), &format!("b{i}")).await;
+    }
+    // The backend still has all five; the gate shows the prompts it knows from its own history.
+    let (_, h) = get_json(&gate.url(), "/history").await;
+    let ids: Vec<&String> = h.as_object().unwrap().keys().collect();
+    assert!(
+        ids.ends_with(&[&"b2".to_string(), &"b3".to_string(), &"b4".to_string()]),
+        "{ids:?}"
+    );
+    let (_, one) = get_json(&gate.url(), "/history/b4").await;
+    assert!(one.get("b4").is_some());
+}
