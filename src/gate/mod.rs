@@ -81,6 +81,11 @@ impl GateHandle {
     /// persisted; a restart with the same state directory finishes it.
     pub async fn shutdown(self) {
         self.gate.sessions.close_all();
+        // Let every socket send its close frame before the process goes.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !self.gate.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.stop.cancel();
         let drain = self.gate.config.drain_timeout() + std::time::Duration::from_millis(500);
         let _ = tokio::time::timeout(drain, futures_util::future::join_all(self.tasks)).await;
