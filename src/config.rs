@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub recovery: RecoveryConfig,
+    #[serde(default)]
+    pub placement: PlacementConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -101,6 +103,37 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[placement]`: which backend gets each prompt (design §3).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// `gpu_aware` (expected completion time, VRAM headroom, resident checkpoint),
+    /// `least_inflight` or `round_robin` (baselines, as nginx does them). Default `gpu_aware`.
+    pub policy: String,
+    /// How far past the head of the gate queue the dispatcher may look for a prompt whose
+    /// checkpoint is already resident on the free backend. Default 8; 1 disables reordering.
+    pub affinity_window: usize,
+    /// A prompt passed over this many times for others' affinity is taken next (aging).
+    /// Default 4.
+    pub max_skips: u32,
+    /// A prompt that has waited this long (ms) is never passed over. Default 60000.
+    pub max_wait_ms: u64,
+    /// A VRAM reading older than this (ms) counts as no headroom. Default 10000.
+    pub stale_after_ms: u64,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            policy: "gpu_aware".into(),
+            affinity_window: 8,
+            max_skips: 4,
+            max_wait_ms: 60_000,
+            stale_after_ms: 10_000,
+        }
+    }
+}
+
 /// `[recovery]`: what happens to accepted prompts when things fail.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -171,6 +204,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub health: HealthConfig,
     pub recovery: RecoveryConfig,
+    pub placement: PlacementConfig,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,
@@ -307,6 +341,23 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
             "stall_timeout_ms and max_run_time_s must be positive".into(),
         ));
     }
+    if crate::gate::placement::by_name(&raw.placement.policy).is_none() {
+        return Err(err(
+            None,
+            "placement.policy",
+            format!(
+                "`{}` is not a policy (gpu_aware, least_inflight, round_robin)",
+                raw.placement.policy
+            ),
+        ));
+    }
+    if raw.placement.affinity_window == 0 {
+        return Err(err(
+            None,
+            "placement.affinity_window",
+            "must be at least 1".into(),
+        ));
+    }
     if raw.server.max_body_bytes == 0 {
         return Err(err(
             None,
@@ -363,6 +414,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         scheduler: raw.scheduler,
         health: raw.health,
         recovery: raw.recovery,
+        placement: raw.placement,
         backends,
         home: home.unwrap_or(0),
     })

@@ -365,19 +365,11 @@ async fn validation_errors_direct_and_after_waiting() {
     let a = sim().await;
     let gate = gate_with(&[&a], |f| f.scheduler.max_inflight = 1).await;
     let base = gate.url();
-    let (code, body) = post_json(
-        &base,
-        "/prompt",
-        &json!({"prompt": txt2img(1, "nope.safetensors")}),
-    )
-    .await;
+    let mut bad = txt2img(1, SD15);
+    bad["3"]["inputs"]["steps"] = json!(99999);
+    let (code, body) = post_json(&base, "/prompt", &json!({"prompt": bad})).await;
     assert_eq!(code, 400);
-    let (_, direct) = post_json(
-        &a.url(),
-        "/prompt",
-        &json!({"prompt": txt2img(1, "nope.safetensors")}),
-    )
-    .await;
+    let (_, direct) = post_json(&a.url(), "/prompt", &json!({"prompt": bad})).await;
     assert_eq!(body, direct, "the backend's 400, verbatim");
 
     let mut ws = Ws::connect(&base, Some("v")).await;
@@ -392,7 +384,7 @@ async fn validation_errors_direct_and_after_waiting() {
     let (code, r) = post_json(
         &base,
         "/prompt",
-        &json!({"prompt": txt2img(2, "nope.safetensors"), "client_id": "v", "prompt_id": "bad"}),
+        &json!({"prompt": bad, "client_id": "v", "prompt_id": "bad"}),
     )
     .await;
     assert_eq!(code, 200, "it waits in the gate queue: {r}");
@@ -411,16 +403,16 @@ async fn validation_errors_direct_and_after_waiting() {
         err.data()["exception_message"]
             .as_str()
             .unwrap()
-            .contains("Value not in list"),
+            .contains("bigger than max"),
         "{}",
         err.data()
     );
-    assert_eq!(err.data()["node_id"], "4");
+    assert_eq!(err.data()["node_id"], "3");
     let h = wait_history(&base, "bad").await;
     assert_eq!(h["status"]["status_str"], "error");
     assert_eq!(h["status"]["completed"], false);
     assert_eq!(h["status"]["messages"][0][0], "execution_error");
-    assert!(h["status"]["messages"][0][1]["node_errors"]["4"].is_object());
+    assert!(h["status"]["messages"][0][1]["node_errors"]["3"].is_object());
 }
 
 /// Item 6: an upload through the gate is present on whichever backend runs a LoadImage prompt;

@@ -31,6 +31,10 @@ pub async fn handle(gate: Arc<Gate>, req: Request<Incoming>) -> Response<Body> {
                 &json!({ "ready": gate.ready(), "backends": backends }),
             )
         }
+        "/admin/decisions" => json_resp(
+            StatusCode::OK,
+            &json!({ "decisions": gate.recent_decisions() }),
+        ),
         "/admin/backends" => {
             let backends: Vec<_> = gate
                 .backends

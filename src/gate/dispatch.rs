@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::Gate;
-use super::picker::Candidate;
+use super::placement::{Candidate, Choice, Need, profile};
 use super::prompts::{PromptRecord, Stage};
 use crate::error::GateError;
 use crate::http::{Body, json as json_resp};
@@ -50,6 +50,9 @@ impl Gate {
             return Err(GateError::BadRequest(
                 "`prompt` must be an object of nodes".into(),
             ));
+        }
+        if let Some(refusal) = self.refusal(&data["prompt"]) {
+            return Ok(json_resp(StatusCode::BAD_REQUEST, &refusal));
         }
         if data.get("extra_data").is_some_and(|e| !e.is_object()) {
             return Err(GateError::BadRequest(
@@ -100,9 +103,13 @@ impl Gate {
                 retry_after_run: false,
                 deadline_interrupt: None,
                 log: Default::default(),
+                last_node_at: None,
+                load_measured_s: 0.0,
+                expected_s: 0.0,
+                skips: 0,
             });
             let slot = if table.queue_len() == 0 {
-                table.get(&id).and_then(|r| self.reserve_slot(r))
+                self.reserve_slot(&mut table, &id)
             } else {
                 None
             };
@@ -167,15 +174,50 @@ impl Gate {
         }
     }
 
-    /// Reserves a slot on the best backend that may take `r` (healthy, not draining or stalled,
-    /// enough VRAM after an OOM, preferably one it did not fail on); the caller holds `reserve`.
-    fn reserve_slot(&self, r: &PromptRecord) -> Option<usize> {
-        let stale_after = Duration::from_millis(self.config.health.interval_ms * 3);
+    /// The placement decision for `r` among the backends that may take it: healthy, not
+    /// draining or stalled, a free slot, every class and file it names, its VRAM need within the
+    /// card, enough VRAM after an OOM, and preferably one it did not fail on. Nothing reserved.
+    fn choose(
+        &self,
+        table: &super::prompts::PromptTable,
+        r: &PromptRecord,
+        only: Option<usize>,
+    ) -> Option<(Choice, Need, f64)> {
+        let prompt = &r.body["prompt"];
+        let prof = profile::profile(prompt);
+        let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
+        let learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        let ckpt_bytes = prof.checkpoint.as_ref().and_then(|c| {
+            self.backends.iter().find_map(|b| {
+                b.capabilities
+                    .load()
+                    .as_ref()
+                    .and_then(|caps| caps.model_bytes.get(c).copied())
+            })
+        });
+        let need = Need {
+            vram_bytes: profile::vram_need(&prof, ckpt_bytes, learned.peak(prof.shape)),
+        };
+        let queued_s = |b: usize| -> f64 {
+            table
+                .records()
+                .filter(|x| {
+                    x.owner == Some(b) && matches!(x.stage, Stage::Dispatching | Stage::OnBackend)
+                })
+                .map(|x| match x.started_at {
+                    Some(at) => (x.expected_s - at.elapsed().as_secs_f64()).max(0.0),
+                    None => x.expected_s,
+                })
+                .sum()
+        };
         let eligible = |b: &&Arc<super::fleet::BackendState>| {
-            b.accepts_work()
+            let total = b.telemetry.load().vram_total;
+            only.is_none_or(|o| o == b.id)
+                && b.accepts_work()
                 && b.free_slots() > 0
-                && r.min_vram_total
-                    .is_none_or(|min| b.telemetry.load().vram_total >= min)
+                && r.min_vram_total.is_none_or(|min| total >= min)
+                && (total == 0 || need.vram_bytes <= total)
+                && self.can_run(b.id, prompt)
         };
         let candidates = |avoid_tried: bool| -> Vec<Candidate> {
             self.backends
@@ -186,16 +228,71 @@ impl Gate {
                     id: b.id,
                     inflight: b.inflight.load(Ordering::SeqCst),
                     max_inflight: b.config.max_inflight,
+                    vram_total: b.telemetry.load().vram_total,
                     vram_free: b.fresh_vram_free(stale_after),
+                    queued_s: queued_s(b.id),
+                    run_s: learned.run_s(b.id, &prof),
+                    load_s: learned.load_s(b.id, &prof),
                 })
                 .collect()
         };
-        let chosen = self
-            .picker
-            .pick(&candidates(true))
-            .or_else(|| self.picker.pick(&candidates(false)))?;
-        self.backend(chosen).inflight.fetch_add(1, Ordering::SeqCst);
-        Some(chosen)
+        let (cands, choice) = {
+            let first = candidates(true);
+            match self.picker.pick(&need, &first) {
+                Some(c) => (first, c),
+                None => {
+                    let all = candidates(false);
+                    let c = self.picker.pick(&need, &all)?;
+                    (all, c)
+                }
+            }
+        };
+        let chosen = cands.iter().find(|c| c.id == choice.id)?;
+        let expected = chosen.run_s + chosen.load_s;
+        Some((choice, need, expected))
+    }
+
+    /// Reserves the chosen slot and records the decision; the caller holds `reserve`.
+    fn commit(&self, r: &mut PromptRecord, choice: Choice, need: Need, expected_s: f64) -> usize {
+        let b = self.backend(choice.id);
+        b.inflight.fetch_add(1, Ordering::SeqCst);
+        r.expected_s = expected_s;
+        let name = |id: usize| self.backend(id).name().to_string();
+        let decision = json!({
+            "at": now_ms(),
+            "prompt_id": r.id,
+            "policy": self.picker.name(),
+            "chosen": name(choice.id),
+            "runner_up": choice.runner_up.map(name),
+            "scores": choice.scores.iter().map(|(id, s)| json!({"backend": name(*id), "score": s})).collect::<Vec<_>>(),
+            "need_vram_bytes": need.vram_bytes,
+            "skips": r.skips,
+            "reason": choice.reason,
+        });
+        tracing::debug!(prompt = %r.id, backend = b.name(), reason = %decision["reason"], "placed");
+        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        d.push_back(decision);
+        while d.len() > 256 {
+            d.pop_front();
+        }
+        choice.id
+    }
+
+    /// Recent placement decisions, oldest first.
+    pub fn recent_decisions(&self) -> Vec<Value> {
+        self.decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Chooses and reserves a backend for `id`; the caller holds `reserve`.
+    fn reserve_slot(&self, table: &mut super::prompts::PromptTable, id: &str) -> Option<usize> {
+        let (choice, need, expected) = self.choose(table, table.get(id)?, None)?;
+        let r = table.get_mut(id)?;
+        Some(self.commit(r, choice, need, expected))
     }
 
     /// Sends a recorded prompt to `backend` (whose slot is reserved) and settles the slot on
@@ -309,23 +406,74 @@ impl Gate {
         self.broadcast_status();
     }
 
-    /// Takes the first queued prompt that some free slot can take (a prompt that needs a larger
-    /// backend does not hold up the ones behind it), reserving the slot.
+    /// Takes the next prompt to dispatch and reserves its slot. Normally the first queued prompt
+    /// some free slot can take (one that needs a larger backend does not hold up the others); but
+    /// if the backend it would get has another checkpoint resident, a prompt within
+    /// `affinity_window` that uses the resident checkpoint goes there first, unless the passed-over
+    /// prompt has been passed over `max_skips` times or waited `max_wait_ms` (aging).
     fn take_next(&self) -> Option<(String, usize)> {
         let _reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let mut table = self.lock_prompts();
         let ids: Vec<String> = table.queued().take(64).map(|r| r.id.clone()).collect();
-        for id in ids {
-            let Some(backend) = table.get(&id).and_then(|r| self.reserve_slot(r)) else {
+        let window = self.config.placement.affinity_window;
+        for (pos, id) in ids.iter().enumerate() {
+            let Some((choice, need, expected)) =
+                table.get(id).and_then(|r| self.choose(&table, r, None))
+            else {
                 continue;
             };
-            table.unqueue(&id);
-            let r = table.get_mut(&id)?;
-            r.stage = Stage::Dispatching;
-            r.owner = Some(backend);
-            return Some((id, backend));
+            let target = choice.id;
+            let head = table.get(id)?;
+            let resident = self
+                .learned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resident(target)
+                .map(str::to_string);
+            let head_ckpt = profile::profile(&head.body["prompt"]).checkpoint;
+            let aged = head.skips >= self.config.placement.max_skips
+                || now_ms() - head.create_time >= self.config.placement.max_wait_ms as i64;
+            if resident.is_some() && head_ckpt != resident && !aged {
+                let affine = ids
+                    .iter()
+                    .skip(pos + 1)
+                    .take(window.saturating_sub(1))
+                    .find(|other| {
+                        table.get(other.as_str()).is_some_and(|o| {
+                            profile::profile(&o.body["prompt"]).checkpoint == resident
+                        })
+                    });
+                if let Some(other) = affine.cloned()
+                    && let Some((c2, n2, e2)) = table
+                        .get(&other)
+                        .and_then(|o| self.choose(&table, o, Some(target)))
+                {
+                    if let Some(h) = table.get_mut(id) {
+                        h.skips += 1;
+                    }
+                    return self.dispatch_reserved(&mut table, &other, c2, n2, e2);
+                }
+            }
+            return self.dispatch_reserved(&mut table, id, choice, need, expected);
         }
         None
+    }
+
+    fn dispatch_reserved(
+        &self,
+        table: &mut super::prompts::PromptTable,
+        id: &str,
+        choice: Choice,
+        need: Need,
+        expected: f64,
+    ) -> Option<(String, usize)> {
+        let r = table.get_mut(id)?;
+        let backend = self.commit(r, choice, need, expected);
+        table.unqueue(id);
+        let r = table.get_mut(id)?;
+        r.stage = Stage::Dispatching;
+        r.owner = Some(backend);
+        Some((id.to_string(), backend))
     }
 }
 

@@ -187,7 +187,26 @@ impl Gate {
                             Some(prompt_id.clone());
                     }
                     "executing" => {
-                        r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string)
+                        let now = std::time::Instant::now();
+                        // The node that just finished: a checkpoint loader's time is a load time.
+                        if let (Some(prev), Some(at)) = (r.last_node.clone(), r.last_node_at) {
+                            let node = &r.body["prompt"][&prev];
+                            let is_loader = node["class_type"]
+                                .as_str()
+                                .is_some_and(|c| c.contains("CheckpointLoader"));
+                            if let (true, Some(ckpt)) =
+                                (is_loader, node["inputs"]["ckpt_name"].as_str())
+                            {
+                                let secs = (now - at).as_secs_f64();
+                                r.load_measured_s += secs;
+                                self.learned
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .observe_load(backend, ckpt, secs);
+                            }
+                        }
+                        r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string);
+                        r.last_node_at = Some(now);
                     }
                     _ => {}
                 }

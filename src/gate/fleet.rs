@@ -71,6 +71,10 @@ pub struct BackendState {
     pub draining: AtomicBool,
     /// A running prompt made no progress for `stall_timeout`: no work until it shows an event.
     pub stalled: AtomicBool,
+    /// Successful probes so far (capabilities are re-read every 30th).
+    pub probes: AtomicU64,
+    /// What it can run (`None` until read from its `/object_info`).
+    pub capabilities: arc_swap::ArcSwapOption<super::capabilities::Capabilities>,
 }
 
 impl BackendState {
@@ -94,6 +98,8 @@ impl BackendState {
             completed: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            probes: AtomicU64::new(0),
+            capabilities: arc_swap::ArcSwapOption::empty(),
         }
     }
 

@@ -15,12 +15,40 @@ impl Gate {
         let b = self.backend(backend);
         if let Some(state) = b.record(ok, &self.config.health) {
             tracing::info!(backend = b.name(), ?state, "backend health changed");
+            if state == Health::Up {
+                // It may have restarted with other nodes or models: read them again.
+                b.capabilities.store(None);
+            }
             self.fleet_generation
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if state == Health::Up {
                 self.wake.notify_one();
             }
         }
+    }
+
+    /// VRAM in use while a prompt runs alone on a backend is a peak for its shape.
+    fn observe_peak(&self, backend: usize, t: &Telemetry) {
+        let running = self
+            .backend(backend)
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(id) = running else { return };
+        let Some(prompt) = self
+            .lock_prompts()
+            .get(&id)
+            .map(|r| r.body["prompt"].clone())
+        else {
+            return;
+        };
+        let shape = super::placement::profile::profile(&prompt).shape;
+        let used = t.vram_total.saturating_sub(t.vram_free);
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe_peak(shape, used);
     }
 
     async fn probe(&self, backend: usize) {
@@ -31,9 +59,14 @@ impl Gate {
         match result {
             Ok(Ok((status, body))) if status.is_success() => {
                 if let Some(t) = Telemetry::from_system_stats(&body) {
+                    self.observe_peak(backend, &t);
                     b.telemetry.store(Arc::new(t));
                 }
                 self.record_health(backend, true);
+                let tick = b.probes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if b.capabilities.load().is_none() || tick.is_multiple_of(30) {
+                    self.refresh_capabilities(backend).await;
+                }
             }
             _ => self.record_health(backend, false),
         }

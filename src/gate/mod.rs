@@ -7,13 +7,14 @@
 //! event of every prompt; the gate routes each to the client that owns the prompt.
 
 mod admin;
+pub mod capabilities;
 mod dispatch;
 mod events;
 pub mod fleet;
 mod gate_files;
 mod health;
 mod merged;
-pub mod picker;
+pub mod placement;
 pub mod prompts;
 mod recovery;
 mod routes;
@@ -34,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use fleet::BackendState;
 use gate_files::GateFiles;
-use picker::{LeastLoaded, Picker};
+use placement::Picker;
+use placement::stats::Learned;
 use prompts::{PromptTable, Stage};
 use sessions::Sessions;
 use upstream::Upstream;
@@ -47,6 +49,10 @@ pub struct Gate {
     pub sessions: Sessions,
     pub upstream: Upstream,
     picker: Box<dyn Picker>,
+    /// Run times, load times, VRAM peaks and resident checkpoints learned from the fleet.
+    learned: Mutex<Learned>,
+    /// The most recent placement decisions, newest last (admin API).
+    decisions: Mutex<std::collections::VecDeque<Value>>,
     files: GateFiles,
     /// Wakes the dispatcher: a slot freed, a prompt arrived, a backend came up.
     wake: Notify,
@@ -208,7 +214,9 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         backends,
         prompts: Mutex::new(table),
         sessions: Sessions::default(),
-        picker: Box::new(LeastLoaded),
+        picker: placement::by_name(&config.placement.policy).expect("validated policy"),
+        learned: Mutex::new(Learned::default()),
+        decisions: Mutex::new(std::collections::VecDeque::new()),
         files,
         wake: Notify::new(),
         reserve: Mutex::new(()),

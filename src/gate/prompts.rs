@@ -86,6 +86,18 @@ pub struct PromptRecord {
     pub deadline_interrupt: Option<Instant>,
     #[serde(skip)]
     pub log: RunLog,
+    /// When the last `executing` node started (node timings: checkpoint load times).
+    #[serde(skip)]
+    pub last_node_at: Option<Instant>,
+    /// Checkpoint load seconds measured in the current run.
+    #[serde(skip)]
+    pub load_measured_s: f64,
+    /// Expected seconds on its backend when it was placed (for others' queue estimates).
+    #[serde(skip)]
+    pub expected_s: f64,
+    /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
+    #[serde(skip)]
+    pub skips: u32,
 }
 
 impl PromptRecord {
@@ -100,6 +112,9 @@ impl PromptRecord {
         self.retry_after_run = false;
         self.deadline_interrupt = None;
         self.log = RunLog::default();
+        self.last_node_at = None;
+        self.load_measured_s = 0.0;
+        self.expected_s = 0.0;
     }
 
     /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.
@@ -283,6 +298,10 @@ mod tests {
             retry_after_run: false,
             deadline_interrupt: None,
             log: RunLog::default(),
+            last_node_at: None,
+            load_measured_s: 0.0,
+            expected_s: 0.0,
+            skips: 0,
         }
     }
 

@@ -120,6 +120,7 @@ impl Gate {
             self.requeue(&[id.to_string()], false);
             return;
         }
+        self.learn_from_run(backend, id);
         self.finish(backend, id);
         let gate = self.clone();
         let id = id.to_string();
@@ -137,6 +138,22 @@ impl Gate {
                 );
             }
         });
+    }
+
+    /// A prompt ran to its end on `backend`: its run time teaches the placement.
+    fn learn_from_run(&self, backend: usize, id: &str) {
+        let (prompt, started_at, load) = {
+            let t = self.lock_prompts();
+            let Some(r) = t.get(id) else { return };
+            (r.body["prompt"].clone(), r.started_at, r.load_measured_s)
+        };
+        if let Some(at) = started_at {
+            let prof = super::placement::profile::profile(&prompt);
+            self.learned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe_run(backend, &prof, at.elapsed().as_secs_f64(), load);
+        }
     }
 
     /// The owner's `/history/{id}` entry, shown as from one ComfyUI.

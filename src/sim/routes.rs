@@ -245,6 +245,33 @@ async fn route(
             }
             ok_json(json!(inst.config.files(folder)))
         }
+        (Method::GET, "/experiment/models") => ok_json(json!(
+            super::config::MODEL_FOLDERS
+                .iter()
+                .filter(|f| !["configs", "custom_nodes"].contains(f))
+                .map(|f| json!({ "name": f, "folders": [inst.dirs.base.join("models").join(f)] }))
+                .collect::<Vec<_>>()
+        )),
+        (Method::GET, p) if p.starts_with("/experiment/models/") => {
+            let folder = &p["/experiment/models/".len()..];
+            if !super::config::MODEL_FOLDERS.contains(&folder) {
+                return status(StatusCode::NOT_FOUND);
+            }
+            let files: Vec<Value> = inst
+                .config
+                .models
+                .get(folder)
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    json!({
+                        "name": m.name, "pathIndex": 0, "modified": 1.7e9, "created": 1.7e9,
+                        "size": (m.size_gb * 1024.0 * 1024.0 * 1024.0) as u64,
+                    })
+                })
+                .collect();
+            ok_json(Value::Array(files))
+        }
         (Method::GET, "/extensions") => ok_json(json!(["/extensions/core/comfy-sim.js"])),
         (Method::POST, "/sim/fault") => {
             let Ok(fault) = serde_json::from_slice::<Fault>(body) else {

@@ -1,0 +1,258 @@
+//! What each backend can run: its node classes and the values each combo input accepts (model
+//! files above all), from its `/object_info`, plus model file sizes from
+//! `/experiment/models/{folder}` where the backend has that route. A prompt goes only to a
+//! backend that has every class and file it names; one that no healthy backend can run is refused
+//! at submit with ComfyUI's own 400 shape.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::Gate;
+use crate::protocol::errors;
+
+/// One backend's capabilities.
+#[derive(Debug, Default)]
+pub struct Capabilities {
+    classes: HashSet<String>,
+    /// Classes with `output_node: true`.
+    output_classes: HashSet<String>,
+    /// `(class, input)` → accepted values, for combo inputs.
+    combos: HashMap<(String, String), HashSet<String>>,
+    /// Combo inputs fed by uploads (LoadImage's `image`): the gate places those files itself.
+    upload_inputs: HashSet<(String, String)>,
+    /// `(class, input)` → the `input_config` to show in errors.
+    configs: HashMap<(String, String), Value>,
+    /// Model file name → size in bytes.
+    pub model_bytes: HashMap<String, u64>,
+}
+
+/// Why a backend cannot run a prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Missing {
+    Class {
+        node: String,
+        class: String,
+    },
+    Value {
+        node: String,
+        class: String,
+        input: String,
+        value: String,
+    },
+}
+
+impl Capabilities {
+    pub fn from_object_info(info: &Value) -> Self {
+        let mut caps = Capabilities::default();
+        for (class, def) in info.as_object().into_iter().flatten() {
+            caps.classes.insert(class.clone());
+            if def["output_node"].as_bool().unwrap_or(false) {
+                caps.output_classes.insert(class.clone());
+            }
+            for section in ["required", "optional"] {
+                for (name, spec) in def["input"][section].as_object().into_iter().flatten() {
+                    let Some(options) = spec[0].as_array() else {
+                        continue;
+                    };
+                    let key = (class.clone(), name.clone());
+                    caps.combos.insert(
+                        key.clone(),
+                        options
+                            .iter()
+                            .filter_map(|o| o.as_str().map(str::to_string))
+                            .collect(),
+                    );
+                    if spec[1]["image_upload"].as_bool().unwrap_or(false) {
+                        caps.upload_inputs.insert(key.clone());
+                    }
+                    caps.configs.insert(key, spec.clone());
+                }
+            }
+        }
+        caps
+    }
+
+    /// Adds sizes from an `/experiment/models/{folder}` answer.
+    pub fn add_model_sizes(&mut self, listing: &Value) {
+        for m in listing.as_array().into_iter().flatten() {
+            if let (Some(name), Some(size)) = (m["name"].as_str(), m["size"].as_u64()) {
+                self.model_bytes.insert(name.to_string(), size);
+            }
+        }
+    }
+
+    /// The first thing this backend lacks for `prompt`; `uploaded` says whether the gate holds
+    /// an upload of that name (it will place it).
+    pub fn missing(&self, prompt: &Value, uploaded: &dyn Fn(&str) -> bool) -> Option<Missing> {
+        for (node, def) in prompt.as_object().into_iter().flatten() {
+            let class = def["class_type"].as_str().unwrap_or("");
+            if !self.classes.contains(class) {
+                return Some(Missing::Class {
+                    node: node.clone(),
+                    class: class.to_string(),
+                });
+            }
+            for (input, value) in def["inputs"].as_object().into_iter().flatten() {
+                let Some(v) = value.as_str() else { continue };
+                let key = (class.to_string(), input.clone());
+                let Some(options) = self.combos.get(&key) else {
+                    continue;
+                };
+                if options.contains(v) || (self.upload_inputs.contains(&key) && uploaded(v)) {
+                    continue;
+                }
+                return Some(Missing::Value {
+                    node: node.clone(),
+                    class: class.to_string(),
+                    input: input.clone(),
+                    value: v.to_string(),
+                });
+            }
+        }
+        None
+    }
+}
+
+impl Gate {
+    /// Refreshes one backend's capabilities (on start, when it comes up, and now and then).
+    pub async fn refresh_capabilities(&self, backend: usize) {
+        let b = self.backend(backend).clone();
+        let Ok((code, info)) = self.upstream.get_json(&b.config, "/object_info").await else {
+            return;
+        };
+        if !code.is_success() || !info.is_object() {
+            return;
+        }
+        let mut caps = Capabilities::from_object_info(&info);
+        for folder in ["checkpoints", "diffusion_models", "loras"] {
+            if let Ok((code, listing)) = self
+                .upstream
+                .get_json(&b.config, &format!("/experiment/models/{folder}"))
+                .await
+                && code.is_success()
+            {
+                caps.add_model_sizes(&listing);
+            }
+        }
+        b.capabilities.store(Some(Arc::new(caps)));
+    }
+
+    fn uploaded(&self, name: &str) -> bool {
+        let plain = name.strip_suffix(" [input]").unwrap_or(name);
+        !plain.contains("..") && self.files.dirs.input.join(plain).is_file()
+    }
+
+    /// Whether `backend` can run `prompt` (unknown capabilities: assume it can).
+    pub fn can_run(&self, backend: usize, prompt: &Value) -> bool {
+        match self.backend(backend).capabilities.load().as_ref() {
+            Some(caps) => caps.missing(prompt, &|n| self.uploaded(n)).is_none(),
+            None => true,
+        }
+    }
+
+    /// At submit: if healthy backends with known capabilities exist and none can run the prompt,
+    /// the 400 body ComfyUI would give (naming the node).
+    pub fn refusal(&self, prompt: &Value) -> Option<Value> {
+        let known: Vec<Arc<Capabilities>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_up())
+            .filter_map(|b| b.capabilities.load_full())
+            .collect();
+        if known.is_empty() {
+            return None;
+        }
+        let mut first = None;
+        for caps in &known {
+            match caps.missing(prompt, &|n| self.uploaded(n)) {
+                None => return None,
+                Some(m) => {
+                    first.get_or_insert(m);
+                }
+            }
+        }
+        match first? {
+            Missing::Class { node, class } => Some(errors::unknown_class(&node, &class)),
+            Missing::Value {
+                node,
+                class,
+                input,
+                value,
+            } => {
+                let mut options: Vec<String> = Vec::new();
+                let key = (class.clone(), input.clone());
+                for caps in &known {
+                    for o in caps.combos.get(&key).into_iter().flatten() {
+                        if !options.contains(o) {
+                            options.push(o.clone());
+                        }
+                    }
+                }
+                options.sort();
+                let config = known
+                    .iter()
+                    .find_map(|c| c.configs.get(&key))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let item = errors::value_not_in_list(&input, &json!(value), &options, config);
+                let outputs: Vec<&String> = prompt
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, n)| {
+                        let c = n["class_type"].as_str().unwrap_or("");
+                        known.iter().any(|k| k.output_classes.contains(c))
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                let details = format!(
+                    "{}: {}",
+                    item["message"].as_str().unwrap_or(""),
+                    item["details"].as_str().unwrap_or("")
+                );
+                let node_errors = json!({ node: { "errors": [item], "dependent_outputs": outputs, "class_type": class } });
+                Some(errors::outputs_failed(&details, node_errors))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_missing_classes_and_files() {
+        let info = json!({
+            "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["a.safetensors"], {}]}}},
+            "LoadImage": {"input": {"required": {"image": [["x.png"], {"image_upload": true}]}}},
+            "SaveImage": {"input": {"required": {"images": ["IMAGE"]}}}
+        });
+        let caps = Capabilities::from_object_info(&info);
+        let none = |_: &str| false;
+        let ok = json!({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}}});
+        assert_eq!(caps.missing(&ok, &none), None);
+        let file = json!({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}}});
+        assert!(matches!(
+            caps.missing(&file, &none),
+            Some(Missing::Value { .. })
+        ));
+        let class = json!({"7": {"class_type": "Nope", "inputs": {}}});
+        assert_eq!(
+            caps.missing(&class, &none),
+            Some(Missing::Class {
+                node: "7".into(),
+                class: "Nope".into()
+            })
+        );
+        let upload = json!({"2": {"class_type": "LoadImage", "inputs": {"image": "mine.png"}}});
+        assert!(caps.missing(&upload, &none).is_some());
+        assert_eq!(
+            caps.missing(&upload, &|n| n == "mine.png"),
+            None,
+            "the gate places uploads"
+        );
+    }
+}

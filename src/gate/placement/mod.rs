@@ -1,0 +1,299 @@
+//! Which backend gets a prompt (design §3): filter, then score. Policies live behind the small
+//! pure [`Picker`] trait, so they unit-test and benchmark without sockets, and the default policy
+//! can be compared with simple baselines on equal terms.
+//!
+//! The caller filters first (healthy, not draining or stalled, a free slot, every node class and
+//! model file the prompt names, predicted VRAM need within the card's total); a picker only
+//! orders the rest. Every decision says why (chosen, runner-up, scores).
+
+pub mod profile;
+pub mod stats;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+/// What a picker may know about one eligible backend.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Candidate {
+    pub id: usize,
+    pub inflight: usize,
+    pub max_inflight: usize,
+    /// Total VRAM in bytes (0 if never read).
+    pub vram_total: u64,
+    /// Free VRAM in bytes from a fresh reading; `None` when the reading is stale or missing,
+    /// which counts as no headroom.
+    pub vram_free: Option<u64>,
+    /// Seconds this backend is expected to need for the work already on it.
+    pub queued_s: f64,
+    /// Seconds this backend is expected to need for this prompt.
+    pub run_s: f64,
+    /// Seconds of checkpoint loading this prompt would cost here (0 if it is resident).
+    pub load_s: f64,
+}
+
+/// What the prompt needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Need {
+    pub vram_bytes: u64,
+}
+
+/// A picker's answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Choice {
+    pub id: usize,
+    pub runner_up: Option<usize>,
+    /// `(backend, score)`, lower is better, for every candidate considered.
+    pub scores: Vec<(usize, f64)>,
+    pub reason: String,
+}
+
+/// A placement policy.
+pub trait Picker: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn pick(&self, need: &Need, candidates: &[Candidate]) -> Option<Choice>;
+}
+
+fn ranked(
+    mut scored: Vec<(usize, f64)>,
+    reason: impl Fn(usize, Option<usize>) -> String,
+) -> Option<Choice> {
+    scored.sort_by(|a, b| {
+        a.1.partial_cmp(&b.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    });
+    let id = scored.first()?.0;
+    let runner_up = scored.get(1).map(|s| s.0);
+    Some(Choice {
+        id,
+        runner_up,
+        reason: reason(id, runner_up),
+        scores: scored,
+    })
+}
+
+/// The default: the backend expected to finish the prompt soonest (work already there, this
+/// prompt's run time there, a checkpoint load unless it is resident), then the most VRAM
+/// headroom after the prompt's need (a stale reading has none).
+#[derive(Debug)]
+pub struct GpuAware {
+    /// Weight of headroom (fraction of the card free after the prompt) against completion time
+    /// (as a fraction of the slowest candidate's). Default 0.5.
+    pub headroom_weight: f64,
+}
+
+impl Default for GpuAware {
+    fn default() -> Self {
+        Self {
+            headroom_weight: 0.5,
+        }
+    }
+}
+
+impl GpuAware {
+    fn completion_s(c: &Candidate) -> f64 {
+        c.queued_s + c.run_s + c.load_s
+    }
+
+    fn headroom(need: &Need, c: &Candidate) -> f64 {
+        match (c.vram_free, c.vram_total) {
+            (Some(free), total) if total > 0 => {
+                (free as f64 - need.vram_bytes as f64) / total as f64
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+impl Picker for GpuAware {
+    fn name(&self) -> &'static str {
+        "gpu_aware"
+    }
+
+    fn pick(&self, need: &Need, candidates: &[Candidate]) -> Option<Choice> {
+        let slowest = candidates
+            .iter()
+            .map(Self::completion_s)
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        let scored = candidates
+            .iter()
+            .map(|c| {
+                let t = Self::completion_s(c) / slowest;
+                (
+                    c.id,
+                    t - self.headroom_weight * Self::headroom(need, c).clamp(-1.0, 1.0),
+                )
+            })
+            .collect();
+        let by_id = |id: usize| candidates.iter().find(|c| c.id == id);
+        ranked(scored, |id, up| {
+            let c = by_id(id).expect("chosen from candidates");
+            let mut r = format!(
+                "expected done in {:.1}s (queued {:.1}s + run {:.1}s + load {:.1}s), {:.1} GB headroom",
+                Self::completion_s(c),
+                c.queued_s,
+                c.run_s,
+                c.load_s,
+                Self::headroom(need, c) * c.vram_total as f64 / 1e9
+            );
+            if let Some(u) = up.and_then(by_id) {
+                r.push_str(&format!(
+                    "; runner-up {} done in {:.1}s, {:.1} GB headroom",
+                    u.id,
+                    Self::completion_s(u),
+                    Self::headroom(need, u) * u.vram_total as f64 / 1e9
+                ));
+            }
+            r
+        })
+    }
+}
+
+/// Baseline: fewest prompts in flight (nginx's least_conn), then configuration order.
+#[derive(Debug, Default)]
+pub struct LeastInFlight;
+
+impl Picker for LeastInFlight {
+    fn name(&self) -> &'static str {
+        "least_inflight"
+    }
+
+    fn pick(&self, _need: &Need, candidates: &[Candidate]) -> Option<Choice> {
+        let scored = candidates
+            .iter()
+            .map(|c| (c.id, c.inflight as f64))
+            .collect();
+        ranked(scored, |_, _| "fewest prompts in flight".into())
+    }
+}
+
+/// Baseline: round robin over the eligible backends (nginx's default), ignoring load.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Picker for RoundRobin {
+    fn name(&self) -> &'static str {
+        "round_robin"
+    }
+
+    fn pick(&self, _need: &Need, candidates: &[Candidate]) -> Option<Choice> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut ids: Vec<usize> = candidates.iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        let n = ids.len();
+        let start = turn % n;
+        let scored = (0..n).map(|k| (ids[(start + k) % n], k as f64)).collect();
+        ranked(scored, |_, _| "round robin".into())
+    }
+}
+
+/// A policy by its configuration name.
+pub fn by_name(name: &str) -> Option<Box<dyn Picker>> {
+    match name {
+        "gpu_aware" => Some(Box::new(GpuAware::default())),
+        "least_inflight" => Some(Box::new(LeastInFlight)),
+        "round_robin" => Some(Box::new(RoundRobin::default())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(id: usize, free_gb: Option<u64>, queued_s: f64, run_s: f64, load_s: f64) -> Candidate {
+        Candidate {
+            id,
+            inflight: 0,
+            max_inflight: 2,
+            vram_total: 80_000_000_000,
+            vram_free: free_gb.map(|g| g * 1_000_000_000),
+            queued_s,
+            run_s,
+            load_s,
+        }
+    }
+
+    #[test]
+    fn most_headroom_wins_when_times_are_equal() {
+        let p = GpuAware::default();
+        let need = Need {
+            vram_bytes: 5_000_000_000,
+        };
+        assert_eq!(
+            p.pick(
+                &need,
+                &[c(0, Some(10), 0.0, 3.0, 0.0), c(1, Some(40), 0.0, 3.0, 0.0)]
+            )
+            .unwrap()
+            .id,
+            1
+        );
+        assert_eq!(
+            p.pick(
+                &need,
+                &[c(0, Some(60), 0.0, 3.0, 0.0), c(1, Some(40), 0.0, 3.0, 0.0)]
+            )
+            .unwrap()
+            .id,
+            0
+        );
+        // A stale reading has no headroom.
+        assert_eq!(
+            p.pick(
+                &need,
+                &[c(0, None, 0.0, 3.0, 0.0), c(1, Some(20), 0.0, 3.0, 0.0)]
+            )
+            .unwrap()
+            .id,
+            1
+        );
+    }
+
+    #[test]
+    fn sooner_completion_beats_headroom() {
+        let p = GpuAware::default();
+        let choice = p
+            .pick(
+                &Need::default(),
+                &[c(0, Some(70), 6.0, 3.0, 0.0), c(1, Some(10), 0.0, 1.0, 0.0)],
+            )
+            .unwrap();
+        assert_eq!((choice.id, choice.runner_up), (1, Some(0)));
+        assert!(choice.reason.contains("runner-up 0"), "{}", choice.reason);
+        // A resident checkpoint saves the load.
+        let choice = p
+            .pick(
+                &Need::default(),
+                &[c(0, Some(40), 0.0, 3.0, 3.0), c(1, Some(40), 0.0, 3.0, 0.0)],
+            )
+            .unwrap();
+        assert_eq!(choice.id, 1);
+    }
+
+    #[test]
+    fn baselines() {
+        let cands = [
+            c(0, Some(1), 0.0, 1.0, 0.0),
+            c(2, Some(1), 0.0, 1.0, 0.0),
+            c(5, Some(1), 0.0, 1.0, 0.0),
+        ];
+        let rr = RoundRobin::default();
+        let seq: Vec<usize> = (0..6)
+            .map(|_| rr.pick(&Need::default(), &cands).unwrap().id)
+            .collect();
+        assert_eq!(seq, [0, 2, 5, 0, 2, 5]);
+        let mut busy = cands.clone();
+        busy[0].inflight = 1;
+        assert_eq!(LeastInFlight.pick(&Need::default(), &busy).unwrap().id, 2);
+        assert!(GpuAware::default().pick(&Need::default(), &[]).is_none());
+        assert!(by_name("round_robin").is_some() && by_name("nope").is_none());
+    }
+}

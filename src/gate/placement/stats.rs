@@ -1,0 +1,159 @@
+//! What the gate learns from running prompts: seconds per unit of sampling work per backend (so
+//! a faster GPU draws more work), run time per backend and shape, checkpoint load time per
+//! backend and checkpoint (timed from the loader node's events), VRAM peaks per shape, and the
+//! checkpoint each backend has resident.
+
+use std::collections::HashMap;
+
+use super::profile::Profile;
+
+/// Weight of a new observation in the moving averages.
+const ALPHA: f64 = 0.3;
+
+fn ewma(slot: &mut Option<f64>, x: f64) {
+    *slot = Some(match *slot {
+        Some(prev) => prev + ALPHA * (x - prev),
+        None => x,
+    });
+}
+
+#[derive(Debug, Default)]
+pub struct Learned {
+    sec_per_work: HashMap<usize, Option<f64>>,
+    run_s: HashMap<(usize, u64), Option<f64>>,
+    load_s: HashMap<(usize, String), Option<f64>>,
+    peak_bytes: HashMap<u64, u64>,
+    resident: HashMap<usize, String>,
+}
+
+impl Learned {
+    /// A prompt ran `seconds` on `backend` (its checkpoint load, `load_seconds`, included).
+    pub fn observe_run(&mut self, backend: usize, p: &Profile, seconds: f64, load_seconds: f64) {
+        let compute = (seconds - load_seconds).max(0.0);
+        ewma(
+            self.sec_per_work.entry(backend).or_default(),
+            compute / p.work.max(1e-6),
+        );
+        ewma(self.run_s.entry((backend, p.shape)).or_default(), compute);
+        if let Some(ckpt) = &p.checkpoint {
+            self.resident.insert(backend, ckpt.clone());
+        }
+    }
+
+    /// A checkpoint loader node took `seconds` on `backend`.
+    pub fn observe_load(&mut self, backend: usize, checkpoint: &str, seconds: f64) {
+        ewma(
+            self.load_s
+                .entry((backend, checkpoint.to_string()))
+                .or_default(),
+            seconds,
+        );
+        self.resident.insert(backend, checkpoint.to_string());
+    }
+
+    pub fn observe_peak(&mut self, shape: u64, used_bytes: u64) {
+        let peak = self.peak_bytes.entry(shape).or_default();
+        *peak = (*peak).max(used_bytes);
+    }
+
+    pub fn peak(&self, shape: u64) -> Option<u64> {
+        self.peak_bytes.get(&shape).copied()
+    }
+
+    pub fn resident(&self, backend: usize) -> Option<&str> {
+        self.resident.get(&backend).map(String::as_str)
+    }
+
+    /// Median seconds per unit of work over backends seen so far.
+    fn fleet_sec_per_work(&self) -> Option<f64> {
+        let mut v: Vec<f64> = self.sec_per_work.values().flatten().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        Some(v[v.len() / 2])
+    }
+
+    /// Expected compute seconds of `p` on `backend`: its own history for this shape, else its
+    /// speed times the work, else the fleet's median speed, else the work itself (relative).
+    pub fn run_s(&self, backend: usize, p: &Profile) -> f64 {
+        if let Some(Some(s)) = self.run_s.get(&(backend, p.shape)) {
+            return *s;
+        }
+        let rate = self
+            .sec_per_work
+            .get(&backend)
+            .copied()
+            .flatten()
+            .or_else(|| self.fleet_sec_per_work())
+            .unwrap_or(1.0);
+        rate * p.work
+    }
+
+    /// Expected checkpoint load seconds of `p` on `backend` (0 if resident there).
+    pub fn load_s(&self, backend: usize, p: &Profile) -> f64 {
+        let Some(ckpt) = &p.checkpoint else {
+            return 0.0;
+        };
+        if self.resident(backend) == Some(ckpt.as_str()) {
+            return 0.0;
+        }
+        if let Some(Some(s)) = self.load_s.get(&(backend, ckpt.clone())) {
+            return *s;
+        }
+        // Another backend's time for this checkpoint, else nothing known yet.
+        self.load_s
+            .iter()
+            .filter(|((_, c), _)| c == ckpt)
+            .filter_map(|(_, s)| *s)
+            .fold(None, |acc: Option<f64>, s| {
+                Some(acc.map_or(s, |a| a.max(s)))
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prof(work: f64, shape: u64, ckpt: &str) -> Profile {
+        Profile {
+            checkpoint: Some(ckpt.into()),
+            work,
+            megapixel_batch: 1.0,
+            shape,
+        }
+    }
+
+    #[test]
+    fn learns_speed_load_and_residency() {
+        let mut l = Learned::default();
+        let p = prof(10.0, 7, "a");
+        assert_eq!(
+            l.run_s(0, &p),
+            10.0,
+            "relative work before anything is known"
+        );
+        l.observe_run(0, &p, 3.0, 1.0);
+        l.observe_run(1, &prof(10.0, 8, "b"), 6.0, 0.0);
+        assert!(
+            (l.run_s(0, &p) - 2.0).abs() < 1e-9,
+            "its own history for the shape"
+        );
+        assert!((l.run_s(1, &p) - 6.0).abs() < 1e-9, "its speed × work");
+        l.observe_load(1, "a", 4.0);
+        assert_eq!(l.load_s(1, &p), 0.0, "resident after loading");
+        assert_eq!(
+            l.load_s(0, &prof(1.0, 9, "b")),
+            0.0,
+            "nothing known about b on 0 yet"
+        );
+        l.observe_load(0, "b", 2.0);
+        assert_eq!(
+            l.load_s(0, &p),
+            4.0,
+            "another backend's time for the checkpoint"
+        );
+    }
+}
