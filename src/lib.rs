@@ -9,3 +9,4 @@ pub mod gate;
 pub mod http;
 pub mod protocol;
 pub mod sim;
+pub mod telemetry;

@@ -17,6 +17,15 @@ use crate::error::GateError;
 use crate::http::{Body, json as json_resp};
 use crate::protocol::{errors, now_ms};
 
+/// Where a prompt should go now.
+enum Placement {
+    Place(Choice, Need, f64),
+    /// Its best backend (and the seconds it will take there) is full: wait for it.
+    Hold(usize, f64),
+    /// No backend can take it now.
+    Nowhere,
+}
+
 /// What a backend said to a forwarded prompt.
 enum Forwarded {
     /// 200: the prompt is the backend's now.
@@ -105,7 +114,6 @@ impl Gate {
                 log: Default::default(),
                 last_node_at: None,
                 load_measured_s: 0.0,
-                expected_s: 0.0,
                 skips: 0,
             });
             let slot = if table.queue_len() == 0 {
@@ -175,14 +183,16 @@ impl Gate {
     }
 
     /// The placement decision for `r` among the backends that may take it: healthy, not
-    /// draining or stalled, a free slot, every class and file it names, its VRAM need within the
-    /// card, enough VRAM after an OOM, and preferably one it did not fail on. Nothing reserved.
+    /// draining or stalled, every class and file it names, its VRAM need within the card, enough
+    /// VRAM after an OOM, preferably one it did not fail on. `Hold` when the best backend is full
+    /// (the prompt waits for it); with `free_only` only backends with a free slot count.
     fn choose(
         &self,
         table: &super::prompts::PromptTable,
         r: &PromptRecord,
-        only: Option<usize>,
-    ) -> Option<(Choice, Need, f64)> {
+        free_only: bool,
+        held_for: &std::collections::HashMap<usize, f64>,
+    ) -> Placement {
         let prompt = &r.body["prompt"];
         let prof = profile::profile(prompt);
         let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
@@ -198,23 +208,27 @@ impl Gate {
         let need = Need {
             vram_bytes: profile::vram_need(&prof, ckpt_bytes, learned.peak(prof.shape)),
         };
+        // Work already on a backend, re-estimated with what is known now (estimates made before
+        // anything was learned would otherwise linger).
         let queued_s = |b: usize| -> f64 {
             table
                 .records()
                 .filter(|x| {
                     x.owner == Some(b) && matches!(x.stage, Stage::Dispatching | Stage::OnBackend)
                 })
-                .map(|x| match x.started_at {
-                    Some(at) => (x.expected_s - at.elapsed().as_secs_f64()).max(0.0),
-                    None => x.expected_s,
+                .map(|x| {
+                    let p = profile::profile(&x.body["prompt"]);
+                    match x.started_at {
+                        Some(at) => (learned.run_s(b, &p) - at.elapsed().as_secs_f64()).max(0.0),
+                        None => learned.run_s(b, &p) + learned.load_s(b, &p),
+                    }
                 })
                 .sum()
         };
         let eligible = |b: &&Arc<super::fleet::BackendState>| {
             let total = b.telemetry.load().vram_total;
-            only.is_none_or(|o| o == b.id)
-                && b.accepts_work()
-                && b.free_slots() > 0
+            b.accepts_work()
+                && (!free_only || b.free_slots() > 0)
                 && r.min_vram_total.is_none_or(|min| total >= min)
                 && (total == 0 || need.vram_bytes <= total)
                 && self.can_run(b.id, prompt)
@@ -226,37 +240,49 @@ impl Gate {
                 .filter(|b| !avoid_tried || !r.tried.contains(&b.id))
                 .map(|b| Candidate {
                     id: b.id,
+                    free: b.free_slots() > 0,
                     inflight: b.inflight.load(Ordering::SeqCst),
                     max_inflight: b.config.max_inflight,
                     vram_total: b.telemetry.load().vram_total,
                     vram_free: b.fresh_vram_free(stale_after),
-                    queued_s: queued_s(b.id),
+                    queued_s: queued_s(b.id) + held_for.get(&b.id).copied().unwrap_or(0.0),
                     run_s: learned.run_s(b.id, &prof),
                     load_s: learned.load_s(b.id, &prof),
+                    need_here: if prof.checkpoint.is_some()
+                        && learned.resident(b.id) == prof.checkpoint.as_deref()
+                    {
+                        need.vram_bytes.saturating_sub(ckpt_bytes.unwrap_or(0))
+                    } else {
+                        need.vram_bytes
+                    },
                 })
                 .collect()
         };
-        let (cands, choice) = {
-            let first = candidates(true);
-            match self.picker.pick(&need, &first) {
-                Some(c) => (first, c),
-                None => {
-                    let all = candidates(false);
-                    let c = self.picker.pick(&need, &all)?;
-                    (all, c)
+        let first = candidates(true);
+        let (cands, choice) = match self.picker.pick(&need, &first) {
+            Some(c) => (first, c),
+            None => {
+                let all = candidates(false);
+                match self.picker.pick(&need, &all) {
+                    Some(c) => (all, c),
+                    None => return Placement::Nowhere,
                 }
             }
         };
-        let chosen = cands.iter().find(|c| c.id == choice.id)?;
+        let Some(chosen) = cands.iter().find(|c| c.id == choice.id) else {
+            return Placement::Nowhere;
+        };
         let expected = chosen.run_s + chosen.load_s;
-        Some((choice, need, expected))
+        if !chosen.free {
+            return Placement::Hold(chosen.id, expected);
+        }
+        Placement::Place(choice, need, expected)
     }
 
     /// Reserves the chosen slot and records the decision; the caller holds `reserve`.
     fn commit(&self, r: &mut PromptRecord, choice: Choice, need: Need, expected_s: f64) -> usize {
         let b = self.backend(choice.id);
         b.inflight.fetch_add(1, Ordering::SeqCst);
-        r.expected_s = expected_s;
         let name = |id: usize| self.backend(id).name().to_string();
         let decision = json!({
             "at": now_ms(),
@@ -266,6 +292,7 @@ impl Gate {
             "runner_up": choice.runner_up.map(name),
             "scores": choice.scores.iter().map(|(id, s)| json!({"backend": name(*id), "score": s})).collect::<Vec<_>>(),
             "need_vram_bytes": need.vram_bytes,
+            "expected_s": expected_s,
             "skips": r.skips,
             "reason": choice.reason,
         });
@@ -288,9 +315,15 @@ impl Gate {
             .collect()
     }
 
-    /// Chooses and reserves a backend for `id`; the caller holds `reserve`.
+    /// Chooses and reserves a backend for `id` (none if it should wait); the caller holds
+    /// `reserve`.
     fn reserve_slot(&self, table: &mut super::prompts::PromptTable, id: &str) -> Option<usize> {
-        let (choice, need, expected) = self.choose(table, table.get(id)?, None)?;
+        let none = std::collections::HashMap::new();
+        let Placement::Place(choice, need, expected) =
+            self.choose(table, table.get(id)?, false, &none)
+        else {
+            return None;
+        };
         let r = table.get_mut(id)?;
         Some(self.commit(r, choice, need, expected))
     }
@@ -406,55 +439,41 @@ impl Gate {
         self.broadcast_status();
     }
 
-    /// Takes the next prompt to dispatch and reserves its slot. Normally the first queued prompt
-    /// some free slot can take (one that needs a larger backend does not hold up the others); but
-    /// if the backend it would get has another checkpoint resident, a prompt within
-    /// `affinity_window` that uses the resident checkpoint goes there first, unless the passed-over
-    /// prompt has been passed over `max_skips` times or waited `max_wait_ms` (aging).
+    /// Takes the next prompt to dispatch and reserves its slot: the first queued prompt whose
+    /// best backend has a free slot. A prompt whose best backend is full waits for it (a hold:
+    /// the GPU with its checkpoint resident, say, will finish it sooner) while prompts behind it,
+    /// within `affinity_window` holds, go ahead. A prompt passed over `max_skips` times or waiting
+    /// `max_wait_ms` no longer waits: it takes the best free backend (aging, so nothing starves).
     fn take_next(&self) -> Option<(String, usize)> {
         let _reserve = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
         let mut table = self.lock_prompts();
         let ids: Vec<String> = table.queued().take(64).map(|r| r.id.clone()).collect();
-        let window = self.config.placement.affinity_window;
-        for (pos, id) in ids.iter().enumerate() {
-            let Some((choice, need, expected)) =
-                table.get(id).and_then(|r| self.choose(&table, r, None))
-            else {
-                continue;
-            };
-            let target = choice.id;
-            let head = table.get(id)?;
-            let resident = self
-                .learned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .resident(target)
-                .map(str::to_string);
-            let head_ckpt = profile::profile(&head.body["prompt"]).checkpoint;
-            let aged = head.skips >= self.config.placement.max_skips
-                || now_ms() - head.create_time >= self.config.placement.max_wait_ms as i64;
-            if resident.is_some() && head_ckpt != resident && !aged {
-                let affine = ids
-                    .iter()
-                    .skip(pos + 1)
-                    .take(window.saturating_sub(1))
-                    .find(|other| {
-                        table.get(other.as_str()).is_some_and(|o| {
-                            profile::profile(&o.body["prompt"]).checkpoint == resident
-                        })
-                    });
-                if let Some(other) = affine.cloned()
-                    && let Some((c2, n2, e2)) = table
-                        .get(&other)
-                        .and_then(|o| self.choose(&table, o, Some(target)))
-                {
-                    if let Some(h) = table.get_mut(id) {
-                        h.skips += 1;
+        let mut held: Vec<String> = Vec::new();
+        // Work the held prompts will add to their backends (list scheduling: a prompt behind
+        // them sees those backends as busier).
+        let mut held_for: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
+        for id in &ids {
+            let Some(r) = table.get(id) else { continue };
+            let aged = r.skips >= self.config.placement.max_skips
+                || now_ms() - r.create_time >= self.config.placement.max_wait_ms as i64;
+            match self.choose(&table, r, aged, &held_for) {
+                Placement::Place(choice, need, expected) => {
+                    for h in &held {
+                        if let Some(hr) = table.get_mut(h) {
+                            hr.skips += 1;
+                        }
                     }
-                    return self.dispatch_reserved(&mut table, &other, c2, n2, e2);
+                    return self.dispatch_reserved(&mut table, id, choice, need, expected);
                 }
+                Placement::Hold(backend, expected) => {
+                    *held_for.entry(backend).or_default() += expected;
+                    held.push(id.clone());
+                    if held.len() >= self.config.placement.affinity_window {
+                        return None;
+                    }
+                }
+                Placement::Nowhere => {}
             }
-            return self.dispatch_reserved(&mut table, id, choice, need, expected);
         }
         None
     }

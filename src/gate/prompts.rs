@@ -92,9 +92,6 @@ pub struct PromptRecord {
     /// Checkpoint load seconds measured in the current run.
     #[serde(skip)]
     pub load_measured_s: f64,
-    /// Expected seconds on its backend when it was placed (for others' queue estimates).
-    #[serde(skip)]
-    pub expected_s: f64,
     /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
     #[serde(skip)]
     pub skips: u32,
@@ -114,7 +111,6 @@ impl PromptRecord {
         self.log = RunLog::default();
         self.last_node_at = None;
         self.load_measured_s = 0.0;
-        self.expected_s = 0.0;
     }
 
     /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.
@@ -300,7 +296,6 @@ mod tests {
             log: RunLog::default(),
             last_node_at: None,
             load_measured_s: 0.0,
-            expected_s: 0.0,
             skips: 0,
         }
     }

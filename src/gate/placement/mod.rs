@@ -2,9 +2,10 @@
 //! pure [`Picker`] trait, so they unit-test and benchmark without sockets, and the default policy
 //! can be compared with simple baselines on equal terms.
 //!
-//! The caller filters first (healthy, not draining or stalled, a free slot, every node class and
-//! model file the prompt names, predicted VRAM need within the card's total); a picker only
-//! orders the rest. Every decision says why (chosen, runner-up, scores).
+//! The caller filters first (healthy, not draining or stalled, every node class and model file
+//! the prompt names, predicted VRAM need within the card's total); a picker orders the rest. A
+//! picker may choose a backend without a free slot: the prompt then waits for it (a hold). Every
+//! decision says why (chosen, runner-up, scores).
 
 pub mod profile;
 pub mod stats;
@@ -17,6 +18,9 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Candidate {
     pub id: usize,
+    /// Has a free slot now. A picker may still choose a full backend: the prompt then waits for
+    /// it (a hold), as when a busy GPU with the right checkpoint will finish it sooner.
+    pub free: bool,
     pub inflight: usize,
     pub max_inflight: usize,
     /// Total VRAM in bytes (0 if never read).
@@ -30,6 +34,8 @@ pub struct Candidate {
     pub run_s: f64,
     /// Seconds of checkpoint loading this prompt would cost here (0 if it is resident).
     pub load_s: f64,
+    /// VRAM the prompt would add here: its need, less its checkpoint if that is resident.
+    pub need_here: u64,
 }
 
 /// What the prompt needs.
@@ -74,20 +80,19 @@ fn ranked(
 }
 
 /// The default: the backend expected to finish the prompt soonest (work already there, this
-/// prompt's run time there, a checkpoint load unless it is resident), then the most VRAM
-/// headroom after the prompt's need (a stale reading has none).
+/// prompt's run time there, a checkpoint load unless it is resident); among backends within
+/// `tolerance` of the soonest, the one with the most VRAM headroom after the prompt's need (a
+/// stale reading has none). Estimates are learned and noisy, so near-equal times count as equal
+/// and free memory decides.
 #[derive(Debug)]
 pub struct GpuAware {
-    /// Weight of headroom (fraction of the card free after the prompt) against completion time
-    /// (as a fraction of the slowest candidate's). Default 0.5.
-    pub headroom_weight: f64,
+    /// Completion times within this fraction of the soonest count as equal. Default 0.2.
+    pub tolerance: f64,
 }
 
 impl Default for GpuAware {
     fn default() -> Self {
-        Self {
-            headroom_weight: 0.5,
-        }
+        Self { tolerance: 0.2 }
     }
 }
 
@@ -96,11 +101,10 @@ impl GpuAware {
         c.queued_s + c.run_s + c.load_s
     }
 
-    fn headroom(need: &Need, c: &Candidate) -> f64 {
+    /// Free VRAM after the prompt, as a fraction of the card (0 with no fresh reading).
+    fn headroom(c: &Candidate) -> f64 {
         match (c.vram_free, c.vram_total) {
-            (Some(free), total) if total > 0 => {
-                (free as f64 - need.vram_bytes as f64) / total as f64
-            }
+            (Some(free), total) if total > 0 => (free as f64 - c.need_here as f64) / total as f64,
             _ => 0.0,
         }
     }
@@ -111,42 +115,55 @@ impl Picker for GpuAware {
         "gpu_aware"
     }
 
-    fn pick(&self, need: &Need, candidates: &[Candidate]) -> Option<Choice> {
-        let slowest = candidates
+    fn pick(&self, _need: &Need, candidates: &[Candidate]) -> Option<Choice> {
+        let soonest = candidates
             .iter()
             .map(Self::completion_s)
-            .fold(0.0f64, f64::max)
-            .max(1e-9);
-        let scored = candidates
-            .iter()
-            .map(|c| {
-                let t = Self::completion_s(c) / slowest;
+            .fold(f64::INFINITY, f64::min);
+        let near = |c: &Candidate| Self::completion_s(c) <= soonest * (1.0 + self.tolerance) + 1e-3;
+        // Rank: near-soonest first (by headroom), then the rest by completion time.
+        let mut order: Vec<&Candidate> = candidates.iter().collect();
+        order.sort_by(|a, b| {
+            let key = |c: &Candidate| {
                 (
-                    c.id,
-                    t - self.headroom_weight * Self::headroom(need, c).clamp(-1.0, 1.0),
+                    !near(c),
+                    if near(c) {
+                        -Self::headroom(c)
+                    } else {
+                        Self::completion_s(c)
+                    },
                 )
-            })
-            .collect();
-        let by_id = |id: usize| candidates.iter().find(|c| c.id == id);
-        ranked(scored, |id, up| {
-            let c = by_id(id).expect("chosen from candidates");
-            let mut r = format!(
-                "expected done in {:.1}s (queued {:.1}s + run {:.1}s + load {:.1}s), {:.1} GB headroom",
+            };
+            let (ka, kb) = (key(a), key(b));
+            ka.0.cmp(&kb.0)
+                .then(ka.1.partial_cmp(&kb.1).unwrap_or(std::cmp::Ordering::Equal))
+                .then(a.id.cmp(&b.id))
+        });
+        let chosen = *order.first()?;
+        let runner_up = order.get(1).copied();
+        let describe = |c: &Candidate| {
+            format!(
+                "done in {:.2}s (queued {:.2}s + run {:.2}s + load {:.2}s), {:.1} GB headroom",
                 Self::completion_s(c),
                 c.queued_s,
                 c.run_s,
                 c.load_s,
-                Self::headroom(need, c) * c.vram_total as f64 / 1e9
-            );
-            if let Some(u) = up.and_then(by_id) {
-                r.push_str(&format!(
-                    "; runner-up {} done in {:.1}s, {:.1} GB headroom",
-                    u.id,
-                    Self::completion_s(u),
-                    Self::headroom(need, u) * u.vram_total as f64 / 1e9
-                ));
-            }
-            r
+                Self::headroom(c) * c.vram_total as f64 / 1e9
+            )
+        };
+        let mut reason = format!("expected {}", describe(chosen));
+        if let Some(u) = runner_up {
+            let why = if near(u) { "less headroom" } else { "later" };
+            reason.push_str(&format!("; runner-up {} ({why}): {}", u.id, describe(u)));
+        }
+        Some(Choice {
+            id: chosen.id,
+            runner_up: runner_up.map(|c| c.id),
+            scores: order
+                .iter()
+                .map(|c| (c.id, Self::completion_s(c)))
+                .collect(),
+            reason,
         })
     }
 }
@@ -184,11 +201,16 @@ impl Picker for RoundRobin {
         if candidates.is_empty() {
             return None;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        // Strict rotation over every eligible backend, as nginx does: the prompt waits for its
+        // turn's backend if that one is full; the turn advances only when it is taken.
         let mut ids: Vec<usize> = candidates.iter().map(|c| c.id).collect();
         ids.sort_unstable();
         let n = ids.len();
-        let start = turn % n;
+        let start = self.next.load(Ordering::Relaxed) % n;
+        let chosen = ids[start];
+        if candidates.iter().any(|c| c.id == chosen && c.free) {
+            self.next.fetch_add(1, Ordering::Relaxed);
+        }
         let scored = (0..n).map(|k| (ids[(start + k) % n], k as f64)).collect();
         ranked(scored, |_, _| "round robin".into())
     }
@@ -211,6 +233,7 @@ mod tests {
     fn c(id: usize, free_gb: Option<u64>, queued_s: f64, run_s: f64, load_s: f64) -> Candidate {
         Candidate {
             id,
+            free: true,
             inflight: 0,
             max_inflight: 2,
             vram_total: 80_000_000_000,
@@ -218,6 +241,7 @@ mod tests {
             queued_s,
             run_s,
             load_s,
+            need_here: 5_000_000_000,
         }
     }
 
@@ -267,7 +291,11 @@ mod tests {
             )
             .unwrap();
         assert_eq!((choice.id, choice.runner_up), (1, Some(0)));
-        assert!(choice.reason.contains("runner-up 0"), "{}", choice.reason);
+        assert!(
+            choice.reason.contains("runner-up 0 (later)"),
+            "{}",
+            choice.reason
+        );
         // A resident checkpoint saves the load.
         let choice = p
             .pick(
