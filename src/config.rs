@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub recovery: RecoveryConfig,
     #[serde(default)]
     pub placement: PlacementConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -99,6 +101,29 @@ impl Default for HealthConfig {
             timeout_ms: 1000,
             unhealthy_threshold: 2,
             healthy_threshold: 2,
+        }
+    }
+}
+
+/// `[telemetry]`: NVML readings for backends whose GPU is on the gate's own machine.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Read local GPUs through NVML (for backends with `gpu` set). Default true; without the
+    /// library or a GPU the gate logs one line and uses `/system_stats` for every backend.
+    pub nvml: bool,
+    /// Path of the NVML library. Default: `libnvidia-ml.so.1` from the system's search path.
+    pub nvml_library: Option<PathBuf>,
+    /// Time between NVML samples, in ms. Default 500.
+    pub interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            nvml: true,
+            nvml_library: None,
+            interval_ms: 500,
         }
     }
 }
@@ -195,6 +220,10 @@ pub struct BackendConfig {
     /// Holds user data (`/userdata`, `/settings`, `/users`). Default: the first backend.
     #[serde(default)]
     pub home: bool,
+    /// The backend's GPU when it is on this machine: an NVML UUID (`GPU-…`, preferred: stable)
+    /// or an NVML index. Default: none (telemetry from `/system_stats`).
+    #[serde(default)]
+    pub gpu: Option<String>,
 }
 
 /// A validated configuration, ready to run.
@@ -205,6 +234,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub recovery: RecoveryConfig,
     pub placement: PlacementConfig,
+    pub telemetry: TelemetryConfig,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,
@@ -219,6 +249,8 @@ pub struct Backend {
     /// `host:port`, for connecting and the `Host` header.
     pub authority: String,
     pub max_inflight: usize,
+    /// Its local GPU, for NVML.
+    pub gpu: Option<crate::telemetry::GpuSelector>,
 }
 
 impl Config {
@@ -395,11 +427,19 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
             }
             home = Some(i);
         }
+        let gpu = match &b.gpu {
+            Some(g) => Some(
+                crate::telemetry::GpuSelector::parse(g)
+                    .map_err(|m| err(Some(b.url.span()), &format!("backend[{i}].gpu"), m))?,
+            ),
+            None => None,
+        };
         backends.push(Backend {
             name: b.name.clone().unwrap_or_else(|| authority.clone()),
             base,
             authority,
             max_inflight: b.max_inflight.unwrap_or(raw.scheduler.max_inflight),
+            gpu,
         });
     }
     if backends.is_empty() {
@@ -415,6 +455,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         health: raw.health,
         recovery: raw.recovery,
         placement: raw.placement,
+        telemetry: raw.telemetry,
         backends,
         home: home.unwrap_or(0),
     })
@@ -439,6 +480,7 @@ pub fn backend_from_url(url: &str) -> BackendConfig {
         name: None,
         max_inflight: None,
         home: false,
+        gpu: None,
     }
 }
 

@@ -43,6 +43,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Read every local GPU through NVML once and print what it read (JSON).
+    Gpus {
+        /// Path of the NVML library (default: libnvidia-ml.so.1).
+        #[arg(long)]
+        nvml_library: Option<PathBuf>,
+    },
     /// Start three simulated ComfyUI backends and the gate in front of them.
     Demo {
         /// Client-facing address.
@@ -165,6 +171,28 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             handle.shutdown().await;
             Ok(())
+        }
+        Command::Gpus { nvml_library } => {
+            match comfy_gate::telemetry::probe(nvml_library.as_deref()) {
+                Ok(gpus) => {
+                    let out: Vec<serde_json::Value> = gpus
+                    .iter()
+                    .map(|g| {
+                        serde_json::json!({
+                            "uuid": g.uuid, "name": g.name, "total": g.total, "free": g.free, "used": g.used,
+                            "gpu_util": g.gpu_util, "mem_util": g.mem_util,
+                            "temperature_c": g.temperature_c, "power_mw": g.power_mw,
+                        })
+                    })
+                    .collect();
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("comfy-gate: NVML unavailable: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Demo {
             listen,

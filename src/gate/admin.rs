@@ -47,7 +47,14 @@ pub async fn handle(gate: Arc<Gate>, req: Request<Incoming>) -> Response<Body> {
                         "max_inflight": b.config.max_inflight,
                         "completed": b.completed.load(std::sync::atomic::Ordering::SeqCst),
                         "ws_connected": b.ws_connected.load(std::sync::atomic::Ordering::SeqCst),
-                        "vram_free": b.telemetry.load().vram_free,
+                        "vram_total": gate.vram(b.id).0,
+                        "vram_free": gate.vram(b.id).1,
+                        "gpu": gate.nvml_reading(b.id).map(|r| json!({
+                            "source": "nvml", "uuid": r.uuid, "name": r.name, "total": r.total, "free": r.free,
+                            "used": r.used, "gpu_util": r.gpu_util, "mem_util": r.mem_util,
+                            "temperature_c": r.temperature_c, "power_mw": r.power_mw,
+                            "age_ms": r.age().as_millis() as u64,
+                        })),
                         "draining": b.draining.load(std::sync::atomic::Ordering::SeqCst),
                         "stalled": b.stalled.load(std::sync::atomic::Ordering::SeqCst),
                     })

@@ -195,7 +195,6 @@ impl Gate {
     ) -> Placement {
         let prompt = &r.body["prompt"];
         let prof = profile::profile(prompt);
-        let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
         let learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
         let ckpt_bytes = prof.checkpoint.as_ref().and_then(|c| {
             self.backends.iter().find_map(|b| {
@@ -226,7 +225,7 @@ impl Gate {
                 .sum()
         };
         let eligible = |b: &&Arc<super::fleet::BackendState>| {
-            let total = b.telemetry.load().vram_total;
+            let total = self.vram(b.id).0;
             b.accepts_work()
                 && (!free_only || b.free_slots() > 0)
                 && r.min_vram_total.is_none_or(|min| total >= min)
@@ -243,8 +242,8 @@ impl Gate {
                     free: b.free_slots() > 0,
                     inflight: b.inflight.load(Ordering::SeqCst),
                     max_inflight: b.config.max_inflight,
-                    vram_total: b.telemetry.load().vram_total,
-                    vram_free: b.fresh_vram_free(stale_after),
+                    vram_total: self.vram(b.id).0,
+                    vram_free: self.vram(b.id).1,
                     queued_s: queued_s(b.id) + held_for.get(&b.id).copied().unwrap_or(0.0),
                     run_s: learned.run_s(b.id, &prof),
                     load_s: learned.load_s(b.id, &prof),

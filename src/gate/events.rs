@@ -104,11 +104,11 @@ impl Gate {
         if !(text.contains("outofmemory") || text.contains("out of memory")) {
             return false;
         }
-        let total = self.backend(backend).telemetry.load().vram_total;
+        let total = self.vram(backend).0;
         let larger = self
             .backends
             .iter()
-            .any(|b| b.id != backend && b.is_up() && b.telemetry.load().vram_total > total);
+            .any(|b| b.id != backend && b.is_up() && self.vram(b.id).0 > total);
         let mut t = self.lock_prompts();
         let Some(r) = t.get_mut(prompt_id) else {
             return false;

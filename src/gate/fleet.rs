@@ -190,6 +190,7 @@ mod tests {
                 base: "http://127.0.0.1:1".into(),
                 authority: "127.0.0.1:1".into(),
                 max_inflight: 2,
+                gpu: None,
             },
             "gate-test-0".into(),
         )

@@ -9,6 +9,34 @@ use super::Gate;
 use super::fleet::{Health, Telemetry};
 
 impl Gate {
+    /// The NVML reading of a backend's local GPU, if it has one.
+    pub fn nvml_reading(&self, backend: usize) -> Option<crate::telemetry::GpuReading> {
+        let (sampler, slots) = self.nvml.as_ref()?;
+        let slot = (*slots.get(backend)?)?;
+        sampler.readings().get(slot).cloned().flatten()
+    }
+
+    /// `(total, free)` VRAM of a backend: NVML for a local GPU, else its last `/system_stats`.
+    /// `free` is `None` when the reading is older than `placement.stale_after_ms` (no headroom).
+    pub fn vram(&self, backend: usize) -> (u64, Option<u64>) {
+        let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
+        if self
+            .nvml
+            .as_ref()
+            .is_some_and(|(_, slots)| slots.get(backend).copied().flatten().is_some())
+        {
+            return match self.nvml_reading(backend) {
+                Some(r) => (r.total, (r.age() <= stale_after).then_some(r.free)),
+                None => (0, None),
+            };
+        }
+        let b = self.backend(backend);
+        (
+            b.telemetry.load().vram_total,
+            b.fresh_vram_free(stale_after),
+        )
+    }
+
     /// Records one health result; on a flip, logs it, invalidates merged caches and wakes the
     /// dispatcher.
     pub fn record_health(&self, backend: usize, ok: bool) {

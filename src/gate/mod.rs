@@ -63,6 +63,8 @@ pub struct Gate {
     merged_cache: Mutex<merged::Cache>,
     /// Durable state (queue, owners, history, aliases).
     store: Arc<store::Store>,
+    /// NVML readings for backends whose GPU is local: the sampler and, per backend, its slot.
+    nvml: Option<(crate::telemetry::NvmlSampler, Vec<Option<usize>>)>,
     /// Finished prompts' history entries, oldest first: `id → (finished_at_ms, entry)`.
     history: Mutex<IndexMap<String, (i64, Value)>>,
     pub stop: CancellationToken,
@@ -148,6 +150,43 @@ impl Gate {
     }
 }
 
+/// Starts NVML sampling for the backends mapped to a local GPU. Without the library (or a GPU)
+/// one line says so and `/system_stats` serves every backend.
+fn start_nvml(config: &Config) -> Option<(crate::telemetry::NvmlSampler, Vec<Option<usize>>)> {
+    if !config.telemetry.nvml {
+        return None;
+    }
+    let mut selectors = Vec::new();
+    let mut slots = Vec::new();
+    for b in &config.backends {
+        match &b.gpu {
+            Some(g) => {
+                slots.push(Some(selectors.len()));
+                selectors.push(g.clone());
+            }
+            None => slots.push(None),
+        }
+    }
+    if selectors.is_empty() {
+        return None;
+    }
+    let interval = std::time::Duration::from_millis(config.telemetry.interval_ms);
+    match crate::telemetry::NvmlSampler::start(
+        config.telemetry.nvml_library.as_deref(),
+        selectors,
+        interval,
+    ) {
+        Ok(sampler) => {
+            tracing::info!(gpus = sampler.uuids().len(), "NVML telemetry on");
+            Some((sampler, slots))
+        }
+        Err(reason) => {
+            tracing::warn!("NVML unavailable ({reason}); using /system_stats for every backend");
+            None
+        }
+    }
+}
+
 /// Starts the gate: client listener, admin listener, probes, upstream sockets, dispatcher and
 /// watchdog. State from an earlier run in the same state directory is loaded first; a store that
 /// cannot be read is an error naming its file.
@@ -208,6 +247,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
             "state restored"
         );
     }
+    let nvml = start_nvml(&config);
     let gate = Arc::new(Gate {
         upstream: Upstream::new(config.upstream_timeout()),
         config: config.clone(),
@@ -223,6 +263,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         fleet_generation: AtomicU64::new(0),
         merged_cache: Mutex::new(merged::Cache::default()),
         store,
+        nvml,
         history: Mutex::new(history),
         stop: stop.clone(),
     });
