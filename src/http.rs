@@ -198,11 +198,15 @@ pub fn accept_comfy_websocket<B>(req: &mut Request<B>) -> Result<WsAccept, Box<R
     })
 }
 
-/// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages).
+/// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages), with small buffers:
+/// most sockets are idle clients, and tungstenite's 128 KiB default read buffer would cost that
+/// much per connection (1.3 GB for 10,000 idle clients, measured by `benches/overhead.rs`).
 pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     let mut cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     cfg.max_message_size = Some(4 << 20);
     cfg.max_frame_size = Some(4 << 20);
+    cfg.read_buffer_size = 4 << 10;
+    cfg.write_buffer_size = 0;
     cfg
 }
 

@@ -7,6 +7,7 @@ pub mod error;
 pub mod files;
 pub mod gate;
 pub mod http;
+pub mod loadtest;
 pub mod protocol;
 pub mod sim;
 pub mod telemetry;

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -61,6 +62,46 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         time_scale: f64,
     },
+    /// Send prompts to a ComfyUI-compatible server (ComfyUI, the gate, comfy-sim) and report
+    /// counts, latency percentiles, throughput and errors.
+    Loadtest {
+        /// Base URL of the server, http://HOST:PORT.
+        #[arg(long)]
+        url: String,
+        /// Workflow in ComfyUI's API format, or a {"prompt": …} body (default: built-in
+        /// SDXL txt2img).
+        #[arg(long)]
+        workflow: Option<PathBuf>,
+        /// Concurrent users, each with its own client_id and WebSocket.
+        #[arg(long, default_value_t = 1)]
+        users: usize,
+        /// Prompts per user (default 1, or unlimited with --duration).
+        #[arg(long)]
+        requests_per_user: Option<u64>,
+        /// Stop submitting after this many seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+        duration: Option<Duration>,
+        /// Open loop: prompts per second arriving as a Poisson process.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Vary an input per prompt: `seed` gives every seed / noise_seed input a random value.
+        #[arg(long, value_parser = ["seed"])]
+        vary: Option<String>,
+        /// Per-prompt timeout in seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value = "600")]
+        timeout: Duration,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0)
+        .and_then(|v| Duration::try_from_secs_f64(v).ok())
+        .ok_or_else(|| format!("expected a positive number of seconds, got {s:?}"))
 }
 
 fn init_logging() {
@@ -228,6 +269,47 @@ async fn main() -> anyhow::Result<()> {
             );
             shutdown_signal().await;
             demo.gate.shutdown().await;
+            Ok(())
+        }
+        Command::Loadtest {
+            url,
+            workflow,
+            users,
+            requests_per_user,
+            duration,
+            rate,
+            vary,
+            timeout,
+            json,
+        } => {
+            use comfy_gate::loadtest::{self, LoadTest, Options};
+            let graph = match workflow.as_deref().map(loadtest::workflow::load_file) {
+                None => loadtest::workflow::default_workflow(),
+                Some(Ok(g)) => g,
+                Some(Err(e)) => {
+                    eprintln!("comfy-gate loadtest: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let options = Options {
+                workflow: graph,
+                users,
+                requests_per_user,
+                duration,
+                rate,
+                vary_seed: vary.is_some(),
+                timeout,
+                progress: true,
+                ..Options::new(&url)
+            };
+            match LoadTest::new(options).run().await {
+                Ok(report) if json => println!("{}", report.to_json()),
+                Ok(report) => print!("{report}"),
+                Err(e) => {
+                    eprintln!("comfy-gate loadtest: {e}");
+                    std::process::exit(1);
+                }
+            }
             Ok(())
         }
     }

@@ -1,0 +1,302 @@
+//! Scheduling quality: one fixed, seeded workload on a simulated heterogeneous fleet (speeds 2, 1,
+//! 1, 0.5; VRAM 80, 24, 24, 12 GB; two checkpoints; mixed sizes; Poisson arrivals at 70 % and 95 %
+//! of fleet capacity), replayed against each policy: the gate's default (late binding), the
+//! gate binding immediately (no gate queue), and round robin and least-connections bound
+//! immediately, as nginx does them. Prints a markdown table per load with each policy's job
+//! latency, makespan, GPU busy share, checkpoint loads and failures, and their ratios to a
+//! computed lower bound. Times are simulated seconds (wall time / time scale).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use comfy_gate::config::{self, FileConfig};
+use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// Simulated seconds per wall second; 0.1 keeps per-request overhead small against job times.
+const TIME_SCALE: f64 = 0.1;
+/// comfy-sim's sampling cost (seconds per step-megapixel at speed 1).
+const SEC_PER_WORK: f64 = 0.15;
+const JOBS: usize = 80;
+const FLEET: [(f64, f64); 4] = [(2.0, 80.0), (1.0, 24.0), (1.0, 24.0), (0.5, 12.0)];
+const CKPTS: [&str; 2] = [
+    "sd_xl_base_1.0.safetensors",
+    "v1-5-pruned-emaonly-fp16.safetensors",
+];
+
+struct Job {
+    at_s: f64,
+    ckpt: &'static str,
+    side: u64,
+    batch: u64,
+    steps: u64,
+}
+
+impl Job {
+    fn work(&self) -> f64 {
+        self.steps as f64 * (self.side * self.side) as f64 / 1e6 * self.batch as f64
+    }
+    fn graph(&self, seed: u64) -> Value {
+        json!({
+            "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": self.steps, "cfg": 7, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
+                  "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": self.ckpt}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": self.side, "height": self.side, "batch_size": self.batch}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a lighthouse"}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}}
+        })
+    }
+}
+
+/// A seeded trace: 70 % small (512²), 25 % large (1024²), 5 % very large (1536² × 2, which the
+/// 12 GB card cannot hold); Poisson arrivals at `load` × capacity.
+fn trace(load: f64, seed: u64) -> Vec<Job> {
+    let mut x = seed;
+    let mut rnd = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((x >> 11) as f64) / ((1u64 << 53) as f64)
+    };
+    let mut jobs: Vec<Job> = (0..JOBS)
+        .map(|_| {
+            let r = rnd();
+            let (side, batch) = if r < 0.70 {
+                (512, 1)
+            } else if r < 0.95 {
+                (1024, 1)
+            } else {
+                (1536, 2)
+            };
+            Job {
+                at_s: 0.0,
+                ckpt: CKPTS[(rnd() * 2.0) as usize % 2],
+                side,
+                batch,
+                steps: 20,
+            }
+        })
+        .collect();
+    let mean_service: f64 = jobs.iter().map(|j| j.work() * SEC_PER_WORK).sum::<f64>() / JOBS as f64;
+    let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
+    let rate = load * capacity / mean_service;
+    let mut t = 0.0;
+    for j in &mut jobs {
+        t += -(1.0 - rnd()).ln() / rate;
+        j.at_s = t;
+    }
+    jobs
+}
+
+struct Outcome {
+    latencies: Vec<f64>,
+    makespan: f64,
+    busy_share: f64,
+    loads: u64,
+    failed: usize,
+}
+
+async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome {
+    let mut sims: Vec<SimHandle> = Vec::new();
+    for (i, (speed, vram)) in FLEET.iter().enumerate() {
+        let cfg = SimConfig {
+            name: format!("gpu{i}"),
+            speed: *speed,
+            vram_total_gb: *vram,
+            time_scale: TIME_SCALE,
+            ..Default::default()
+        };
+        sims.push(SimBackend::start(cfg).await.expect("sim"));
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut file = FileConfig::default();
+    file.server.listen = "127.0.0.1:0".parse().unwrap();
+    file.server.admin_listen = "127.0.0.1:0".parse().unwrap();
+    file.server.state_dir = Some(state.path().to_path_buf());
+    file.health.interval_ms = 200;
+    file.scheduler.max_inflight = max_inflight;
+    file.placement.policy = policy.into();
+    file.backends = sims
+        .iter()
+        .map(|s| config::backend_from_url(&s.url()))
+        .collect();
+    let gate = comfy_gate::gate::run(config::validate(file, "", "(bench)").expect("config"))
+        .await
+        .expect("gate");
+    let base = gate.url();
+    let done: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
+    let (ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/ws?clientId=bench",
+        base.replacen("http", "ws", 1)
+    ))
+    .await
+    .expect("ws");
+    let reader = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let (_, mut rx) = ws.split();
+            let mut failed: HashMap<String, bool> = HashMap::new();
+            while let Some(Ok(msg)) = rx.next().await {
+                let Ok(text) = msg.to_text() else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(text) else {
+                    continue;
+                };
+                let id = v["data"]["prompt_id"].as_str().unwrap_or("").to_string();
+                match v["type"].as_str() {
+                    Some("execution_error") | Some("execution_interrupted") => {
+                        failed.insert(id, true);
+                    }
+                    Some("executing") if v["data"]["node"].is_null() => {
+                        let bad = failed.contains_key(&id);
+                        done.lock().unwrap().insert(id, (Instant::now(), !bad));
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    let mut submitted: HashMap<String, Instant> = HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(job.at_s * TIME_SCALE);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("job-{i}");
+        submitted.insert(id.clone(), Instant::now());
+        let body = json!({"prompt": job.graph(i as u64), "prompt_id": id, "client_id": "bench"});
+        let ok = client
+            .post(format!("{base}/prompt"))
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().is_success());
+        if !matches!(ok, Ok(true)) {
+            done.lock().unwrap().insert(id, (Instant::now(), false));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while done.lock().unwrap().len() < jobs.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.abort();
+    let done = done.lock().unwrap().clone();
+    let latencies: Vec<f64> = submitted
+        .iter()
+        .filter_map(|(id, t0)| {
+            done.get(id)
+                .map(|(t1, _)| (*t1 - *t0).as_secs_f64() / TIME_SCALE)
+        })
+        .collect();
+    let failed = jobs.len() - done.values().filter(|(_, ok)| *ok).count();
+    let last = done.values().map(|(t, _)| *t).max().unwrap_or(start);
+    let makespan = (last - start).as_secs_f64() / TIME_SCALE;
+    // Busy time from each backend's own history (execution_start → end), in simulated seconds.
+    let mut busy = 0.0;
+    for s in &sims {
+        let h: Value = client
+            .get(format!("{}/history", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for entry in h.as_object().into_iter().flatten().map(|(_, e)| e) {
+            let msgs = entry["status"]["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let ts = |k: &str| {
+                msgs.iter()
+                    .find(|m| m[0] == k)
+                    .and_then(|m| m[1]["timestamp"].as_f64())
+            };
+            let end = msgs.last().and_then(|m| m[1]["timestamp"].as_f64());
+            if let (Some(a), Some(b)) = (ts("execution_start"), end) {
+                busy += (b - a) / 1000.0 / TIME_SCALE;
+            }
+        }
+    }
+    let loads = sims.iter().map(|s| s.counters().checkpoint_loads).sum();
+    gate.shutdown().await;
+    Outcome {
+        latencies,
+        makespan,
+        busy_share: busy / (makespan * FLEET.len() as f64),
+        loads,
+        failed,
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let fastest = FLEET.iter().map(|f| f.0).fold(0.0, f64::max);
+    let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
+    let nginx = std::process::Command::new("sh")
+        .args(["-c", "command -v nginx"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    println!(
+        "# Scheduling benchmark ({JOBS} jobs, fleet speeds 2/1/1/0.5, VRAM 80/24/24/12 GB, time scale {TIME_SCALE})\n"
+    );
+    if !nginx {
+        println!(
+            "nginx: not on PATH, skipped (baselines below are nginx's policies as gate pickers, bound immediately)\n"
+        );
+    }
+    for load in [0.70, 0.95] {
+        let jobs = trace(load, 42);
+        let total_work: f64 = jobs.iter().map(|j| j.work() * SEC_PER_WORK).sum();
+        let lb_makespan = (total_work / capacity).max(jobs.last().map(|j| j.at_s).unwrap_or(0.0));
+        let lb_lat: Vec<f64> = jobs
+            .iter()
+            .map(|j| j.work() * SEC_PER_WORK / fastest)
+            .collect();
+        let (lb50, lb95, lb99) = (pct(&lb_lat, 0.5), pct(&lb_lat, 0.95), pct(&lb_lat, 0.99));
+        println!("## Load {:.0} % of capacity\n", load * 100.0);
+        println!(
+            "| policy | p50 s (×LB) | p95 s (×LB) | p99 s (×LB) | makespan s (×LB) | GPU busy | ckpt loads | failed |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        println!("| lower bound | {lb50:.2} | {lb95:.2} | {lb99:.2} | {lb_makespan:.1} | | | |");
+        for (name, policy, inflight) in [
+            ("gate default (gpu_aware, late binding)", "gpu_aware", 2),
+            ("gate gpu_aware, bound immediately", "gpu_aware", 1000),
+            ("round robin (nginx-like)", "round_robin", 1000),
+            ("least connections (nginx-like)", "least_inflight", 1000),
+        ] {
+            let o = rt.block_on(run_policy(&jobs, policy, inflight));
+            let (p50, p95, p99) = (
+                pct(&o.latencies, 0.5),
+                pct(&o.latencies, 0.95),
+                pct(&o.latencies, 0.99),
+            );
+            println!(
+                "| {name} | {p50:.2} ({:.2}) | {p95:.2} ({:.2}) | {p99:.2} ({:.2}) | {:.1} ({:.2}) | {:.0} % | {} | {} |",
+                p50 / lb50,
+                p95 / lb95,
+                p99 / lb99,
+                o.makespan,
+                o.makespan / lb_makespan,
+                o.busy_share * 100.0,
+                o.loads,
+                o.failed
+            );
+        }
+        println!();
+    }
+}
