@@ -92,30 +92,13 @@ impl Gate {
                 Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
                 None => table.next_number(front),
             };
-            table.insert(PromptRecord {
-                id: id.clone(),
+            table.insert(PromptRecord::new(
+                id.clone(),
                 number,
-                body: data,
+                data,
                 client_id,
                 identity,
-                stage: Stage::Queued,
-                owner: None,
-                create_time: now_ms(),
-                attempts: 0,
-                tried: Vec::new(),
-                oom_retried: false,
-                min_vram_total: None,
-                started: false,
-                started_at: None,
-                last_event: None,
-                last_node: None,
-                retry_after_run: false,
-                deadline_interrupt: None,
-                log: Default::default(),
-                last_node_at: None,
-                load_measured_s: 0.0,
-                skips: 0,
-            });
+            ));
             let slot = if table.queue_len() == 0 {
                 self.reserve_slot(&mut table, &id)
             } else {

@@ -98,6 +98,40 @@ pub struct PromptRecord {
 }
 
 impl PromptRecord {
+    /// A freshly accepted prompt, waiting.
+    pub fn new(
+        id: String,
+        number: Number,
+        body: Map<String, Value>,
+        client_id: Option<String>,
+        identity: String,
+    ) -> Self {
+        Self {
+            id,
+            number,
+            body,
+            client_id,
+            identity,
+            stage: Stage::Queued,
+            owner: None,
+            create_time: crate::protocol::now_ms(),
+            attempts: 0,
+            tried: Vec::new(),
+            oom_retried: false,
+            min_vram_total: None,
+            started: false,
+            started_at: None,
+            last_event: None,
+            last_node: None,
+            retry_after_run: false,
+            deadline_interrupt: None,
+            log: RunLog::default(),
+            last_node_at: None,
+            load_measured_s: 0.0,
+            skips: 0,
+        }
+    }
+
     /// Back to waiting: no owner, no run state.
     pub fn reset_run(&mut self) {
         self.stage = Stage::Queued;
@@ -274,30 +308,7 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, number: Number) -> PromptRecord {
-        PromptRecord {
-            id: id.into(),
-            number,
-            body: Map::new(),
-            client_id: None,
-            identity: "x".into(),
-            stage: Stage::Queued,
-            owner: None,
-            create_time: 0,
-            attempts: 0,
-            tried: Vec::new(),
-            oom_retried: false,
-            min_vram_total: None,
-            started: false,
-            started_at: None,
-            last_event: None,
-            last_node: None,
-            retry_after_run: false,
-            deadline_interrupt: None,
-            log: RunLog::default(),
-            last_node_at: None,
-            load_measured_s: 0.0,
-            skips: 0,
-        }
+        PromptRecord::new(id.into(), number, Map::new(), None, "x".into())
     }
 
     #[test]
