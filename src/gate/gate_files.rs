@@ -275,22 +275,11 @@ impl Gate {
                 let mut found = None;
                 for i in order.into_iter().filter(|i| self.backend(*i).is_up()) {
                     let path = format!("/view?{}", encode_query(query));
-                    if let Ok((code, headers, body)) = self
-                        .upstream
-                        .call(
-                            &self.backend(i).config,
-                            Method::GET,
-                            &path,
-                            None,
-                            None,
-                            None,
-                        )
-                        .await
-                    {
-                        if code != StatusCode::NOT_FOUND {
-                            return bytes_response(code, &headers, body);
+                    if let Ok(resp) = self.fetch_view(i, &path).await {
+                        if resp.status() != StatusCode::NOT_FOUND {
+                            return resp;
                         }
-                        found = Some(code);
+                        found = Some(resp.status());
                     }
                 }
                 return status(found.unwrap_or(StatusCode::NOT_FOUND));
@@ -309,20 +298,8 @@ impl Gate {
             q.push(("type".into(), kind));
         }
         let path = format!("/view?{}", encode_query(&q));
-        match self
-            .upstream
-            .call(
-                &self.backend(backend).config,
-                Method::GET,
-                &path,
-                None,
-                None,
-                None,
-            )
-            .await
-        {
-            Ok((code, headers, body)) => {
-                let mut resp = bytes_response(code, &headers, body);
+        match self.fetch_view(backend, &path).await {
+            Ok(mut resp) => {
                 if let Ok(v) = format!("filename=\"{name}\"").parse() {
                     resp.headers_mut()
                         .insert(http::header::CONTENT_DISPOSITION, v);
@@ -335,27 +312,42 @@ impl Gate {
             }
         }
     }
+
+    /// `GET path` on a backend, its body streamed through (files can be large), with the
+    /// headers a client of `/view` needs.
+    async fn fetch_view(&self, backend: usize, path: &str) -> Result<Response<Body>, GateError> {
+        let req = http::Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .body(crate::http::empty_body())
+            .map_err(|e| GateError::BadRequest(e.to_string()))?;
+        let upstream = self
+            .upstream
+            .send(&self.backend(backend).config, req, None)
+            .await?;
+        let (parts, body) = upstream.into_parts();
+        let mut resp = Response::new(http_body_util::BodyExt::boxed(
+            http_body_util::BodyExt::map_err(body, Into::into),
+        ));
+        *resp.status_mut() = parts.status;
+        for name in [
+            http::header::CONTENT_TYPE,
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_DISPOSITION,
+            http::header::CACHE_CONTROL,
+        ] {
+            if let Some(v) = parts.headers.get(&name) {
+                resp.headers_mut().insert(name, v.clone());
+            }
+        }
+        Ok(resp)
+    }
 }
 
 pub fn encode_query(q: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new())
         .extend_pairs(q.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .finish()
-}
-
-fn bytes_response(code: StatusCode, headers: &http::HeaderMap, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(crate::http::full(body));
-    *resp.status_mut() = code;
-    for name in [
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_DISPOSITION,
-        http::header::CACHE_CONTROL,
-    ] {
-        if let Some(v) = headers.get(&name) {
-            resp.headers_mut().insert(name, v.clone());
-        }
-    }
-    resp
 }
 
 #[cfg(test)]

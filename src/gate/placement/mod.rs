@@ -88,11 +88,16 @@ fn ranked(
 pub struct GpuAware {
     /// Completion times within this fraction of the soonest count as equal. Default 0.2.
     pub tolerance: f64,
+    /// ... or within this many seconds (measurement noise on very short jobs). Default 0.05.
+    pub tolerance_s: f64,
 }
 
 impl Default for GpuAware {
     fn default() -> Self {
-        Self { tolerance: 0.2 }
+        Self {
+            tolerance: 0.2,
+            tolerance_s: 0.05,
+        }
     }
 }
 
@@ -120,14 +125,20 @@ impl Picker for GpuAware {
             .iter()
             .map(Self::completion_s)
             .fold(f64::INFINITY, f64::min);
-        let near = |c: &Candidate| Self::completion_s(c) <= soonest * (1.0 + self.tolerance) + 1e-3;
-        // Rank: near-soonest first (by headroom), then the rest by completion time.
+        let near = |c: &Candidate| {
+            Self::completion_s(c)
+                <= (soonest * (1.0 + self.tolerance)).max(soonest + self.tolerance_s)
+        };
+        // Rank: near-soonest first (a free one before a full one: waiting only pays when it is
+        // clearly sooner; then by headroom), then the rest by completion time.
         let mut order: Vec<&Candidate> = candidates.iter().collect();
         order.sort_by(|a, b| {
             let key = |c: &Candidate| {
+                let n = near(c);
                 (
-                    !near(c),
-                    if near(c) {
+                    !n,
+                    n && !c.free,
+                    if n {
                         -Self::headroom(c)
                     } else {
                         Self::completion_s(c)
@@ -136,7 +147,8 @@ impl Picker for GpuAware {
             };
             let (ka, kb) = (key(a), key(b));
             ka.0.cmp(&kb.0)
-                .then(ka.1.partial_cmp(&kb.1).unwrap_or(std::cmp::Ordering::Equal))
+                .then(ka.1.cmp(&kb.1))
+                .then(ka.2.partial_cmp(&kb.2).unwrap_or(std::cmp::Ordering::Equal))
                 .then(a.id.cmp(&b.id))
         });
         let chosen = *order.first()?;
