@@ -173,29 +173,29 @@ pub fn websocket_accept<B>(req: &Request<B>) -> Response<Body> {
     resp
 }
 
-/// An accepted ComfyUI WebSocket upgrade: the 101 answer, the session id (`?clientId=` when
-/// present and non-empty, else a fresh uuid4 without dashes, as ComfyUI mints it) and the
-/// connection to await once the answer is sent.
-pub struct WsAccept {
-    pub response: Response<Body>,
-    pub sid: String,
-    pub upgrade: hyper::upgrade::OnUpgrade,
-}
-
-/// Accepts `GET /ws` the ComfyUI way, or gives the 400 for a bad handshake.
-pub fn accept_comfy_websocket<B>(req: &mut Request<B>) -> Result<WsAccept, Box<Response<Body>>> {
+/// Answers `GET /ws` the ComfyUI way and hands the upgraded socket to `serve` with its session
+/// id (`?clientId=` when present and non-empty, else a fresh uuid4 without dashes, as ComfyUI
+/// mints it). A bad handshake gets its 400 and `serve` never runs.
+pub fn serve_comfy_websocket<B, F, Fut>(req: &mut Request<B>, serve: F) -> Response<Body>
+where
+    F: FnOnce(String, tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> Fut
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let response = websocket_accept(req);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Err(Box::new(response));
+        return response;
     }
     let sid = query_param(req.uri(), "clientId")
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    Ok(WsAccept {
-        response,
-        sid,
-        upgrade: hyper::upgrade::on(req),
-    })
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        serve(sid, server_websocket(upgraded).await).await;
+    });
+    response
 }
 
 /// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages), with small buffers:

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::Gate;
-use crate::http::{Body, accept_comfy_websocket, server_websocket};
+use crate::http::{Body, serve_comfy_websocket};
 use crate::protocol::frames;
 
 struct Session {
@@ -121,18 +121,7 @@ impl Sessions {
 
 /// `GET /ws` on the gate.
 pub fn handle(gate: Arc<Gate>, mut req: Request<Incoming>) -> Response<Body> {
-    let accepted = match accept_comfy_websocket(&mut req) {
-        Ok(a) => a,
-        Err(bad) => return *bad,
-    };
-    let sid = accepted.sid;
-    let upgrade = accepted.upgrade;
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else { return };
-        let ws = server_websocket(upgraded).await;
-        serve(gate, sid, ws).await;
-    });
-    accepted.response
+    serve_comfy_websocket(&mut req, move |sid, ws| serve(gate, sid, ws))
 }
 
 async fn serve<S>(gate: Arc<Gate>, sid: String, ws: tokio_tungstenite::WebSocketStream<S>)

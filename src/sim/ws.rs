@@ -10,21 +10,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::instance::{Instance, lock};
-use crate::http::{Body, accept_comfy_websocket, server_websocket};
+use crate::http::{Body, serve_comfy_websocket};
 
 pub fn handle(inst: Arc<Instance>, mut req: Request<Incoming>) -> Response<Body> {
-    let accepted = match accept_comfy_websocket(&mut req) {
-        Ok(a) => a,
-        Err(bad) => return *bad,
-    };
-    let sid = accepted.sid;
-    let upgrade = accepted.upgrade;
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else { return };
-        let ws = server_websocket(upgraded).await;
-        serve_socket(inst, sid, ws).await;
-    });
-    accepted.response
+    serve_comfy_websocket(&mut req, move |sid, ws| serve_socket(inst, sid, ws))
 }
 
 async fn serve_socket<S>(
