@@ -2,19 +2,23 @@
 //! `nginx` on PATH) through nginx, with the same load generator and connection count.
 //!
 //! `cargo bench --bench overhead` measures
-//! - `GET /history/{id}` (small JSON) and `GET /view` of a 4 MB PNG: a closed-loop hyper client,
-//!   keep-alive, `CONNS` connections, `WARMUP` then `MEASURE` per case: req/s, p50, p99;
+//! - `GET /history/{id}` (small JSON) of a prompt that ran through the gate (the gate answers it
+//!   from its own store) and of one sent to the sim directly (the gate asks the backend: the
+//!   proxy path), and `GET /view` of a 4 MB PNG: a closed-loop hyper client, keep-alive, `CONNS`
+//!   connections, `WARMUP` then `MEASURE` per case: req/s, p50, p99;
 //! - WebSocket event delivery: 1,000 connected clients, one tiny prompt per client in turn, the
 //!   delay from the backend's `execution_start` `timestamp` (epoch ms) to the client's receipt;
 //! - the gate's RSS (the real `comfy-gate` binary) idle and with 10,000 idle WebSocket clients.
 //!
-//! and prints a markdown table. Run without `--bench` (as `cargo test --all-targets` does), it
-//! only says how to run it.
+//! and prints a markdown table. `cargo bench --bench overhead -- WORD` runs only the HTTP cases
+//! whose name contains WORD. Run without `--bench` (as `cargo test --all-targets` does), it only
+//! says how to run it.
 
 mod support;
 
 use std::time::Duration;
 
+use support::nginx::Balance;
 use support::{
     Ctx, GateProcess, HttpCase, LoadStats, NginxProcess, fmt_ms, http_load, open_files_limits,
     raise_open_files, ws_latency, ws_rss,
@@ -77,27 +81,35 @@ async fn run() {
     let history_id = ctx.prepare_history(&gate.url()).await;
     let view_name = ctx.prepare_view().await;
 
-    let nginx = match support::find_on_path("nginx") {
-        Some(bin) => match NginxProcess::start(&bin, ctx.sim.addr()).await {
-            Ok(n) => {
-                println!("overhead: nginx (pid {}) at {}", n.pid(), n.addr);
-                Some(n)
+    let nginx = match support::nginx::find_nginx() {
+        Some(bin) => {
+            match NginxProcess::start(&bin, &[ctx.sim.addr()], Balance::RoundRobin).await {
+                Ok(n) => {
+                    println!("overhead: nginx (pid {}) at {}", n.pid(), n.addr);
+                    Some(n)
+                }
+                Err(e) => {
+                    println!("nginx: failed to start ({e}), skipped");
+                    None
+                }
             }
-            Err(e) => {
-                println!("nginx: failed to start ({e}), skipped");
-                None
-            }
-        },
+        }
         None => {
             println!("nginx: not on PATH, skipped");
             None
         }
     };
 
+    let proxied_history_id = ctx.prepare_history_direct().await;
     let cases = [
         HttpCase {
-            name: "GET /history/{id} (small JSON)".to_string(),
+            name: "GET /history/{id} (small JSON, the gate's own prompt)".to_string(),
             path: format!("/history/{history_id}"),
+            expect_min_bytes: 100,
+        },
+        HttpCase {
+            name: "GET /history/{id} (small JSON, asked of the backend)".to_string(),
+            path: format!("/history/{proxied_history_id}"),
             expect_min_bytes: 100,
         },
         HttpCase {
@@ -109,7 +121,15 @@ async fn run() {
 
     let mut rows = Vec::new();
     let mut nginx_lines = Vec::new();
+    // `cargo bench --bench overhead -- WORD`: only the HTTP cases whose name contains WORD.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     for case in &cases {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !case.name.contains(f.as_str()))
+        {
+            continue;
+        }
         let mut targets = vec![("direct", ctx.sim.addr()), ("gate", gate.addr)];
         if let Some(n) = &nginx {
             targets.push(("nginx", n.addr));
@@ -164,7 +184,8 @@ async fn run() {
 
     // WebSocket delivery latency: 1,000 clients, direct then through the gate.
     let mut ws = Vec::new();
-    for (label, url) in [("direct", ctx.sim.url()), ("gate", gate.url())] {
+    let ws_targets = [("direct", ctx.sim.url()), ("gate", gate.url())];
+    for (label, url) in ws_targets.into_iter().filter(|_| filter.is_none()) {
         let r = ws_latency(&url, label, WS_CLIENTS, WS_PROMPTS).await;
         println!(
             "overhead: ws delivery via {label}: {} clients, {} events, p50 {}, p99 {} ({:.1} s)",
@@ -176,8 +197,8 @@ async fn run() {
         );
         ws.push((label, r));
     }
-    let direct_p50 = ws[0].1.p50_ms();
-    let direct_p99 = ws[0].1.p99_ms();
+    let direct_p50 = ws.first().map_or(f64::NAN, |w| w.1.p50_ms());
+    let direct_p99 = ws.first().map_or(f64::NAN, |w| w.1.p99_ms());
     for (label, r) in &ws {
         rows.push(Row {
             case: format!(
@@ -207,7 +228,10 @@ async fn run() {
     drop(gate);
 
     // RSS of a fresh gate with idle WebSocket clients.
-    let rss = ws_rss(&ctx.gate_bin, &ctx.sim.url(), RSS_CLIENTS).await;
+    let rss = match filter {
+        None => Some(ws_rss(&ctx.gate_bin, &ctx.sim.url(), RSS_CLIENTS).await),
+        Some(_) => None,
+    };
 
     println!();
     println!("| case | path | req/s | p50 | p99 | ratio vs direct |");
@@ -230,9 +254,11 @@ async fn run() {
     if nginx_lines.is_empty() {
         println!("- nginx: not measured (not on PATH or did not start)");
     }
-    println!("- {}", rss.line());
-    if let Some(note) = &rss.note {
-        println!("- {note}");
+    if let Some(rss) = &rss {
+        println!("- {}", rss.line());
+        if let Some(note) = &rss.note {
+            println!("- {note}");
+        }
     }
     println!(
         "- HTTP: closed loop, {CONNS} keep-alive HTTP/1.1 connections, {:.0} s warm-up + {:.0} s \
@@ -242,8 +268,10 @@ async fn run() {
         MEASURE.as_secs_f64()
     );
     println!(
-        "- /history/{{id}}: the prompt ran through the gate, so the gate answers from its own \
-         history store (no backend round trip); direct and nginx ask the sim."
+        "- /history/{{id}}, the gate's own prompt: it ran through the gate, so the gate answers \
+         from its own history store (no backend round trip); direct and nginx ask the sim. \
+         Asked of the backend: the prompt was sent to the sim directly, so the gate asks the \
+         backend, rewrites file names it has aliases for, and answers (the proxy path)."
     );
     println!(
         "- /view: a noise PNG written straight into the sim's output dir; the gate has no alias \
@@ -256,8 +284,8 @@ async fn run() {
          turn, the next submitted once the previous execution_start arrived."
     );
     println!(
-        "- gate = the release `comfy-gate` binary as a separate process; sim and load generator \
-         share this process ({} CPUs).",
+        "- gate = the release `comfy-gate` binary as a separate process; the sim runs in this \
+         process on a runtime of its own (2 threads), the load generator on another ({} CPUs).",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)

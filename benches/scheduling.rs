@@ -1,24 +1,36 @@
 //! Scheduling quality: one fixed, seeded workload on a simulated heterogeneous fleet (speeds 2, 1,
 //! 1, 0.5; VRAM 80, 24, 24, 12 GB; two checkpoints; mixed sizes; Poisson arrivals at 70 % and 95 %
 //! of fleet capacity), replayed against each policy: the gate's default (late binding), the
-//! gate binding immediately (no gate queue), and round robin and least-connections bound
-//! immediately, as nginx does them. Prints a markdown table per load with each policy's job
-//! latency, makespan, GPU busy share, checkpoint loads and failures, and their ratios to a
-//! computed lower bound. Times are simulated seconds (wall time / time scale).
+//! gate binding immediately (no gate queue), round robin and least connections as gate pickers
+//! bound immediately (nginx's policies), and real nginx (`round robin`, `least_conn`) in front of
+//! the same fleet when `nginx` is on PATH. Prints a markdown table per load with each policy's
+//! job latency, makespan, GPU busy share, checkpoint loads and failures, and their ratios to a
+//! computed lower bound (each job's service time on the fastest GPU that fits it; total work
+//! over total speed), plus a computed queueing reference (greedy earliest finish with exact
+//! times and no loads) that shows what queueing alone costs on the trace. Times are simulated
+//! seconds (wall time / time scale). `cargo bench --bench scheduling -- WORD` runs only the
+//! policies whose name contains WORD.
+
+#[path = "support/proc.rs"]
+mod proc;
+// Shared with the overhead bench, which uses other parts of it.
+#[allow(dead_code)]
+#[path = "support/nginx.rs"]
+mod nginx;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comfy_gate::config::{self, FileConfig};
+use comfy_gate::sim::cost;
 use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
 use futures_util::StreamExt;
+use nginx::{Balance, NginxProcess};
 use serde_json::{Value, json};
 
 /// Simulated seconds per wall second; 0.1 keeps per-request overhead small against job times.
 const TIME_SCALE: f64 = 0.1;
-/// comfy-sim's sampling cost (seconds per step-megapixel at speed 1).
-const SEC_PER_WORK: f64 = 0.15;
 const JOBS: usize = 80;
 const FLEET: [(f64, f64); 4] = [(2.0, 80.0), (1.0, 24.0), (1.0, 24.0), (0.5, 12.0)];
 const CKPTS: [&str; 2] = [
@@ -35,8 +47,15 @@ struct Job {
 }
 
 impl Job {
-    fn work(&self) -> f64 {
-        self.steps as f64 * (self.side * self.side) as f64 / 1e6 * self.batch as f64
+    /// Seconds this job runs on a GPU of `speed` with its checkpoint resident, by comfy-sim's
+    /// cost model: sampling, VAE decode, two text encodes, the empty latent.
+    fn service_s(&self, speed: f64) -> f64 {
+        let megapixels = (self.side * self.side) as f64 / 1e6 * self.batch as f64;
+        (cost::SAMPLER_SECONDS_PER_STEP_MEGAPIXEL * self.steps as f64 * megapixels
+            + cost::VAE_SECONDS_PER_MEGAPIXEL * megapixels
+            + 2.0 * cost::TEXT_ENCODE_SECONDS)
+            / speed
+            + cost::TRIVIAL_NODE_SECONDS
     }
     fn graph(&self, seed: u64) -> Value {
         json!({
@@ -53,7 +72,8 @@ impl Job {
 }
 
 /// A seeded trace: 70 % small (512²), 25 % large (1024²), 5 % very large (1536² × 2, which the
-/// 12 GB card cannot hold); Poisson arrivals at `load` × capacity.
+/// 12 GB card cannot hold with SDXL); checkpoints half and half; Poisson arrivals at `load` ×
+/// the fleet's capacity (its summed speed over the mean service time at speed 1).
 fn trace(load: f64, seed: u64) -> Vec<Job> {
     let mut x = seed;
     let mut rnd = move || {
@@ -81,7 +101,7 @@ fn trace(load: f64, seed: u64) -> Vec<Job> {
             }
         })
         .collect();
-    let mean_service: f64 = jobs.iter().map(|j| j.work() * SEC_PER_WORK).sum::<f64>() / JOBS as f64;
+    let mean_service: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum::<f64>() / JOBS as f64;
     let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
     let rate = load * capacity / mean_service;
     let mut t = 0.0;
@@ -100,8 +120,18 @@ struct Outcome {
     failed: usize,
 }
 
-async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome {
-    let mut sims: Vec<SimHandle> = Vec::new();
+/// What the trace is sent through.
+#[derive(Clone, Copy)]
+enum Front {
+    /// The gate with this placement policy and this many prompts per backend (1000: bound at
+    /// once, no gate queue).
+    Gate(&'static str, usize),
+    /// Real nginx with this balancing, straight to the sims.
+    Nginx(Balance),
+}
+
+async fn start_fleet() -> Vec<SimHandle> {
+    let mut sims = Vec::new();
     for (i, (speed, vram)) in FLEET.iter().enumerate() {
         let cfg = SimConfig {
             name: format!("gpu{i}"),
@@ -112,11 +142,19 @@ async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome 
         };
         sims.push(SimBackend::start(cfg).await.expect("sim"));
     }
-    let state = tempfile::tempdir().expect("tempdir");
+    sims
+}
+
+async fn start_gate(
+    sims: &[SimHandle],
+    policy: &str,
+    max_inflight: usize,
+    state: &std::path::Path,
+) -> comfy_gate::gate::GateHandle {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".parse().unwrap();
     file.server.admin_listen = "127.0.0.1:0".parse().unwrap();
-    file.server.state_dir = Some(state.path().to_path_buf());
+    file.server.state_dir = Some(state.to_path_buf());
     file.health.interval_ms = 200;
     file.scheduler.max_inflight = max_inflight;
     file.placement.policy = policy.into();
@@ -124,41 +162,56 @@ async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome 
         .iter()
         .map(|s| config::backend_from_url(&s.url()))
         .collect();
-    let gate = comfy_gate::gate::run(config::validate(file, "", "(bench)").expect("config"))
+    comfy_gate::gate::run(config::validate(file, "", "(bench)").expect("config"))
         .await
-        .expect("gate");
-    let base = gate.url();
-    let done: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
-    let (ws, _) = tokio_tungstenite::connect_async(format!(
-        "{}/ws?clientId=bench",
-        base.replacen("http", "ws", 1)
-    ))
-    .await
-    .expect("ws");
-    let reader = {
-        let done = done.clone();
-        tokio::spawn(async move {
-            let (_, mut rx) = ws.split();
-            let mut failed: HashMap<String, bool> = HashMap::new();
-            while let Some(Ok(msg)) = rx.next().await {
-                let Ok(text) = msg.to_text() else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(text) else {
-                    continue;
-                };
-                let id = v["data"]["prompt_id"].as_str().unwrap_or("").to_string();
-                match v["type"].as_str() {
-                    Some("execution_error") | Some("execution_interrupted") => {
-                        failed.insert(id, true);
-                    }
-                    Some("executing") if v["data"]["node"].is_null() => {
-                        let bad = failed.contains_key(&id);
-                        done.lock().unwrap().insert(id, (Instant::now(), !bad));
-                    }
-                    _ => {}
+        .expect("gate")
+}
+
+/// Prompt id → (when it ended, succeeded), from `executing` with a null node.
+type Done = Arc<Mutex<HashMap<String, (Instant, bool)>>>;
+
+/// Follows the events on one `/ws?clientId=bench` socket into `done`.
+async fn follow(ws_url: String, done: Done) -> tokio::task::JoinHandle<()> {
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws");
+    tokio::spawn(async move {
+        let (_, mut rx) = ws.split();
+        let mut failed: HashMap<String, bool> = HashMap::new();
+        while let Some(Ok(msg)) = rx.next().await {
+            let Ok(text) = msg.to_text() else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text) else {
+                continue;
+            };
+            let id = v["data"]["prompt_id"].as_str().unwrap_or("").to_string();
+            match v["type"].as_str() {
+                Some("execution_error") | Some("execution_interrupted") => {
+                    failed.insert(id, true);
                 }
+                Some("executing") if v["data"]["node"].is_null() => {
+                    let bad = failed.contains_key(&id);
+                    done.lock().unwrap().insert(id, (Instant::now(), !bad));
+                }
+                _ => {}
             }
-        })
-    };
+        }
+    })
+}
+
+/// Replays `jobs` against `base` at their arrival times, following events on `ws_urls`, and
+/// waits for every job to end (5 min at most). Returns submit times, ends and the start.
+async fn replay(
+    jobs: &[Job],
+    base: &str,
+    ws_urls: Vec<String>,
+) -> (
+    HashMap<String, Instant>,
+    HashMap<String, (Instant, bool)>,
+    Instant,
+) {
+    let done: Done = Arc::default();
+    let mut readers = Vec::new();
+    for url in ws_urls {
+        readers.push(follow(url, done.clone()).await);
+    }
     let client = reqwest::Client::new();
     let start = Instant::now();
     let mut submitted: HashMap<String, Instant> = HashMap::new();
@@ -182,21 +235,18 @@ async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome 
     while done.lock().unwrap().len() < jobs.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    reader.abort();
+    for r in readers {
+        r.abort();
+    }
     let done = done.lock().unwrap().clone();
-    let latencies: Vec<f64> = submitted
-        .iter()
-        .filter_map(|(id, t0)| {
-            done.get(id)
-                .map(|(t1, _)| (*t1 - *t0).as_secs_f64() / TIME_SCALE)
-        })
-        .collect();
-    let failed = jobs.len() - done.values().filter(|(_, ok)| *ok).count();
-    let last = done.values().map(|(t, _)| *t).max().unwrap_or(start);
-    let makespan = (last - start).as_secs_f64() / TIME_SCALE;
-    // Busy time from each backend's own history (execution_start → end), in simulated seconds.
+    (submitted, done, start)
+}
+
+/// Busy time (execution_start → end) from each backend's own history, in simulated seconds.
+async fn busy_seconds(sims: &[SimHandle]) -> f64 {
+    let client = reqwest::Client::new();
     let mut busy = 0.0;
-    for s in &sims {
+    for s in sims {
         let h: Value = client
             .get(format!("{}/history", s.url()))
             .send()
@@ -210,26 +260,89 @@ async fn run_policy(jobs: &[Job], policy: &str, max_inflight: usize) -> Outcome 
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            let ts = |k: &str| {
-                msgs.iter()
-                    .find(|m| m[0] == k)
-                    .and_then(|m| m[1]["timestamp"].as_f64())
-            };
+            let start = msgs
+                .iter()
+                .find(|m| m[0] == "execution_start")
+                .and_then(|m| m[1]["timestamp"].as_f64());
             let end = msgs.last().and_then(|m| m[1]["timestamp"].as_f64());
-            if let (Some(a), Some(b)) = (ts("execution_start"), end) {
+            if let (Some(a), Some(b)) = (start, end) {
                 busy += (b - a) / 1000.0 / TIME_SCALE;
             }
         }
     }
-    let loads = sims.iter().map(|s| s.counters().checkpoint_loads).sum();
-    gate.shutdown().await;
+    busy
+}
+
+async fn run_policy(jobs: &[Job], front: Front, nginx_bin: Option<&std::path::Path>) -> Outcome {
+    let sims = start_fleet().await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let ws = |base: &str| format!("{}/ws?clientId=bench", base.replacen("http", "ws", 1));
+    let (submitted, done, start) = match front {
+        Front::Gate(policy, max_inflight) => {
+            let gate = start_gate(&sims, policy, max_inflight, state.path()).await;
+            let base = gate.url();
+            let r = replay(jobs, &base, vec![ws(&base)]).await;
+            gate.shutdown().await;
+            r
+        }
+        Front::Nginx(balance) => {
+            let bin = nginx_bin.expect("nginx");
+            let addrs: Vec<_> = sims.iter().map(|s| s.addr()).collect();
+            let proxy = NginxProcess::start(bin, &addrs, balance)
+                .await
+                .expect("nginx");
+            // nginx passes events through one socket per backend; follow each sim directly.
+            let urls = sims.iter().map(|s| ws(&s.url())).collect();
+            replay(jobs, &proxy.url(), urls).await
+        }
+    };
+    let latencies: Vec<f64> = submitted
+        .iter()
+        .filter_map(|(id, t0)| {
+            done.get(id)
+                .map(|(t1, _)| (*t1 - *t0).as_secs_f64() / TIME_SCALE)
+        })
+        .collect();
+    let failed = jobs.len() - done.values().filter(|(_, ok)| *ok).count();
+    let last = done.values().map(|(t, _)| *t).max().unwrap_or(start);
+    let makespan = (last - start).as_secs_f64() / TIME_SCALE;
+    let busy = busy_seconds(&sims).await;
     Outcome {
         latencies,
         makespan,
         busy_share: busy / (makespan * FLEET.len() as f64),
-        loads,
+        loads: sims.iter().map(|s| s.counters().checkpoint_loads).sum(),
         failed,
     }
+}
+
+/// A queueing reference, computed, not run: each job in arrival order on the GPU where it would
+/// finish first, with exact service times, checkpoints always resident and no overhead. What
+/// queueing alone costs on this trace (the lower bound ignores it).
+/// Returns (latencies, makespan).
+fn greedy_reference(jobs: &[Job]) -> (Vec<f64>, f64) {
+    let mut free_at = [0.0f64; FLEET.len()];
+    let mut latencies = Vec::new();
+    for j in jobs {
+        let ckpt_gb = if j.ckpt.starts_with("sd_xl") {
+            6.9
+        } else {
+            2.1
+        };
+        let megapixels = (j.side * j.side) as f64 / 1e6 * j.batch as f64;
+        let need = ckpt_gb + cost::sampling_working_gb(megapixels / j.batch as f64, j.batch as u32);
+        let best = FLEET
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, vram))| need <= *vram)
+            .map(|(b, (speed, _))| (b, free_at[b].max(j.at_s) + j.service_s(*speed)))
+            .min_by(|x, y| x.1.total_cmp(&y.1));
+        if let Some((b, end)) = best {
+            free_at[b] = end;
+            latencies.push(end - j.at_s);
+        }
+    }
+    (latencies, free_at.iter().copied().fold(0.0, f64::max))
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -242,30 +355,54 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
+    // `cargo bench --bench scheduling -- WORD` runs only the policies whose name contains WORD.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let fastest = FLEET.iter().map(|f| f.0).fold(0.0, f64::max);
     let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
-    let nginx = std::process::Command::new("sh")
-        .args(["-c", "command -v nginx"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let nginx_bin = nginx::find_nginx();
     println!(
         "# Scheduling benchmark ({JOBS} jobs, fleet speeds 2/1/1/0.5, VRAM 80/24/24/12 GB, time scale {TIME_SCALE})\n"
     );
-    if !nginx {
-        println!(
-            "nginx: not on PATH, skipped (baselines below are nginx's policies as gate pickers, bound immediately)\n"
-        );
+    match &nginx_bin {
+        Some(bin) => println!("nginx: {} (real nginx rows included)\n", bin.display()),
+        None => println!(
+            "nginx: not on PATH, real nginx rows skipped (the nginx-like rows are nginx's policies as gate pickers)\n"
+        ),
+    }
+    let mut policies = vec![
+        (
+            "gate default (gpu_aware, late binding)",
+            Front::Gate("gpu_aware", 2),
+        ),
+        (
+            "gate gpu_aware, bound immediately",
+            Front::Gate("gpu_aware", 1000),
+        ),
+        (
+            "round robin (nginx-like picker)",
+            Front::Gate("round_robin", 1000),
+        ),
+        (
+            "least connections (nginx-like picker)",
+            Front::Gate("least_inflight", 1000),
+        ),
+    ];
+    if nginx_bin.is_some() {
+        policies.push((
+            "nginx round robin (real nginx)",
+            Front::Nginx(Balance::RoundRobin),
+        ));
+        policies.push((
+            "nginx least_conn (real nginx)",
+            Front::Nginx(Balance::LeastConn),
+        ));
     }
     for load in [0.70, 0.95] {
         let jobs = trace(load, 42);
-        let total_work: f64 = jobs.iter().map(|j| j.work() * SEC_PER_WORK).sum();
+        let total_work: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum();
         let lb_makespan = (total_work / capacity).max(jobs.last().map(|j| j.at_s).unwrap_or(0.0));
-        let lb_lat: Vec<f64> = jobs
-            .iter()
-            .map(|j| j.work() * SEC_PER_WORK / fastest)
-            .collect();
+        let lb_lat: Vec<f64> = jobs.iter().map(|j| j.service_s(fastest)).collect();
         let (lb50, lb95, lb99) = (pct(&lb_lat, 0.5), pct(&lb_lat, 0.95), pct(&lb_lat, 0.99));
         println!("## Load {:.0} % of capacity\n", load * 100.0);
         println!(
@@ -273,13 +410,20 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|---|---|");
         println!("| lower bound | {lb50:.2} | {lb95:.2} | {lb99:.2} | {lb_makespan:.1} | | | |");
-        for (name, policy, inflight) in [
-            ("gate default (gpu_aware, late binding)", "gpu_aware", 2),
-            ("gate gpu_aware, bound immediately", "gpu_aware", 1000),
-            ("round robin (nginx-like)", "round_robin", 1000),
-            ("least connections (nginx-like)", "least_inflight", 1000),
-        ] {
-            let o = rt.block_on(run_policy(&jobs, policy, inflight));
+        let (g, g_makespan) = greedy_reference(&jobs);
+        let (g50, g95, g99) = (pct(&g, 0.5), pct(&g, 0.95), pct(&g, 0.99));
+        println!(
+            "| queueing reference (computed: greedy, exact times, no loads) | {g50:.2} ({:.2}) | {g95:.2} ({:.2}) | {g99:.2} ({:.2}) | {g_makespan:.1} ({:.2}) | | 0 | 0 |",
+            g50 / lb50,
+            g95 / lb95,
+            g99 / lb99,
+            g_makespan / lb_makespan
+        );
+        for (name, front) in &policies {
+            if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+                continue;
+            }
+            let o = rt.block_on(run_policy(&jobs, *front, nginx_bin.as_deref()));
             let (p50, p95, p99) = (
                 pct(&o.latencies, 0.5),
                 pct(&o.latencies, 0.95),

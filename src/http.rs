@@ -46,7 +46,14 @@ pub fn status(code: StatusCode) -> Response<Body> {
 
 /// A JSON response, serialised like aiohttp's `json_response` (content type and charset).
 pub fn json(code: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    json_bytes(
+        code,
+        serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec()),
+    )
+}
+
+/// A JSON response from an already serialized body.
+pub fn json_bytes(code: StatusCode, bytes: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(full(bytes));
     *resp.status_mut() = code;
     resp.headers_mut().insert(

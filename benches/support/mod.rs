@@ -19,6 +19,13 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+// Shared with the scheduling bench, which uses other parts of it.
+#[allow(dead_code)]
+pub mod nginx;
+pub mod proc;
+
+pub use nginx::NginxProcess;
+
 /// How long setup steps wait before giving up.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -84,14 +91,32 @@ pub struct Ctx {
     pub view_bytes: usize,
 }
 
+/// comfy-sim on a runtime of its own (two worker threads, as the gate gets), so it does not
+/// share threads with the load generator: direct, nginx and the gate then see the same
+/// topology (load generator → [proxy] → sim), each process or runtime scheduled by the OS.
+fn sim_on_own_runtime(cfg: SimConfig) -> SimHandle {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("sim runtime");
+        rt.block_on(async move {
+            let sim = SimBackend::start(cfg).await.expect("comfy-sim starts");
+            let _ = tx.send(sim);
+            std::future::pending::<()>().await
+        })
+    });
+    rx.recv().expect("comfy-sim started")
+}
+
 impl Ctx {
     pub async fn start() -> Ctx {
-        let sim = SimBackend::start(SimConfig {
+        let sim = sim_on_own_runtime(SimConfig {
             time_scale: 0.01,
             ..Default::default()
-        })
-        .await
-        .expect("comfy-sim starts");
+        });
         Ctx {
             sim,
             gate_bin: gate_binary(),
@@ -102,13 +127,27 @@ impl Ctx {
     /// Runs one small prompt through the gate; its id (the gate forwards its own prompt_id, so
     /// the sim has the same entry).
     pub async fn prepare_history(&self, gate_url: &str) -> String {
+        self.run_prompt(gate_url, &[gate_url.to_string(), self.sim.url()])
+            .await
+    }
+
+    /// Runs one small prompt straight on the sim (the gate does not know it: it asks the
+    /// backend for its history); its id.
+    pub async fn prepare_history_direct(&self) -> String {
+        let sim = self.sim.url();
+        self.run_prompt(&sim, std::slice::from_ref(&sim)).await
+    }
+
+    /// Submits one small prompt to `submit_url` and waits until every one of `bases` lists it
+    /// in `/history/{id}`.
+    async fn run_prompt(&self, submit_url: &str, bases: &[String]) -> String {
         let graph = json!({
             "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}}
         });
         let client = reqwest_client();
         let resp: Value = client
-            .post(format!("{gate_url}/prompt"))
+            .post(format!("{submit_url}/prompt"))
             .json(&json!({"prompt": graph, "client_id": "overhead-bench"}))
             .send()
             .await
@@ -120,7 +159,7 @@ impl Ctx {
             .as_str()
             .unwrap_or_else(|| panic!("no prompt_id in {resp}"))
             .to_string();
-        for base in [gate_url.to_string(), self.sim.url()] {
+        for base in bases {
             let deadline = Instant::now() + PATIENCE;
             loop {
                 let h: Value = client
@@ -210,30 +249,6 @@ fn gate_binary() -> PathBuf {
         .unwrap_or(false);
     assert!(ok && bin.exists(), "could not build {}", bin.display());
     bin
-}
-
-/// The first `name` on PATH.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// A free loopback port (bound and released; a race is possible but unlikely).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Sends `signal` to `pid` with kill(1).
-fn signal(pid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,110 +344,6 @@ impl GateProcess {
 impl Drop for GateProcess {
     fn drop(&mut self) {
         // SIGKILL by pid (kill_on_drop would too): a graceful drain is not what we measure.
-        let _ = self.child.start_kill();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// nginx
-
-/// nginx in the foreground with a generated config in a temporary prefix, proxying to the sim.
-pub struct NginxProcess {
-    child: Child,
-    pub addr: SocketAddr,
-    _prefix: tempfile::TempDir,
-}
-
-impl NginxProcess {
-    pub async fn start(bin: &Path, upstream: SocketAddr) -> Result<NginxProcess, String> {
-        let prefix = tempfile::Builder::new()
-            .prefix("comfy-gate-bench-nginx-")
-            .tempdir()
-            .map_err(|e| e.to_string())?;
-        let p = prefix.path().display().to_string();
-        let port = free_port();
-        let conf = format!(
-            "daemon off;\n\
-             worker_processes auto;\n\
-             pid {p}/nginx.pid;\n\
-             error_log {p}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n\
-               access_log off;\n\
-               client_body_temp_path {p}/client_body;\n\
-               proxy_temp_path {p}/proxy;\n\
-               fastcgi_temp_path {p}/fastcgi;\n\
-               uwsgi_temp_path {p}/uwsgi;\n\
-               scgi_temp_path {p}/scgi;\n\
-               upstream sim {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n\
-               server {{\n\
-                 listen 127.0.0.1:{port};\n\
-                 keepalive_requests 1000000;\n\
-                 location / {{\n\
-                   proxy_pass http://sim;\n\
-                   proxy_http_version 1.1;\n\
-                   proxy_set_header Connection \"\";\n\
-                   proxy_max_temp_file_size 0;\n\
-                 }}\n\
-               }}\n\
-             }}\n"
-        );
-        let conf_path = prefix.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
-        let mut child = Command::new(bin)
-            .arg("-p")
-            .arg(prefix.path())
-            .arg("-e")
-            .arg(prefix.path().join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(prefix.path().join("error.log")).unwrap_or_default();
-                return Err(format!("nginx exited with {status}: {}", log.trim()));
-            }
-            if TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err("nginx did not listen within 10 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(NginxProcess {
-            child,
-            addr,
-            _prefix: prefix,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-}
-
-impl Drop for NginxProcess {
-    fn drop(&mut self) {
-        // SIGTERM to the master by its pid: it stops its workers and exits; SIGKILL if it lingers.
-        if let Some(pid) = self.child.id() {
-            signal(pid, "TERM");
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
         let _ = self.child.start_kill();
     }
 }

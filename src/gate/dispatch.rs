@@ -18,10 +18,18 @@ use crate::http::{Body, json as json_resp};
 use crate::protocol::{errors, now_ms};
 
 /// Where a prompt should go now.
+/// What a backend has to do before a new prompt could start there, as the gate expects it.
+#[derive(Clone, Debug, Default)]
+struct Outlook {
+    busy_s: f64,
+    /// The checkpoint resident once that work is done.
+    checkpoint: Option<String>,
+}
+
 enum Placement {
     Place(Choice, Need, f64),
-    /// Its best backend (and the seconds it will take there) is full: wait for it.
-    Hold(usize, f64),
+    /// Its best backend is full: wait for it (what it adds there: seconds, checkpoint).
+    Hold(usize, Outlook),
     /// No backend can take it now.
     Nowhere,
 }
@@ -174,7 +182,7 @@ impl Gate {
         table: &super::prompts::PromptTable,
         r: &PromptRecord,
         free_only: bool,
-        held_for: &std::collections::HashMap<usize, f64>,
+        held_for: &std::collections::HashMap<usize, Outlook>,
     ) -> Placement {
         let prompt = &r.body["prompt"];
         let prof = profile::profile(prompt);
@@ -190,22 +198,43 @@ impl Gate {
         let need = Need {
             vram_bytes: profile::vram_need(&prof, ckpt_bytes, learned.peak(prof.shape)),
         };
-        // Work already on a backend, re-estimated with what is known now (estimates made before
-        // anything was learned would otherwise linger).
-        let queued_s = |b: usize| -> f64 {
-            table
+        // Work already on a backend (and held for it), re-estimated with what is known now, in
+        // the order it will run there, and the checkpoint resident once it is done: a prompt
+        // costs a load only if the work ahead of it leaves another checkpoint.
+        let outlook = |b: usize| -> Outlook {
+            let mut ahead: Vec<&PromptRecord> = table
                 .records()
                 .filter(|x| {
                     x.owner == Some(b) && matches!(x.stage, Stage::Dispatching | Stage::OnBackend)
                 })
-                .map(|x| {
-                    let p = profile::profile(&x.body["prompt"]);
-                    match x.started_at {
-                        Some(at) => (learned.run_s(b, &p) - at.elapsed().as_secs_f64()).max(0.0),
-                        None => learned.run_s(b, &p) + learned.load_s(b, &p),
-                    }
-                })
-                .sum()
+                .collect();
+            ahead.sort_by(|x, y| {
+                let key = |r: &PromptRecord| (r.started_at.is_none(), r.number.as_f64());
+                let (kx, ky) = (key(x), key(y));
+                kx.0.cmp(&ky.0)
+                    .then(kx.1.partial_cmp(&ky.1).unwrap_or(std::cmp::Ordering::Equal))
+            });
+            let mut o = Outlook {
+                busy_s: 0.0,
+                checkpoint: learned.resident(b).map(str::to_string),
+            };
+            for x in ahead {
+                let p = profile::profile(&x.body["prompt"]);
+                let cost =
+                    learned.run_s(b, &p) + learned.load_after(b, o.checkpoint.as_deref(), &p);
+                let elapsed = x.started_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+                o.busy_s += (cost - elapsed).max(0.0);
+                if p.checkpoint.is_some() {
+                    o.checkpoint = p.checkpoint;
+                }
+            }
+            if let Some(h) = held_for.get(&b) {
+                o.busy_s += h.busy_s;
+                if h.checkpoint.is_some() {
+                    o.checkpoint = h.checkpoint.clone();
+                }
+            }
+            o
         };
         let eligible = |b: &&Arc<super::fleet::BackendState>| {
             let total = self.vram(b.id).0;
@@ -220,16 +249,17 @@ impl Gate {
                 .iter()
                 .filter(eligible)
                 .filter(|b| !avoid_tried || !r.tried.contains(&b.id))
-                .map(|b| Candidate {
+                .map(|b| (b, outlook(b.id)))
+                .map(|(b, o)| Candidate {
                     id: b.id,
                     free: b.free_slots() > 0,
                     inflight: b.inflight.load(Ordering::SeqCst),
                     max_inflight: b.config.max_inflight,
                     vram_total: self.vram(b.id).0,
                     vram_free: self.vram(b.id).1,
-                    queued_s: queued_s(b.id) + held_for.get(&b.id).copied().unwrap_or(0.0),
+                    queued_s: o.busy_s,
                     run_s: learned.run_s(b.id, &prof),
-                    load_s: learned.load_s(b.id, &prof),
+                    load_s: learned.load_after(b.id, o.checkpoint.as_deref(), &prof),
                     need_here: if prof.checkpoint.is_some()
                         && learned.resident(b.id) == prof.checkpoint.as_deref()
                     {
@@ -256,7 +286,13 @@ impl Gate {
         };
         let expected = chosen.run_s + chosen.load_s;
         if !chosen.free {
-            return Placement::Hold(chosen.id, expected);
+            return Placement::Hold(
+                chosen.id,
+                Outlook {
+                    busy_s: expected,
+                    checkpoint: prof.checkpoint,
+                },
+            );
         }
         Placement::Place(choice, need, expected)
     }
@@ -433,7 +469,8 @@ impl Gate {
         let mut held: Vec<String> = Vec::new();
         // Work the held prompts will add to their backends (list scheduling: a prompt behind
         // them sees those backends as busier).
-        let mut held_for: std::collections::HashMap<usize, f64> = std::collections::HashMap::new();
+        let mut held_for: std::collections::HashMap<usize, Outlook> =
+            std::collections::HashMap::new();
         for id in &ids {
             let Some(r) = table.get(id) else { continue };
             let aged = r.skips >= self.config.placement.max_skips
@@ -447,8 +484,12 @@ impl Gate {
                     }
                     return self.dispatch_reserved(&mut table, id, choice, need, expected);
                 }
-                Placement::Hold(backend, expected) => {
-                    *held_for.entry(backend).or_default() += expected;
+                Placement::Hold(backend, adds) => {
+                    let h = held_for.entry(backend).or_default();
+                    h.busy_s += adds.busy_s;
+                    if adds.checkpoint.is_some() {
+                        h.checkpoint = adds.checkpoint;
+                    }
                     held.push(id.clone());
                     if held.len() >= self.config.placement.affinity_window {
                         return None;

@@ -3,6 +3,7 @@
 //! whatever comes back is shown as from one ComfyUI: the gate's clientId replaced by the
 //! client's own, the gate's numbers, gate-wide file names.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::future::join_all;
@@ -156,7 +157,7 @@ impl Gate {
     /// entries for prompts it does not know (sent to a backend directly), ordered by completion
     /// time, then paged with ComfyUI's rules.
     pub async fn merged_history(&self, max_items: Option<i64>, offset: i64) -> Value {
-        let mut entries: Vec<(i64, String, Value)> = self
+        let mut entries: Vec<(i64, String, Arc<Value>)> = self
             .history
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -171,27 +172,30 @@ impl Gate {
                 }
                 self.restore_entry(i, &mut entry);
                 let t = super::recovery::completion_time(&entry).unwrap_or(0);
-                entries.push((t, id, entry));
+                entries.push((t, id, Arc::new(entry)));
             }
         }
         entries.sort_by_key(|(t, _, _)| *t);
-        let ordered: Vec<(String, Value)> = entries.into_iter().map(|(_, id, e)| (id, e)).collect();
+        let ordered: Vec<(String, Arc<Value>)> =
+            entries.into_iter().map(|(_, id, e)| (id, e)).collect();
         Value::Object(page(
-            ordered.iter().map(|(k, v)| (k, v)),
+            ordered.iter().map(|(k, v)| (k, &**v)),
             ordered.len(),
             max_items,
             offset,
         ))
     }
 
-    /// `GET /history/{id}`: the gate's entry for its prompts (`{}` until finished), a backend's
-    /// for prompts it does not know.
-    pub async fn history_one(&self, id: &str) -> Value {
+    /// `GET /history/{id}`, serialized: the gate's entry for its prompts (`{}` until finished),
+    /// a backend's for prompts it does not know. The gate's own entries are written out from the
+    /// shared entry (a hot path for clients that poll).
+    pub async fn history_one(&self, id: &str) -> Vec<u8> {
         if let Some(entry) = self.gate_history(id) {
-            return json!({ id: entry });
+            let one: std::collections::BTreeMap<&str, &Value> = [(id, &*entry)].into();
+            return serde_json::to_vec(&one).unwrap_or_else(|_| b"{}".to_vec());
         }
         if self.lock_prompts().contains(id) {
-            return json!({});
+            return b"{}".to_vec();
         }
         let path = format!("/history/{}", crate::gate::routes::encode_segment(id));
         for i in self.up_backends() {
@@ -200,10 +204,10 @@ impl Gate {
                 && let Some(entry) = v.get_mut(id)
             {
                 self.restore_entry(i, entry);
-                return v;
+                return serde_json::to_vec(&v).unwrap_or_else(|_| b"{}".to_vec());
             }
         }
-        json!({})
+        b"{}".to_vec()
     }
 
     /// `GET /system_stats`: `system` from one backend, every backend's device.

@@ -66,7 +66,7 @@ pub struct Gate {
     /// NVML readings for backends whose GPU is local: the sampler and, per backend, its slot.
     nvml: Option<(crate::telemetry::NvmlSampler, Vec<Option<usize>>)>,
     /// Finished prompts' history entries, oldest first: `id → (finished_at_ms, entry)`.
-    history: Mutex<IndexMap<String, (i64, Value)>>,
+    history: Mutex<IndexMap<String, (i64, Arc<Value>)>>,
     pub stop: CancellationToken,
 }
 
@@ -235,10 +235,10 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     for id in &queued {
         table.enqueue(id);
     }
-    let history: IndexMap<String, (i64, Value)> = loaded
+    let history: IndexMap<String, (i64, Arc<Value>)> = loaded
         .history
         .into_iter()
-        .map(|(id, t, e)| (id, (t, e)))
+        .map(|(id, t, e)| (id, (t, Arc::new(e))))
         .collect();
     if table.records().next().is_some() {
         tracing::info!(

@@ -52,7 +52,7 @@ impl Gate {
         let dropped = {
             let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
             h.shift_remove(id);
-            h.insert(id.to_string(), (finished_at, entry));
+            h.insert(id.to_string(), (finished_at, Arc::new(entry)));
             let max_age_ms = self.config.recovery.history_max_age_hours as i64 * 3_600_000;
             let mut dropped = Vec::new();
             while let Some((oldest, (t, _))) = h.first() {
@@ -91,8 +91,8 @@ impl Gate {
         }
     }
 
-    /// A history entry the gate holds.
-    pub fn gate_history(&self, id: &str) -> Option<Value> {
+    /// A history entry the gate holds (shared: entries do not change once kept).
+    pub fn gate_history(&self, id: &str) -> Option<Arc<Value>> {
         self.history
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -17,7 +17,7 @@ use super::upstream::{strip_for_downstream, strip_for_upstream};
 use crate::error::GateError;
 use crate::files::{self, UploadOutcome};
 use crate::http::{
-    Body, ConnInfo, json as json_resp, percent_decode, query_pairs, read_body, status,
+    Body, ConnInfo, json as json_resp, json_bytes, percent_decode, query_pairs, read_body, status,
 };
 use crate::protocol::errors::python_str;
 use crate::protocol::jobs;
@@ -181,7 +181,7 @@ async fn route(
         }
         (Method::GET, p) if p.starts_with("/history/") => {
             let id = percent_decode(&p["/history/".len()..]);
-            ok(gate.history_one(&id).await)
+            Ok(json_bytes(StatusCode::OK, gate.history_one(&id).await))
         }
         (Method::GET, "/api/jobs") => match jobs::parse_query(&query) {
             Ok(q) => ok(gate.jobs(Some(&q), None).await),

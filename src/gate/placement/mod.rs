@@ -90,6 +90,9 @@ pub struct GpuAware {
     pub tolerance: f64,
     /// ... or within this many seconds (measurement noise on very short jobs). Default 0.05.
     pub tolerance_s: f64,
+    /// A checkpoint load also evicts the resident checkpoint, which later prompts are likely to
+    /// need back: the load counts this many times more when backends are compared. Default 1.
+    pub switch_penalty: f64,
 }
 
 impl Default for GpuAware {
@@ -97,6 +100,7 @@ impl Default for GpuAware {
         Self {
             tolerance: 0.2,
             tolerance_s: 0.05,
+            switch_penalty: 1.0,
         }
     }
 }
@@ -104,6 +108,11 @@ impl Default for GpuAware {
 impl GpuAware {
     fn completion_s(c: &Candidate) -> f64 {
         c.queued_s + c.run_s + c.load_s
+    }
+
+    /// What backends are compared by: completion time plus the cost of the eviction.
+    fn score_s(&self, c: &Candidate) -> f64 {
+        Self::completion_s(c) + self.switch_penalty * c.load_s
     }
 
     /// Free VRAM after the prompt, as a fraction of the card (0 with no fresh reading).
@@ -123,32 +132,35 @@ impl Picker for GpuAware {
     fn pick(&self, _need: &Need, candidates: &[Candidate]) -> Option<Choice> {
         let soonest = candidates
             .iter()
-            .map(Self::completion_s)
+            .map(|c| self.score_s(c))
             .fold(f64::INFINITY, f64::min);
         let near = |c: &Candidate| {
-            Self::completion_s(c)
-                <= (soonest * (1.0 + self.tolerance)).max(soonest + self.tolerance_s)
+            self.score_s(c) <= (soonest * (1.0 + self.tolerance)).max(soonest + self.tolerance_s)
         };
-        // Rank: near-soonest first (a free one before a full one: waiting only pays when it is
-        // clearly sooner; then by headroom), then the rest by completion time.
+        // Rank: near-soonest first; among those, one with the checkpoint resident (a load
+        // evicts what the next prompts of the other checkpoint need: a cost the completion time
+        // does not show), then a free one before a full one (waiting only pays when it is
+        // clearly sooner), then by headroom; the rest by completion time.
         let mut order: Vec<&Candidate> = candidates.iter().collect();
         order.sort_by(|a, b| {
             let key = |c: &Candidate| {
                 let n = near(c);
                 (
                     !n,
+                    n && c.load_s > 0.0,
                     n && !c.free,
                     if n {
                         -Self::headroom(c)
                     } else {
-                        Self::completion_s(c)
+                        self.score_s(c)
                     },
                 )
             };
             let (ka, kb) = (key(a), key(b));
             ka.0.cmp(&kb.0)
                 .then(ka.1.cmp(&kb.1))
-                .then(ka.2.partial_cmp(&kb.2).unwrap_or(std::cmp::Ordering::Equal))
+                .then(ka.2.cmp(&kb.2))
+                .then(ka.3.partial_cmp(&kb.3).unwrap_or(std::cmp::Ordering::Equal))
                 .then(a.id.cmp(&b.id))
         });
         let chosen = *order.first()?;
@@ -165,16 +177,21 @@ impl Picker for GpuAware {
         };
         let mut reason = format!("expected {}", describe(chosen));
         if let Some(u) = runner_up {
-            let why = if near(u) { "less headroom" } else { "later" };
+            let why = if !near(u) {
+                "later"
+            } else if u.load_s > 0.0 && chosen.load_s == 0.0 {
+                "checkpoint not resident"
+            } else if !u.free && chosen.free {
+                "full"
+            } else {
+                "less headroom"
+            };
             reason.push_str(&format!("; runner-up {} ({why}): {}", u.id, describe(u)));
         }
         Some(Choice {
             id: chosen.id,
             runner_up: runner_up.map(|c| c.id),
-            scores: order
-                .iter()
-                .map(|c| (c.id, Self::completion_s(c)))
-                .collect(),
+            scores: order.iter().map(|c| (c.id, self.score_s(c))).collect(),
             reason,
         })
     }
@@ -313,6 +330,33 @@ mod tests {
             .pick(
                 &Need::default(),
                 &[c(0, Some(40), 0.0, 3.0, 3.0), c(1, Some(40), 0.0, 3.0, 0.0)],
+            )
+            .unwrap();
+        assert_eq!(choice.id, 1);
+    }
+
+    #[test]
+    fn a_resident_checkpoint_wins_a_near_tie_and_a_switch_counts_twice() {
+        let p = GpuAware::default();
+        // Near-equal: the one without a load wins although the other has more headroom.
+        let choice = p
+            .pick(
+                &Need::default(),
+                &[c(0, Some(70), 0.0, 3.0, 0.2), c(1, Some(10), 0.3, 3.0, 0.0)],
+            )
+            .unwrap();
+        assert_eq!(choice.id, 1);
+        assert!(
+            choice.reason.contains("checkpoint not resident"),
+            "{}",
+            choice.reason
+        );
+        // Done at 5 s with a 2 s load, or at 6.5 s without: beyond the tolerance on time
+        // alone, but the load also evicts a checkpoint, which tips it.
+        let choice = p
+            .pick(
+                &Need::default(),
+                &[c(0, Some(70), 0.0, 3.0, 2.0), c(1, Some(70), 3.5, 3.0, 0.0)],
             )
             .unwrap();
         assert_eq!(choice.id, 1);

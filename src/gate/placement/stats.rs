@@ -90,12 +90,18 @@ impl Learned {
         rate * p.work
     }
 
-    /// Expected checkpoint load seconds of `p` on `backend` (0 if resident there).
+    /// Expected checkpoint load seconds of `p` on `backend` (0 if resident there now).
     pub fn load_s(&self, backend: usize, p: &Profile) -> f64 {
+        self.load_after(backend, self.resident(backend), p)
+    }
+
+    /// Expected checkpoint load seconds of `p` on `backend` once `resident` is the checkpoint
+    /// there (0 if it is `p`'s): what the prompt costs behind work already queued there.
+    pub fn load_after(&self, backend: usize, resident: Option<&str>, p: &Profile) -> f64 {
         let Some(ckpt) = &p.checkpoint else {
             return 0.0;
         };
-        if self.resident(backend) == Some(ckpt.as_str()) {
+        if resident == Some(ckpt.as_str()) {
             return 0.0;
         }
         if let Some(Some(s)) = self.load_s.get(&(backend, ckpt.clone())) {
