@@ -3,7 +3,6 @@
 //! dispatcher sends queued prompts, lowest `number` first, whenever a slot frees.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,28 +10,12 @@ use http::{Response, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::Gate;
-use super::placement::{Candidate, Choice, Need, profile};
+use super::placement::{Choice, Need};
+use super::placing::{Outlook, Placement};
 use super::prompts::{PromptRecord, Stage};
 use crate::error::GateError;
 use crate::http::{Body, json as json_resp};
 use crate::protocol::{errors, now_ms};
-
-/// Where a prompt should go now.
-/// What a backend has to do before a new prompt could start there, as the gate expects it.
-#[derive(Clone, Debug, Default)]
-struct Outlook {
-    busy_s: f64,
-    /// The checkpoint resident once that work is done.
-    checkpoint: Option<String>,
-}
-
-enum Placement {
-    Place(Choice, Need, f64),
-    /// Its best backend is full: wait for it (what it adds there: seconds, checkpoint).
-    Hold(usize, Outlook),
-    /// No backend can take it now.
-    Nowhere,
-}
 
 /// What a backend said to a forwarded prompt.
 enum Forwarded {
@@ -171,166 +154,6 @@ impl Gate {
                 Ok(queued_answer())
             }
         }
-    }
-
-    /// The placement decision for `r` among the backends that may take it: healthy, not
-    /// draining or stalled, every class and file it names, its VRAM need within the card, enough
-    /// VRAM after an OOM, preferably one it did not fail on. `Hold` when the best backend is full
-    /// (the prompt waits for it); with `free_only` only backends with a free slot count.
-    fn choose(
-        &self,
-        table: &super::prompts::PromptTable,
-        r: &PromptRecord,
-        free_only: bool,
-        held_for: &std::collections::HashMap<usize, Outlook>,
-    ) -> Placement {
-        let prompt = &r.body["prompt"];
-        let prof = profile::profile(prompt);
-        let learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-        let ckpt_bytes = prof.checkpoint.as_ref().and_then(|c| {
-            self.backends.iter().find_map(|b| {
-                b.capabilities
-                    .load()
-                    .as_ref()
-                    .and_then(|caps| caps.model_bytes.get(c).copied())
-            })
-        });
-        let need = Need {
-            vram_bytes: profile::vram_need(&prof, ckpt_bytes, learned.peak(prof.shape)),
-        };
-        // Work already on a backend (and held for it), re-estimated with what is known now, in
-        // the order it will run there, and the checkpoint resident once it is done: a prompt
-        // costs a load only if the work ahead of it leaves another checkpoint.
-        let outlook = |b: usize| -> Outlook {
-            let mut ahead: Vec<&PromptRecord> = table
-                .records()
-                .filter(|x| {
-                    x.owner == Some(b) && matches!(x.stage, Stage::Dispatching | Stage::OnBackend)
-                })
-                .collect();
-            ahead.sort_by(|x, y| {
-                let key = |r: &PromptRecord| (r.started_at.is_none(), r.number.as_f64());
-                let (kx, ky) = (key(x), key(y));
-                kx.0.cmp(&ky.0)
-                    .then(kx.1.partial_cmp(&ky.1).unwrap_or(std::cmp::Ordering::Equal))
-            });
-            let mut o = Outlook {
-                busy_s: 0.0,
-                checkpoint: learned.resident(b).map(str::to_string),
-            };
-            for x in ahead {
-                let p = profile::profile(&x.body["prompt"]);
-                let cost =
-                    learned.run_s(b, &p) + learned.load_after(b, o.checkpoint.as_deref(), &p);
-                let elapsed = x.started_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
-                o.busy_s += (cost - elapsed).max(0.0);
-                if p.checkpoint.is_some() {
-                    o.checkpoint = p.checkpoint;
-                }
-            }
-            if let Some(h) = held_for.get(&b) {
-                o.busy_s += h.busy_s;
-                if h.checkpoint.is_some() {
-                    o.checkpoint = h.checkpoint.clone();
-                }
-            }
-            o
-        };
-        let eligible = |b: &&Arc<super::fleet::BackendState>| {
-            let total = self.vram(b.id).0;
-            b.accepts_work()
-                && (!free_only || b.free_slots() > 0)
-                && r.min_vram_total.is_none_or(|min| total >= min)
-                && (total == 0 || need.vram_bytes <= total)
-                && self.can_run(b.id, prompt)
-        };
-        let candidates = |avoid_tried: bool| -> Vec<Candidate> {
-            self.backends
-                .iter()
-                .filter(eligible)
-                .filter(|b| !avoid_tried || !r.tried.contains(&b.id))
-                .map(|b| (b, outlook(b.id)))
-                .map(|(b, o)| Candidate {
-                    id: b.id,
-                    free: b.free_slots() > 0,
-                    inflight: b.inflight.load(Ordering::SeqCst),
-                    max_inflight: b.config.max_inflight,
-                    vram_total: self.vram(b.id).0,
-                    vram_free: self.vram(b.id).1,
-                    queued_s: o.busy_s,
-                    run_s: learned.run_s(b.id, &prof),
-                    load_s: learned.load_after(b.id, o.checkpoint.as_deref(), &prof),
-                    need_here: if prof.checkpoint.is_some()
-                        && learned.resident(b.id) == prof.checkpoint.as_deref()
-                    {
-                        need.vram_bytes.saturating_sub(ckpt_bytes.unwrap_or(0))
-                    } else {
-                        need.vram_bytes
-                    },
-                })
-                .collect()
-        };
-        let first = candidates(true);
-        let (cands, choice) = match self.picker.pick(&need, &first) {
-            Some(c) => (first, c),
-            None => {
-                let all = candidates(false);
-                match self.picker.pick(&need, &all) {
-                    Some(c) => (all, c),
-                    None => return Placement::Nowhere,
-                }
-            }
-        };
-        let Some(chosen) = cands.iter().find(|c| c.id == choice.id) else {
-            return Placement::Nowhere;
-        };
-        let expected = chosen.run_s + chosen.load_s;
-        if !chosen.free {
-            return Placement::Hold(
-                chosen.id,
-                Outlook {
-                    busy_s: expected,
-                    checkpoint: prof.checkpoint,
-                },
-            );
-        }
-        Placement::Place(choice, need, expected)
-    }
-
-    /// Reserves the chosen slot and records the decision; the caller holds `reserve`.
-    fn commit(&self, r: &mut PromptRecord, choice: Choice, need: Need, expected_s: f64) -> usize {
-        let b = self.backend(choice.id);
-        b.inflight.fetch_add(1, Ordering::SeqCst);
-        let name = |id: usize| self.backend(id).name().to_string();
-        let decision = json!({
-            "at": now_ms(),
-            "prompt_id": r.id,
-            "policy": self.picker.name(),
-            "chosen": name(choice.id),
-            "runner_up": choice.runner_up.map(name),
-            "scores": choice.scores.iter().map(|(id, s)| json!({"backend": name(*id), "score": s})).collect::<Vec<_>>(),
-            "need_vram_bytes": need.vram_bytes,
-            "expected_s": expected_s,
-            "skips": r.skips,
-            "reason": choice.reason,
-        });
-        tracing::debug!(prompt = %r.id, backend = b.name(), reason = %decision["reason"], "placed");
-        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        d.push_back(decision);
-        while d.len() > 256 {
-            d.pop_front();
-        }
-        choice.id
-    }
-
-    /// Recent placement decisions, oldest first.
-    pub fn recent_decisions(&self) -> Vec<Value> {
-        self.decisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
     }
 
     /// Chooses and reserves a backend for `id` (none if it should wait); the caller holds

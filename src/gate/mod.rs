@@ -15,6 +15,7 @@ mod gate_files;
 mod health;
 mod merged;
 pub mod placement;
+mod placing;
 pub mod prompts;
 mod recovery;
 mod routes;
