@@ -160,7 +160,7 @@ impl Gate {
     /// `reserve`.
     fn reserve_slot(&self, table: &mut super::prompts::PromptTable, id: &str) -> Option<usize> {
         let none = std::collections::HashMap::new();
-        let Placement::Place(choice, need, expected) =
+        let Placement::Place(choice, need, expected, _) =
             self.choose(table, table.get(id)?, false, &none)
         else {
             return None;
@@ -294,13 +294,24 @@ impl Gate {
         // them sees those backends as busier).
         let mut held_for: std::collections::HashMap<usize, Outlook> =
             std::collections::HashMap::new();
+        // The first prompt that could go now but would load a checkpoint there: a prompt behind
+        // it (within the window) that finds its checkpoint resident goes first (checkpoint
+        // switches cost more than most prompts run); else it goes.
+        let mut switching: Option<(String, Choice, Need, f64, usize)> = None;
         for id in &ids {
             let Some(r) = table.get(id) else { continue };
             let aged = r.skips >= self.config.placement.max_skips
                 || now_ms() - r.create_time >= self.config.placement.max_wait_ms as i64;
             match self.choose(&table, r, aged, &held_for) {
-                Placement::Place(choice, need, expected) => {
-                    for h in &held {
+                Placement::Place(choice, need, expected, loads) => {
+                    if loads && !aged {
+                        if switching.is_none() {
+                            switching = Some((id.clone(), choice, need, expected, held.len()));
+                        }
+                        continue;
+                    }
+                    let passed = held.iter().chain(switching.as_ref().map(|s| &s.0));
+                    for h in passed {
                         if let Some(hr) = table.get_mut(h) {
                             hr.skips += 1;
                         }
@@ -315,13 +326,19 @@ impl Gate {
                     }
                     held.push(id.clone());
                     if held.len() >= self.config.placement.affinity_window {
-                        return None;
+                        break;
                     }
                 }
                 Placement::Nowhere => {}
             }
         }
-        None
+        let (id, choice, need, expected, held_ahead) = switching?;
+        for h in &held[..held_ahead] {
+            if let Some(hr) = table.get_mut(h) {
+                hr.skips += 1;
+            }
+        }
+        self.dispatch_reserved(&mut table, &id, choice, need, expected)
     }
 
     fn dispatch_reserved(

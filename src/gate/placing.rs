@@ -24,7 +24,9 @@ pub(super) struct Outlook {
 
 /// Where a prompt should go now.
 pub(super) enum Placement {
-    Place(Choice, Need, f64),
+    /// Its best backend has a free slot: the choice, the need, the expected seconds there, and
+    /// whether its checkpoint must be loaded there first.
+    Place(Choice, Need, f64, bool),
     /// Its best backend is full: wait for it (what it adds there: seconds, checkpoint).
     Hold(usize, Outlook),
     /// No backend can take it now.
@@ -153,7 +155,7 @@ impl Gate {
                 },
             );
         }
-        Placement::Place(choice, need, expected)
+        Placement::Place(choice, need, expected, chosen.load_s > 0.0)
     }
 
     /// Reserves the chosen slot and records the decision; the caller holds `reserve`.
