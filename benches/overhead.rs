@@ -101,6 +101,7 @@ async fn run() {
     };
 
     let proxied_history_id = ctx.prepare_history_direct().await;
+    let userdata_path = ctx.prepare_userdata().await;
     let cases = [
         HttpCase {
             name: "GET /history/{id} (small JSON, the gate's own prompt)".to_string(),
@@ -111,6 +112,11 @@ async fn run() {
             name: "GET /history/{id} (small JSON, asked of the backend)".to_string(),
             path: format!("/history/{proxied_history_id}"),
             expect_min_bytes: 100,
+        },
+        HttpCase {
+            name: "GET /userdata/{file} (small JSON, passed through)".to_string(),
+            path: format!("/userdata/{userdata_path}"),
+            expect_min_bytes: 500,
         },
         HttpCase {
             name: format!("GET /view 4 MB PNG ({} B, type=output)", ctx.view_bytes),
@@ -271,11 +277,12 @@ async fn run() {
         "- /history/{{id}}, the gate's own prompt: it ran through the gate, so the gate answers \
          from its own history store (no backend round trip); direct and nginx ask the sim. \
          Asked of the backend: the prompt was sent to the sim directly, so the gate asks the \
-         backend, rewrites file names it has aliases for, and answers (the proxy path)."
+         backend, rewrites file names it has aliases for, and answers (the proxy path). \
+         /userdata: a saved workflow, passed through to the home backend unchanged."
     );
     println!(
         "- /view: a noise PNG written straight into the sim's output dir; the gate has no alias \
-         for it, so it asks the backend (a real proxy path, body buffered by the gate)."
+         for it, so it asks the backend and streams the body through (a real proxy path)."
     );
     println!(
         "- WS: latency = client receive time − `execution_start.timestamp` set by the sim when it \

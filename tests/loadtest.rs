@@ -51,6 +51,31 @@ async fn all_prompts_succeed_through_the_gate() {
 }
 
 #[tokio::test]
+async fn open_loop_arrivals_through_the_gate() {
+    let (a, b) = (sim().await, sim().await);
+    let gate = gate(&[&a, &b]).await;
+    let url = format!("http://{}", gate.addr);
+    // A fixed number of arrivals at a Poisson rate, shared by two client sockets.
+    let report = run(Options {
+        rate: Some(40.0),
+        ..options(&url, 2, 3)
+    })
+    .await;
+    assert_eq!((report.total, report.succeeded), (6, 6), "{report}");
+    // Arrivals until the duration is over: however many came, every one ends well.
+    let report = run(Options {
+        rate: Some(20.0),
+        requests_per_user: None,
+        duration: Some(Duration::from_millis(800)),
+        ..options(&url, 2, 1)
+    })
+    .await;
+    assert!(report.total > 0, "{report}");
+    assert_eq!(report.succeeded, report.total, "{report}");
+    assert_eq!((report.failed, report.timed_out), (0, 0), "{report}");
+}
+
+#[tokio::test]
 async fn validation_failures_are_counted_by_kind() {
     let sim = sim().await;
     let mut graph = txt2img(1, "no-such-checkpoint.safetensors");

@@ -180,6 +180,33 @@ impl Ctx {
         id
     }
 
+    /// Stores a small JSON file (a saved workflow, ~1 KB) in the sim's user data; its path
+    /// under `/userdata/`, percent-encoded as ComfyUI's frontend sends it.
+    pub async fn prepare_userdata(&self) -> String {
+        let graph = json!({
+            "3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}}
+        });
+        let path = "workflows%2Foverhead_bench.json".to_string();
+        let resp = reqwest_client()
+            .post(format!("{}/userdata/{path}?overwrite=true", self.sim.url()))
+            .body(graph.to_string())
+            .send()
+            .await
+            .expect("POST /userdata");
+        assert!(
+            resp.status().is_success(),
+            "POST /userdata: {}",
+            resp.status()
+        );
+        path
+    }
+
     /// Writes a ≥ 4 MiB noise PNG into the sim's output dir; its file name.
     pub async fn prepare_view(&mut self) -> String {
         let name = "overhead_noise_4mb.png".to_string();
