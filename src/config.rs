@@ -138,8 +138,8 @@ pub struct PlacementConfig {
     /// How far past the head of the gate queue the dispatcher may look for a prompt whose
     /// checkpoint is already resident on the free backend. Default 8; 1 disables reordering.
     pub affinity_window: usize,
-    /// A prompt passed over this many times for others' affinity is taken next (aging).
-    /// Default 4.
+    /// A prompt passed over this many times for others' affinity (holds, or prompts that find
+    /// their checkpoint resident) is taken next (aging). Default 8.
     pub max_skips: u32,
     /// A prompt that has waited this long (ms) is never passed over. Default 60000.
     pub max_wait_ms: u64,
@@ -152,7 +152,7 @@ impl Default for PlacementConfig {
         Self {
             policy: "gpu_aware".into(),
             affinity_window: 8,
-            max_skips: 4,
+            max_skips: 8,
             max_wait_ms: 60_000,
             stale_after_ms: 10_000,
         }
