@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::Gate;
 use super::placement::{Choice, Need};
-use super::placing::{Outlook, Placement};
+use super::placing::Placement;
 use super::prompts::{PromptRecord, Stage};
 use crate::error::GateError;
 use crate::http::{Body, json as json_resp};
@@ -159,9 +159,9 @@ impl Gate {
     /// Chooses and reserves a backend for `id` (none if it should wait); the caller holds
     /// `reserve`.
     fn reserve_slot(&self, table: &mut super::prompts::PromptTable, id: &str) -> Option<usize> {
-        let none = std::collections::HashMap::new();
+        let outlooks = self.outlooks(table);
         let Placement::Place(choice, need, expected, _) =
-            self.choose(table, table.get(id)?, false, &none)
+            self.choose(table.get(id)?, false, &outlooks)
         else {
             return None;
         };
@@ -290,10 +290,9 @@ impl Gate {
         let mut table = self.lock_prompts();
         let ids: Vec<String> = table.queued().take(64).map(|r| r.id.clone()).collect();
         let mut held: Vec<String> = Vec::new();
-        // Work the held prompts will add to their backends (list scheduling: a prompt behind
-        // them sees those backends as busier).
-        let mut held_for: std::collections::HashMap<usize, Outlook> =
-            std::collections::HashMap::new();
+        // What each backend has to do, plus the work the held prompts will add (list
+        // scheduling: a prompt behind them sees those backends as busier).
+        let mut outlooks = self.outlooks(&table);
         // The first prompt that could go now but would load a checkpoint there: a prompt behind
         // it (within the window) that finds its checkpoint resident goes first (checkpoint
         // switches cost more than most prompts run); else it goes.
@@ -302,7 +301,7 @@ impl Gate {
             let Some(r) = table.get(id) else { continue };
             let aged = r.skips >= self.config.placement.max_skips
                 || now_ms() - r.create_time >= self.config.placement.max_wait_ms as i64;
-            match self.choose(&table, r, aged, &held_for) {
+            match self.choose(r, aged, &outlooks) {
                 Placement::Place(choice, need, expected, loads) => {
                     if loads && !aged {
                         if switching.is_none() {
@@ -319,7 +318,7 @@ impl Gate {
                     return self.dispatch_reserved(&mut table, id, choice, need, expected);
                 }
                 Placement::Hold(backend, adds) => {
-                    let h = held_for.entry(backend).or_default();
+                    let h = outlooks.entry(backend).or_default();
                     h.busy_s += adds.busy_s;
                     if adds.checkpoint.is_some() {
                         h.checkpoint = adds.checkpoint;

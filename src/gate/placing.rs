@@ -4,6 +4,7 @@
 //! of recent decisions that `/admin/decisions` shows. The queue scan that asks for decisions is
 //! in `dispatch`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -34,16 +35,58 @@ pub(super) enum Placement {
 }
 
 impl Gate {
+    /// What every backend has to do, as the gate expects it now: the prompts it owns,
+    /// re-estimated with what is known now, in the order they will run there (started first,
+    /// then by number), and the checkpoint resident once they are done. One pass over the
+    /// prompt table; a dispatch pass computes it once and adds its holds.
+    pub(super) fn outlooks(&self, table: &super::prompts::PromptTable) -> HashMap<usize, Outlook> {
+        let learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ahead: HashMap<usize, Vec<&PromptRecord>> = HashMap::new();
+        for x in table.records() {
+            if let (Some(b), Stage::Dispatching | Stage::OnBackend) = (x.owner, x.stage) {
+                ahead.entry(b).or_default().push(x);
+            }
+        }
+        self.backends
+            .iter()
+            .map(|backend| {
+                let b = backend.id;
+                let mut o = Outlook {
+                    busy_s: 0.0,
+                    checkpoint: learned.resident(b).map(str::to_string),
+                };
+                let mut mine = ahead.remove(&b).unwrap_or_default();
+                mine.sort_by(|x, y| {
+                    let key = |r: &PromptRecord| (r.started_at.is_none(), r.number.as_f64());
+                    let (kx, ky) = (key(x), key(y));
+                    kx.0.cmp(&ky.0)
+                        .then(kx.1.partial_cmp(&ky.1).unwrap_or(std::cmp::Ordering::Equal))
+                });
+                for x in mine {
+                    let p = profile::profile(&x.body["prompt"]);
+                    let cost =
+                        learned.run_s(b, &p) + learned.load_after(b, o.checkpoint.as_deref(), &p);
+                    let elapsed = x.started_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+                    o.busy_s += (cost - elapsed).max(0.0);
+                    if p.checkpoint.is_some() {
+                        o.checkpoint = p.checkpoint;
+                    }
+                }
+                (b, o)
+            })
+            .collect()
+    }
+
     /// The placement decision for `r` among the backends that may take it: healthy, not
     /// draining or stalled, every class and file it names, its VRAM need within the card, enough
     /// VRAM after an OOM, preferably one it did not fail on. `Hold` when the best backend is full
     /// (the prompt waits for it); with `free_only` only backends with a free slot count.
+    /// `outlooks`: what each backend has to do first (see [`Gate::outlooks`]), holds included.
     pub(super) fn choose(
         &self,
-        table: &super::prompts::PromptTable,
         r: &PromptRecord,
         free_only: bool,
-        held_for: &std::collections::HashMap<usize, Outlook>,
+        outlooks: &HashMap<usize, Outlook>,
     ) -> Placement {
         let prompt = &r.body["prompt"];
         let prof = profile::profile(prompt);
@@ -59,44 +102,7 @@ impl Gate {
         let need = Need {
             vram_bytes: profile::vram_need(&prof, ckpt_bytes, learned.peak(prof.shape)),
         };
-        // Work already on a backend (and held for it), re-estimated with what is known now, in
-        // the order it will run there, and the checkpoint resident once it is done: a prompt
-        // costs a load only if the work ahead of it leaves another checkpoint.
-        let outlook = |b: usize| -> Outlook {
-            let mut ahead: Vec<&PromptRecord> = table
-                .records()
-                .filter(|x| {
-                    x.owner == Some(b) && matches!(x.stage, Stage::Dispatching | Stage::OnBackend)
-                })
-                .collect();
-            ahead.sort_by(|x, y| {
-                let key = |r: &PromptRecord| (r.started_at.is_none(), r.number.as_f64());
-                let (kx, ky) = (key(x), key(y));
-                kx.0.cmp(&ky.0)
-                    .then(kx.1.partial_cmp(&ky.1).unwrap_or(std::cmp::Ordering::Equal))
-            });
-            let mut o = Outlook {
-                busy_s: 0.0,
-                checkpoint: learned.resident(b).map(str::to_string),
-            };
-            for x in ahead {
-                let p = profile::profile(&x.body["prompt"]);
-                let cost =
-                    learned.run_s(b, &p) + learned.load_after(b, o.checkpoint.as_deref(), &p);
-                let elapsed = x.started_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
-                o.busy_s += (cost - elapsed).max(0.0);
-                if p.checkpoint.is_some() {
-                    o.checkpoint = p.checkpoint;
-                }
-            }
-            if let Some(h) = held_for.get(&b) {
-                o.busy_s += h.busy_s;
-                if h.checkpoint.is_some() {
-                    o.checkpoint = h.checkpoint.clone();
-                }
-            }
-            o
-        };
+        let outlook = |b: usize| outlooks.get(&b).cloned().unwrap_or_default();
         let eligible = |b: &&Arc<super::fleet::BackendState>| {
             let total = self.vram(b.id).0;
             b.accepts_work()
