@@ -320,20 +320,12 @@ async fn user_data_lives_on_the_home_backend() {
 
 /// A POST to the gate carrying `Host: <gate addr>` and the given Origin.
 async fn post_with_origin(gate_addr: &str, path: &str, origin: &str, body: &Value) -> (u16, Value) {
-    let resp = http()
+    let req = http()
         .post(format!("http://{gate_addr}{path}"))
         .header("Host", gate_addr)
         .header("Origin", origin)
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+        .json(body);
+    send_for_json(req).await
 }
 
 /// Opens `/ws` on the gate with an Origin header.

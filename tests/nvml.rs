@@ -1,10 +1,7 @@
 //! NVML telemetry (`comfy_gate::telemetry`) against `libfake_nvml.so`, the workspace's fake
 //! NVML library, which serves GPU readings from the JSON file named by `FAKE_NVML_STATE`.
 //!
-//! The fake library is found next to this test executable (`target/<profile>/deps/`, where cargo
-//! builds it for `cargo test`, or `target/<profile>/`, where `cargo build` puts it), so a custom
-//! `CARGO_TARGET_DIR` works. `cargo test -p comfy-gate` does not build the fake-nvml package;
-//! the tests then build it with `cargo build -p fake-nvml`.
+//! How the fake library is found: `tests/common/fake_nvml.rs`.
 //!
 //! Every test that loads the fake runs in a child process of this test binary, with
 //! `FAKE_NVML_STATE` naming a file in a fresh temporary directory: the library reads the
@@ -12,70 +9,21 @@
 //! unsafe in edition 2024. Each test thus has its own state file and its own NVML instance, and the
 //! tests can run in parallel.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use comfy_gate::telemetry::{GpuReading, GpuSelector, NvmlSampler, probe};
+use common::fake_nvml::fake_nvml_lib;
 use serde_json::{Value, json};
 
-const LIB: &str = "libfake_nvml.so";
 const CHILD: &str = "COMFY_GATE_NVML_TEST_CHILD";
 const GIB: u64 = 1 << 30;
 const UUID_A: &str = "GPU-aaaaaaaa-0000-4000-8000-000000000001";
 const UUID_B: &str = "GPU-bbbbbbbb-0000-4000-8000-000000000002";
 const INTERVAL: Duration = Duration::from_millis(20);
-
-/// The fake NVML library, built by cargo alongside this test (or now, if it was not).
-fn fake_lib() -> &'static Path {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let deps = exe.parent().expect("target/<profile>/deps");
-        let profile = deps.parent().expect("target/<profile>");
-        let candidates = [deps.join(LIB), profile.join(LIB)];
-        if let Some(found) = candidates.iter().find(|p| p.is_file()) {
-            return found.clone();
-        }
-        build_fake_nvml(profile);
-        candidates
-            .into_iter()
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                    "{LIB} not found in {} or {}: run `cargo build -p fake-nvml` first",
-                    deps.display(),
-                    profile.display()
-                )
-            })
-    })
-}
-
-/// `cargo build -p fake-nvml` for the profile this test was built with.
-fn build_fake_nvml(profile_dir: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-p",
-        "fake-nvml",
-        "--manifest-path",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-    ]);
-    match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some(profile) => {
-            cmd.args(["--profile", profile]);
-        }
-    }
-    let out = cmd.output().expect("run cargo build -p fake-nvml");
-    assert!(
-        out.status.success(),
-        "cargo build -p fake-nvml failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// In the parent test process: runs the test named `test` in a child process of this binary with
 /// `FAKE_NVML_STATE` set to a fresh (not yet written) file, checks that it passed, and returns
@@ -85,7 +33,7 @@ fn state_file_in_child(test: &str) -> Option<PathBuf> {
         let state = std::env::var_os("FAKE_NVML_STATE").expect("FAKE_NVML_STATE in the child");
         return Some(PathBuf::from(state));
     }
-    fake_lib(); // build it once here rather than in every child
+    fake_nvml_lib(); // build it once here rather than in every child
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
@@ -174,7 +122,7 @@ fn a_missing_library_is_an_error() {
     let err = probe(Some(&missing)).unwrap_err();
     assert!(err.contains("cannot load NVML library"), "{err}");
 
-    let err = NvmlSampler::start(Some(fake_lib()), vec![], INTERVAL).unwrap_err();
+    let err = NvmlSampler::start(Some(fake_nvml_lib()), vec![], INTERVAL).unwrap_err();
     assert!(err.contains("no GPU selected"), "{err}");
 }
 
@@ -183,11 +131,11 @@ fn a_missing_state_file_fails_init() {
     let Some(_never_written) = state_file_in_child("a_missing_state_file_fails_init") else {
         return;
     };
-    let err =
-        NvmlSampler::start(Some(fake_lib()), vec![GpuSelector::Index(0)], INTERVAL).unwrap_err();
+    let err = NvmlSampler::start(Some(fake_nvml_lib()), vec![GpuSelector::Index(0)], INTERVAL)
+        .unwrap_err();
     assert!(err.contains("NVML initialisation failed"), "{err}");
     assert!(err.contains("driver is not loaded"), "{err}");
-    let err = probe(Some(fake_lib())).unwrap_err();
+    let err = probe(Some(fake_nvml_lib())).unwrap_err();
     assert!(err.contains("driver is not loaded"), "{err}");
 }
 
@@ -206,7 +154,7 @@ fn readings_match_each_selected_gpu() {
     );
     let before = Instant::now();
     let sampler = NvmlSampler::start(
-        Some(fake_lib()),
+        Some(fake_nvml_lib()),
         vec![GpuSelector::Uuid(UUID_B.to_string()), GpuSelector::Index(0)],
         INTERVAL,
     )
@@ -233,7 +181,7 @@ fn readings_match_each_selected_gpu() {
         (Some(40), Some(25), Some(61), Some(180_000))
     );
 
-    let all = probe(Some(fake_lib())).unwrap();
+    let all = probe(Some(fake_nvml_lib())).unwrap();
     let seen: Vec<(&str, u64)> = all.iter().map(|r| (r.uuid.as_str(), r.free)).collect();
     assert_eq!(seen, [(UUID_A, 20 * GIB), (UUID_B, 3 * GIB)]);
 }
@@ -251,7 +199,7 @@ fn readings_follow_rewrites_of_the_state_file() {
         ]),
     );
     let sampler = NvmlSampler::start(
-        Some(fake_lib()),
+        Some(fake_nvml_lib()),
         vec![GpuSelector::Index(0), GpuSelector::Index(1)],
         INTERVAL,
     )
@@ -289,7 +237,7 @@ fn an_unknown_gpu_is_refused_by_name() {
     );
     let unknown = "GPU-deadbeef-0000-4000-8000-00000000dead";
     let err = NvmlSampler::start(
-        Some(fake_lib()),
+        Some(fake_nvml_lib()),
         vec![
             GpuSelector::Index(0),
             GpuSelector::Uuid(unknown.to_string()),
@@ -303,8 +251,8 @@ fn an_unknown_gpu_is_refused_by_name() {
     );
     assert!(err.contains(UUID_A), "lists the GPUs NVML sees: {err}");
 
-    let err =
-        NvmlSampler::start(Some(fake_lib()), vec![GpuSelector::Index(1)], INTERVAL).unwrap_err();
+    let err = NvmlSampler::start(Some(fake_nvml_lib()), vec![GpuSelector::Index(1)], INTERVAL)
+        .unwrap_err();
     assert!(err.contains("no GPU at index 1"), "{err}");
 }
 
@@ -319,7 +267,7 @@ fn a_failed_read_keeps_the_last_reading() {
     ]);
     write_state(&state, healthy);
     let sampler = NvmlSampler::start(
-        Some(fake_lib()),
+        Some(fake_nvml_lib()),
         vec![
             GpuSelector::Uuid(UUID_A.to_string()),
             GpuSelector::Uuid(UUID_B.to_string()),
@@ -369,7 +317,7 @@ fn stop_ends_sampling() {
         json!([gpu(UUID_A, "Fake RTX 4090", 24 * GIB, 20 * GIB)]),
     );
     let sampler =
-        NvmlSampler::start(Some(fake_lib()), vec![GpuSelector::Index(0)], INTERVAL).unwrap();
+        NvmlSampler::start(Some(fake_nvml_lib()), vec![GpuSelector::Index(0)], INTERVAL).unwrap();
     let shared = sampler.shared();
     sampler.stop();
     let last = slot(&sampler, 0);

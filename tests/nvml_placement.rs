@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -17,29 +17,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
 const UUID_A: &str = "GPU-aaaaaaaa-0000-4000-8000-00000000000a";
 const UUID_B: &str = "GPU-bbbbbbbb-0000-4000-8000-00000000000b";
 const GIB: u64 = 1 << 30;
-
-/// `libfake_nvml.so`, next to this test executable (cargo builds it for `cargo test`).
-fn fake_lib() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let candidates = [
-        deps.join("libfake_nvml.so"),
-        deps.parent().unwrap().join("libfake_nvml.so"),
-    ];
-    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
-        return p.clone();
-    }
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-p", "fake-nvml"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("libfake_nvml.so")
-}
 
 /// Writes the fake's state atomically (it re-reads the file on every call).
 fn set_gpus(path: &Path, free_a: Option<u64>, free_b: u64, a_lost: bool) {
@@ -147,7 +124,13 @@ async fn nvml_free_memory_decides() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("gpus.json");
     set_gpus(&state, Some(10), 40, false);
-    let gate = start_gate(dir.path(), [&a, &b], &fake_lib(), &state).await;
+    let gate = start_gate(
+        dir.path(),
+        [&a, &b],
+        common::fake_nvml::fake_nvml_lib(),
+        &state,
+    )
+    .await;
     let (_, backends) = get_json(&gate.admin, "/admin/backends").await;
     assert_eq!(backends["backends"][0]["gpu"]["uuid"], UUID_A, "{backends}");
     assert_eq!(backends["backends"][1]["gpu"]["free"], 40 * GIB);

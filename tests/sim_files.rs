@@ -22,18 +22,7 @@ fn image_part(file_name: &str, bytes: Vec<u8>) -> Part {
 
 /// Posts a multipart form; returns the status and the body (JSON when it parses).
 async fn post_form(base: &str, path: &str, form: Form) -> (u16, Value) {
-    let resp = http()
-        .post(format!("{base}{path}"))
-        .multipart(form)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    send_for_json(http().post(format!("{base}{path}")).multipart(form)).await
 }
 
 /// Uploads `bytes` as `file_name` to `/upload/image` with extra text fields.

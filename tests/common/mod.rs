@@ -2,6 +2,8 @@
 //! real HTTP (reqwest) and WebSocket (tokio-tungstenite) clients.
 #![allow(dead_code)]
 
+pub mod fake_nvml;
+
 use std::time::Duration;
 
 use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
@@ -35,13 +37,9 @@ pub fn http() -> reqwest::Client {
         .expect("client")
 }
 
-pub async fn post_json(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let resp = http()
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request");
+/// Sends `req`; the status and the body (JSON when it parses, else the text as a string).
+pub async fn send_for_json(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     (
@@ -50,18 +48,12 @@ pub async fn post_json(base: &str, path: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+pub async fn post_json(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    send_for_json(http().post(format!("{base}{path}")).json(body)).await
+}
+
 pub async fn get_json(base: &str, path: &str) -> (u16, Value) {
-    let resp = http()
-        .get(format!("{base}{path}"))
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    send_for_json(http().get(format!("{base}{path}"))).await
 }
 
 pub async fn get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
