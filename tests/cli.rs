@@ -7,7 +7,6 @@ use std::process::Stdio;
 
 use common::*;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
 
@@ -83,17 +82,7 @@ async fn run_needs_no_file() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the listening address")
-        .to_string();
+    let url = listening_urls(&mut child).await.remove(0);
     let (code, _) = post_json(
         &url,
         "/prompt",

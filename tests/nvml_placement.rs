@@ -68,17 +68,7 @@ async fn start_gate(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let urls: Vec<String> = line
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-        .filter(|w| w.starts_with("http://"))
-        .map(str::to_string)
-        .collect();
+    let urls = listening_urls(&mut child).await;
     let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let stderr = tokio::spawn(async move {
         let mut all = String::new();

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -51,17 +50,7 @@ async fn start_gate(config: &Path) -> RunningGate {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .expect("the gate starts")
-        .unwrap()
-        .expect("a first line");
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the listening address")
-        .to_string();
+    let url = listening_urls(&mut child).await.remove(0);
     RunningGate { child, url }
 }
 

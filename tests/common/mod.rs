@@ -30,6 +30,25 @@ pub async fn sim_with(config: SimConfig) -> SimHandle {
     .expect("sim starts")
 }
 
+/// The URLs a `comfy-gate run` child prints on its first stdout line (the gate's, then the
+/// admin listener's), read within `PATIENCE`.
+pub async fn listening_urls(child: &mut tokio::process::Child) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stdout = child.stdout.take().expect("stdout piped");
+    let line = tokio::time::timeout(PATIENCE, BufReader::new(stdout).lines().next_line())
+        .await
+        .expect("the gate starts")
+        .expect("stdout readable")
+        .expect("a first line");
+    let urls: Vec<String> = line
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+        .filter(|w| w.starts_with("http://"))
+        .map(str::to_string)
+        .collect();
+    assert!(!urls.is_empty(), "no listening address in {line:?}");
+    urls
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(PATIENCE)
