@@ -321,14 +321,13 @@ async fn run_policy(jobs: &[Job], front: Front, nginx_bin: Option<&std::path::Pa
 /// queueing alone costs on this trace (the lower bound ignores it).
 /// Returns (latencies, makespan).
 fn greedy_reference(jobs: &[Job]) -> (Vec<f64>, f64) {
+    let models = SimConfig::default();
     let mut free_at = [0.0f64; FLEET.len()];
     let mut latencies = Vec::new();
     for j in jobs {
-        let ckpt_gb = if j.ckpt.starts_with("sd_xl") {
-            6.9
-        } else {
-            2.1
-        };
+        let ckpt_gb = models
+            .model_size_gb("checkpoints", j.ckpt)
+            .expect("the sims list the trace's checkpoints");
         let megapixels = (j.side * j.side) as f64 / 1e6 * j.batch as f64;
         let need = ckpt_gb + cost::sampling_working_gb(megapixels / j.batch as f64, j.batch as u32);
         let best = FLEET

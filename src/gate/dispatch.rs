@@ -310,11 +310,7 @@ impl Gate {
                         continue;
                     }
                     let passed = held.iter().chain(switching.as_ref().map(|s| &s.0));
-                    for h in passed {
-                        if let Some(hr) = table.get_mut(h) {
-                            hr.skips += 1;
-                        }
-                    }
+                    count_skip(&mut table, passed);
                     return self.dispatch_reserved(&mut table, id, choice, need, expected);
                 }
                 Placement::Hold(backend, adds) => {
@@ -332,11 +328,7 @@ impl Gate {
             }
         }
         let (id, choice, need, expected, held_ahead) = switching?;
-        for h in &held[..held_ahead] {
-            if let Some(hr) = table.get_mut(h) {
-                hr.skips += 1;
-            }
-        }
+        count_skip(&mut table, &held[..held_ahead]);
         self.dispatch_reserved(&mut table, &id, choice, need, expected)
     }
 
@@ -355,6 +347,18 @@ impl Gate {
         r.stage = Stage::Dispatching;
         r.owner = Some(backend);
         Some((id.to_string(), backend))
+    }
+}
+
+/// The prompts `passed` were passed over once more (aging).
+fn count_skip<'a>(
+    table: &mut super::prompts::PromptTable,
+    passed: impl IntoIterator<Item = &'a String>,
+) {
+    for id in passed {
+        if let Some(r) = table.get_mut(id) {
+            r.skips += 1;
+        }
     }
 }
 

@@ -90,11 +90,6 @@ impl Learned {
         rate * p.work
     }
 
-    /// Expected checkpoint load seconds of `p` on `backend` (0 if resident there now).
-    pub fn load_s(&self, backend: usize, p: &Profile) -> f64 {
-        self.load_after(backend, self.resident(backend), p)
-    }
-
     /// Expected checkpoint load seconds of `p` on `backend` once `resident` is the checkpoint
     /// there (0 if it is `p`'s): what the prompt costs behind work already queued there.
     pub fn load_after(&self, backend: usize, resident: Option<&str>, p: &Profile) -> f64 {
@@ -149,15 +144,19 @@ mod tests {
         );
         assert!((l.run_s(1, &p) - 6.0).abs() < 1e-9, "its speed × work");
         l.observe_load(1, "a", 4.0);
-        assert_eq!(l.load_s(1, &p), 0.0, "resident after loading");
         assert_eq!(
-            l.load_s(0, &prof(1.0, 9, "b")),
+            l.load_after(1, l.resident(1), &p),
+            0.0,
+            "resident after loading"
+        );
+        assert_eq!(
+            l.load_after(0, l.resident(0), &prof(1.0, 9, "b")),
             0.0,
             "nothing known about b on 0 yet"
         );
         l.observe_load(0, "b", 2.0);
         assert_eq!(
-            l.load_s(0, &p),
+            l.load_after(0, l.resident(0), &p),
             4.0,
             "another backend's time for the checkpoint"
         );
