@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 
-use comfy_gate::gate::placement::{Candidate, GpuAware, LeastInFlight, Need, Picker, RoundRobin};
+use comfy_gate::fleet::picker::{Candidate, GpuAware, LeastInFlight, Need, Picker, RoundRobin};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn fleet(n: usize) -> Vec<Candidate> {

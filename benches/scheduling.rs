@@ -150,19 +150,19 @@ async fn start_gate(
     policy: &str,
     max_inflight: usize,
     state: &std::path::Path,
-) -> comfy_gate::gate::GateHandle {
+) -> comfy_gate::GateHandle {
     let mut file = FileConfig::default();
     file.server.listen = "127.0.0.1:0".parse().unwrap();
     file.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     file.server.state_dir = Some(state.to_path_buf());
     file.health.interval_ms = 200;
     file.scheduler.max_inflight = max_inflight;
-    file.placement.policy = policy.into();
+    file.placement.policy = policy.parse().expect("a policy");
     file.backends = sims
         .iter()
         .map(|s| config::backend_from_url(&s.url()))
         .collect();
-    comfy_gate::gate::run(config::validate(file, "", "(bench)").expect("config"))
+    comfy_gate::run(config::validate(file, "", "(bench)").expect("config"))
         .await
         .expect("gate")
 }

@@ -4,11 +4,13 @@
 //! field, so an operator never has to guess which of forty lines is wrong. Parsing and
 //! validation happen before anything starts; a config that fails them starts nothing.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// The whole file.
@@ -134,7 +136,7 @@ impl Default for TelemetryConfig {
 pub struct PlacementConfig {
     /// `gpu_aware` (expected completion time, VRAM headroom, resident checkpoint),
     /// `least_inflight` or `round_robin` (baselines, as nginx does them). Default `gpu_aware`.
-    pub policy: String,
+    pub policy: PlacementPolicy,
     /// How far past the head of the gate queue the dispatcher may look for a prompt whose
     /// checkpoint is already resident on the free backend. Default 8; 1 disables reordering.
     pub affinity_window: usize,
@@ -150,12 +152,56 @@ pub struct PlacementConfig {
 impl Default for PlacementConfig {
     fn default() -> Self {
         Self {
-            policy: "gpu_aware".into(),
+            policy: PlacementPolicy::GpuAware,
             affinity_window: 8,
             max_skips: 8,
             max_wait_ms: 60_000,
             stale_after_ms: 10_000,
         }
+    }
+}
+
+/// See [`PlacementConfig::policy`]; the names are the ones `proxy.toml` takes.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    /// Expected completion time, VRAM headroom, resident checkpoint (design §3).
+    #[default]
+    GpuAware,
+    /// Fewest prompts in flight (nginx's `least_conn`).
+    LeastInflight,
+    /// Each backend in turn (nginx's default).
+    RoundRobin,
+}
+
+impl PlacementPolicy {
+    /// Every policy with its `proxy.toml` name.
+    pub const ALL: [(&'static str, PlacementPolicy); 3] = [
+        ("gpu_aware", PlacementPolicy::GpuAware),
+        ("least_inflight", PlacementPolicy::LeastInflight),
+        ("round_robin", PlacementPolicy::RoundRobin),
+    ];
+
+    /// The `proxy.toml` name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("gpu_aware", |(n, _)| n)
+    }
+}
+
+impl FromStr for PlacementPolicy {
+    type Err = String;
+    /// A policy by its `proxy.toml` name; the error lists the names.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| {
+                format!("`{s}` is not a policy (gpu_aware, least_inflight, round_robin)")
+            })
     }
 }
 
@@ -177,6 +223,9 @@ pub struct RecoveryConfig {
     /// On SIGTERM/SIGINT, time given to in-flight requests before the gate exits, in ms.
     /// Default 10000.
     pub drain_timeout_ms: u64,
+    /// A waiting prompt that no live backend can run (every backend with its node classes and
+    /// model files is down) for this long ends with `execution_error`, in ms. Default 300000.
+    pub unplaceable_timeout_ms: u64,
     /// Finished history entries kept (oldest dropped first). Default 10000.
     pub history_max_entries: usize,
     /// Finished history entries older than this are dropped, in hours. Default 168 (7 days).
@@ -199,6 +248,7 @@ impl Default for RecoveryConfig {
             max_run_time_s: 1800,
             max_run_time_action: RunTimeAction::Fail,
             drain_timeout_ms: 10_000,
+            unplaceable_timeout_ms: 300_000,
             history_max_entries: 10_000,
             history_max_age_hours: 168,
         }
@@ -250,7 +300,7 @@ pub struct Backend {
     pub authority: String,
     pub max_inflight: usize,
     /// Its local GPU, for NVML.
-    pub gpu: Option<crate::telemetry::GpuSelector>,
+    pub gpu: Option<GpuSelector>,
 }
 
 impl Config {
@@ -325,12 +375,23 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw: FileConfig = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
         let message = e.message().to_string();
+        // A bad value (an unknown enum name, a wrong type) is reported at its key's line.
+        let key_on_line = e.span().and_then(|s| {
+            let start = text[..s.start.min(text.len())]
+                .rfind('\n')
+                .map_or(0, |i| i + 1);
+            text[start..]
+                .split('=')
+                .next()
+                .map(|k| k.trim().to_string())
+        });
         let field = message
             .split('`')
             .nth(1)
             .filter(|_| message.contains("field"))
-            .unwrap_or("(syntax)")
-            .to_string();
+            .map(str::to_string)
+            .or(key_on_line.filter(|k| !k.is_empty() && !k.starts_with('[')))
+            .unwrap_or_else(|| "(syntax)".to_string());
         ConfigError {
             file: file.to_string(),
             line,
@@ -371,16 +432,6 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
             None,
             "recovery",
             "stall_timeout_ms and max_run_time_s must be positive".into(),
-        ));
-    }
-    if crate::gate::placement::by_name(&raw.placement.policy).is_none() {
-        return Err(err(
-            None,
-            "placement.policy",
-            format!(
-                "`{}` is not a policy (gpu_aware, least_inflight, round_robin)",
-                raw.placement.policy
-            ),
         ));
     }
     if raw.placement.affinity_window == 0 {
@@ -429,7 +480,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         }
         let gpu = match &b.gpu {
             Some(g) => Some(
-                crate::telemetry::GpuSelector::parse(g)
+                GpuSelector::parse(g)
                     .map_err(|m| err(Some(b.url.span()), &format!("backend[{i}].gpu"), m))?,
             ),
             None => None,
@@ -481,6 +532,64 @@ pub fn backend_from_url(url: &str) -> BackendConfig {
         max_inflight: None,
         home: false,
         gpu: None,
+    }
+}
+
+/// Which GPU to sample: by UUID (stable across reboots and driver reorderings) or by NVML index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GpuSelector {
+    /// An NVML UUID, `GPU-…` (or `MIG-…` for a MIG instance).
+    Uuid(String),
+    /// An NVML device index, as `nvidia-smi` numbers them.
+    Index(u32),
+}
+
+impl GpuSelector {
+    /// Parses `"GPU-…"`/`"MIG-…"` as a UUID and a decimal number as an index.
+    pub fn parse(s: &str) -> Result<GpuSelector, String> {
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s
+                .parse()
+                .map(GpuSelector::Index)
+                .map_err(|_| format!("GPU index `{s}` is out of range"));
+        }
+        if (s.starts_with("GPU-") || s.starts_with("MIG-")) && s.len() > 4 {
+            return Ok(GpuSelector::Uuid(s.to_string()));
+        }
+        Err(format!(
+            "`{s}` is neither a GPU index (0, 1, …) nor a GPU UUID (GPU-…)"
+        ))
+    }
+}
+
+impl FromStr for GpuSelector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        GpuSelector::parse(s)
+    }
+}
+
+impl TryFrom<String> for GpuSelector {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        GpuSelector::parse(&s)
+    }
+}
+
+impl From<GpuSelector> for String {
+    fn from(s: GpuSelector) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for GpuSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuSelector::Uuid(u) => f.write_str(u),
+            GpuSelector::Index(i) => write!(f, "{i}"),
+        }
     }
 }
 

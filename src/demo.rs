@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
+use crate::GateHandle;
 use crate::config::{self, Config, FileConfig};
-use crate::gate::{self, GateHandle};
 use crate::sim::{SimBackend, SimConfig, SimHandle};
 
 /// The demo fleet: a fast 80 GB card, a 24 GB card, a slow 12 GB card.
@@ -55,7 +55,7 @@ pub async fn start(listen: SocketAddr, admin: SocketAddr, time_scale: f64) -> an
         b.name = Some(s.config().name.clone());
     }
     let cfg: Config = config::validate(file, "", "(demo)")?;
-    let gate = gate::run(cfg).await?;
+    let gate = crate::run(cfg).await?;
     Ok(Demo {
         sims,
         gate,

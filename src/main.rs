@@ -203,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             };
-            let handle = match comfy_gate::gate::run(cfg).await {
+            let handle = match comfy_gate::run(cfg).await {
                 Ok(h) => h,
                 Err(e) => {
                     eprintln!("comfy-gate: {e}");
@@ -219,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gpus { nvml_library } => {
-            match comfy_gate::telemetry::probe(nvml_library.as_deref()) {
+            match comfy_gate::fleet::nvml::probe(nvml_library.as_deref()) {
                 Ok(gpus) => {
                     let out: Vec<serde_json::Value> = gpus
                     .iter()

@@ -680,7 +680,7 @@ async fn a_slow_request_head_is_cut_off_while_others_are_served() {
 }
 
 /// `true` when the gate's admin `/readyz` says some backend can take work.
-async fn ready(gate: &comfy_gate::gate::GateHandle) -> bool {
+async fn ready(gate: &comfy_gate::GateHandle) -> bool {
     let (_, r) = get_json(&format!("http://{}", gate.admin_addr), "/readyz").await;
     r["ready"] == true
 }

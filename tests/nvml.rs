@@ -1,4 +1,4 @@
-//! NVML telemetry (`comfy_gate::telemetry`) against `libfake_nvml.so`, the workspace's fake
+//! NVML telemetry (`comfy_gate::fleet::nvml`) against `libfake_nvml.so`, the workspace's fake
 //! NVML library, which serves GPU readings from the JSON file named by `FAKE_NVML_STATE`.
 //!
 //! How the fake library is found: `tests/common/fake_nvml.rs`.
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use comfy_gate::telemetry::{GpuReading, GpuSelector, NvmlSampler, probe};
+use comfy_gate::fleet::nvml::{GpuReading, GpuSelector, NvmlSampler, probe};
 use common::fake_nvml::fake_nvml_lib;
 use serde_json::{Value, json};
 

@@ -185,7 +185,7 @@ async fn run_mix(policy: &str, checkpoints: &[&'static str]) -> (u64, Vec<Value>
     let refs: Vec<&SimHandle> = sims.iter().collect();
     let gate = gate_with(&refs, |f| {
         f.scheduler.max_inflight = 1;
-        f.placement.policy = policy.into();
+        f.placement.policy = policy.parse().expect("a policy");
         f.placement.max_skips = 4;
     })
     .await;

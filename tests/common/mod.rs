@@ -247,7 +247,7 @@ pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
 pub async fn gate_with(
     sims: &[&SimHandle],
     tweak: impl FnOnce(&mut comfy_gate::config::FileConfig),
-) -> comfy_gate::gate::GateHandle {
+) -> comfy_gate::GateHandle {
     use comfy_gate::config;
     let mut file = config::FileConfig::default();
     file.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -263,10 +263,10 @@ pub async fn gate_with(
         .collect();
     tweak(&mut file);
     let cfg = config::validate(file, "", "(test)").expect("valid test config");
-    comfy_gate::gate::run(cfg).await.expect("gate starts")
+    comfy_gate::run(cfg).await.expect("gate starts")
 }
 
-pub async fn gate(sims: &[&SimHandle]) -> comfy_gate::gate::GateHandle {
+pub async fn gate(sims: &[&SimHandle]) -> comfy_gate::GateHandle {
     gate_with(sims, |_| {}).await
 }
 

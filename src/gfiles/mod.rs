@@ -12,23 +12,27 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::Gate;
-use super::store::Store;
 use crate::error::GateError;
 use crate::files::Dirs;
-use crate::http::{Body, status};
+use crate::fleet::Fleet;
 
 /// `(type, subfolder, filename)`.
-type FileKey = (String, String, String);
+pub type FileKey = (String, String, String);
+
+/// Where the alias index is made durable (the scheduler's store): a shown name, and the
+/// backend (by configured name) and real name behind it.
+pub trait AliasStore: Send + Sync {
+    fn save_alias(&self, shown: &FileKey, target: &(String, String)) -> Result<(), String>;
+}
 
 #[derive(Default)]
 struct AliasIndex {
-    by_real: HashMap<(usize, FileKey), String>,
-    by_alias: HashMap<FileKey, (usize, String)>,
+    by_real: HashMap<(String, FileKey), String>,
+    by_alias: HashMap<FileKey, (String, String)>,
 }
 
 /// The next name in ComfyUI's `<prefix>_<counter>_.<ext>` sequence, or `name (n).ext`.
@@ -50,16 +54,16 @@ fn bump(name: &str, n: u32) -> String {
 }
 
 impl AliasIndex {
-    fn insert(&mut self, shown: FileKey, backend: usize, real: String) {
+    fn insert(&mut self, shown: FileKey, backend: String, real: String) {
         let (kind, sub, name) = shown.clone();
         self.by_real
-            .insert((backend, (kind, sub, real.clone())), name);
+            .insert((backend.clone(), (kind, sub, real.clone())), name);
         self.by_alias.insert(shown, (backend, real));
     }
 
     /// The shown name of a backend's file; `Some(new)` when it was just assigned.
-    fn alias(&mut self, backend: usize, key: FileKey) -> (String, bool) {
-        if let Some(a) = self.by_real.get(&(backend, key.clone())) {
+    fn alias(&mut self, backend: &str, key: FileKey) -> (String, bool) {
+        if let Some(a) = self.by_real.get(&(backend.to_string(), key.clone())) {
             return (a.clone(), false);
         }
         let (kind, sub, name) = key.clone();
@@ -73,27 +77,30 @@ impl AliasIndex {
             shown = bump(&name, n);
         }
         self.by_alias
-            .insert((kind, sub, shown.clone()), (backend, name));
-        self.by_real.insert((backend, key), shown.clone());
+            .insert((kind, sub, shown.clone()), (backend.to_string(), name));
+        self.by_real
+            .insert((backend.to_string(), key), shown.clone());
         (shown, true)
     }
 }
 
-pub struct GateFiles {
+/// The gate's files: uploads it keeps, and the one namespace of outputs across backends.
+pub struct Files {
     index: Mutex<AliasIndex>,
-    store: Arc<Store>,
+    store: Arc<dyn AliasStore>,
     /// Uploaded inputs, by ComfyUI's rules.
     pub dirs: Dirs,
-    /// `(backend, relative path, sha256)` already copied.
-    placed: Mutex<HashSet<(usize, String, [u8; 32])>>,
+    /// `(backend name, relative path, sha256)` already copied.
+    placed: Mutex<HashSet<(String, String, [u8; 32])>>,
 }
 
-impl GateFiles {
-    /// Opens the upload store under `state_dir` with the alias index a restart loaded.
+impl Files {
+    /// Opens the upload store under `state_dir` with the alias index a restart loaded
+    /// (`(shown, (backend name, real name))`).
     pub fn open(
         state_dir: &Path,
-        store: Arc<Store>,
-        aliases: Vec<(FileKey, (usize, String))>,
+        store: Arc<dyn AliasStore>,
+        aliases: Vec<(FileKey, (String, String))>,
     ) -> std::io::Result<Self> {
         let dirs = Dirs::create(&state_dir.join("files"))?;
         let mut index = AliasIndex::default();
@@ -110,7 +117,7 @@ impl GateFiles {
 
     /// Rewrites every file item (`{"filename", "subfolder", "type"}`) in a UI output from
     /// `backend` to its gate-wide name.
-    pub fn alias_outputs(&self, backend: usize, value: &mut Value) {
+    pub fn alias_outputs(&self, backend: &str, value: &mut Value) {
         match value {
             Value::Object(map) => {
                 let is_file = map.get("filename").is_some_and(Value::is_string)
@@ -131,7 +138,8 @@ impl GateFiles {
                         .alias(backend, key.clone());
                     if new {
                         let shown_key = (key.0, key.1, shown.clone());
-                        if let Err(e) = self.store.save_alias(&shown_key, &(backend, key.2)) {
+                        let target = (backend.to_string(), key.2);
+                        if let Err(e) = self.store.save_alias(&shown_key, &target) {
                             tracing::error!(error = %e, "could not persist a file alias");
                         }
                     }
@@ -151,8 +159,14 @@ impl GateFiles {
         }
     }
 
-    /// The backend and real name behind a shown `(type, subfolder, filename)`.
-    pub fn resolve(&self, kind: &str, subfolder: &str, name: &str) -> Option<(usize, String)> {
+    /// Whether the gate holds an upload of this name (`name [input]` too).
+    pub fn uploaded(&self, name: &str) -> bool {
+        let plain = name.strip_suffix(" [input]").unwrap_or(name);
+        !plain.contains("..") && self.dirs.input.join(plain).is_file()
+    }
+
+    /// The backend (by name) and real name behind a shown `(type, subfolder, filename)`.
+    pub fn resolve(&self, kind: &str, subfolder: &str, name: &str) -> Option<(String, String)> {
         self.index
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -165,10 +179,11 @@ impl GateFiles {
     /// naming a stored file) to `backend`, once per content.
     pub async fn ensure_inputs(
         &self,
-        gate: &Gate,
+        fleet: &Fleet,
         backend: usize,
         prompt: &Value,
     ) -> Result<(), GateError> {
+        let b = fleet.get(backend);
         let mut names = Vec::new();
         for node in prompt.as_object().into_iter().flat_map(|m| m.values()) {
             for v in node["inputs"]
@@ -190,7 +205,7 @@ impl GateFiles {
                 continue;
             };
             let digest: [u8; 32] = Sha256::digest(&bytes).into();
-            let key = (backend, rel.clone(), digest);
+            let key = (b.name().to_string(), rel.clone(), digest);
             if self
                 .placed
                 .lock()
@@ -219,8 +234,7 @@ impl GateFiles {
             );
             body.extend_from_slice(&bytes);
             body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-            let b = gate.backend(backend);
-            let (code, _, _) = gate
+            let (code, _, _) = fleet
                 .upstream
                 .call(
                     &b.config,
@@ -246,110 +260,6 @@ impl GateFiles {
     }
 }
 
-impl Gate {
-    /// `GET /view`: inputs from the gate's store; outputs from the backend that produced them.
-    pub async fn view(&self, query: &[(String, String)]) -> Response<Body> {
-        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
-        let Some(raw_name) = get("filename") else {
-            return status(StatusCode::NOT_FOUND);
-        };
-        let (name, annotated) = match raw_name.rsplit_once(" [") {
-            Some((n, t)) if t.ends_with(']') => {
-                (n.to_string(), Some(t.trim_end_matches(']').to_string()))
-            }
-            _ => (raw_name.clone(), None),
-        };
-        let kind = annotated
-            .or_else(|| get("type"))
-            .unwrap_or_else(|| "output".into());
-        if kind == "input" {
-            return crate::files::view(&self.files.dirs, query);
-        }
-        let subfolder = get("subfolder").unwrap_or_default();
-        let (backend, real) = match self.files.resolve(&kind, &subfolder, &name) {
-            Some(found) => found,
-            None => {
-                // Not produced through the gate: ask backends in order (home first).
-                let mut order: Vec<usize> = (0..self.backends.len()).collect();
-                order.sort_by_key(|i| (*i != self.config.home, *i));
-                let mut found = None;
-                for i in order.into_iter().filter(|i| self.backend(*i).is_up()) {
-                    let path = format!("/view?{}", encode_query(query));
-                    if let Ok(resp) = self.fetch_view(i, &path).await {
-                        if resp.status() != StatusCode::NOT_FOUND {
-                            return resp;
-                        }
-                        found = Some(resp.status());
-                    }
-                }
-                return status(found.unwrap_or(StatusCode::NOT_FOUND));
-            }
-        };
-        let mut q: Vec<(String, String)> = query.to_vec();
-        for (k, v) in q.iter_mut() {
-            if k == "filename" {
-                *v = real.clone();
-            }
-            if k == "type" {
-                *v = kind.clone();
-            }
-        }
-        if !q.iter().any(|(k, _)| k == "type") {
-            q.push(("type".into(), kind));
-        }
-        let path = format!("/view?{}", encode_query(&q));
-        match self.fetch_view(backend, &path).await {
-            Ok(mut resp) => {
-                if let Ok(v) = format!("filename=\"{name}\"").parse() {
-                    resp.headers_mut()
-                        .insert(http::header::CONTENT_DISPOSITION, v);
-                }
-                resp
-            }
-            Err(e) => {
-                self.record_health(backend, false);
-                e.into_response()
-            }
-        }
-    }
-
-    /// `GET path` on a backend, its body streamed through (files can be large), with the
-    /// headers a client of `/view` needs.
-    async fn fetch_view(&self, backend: usize, path: &str) -> Result<Response<Body>, GateError> {
-        let req = http::Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .body(crate::http::empty_body())
-            .map_err(|e| GateError::BadRequest(e.to_string()))?;
-        let upstream = self
-            .upstream
-            .send(&self.backend(backend).config, req, None)
-            .await?;
-        let (parts, body) = upstream.into_parts();
-        let mut resp = Response::new(http_body_util::BodyExt::boxed(
-            http_body_util::BodyExt::map_err(body, Into::into),
-        ));
-        *resp.status_mut() = parts.status;
-        for name in [
-            http::header::CONTENT_TYPE,
-            http::header::CONTENT_LENGTH,
-            http::header::CONTENT_DISPOSITION,
-            http::header::CACHE_CONTROL,
-        ] {
-            if let Some(v) = parts.headers.get(&name) {
-                resp.headers_mut().insert(name, v.clone());
-            }
-        }
-        Ok(resp)
-    }
-}
-
-pub fn encode_query(q: &[(String, String)]) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(q.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,20 +268,20 @@ mod tests {
     fn collisions_get_the_next_counter() {
         let mut idx = AliasIndex::default();
         let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
-        let mut shown = |b: usize, n: &str| idx.alias(b, key(n)).0;
-        assert_eq!(shown(0, "ComfyUI_00001_.png"), "ComfyUI_00001_.png");
-        assert_eq!(shown(1, "ComfyUI_00001_.png"), "ComfyUI_00002_.png");
-        assert_eq!(shown(0, "ComfyUI_00002_.png"), "ComfyUI_00003_.png");
+        let mut shown = |b: &str, n: &str| idx.alias(b, key(n)).0;
+        assert_eq!(shown("a", "ComfyUI_00001_.png"), "ComfyUI_00001_.png");
+        assert_eq!(shown("b", "ComfyUI_00001_.png"), "ComfyUI_00002_.png");
+        assert_eq!(shown("a", "ComfyUI_00002_.png"), "ComfyUI_00003_.png");
         assert_eq!(
-            shown(1, "ComfyUI_00001_.png"),
+            shown("b", "ComfyUI_00001_.png"),
             "ComfyUI_00002_.png",
             "stable"
         );
-        assert_eq!(shown(0, "x.webp"), "x.webp");
-        assert_eq!(shown(1, "x.webp"), "x (1).webp");
+        assert_eq!(shown("a", "x.webp"), "x.webp");
+        assert_eq!(shown("b", "x.webp"), "x (1).webp");
         assert_eq!(
             idx.by_alias[&key("ComfyUI_00003_.png")],
-            (0, "ComfyUI_00002_.png".into())
+            ("a".into(), "ComfyUI_00002_.png".into())
         );
     }
 }

@@ -1,25 +1,47 @@
-//! The backends and what the gate knows of each: health (flipped only after N consecutive
-//! results, separately for up and down), telemetry from `/system_stats`, slots in use, the
-//! prompt now executing, and the upstream socket's state.
+//! One backend and what the gate knows of it: health, telemetry from `/system_stats`, what it
+//! can run, and the upstream socket's state.
+//!
+//! Every state a backend can be in is left by the signal that proves it wrong, never only by
+//! work the gate would have to send it first (a state that only dispatched work can clear, on a
+//! backend that gets no work, is a deadlock):
+//!
+//! | state | entered on | left on |
+//! |---|---|---|
+//! | unknown | start | its first probe result |
+//! | up | `health.healthy_threshold` good probes | `health.unhealthy_threshold` failed probes or refused connections |
+//! | down | failed probes, refused connections | good probes |
+//! | busy (up) | a probe that timed out while its upstream socket was open | a probe that answers in time |
+//! | stalled | a prompt reporting progress fell silent past `stall_timeout`, or its `/queue` could not vouch for it | any prompt event from it, or a probe that finds its `/queue` idle |
+//! | draining | `POST /admin/backends/{name}/drain` | `…/undrain` |
+//!
+//! Busy is not dead: ComfyUI sends no event while a node without a progress bar runs, and a heavy
+//! prompt can make it slow to answer `/system_stats`. A slow probe over an open socket says the
+//! process is alive and working; only an answer that never comes over a closed socket, or a
+//! refused connection, says it is gone.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
+use tokio::time::Instant;
 
+use super::capabilities::Capabilities;
 use crate::config::{Backend, HealthConfig};
 
 /// What the last good probe read.
 #[derive(Clone, Debug, Default)]
 pub struct Telemetry {
+    /// Bytes.
     pub vram_total: u64,
+    /// Bytes, ComfyUI's `vram_free + torch_vram_free`.
     pub vram_free: u64,
     pub read_at: Option<Instant>,
 }
 
 impl Telemetry {
+    /// From a ComfyUI `/system_stats` answer (`devices[0]`); `None` without a device.
     pub fn from_system_stats(stats: &Value) -> Option<Self> {
         let dev = stats.get("devices")?.get(0)?;
         Some(Self {
@@ -34,13 +56,24 @@ impl Telemetry {
     }
 }
 
-/// Health as the gate sees it.
+/// Health as the probes see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
     /// Not probed yet: gets no work.
     Unknown,
     Up,
     Down,
+}
+
+impl Health {
+    /// `unknown`, `up`, `down`: the admin API's words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -52,37 +85,41 @@ struct HealthCounter {
 
 /// One backend.
 pub struct BackendState {
-    pub id: usize,
+    /// Its position in the fleet (runtime only: names key everything that outlives a process).
+    pub index: usize,
     pub config: Backend,
     /// The clientId the gate uses on this backend's `/ws` and in every prompt it sends there.
     pub upstream_client_id: String,
     health: Mutex<HealthCounter>,
     pub telemetry: ArcSwap<Telemetry>,
-    /// Prompts sent here and not finished (slots in use).
-    pub inflight: AtomicUsize,
-    /// The prompt between `execution_start` and `executing {node: null}` here.
-    pub running: Mutex<Option<String>>,
     /// `queue_remaining` from this backend's last `status` message.
     pub queue_remaining: AtomicUsize,
     pub ws_connected: AtomicBool,
+    /// When the upstream socket last delivered a frame.
+    last_frame: Mutex<Option<Instant>>,
     /// Prompts this backend completed (any outcome), for tests and the admin API.
     pub completed: AtomicU64,
     /// Set by the admin API: no new prompts; running ones finish.
     pub draining: AtomicBool,
-    /// A running prompt made no progress for `stall_timeout`: no work until it shows an event.
+    /// Stuck (see the module table): no new work until it shows life.
     pub stalled: AtomicBool,
-    /// Successful probes so far (capabilities are re-read every 30th).
+    /// The last probe timed out while the upstream socket was open.
+    pub busy: AtomicBool,
+    /// Successful probes so far (capabilities are re-read every
+    /// [`super::probe::CAPABILITIES_EVERY`]th).
     pub probes: AtomicU64,
     /// What it can run (`None` until read from its `/object_info`).
-    pub capabilities: arc_swap::ArcSwapOption<super::capabilities::Capabilities>,
+    pub capabilities: ArcSwapOption<Capabilities>,
 }
 
 impl BackendState {
     /// `upstream_client_id` must be stable across gate restarts (prompts still running on the
-    /// backend keep sending their events to it).
-    pub fn new(id: usize, config: Backend, upstream_client_id: String) -> Self {
+    /// backend keep sending their events to it): it is made from the gate's id and the
+    /// backend's configured name, never its position.
+    pub fn new(index: usize, config: Backend, gate_id: &str) -> Self {
+        let upstream_client_id = format!("comfy-gate-{gate_id}-{}", config.name);
         Self {
-            id,
+            index,
             config,
             upstream_client_id,
             health: Mutex::new(HealthCounter {
@@ -91,37 +128,25 @@ impl BackendState {
                 fail_streak: 0,
             }),
             telemetry: ArcSwap::from_pointee(Telemetry::default()),
-            inflight: AtomicUsize::new(0),
-            running: Mutex::new(None),
             queue_remaining: AtomicUsize::new(0),
             ws_connected: AtomicBool::new(false),
+            last_frame: Mutex::new(None),
             completed: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
             probes: AtomicU64::new(0),
-            capabilities: arc_swap::ArcSwapOption::empty(),
+            capabilities: ArcSwapOption::empty(),
         }
-    }
-
-    /// Marks the backend down now (a stall or a hang seen by the gate, not by probes); it comes
-    /// back after `healthy_threshold` good probes.
-    pub fn force_down(&self) -> bool {
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let flipped = h.state != Health::Down;
-        h.state = Health::Down;
-        h.ok_streak = 0;
-        flipped
-    }
-
-    /// Whether the dispatcher may give it new work.
-    pub fn accepts_work(&self) -> bool {
-        self.is_up()
-            && !self.draining.load(Ordering::SeqCst)
-            && !self.stalled.load(Ordering::SeqCst)
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Whether the dispatcher may give it new work.
+    pub fn accepts_work(&self) -> bool {
+        self.is_up() && !self.draining.load(Ordering::SeqCst) && !self.is_stalled()
     }
 
     pub fn health(&self) -> Health {
@@ -132,10 +157,21 @@ impl BackendState {
         self.health() == Health::Up
     }
 
-    pub fn free_slots(&self) -> usize {
-        self.config
-            .max_inflight
-            .saturating_sub(self.inflight.load(Ordering::SeqCst))
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// One word for the admin API: `stalled`, `draining`, `busy`, else the health.
+    pub fn state_word(&self) -> &'static str {
+        if self.is_stalled() {
+            "stalled"
+        } else if self.draining.load(Ordering::SeqCst) {
+            "draining"
+        } else if self.health() == Health::Up && self.busy.load(Ordering::SeqCst) {
+            "busy"
+        } else {
+            self.health().as_str()
+        }
     }
 
     /// Records a probe or request result; returns the new state if it flipped. A backend of
@@ -161,14 +197,20 @@ impl BackendState {
         next
     }
 
-    /// Releases one slot (never below zero).
-    pub fn release_slot(&self) {
-        let _ = self
-            .inflight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    /// The upstream socket delivered a frame now.
+    pub fn saw_frame(&self) {
+        *self.last_frame.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
-    /// Free VRAM in bytes if the reading is younger than `stale_after`.
+    /// Time since the upstream socket last delivered a frame (`None`: never).
+    pub fn since_last_frame(&self) -> Option<Duration> {
+        self.last_frame
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    /// Free VRAM in bytes from `/system_stats` if the reading is younger than `stale_after`.
     pub fn fresh_vram_free(&self, stale_after: Duration) -> Option<u64> {
         let t = self.telemetry.load();
         match t.read_at {
@@ -192,7 +234,7 @@ mod tests {
                 max_inflight: 2,
                 gpu: None,
             },
-            "gate-test-0".into(),
+            "test",
         )
     }
 
@@ -215,11 +257,12 @@ mod tests {
     }
 
     #[test]
-    fn slots_never_go_negative() {
+    fn the_upstream_client_id_follows_the_name() {
         let b = backend();
-        b.release_slot();
-        assert_eq!(b.free_slots(), 2);
-        b.inflight.fetch_add(2, Ordering::SeqCst);
-        assert_eq!(b.free_slots(), 0);
+        assert_eq!(b.upstream_client_id, "comfy-gate-test-b");
+        assert_eq!(b.state_word(), "unknown");
+        b.stalled.store(true, Ordering::SeqCst);
+        assert_eq!(b.state_word(), "stalled");
+        assert!(!b.accepts_work());
     }
 }

@@ -1,59 +1,33 @@
-//! Requests to backends: one pooled HTTP/1.1 client, JSON helpers, and header hygiene for
-//! proxied requests (hop-by-hop headers and the browser's `Origin` never go upstream).
+//! Requests to backends: one pooled HTTP/1.1 client and JSON helpers. Idle pooled connections
+//! are closed after [`POOL_IDLE_TIMEOUT`] (hyper-util arms that timer only when the pool is given
+//! one, hence `pool_timer`).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
 use crate::config::Backend;
 use crate::error::GateError;
 use crate::http::{Body, full};
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the ones the
-/// gate replaces itself.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers, those named in `Connection`, and `Origin`.
-pub fn strip_for_upstream(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
-    }
-    headers.remove(header::ORIGIN);
+/// Percent-encodes one path segment (a prompt id in `/history/{id}`).
+pub fn encode_segment(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
-/// Removes hop-by-hop headers from a backend's response before it goes to the client.
-pub fn strip_for_downstream(headers: &mut HeaderMap) {
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
-    }
-}
+/// A TCP connect to a backend that takes longer fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A pooled connection idle this long is closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The gate's client for backends.
 #[derive(Clone)]
@@ -63,12 +37,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// A client whose requests time out after `timeout` unless a call says otherwise.
     pub fn new(timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Self { client, timeout }
     }
@@ -168,29 +144,5 @@ impl Upstream {
             )
             .await?;
         Ok((status, body))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_origin_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://evil"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert("comfy-user", HeaderValue::from_static("alice"));
-        strip_for_upstream(&mut h);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["comfy-user"], "alice");
     }
 }

@@ -31,8 +31,8 @@ pub enum StoreError {
     Write(String),
 }
 
-/// A shown file `(type, subfolder, name)` and the `(backend, real name)` behind it.
-pub type AliasRow = ((String, String, String), (usize, String));
+/// A shown file `(type, subfolder, name)` and the `(backend name, real name)` behind it.
+pub type AliasRow = ((String, String, String), (String, String));
 
 /// What a restart finds.
 #[derive(Default)]
@@ -42,7 +42,7 @@ pub struct Loaded {
     pub records: Vec<PromptRecord>,
     /// `(prompt_id, finished_at_ms, entry)`, oldest first.
     pub history: Vec<(String, i64, Value)>,
-    /// `((type, subfolder, shown), (backend index, real name))`.
+    /// `((type, subfolder, shown), (backend name, real name))`.
     pub aliases: Vec<AliasRow>,
 }
 
@@ -61,8 +61,10 @@ impl Store {
         state_dir.join("comfy-gate.redb")
     }
 
-    /// Opens (or creates) the store and loads everything in it.
-    pub fn open(state_dir: &Path) -> Result<(Store, Loaded), StoreError> {
+    /// Opens (or creates) the store and loads everything in it. `backend_names` (in
+    /// configuration order) reads files written before backends were keyed by name, which
+    /// named them by position.
+    pub fn open(state_dir: &Path, backend_names: &[String]) -> Result<(Store, Loaded), StoreError> {
         let path = Self::file(state_dir);
         let refuse = |message: String| StoreError::Refused {
             path: path.display().to_string(),
@@ -115,7 +117,7 @@ impl Store {
             }
         }
         let loaded = store
-            .load()
+            .load(backend_names)
             .map_err(|e| refuse(format!("cannot be read: {e}")))?;
         Ok((store, loaded))
     }
@@ -141,7 +143,7 @@ impl Store {
         txn.commit().map_err(write_err)
     }
 
-    fn load(&self) -> Result<Loaded, Box<dyn std::error::Error>> {
+    fn load(&self, names: &[String]) -> Result<Loaded, Box<dyn std::error::Error>> {
         let read = self.db.begin_read()?;
         let meta = read.open_table(META)?;
         let get = |k: &str| -> Result<String, Box<dyn std::error::Error>> {
@@ -157,7 +159,12 @@ impl Store {
         };
         for row in read.open_table(PROMPTS)?.iter()? {
             let (_, v) = row?;
-            loaded.records.push(serde_json::from_slice(v.value())?);
+            let mut record: Value = serde_json::from_slice(v.value())?;
+            by_name(&mut record["owner"], names);
+            for t in record["tried"].as_array_mut().into_iter().flatten() {
+                by_name(t, names);
+            }
+            loaded.records.push(serde_json::from_value(record)?);
         }
         for row in read.open_table(HISTORY)?.iter()? {
             let (k, v) = row?;
@@ -172,8 +179,9 @@ impl Store {
         for row in read.open_table(ALIASES)?.iter()? {
             let (k, v) = row?;
             let key: (String, String, String) = serde_json::from_str(k.value())?;
-            let target: (usize, String) = serde_json::from_slice(v.value())?;
-            loaded.aliases.push((key, target));
+            let mut target: Value = serde_json::from_slice(v.value())?;
+            by_name(&mut target[0], names);
+            loaded.aliases.push((key, serde_json::from_value(target)?));
         }
         Ok(loaded)
     }
@@ -244,7 +252,7 @@ impl Store {
     pub fn save_alias(
         &self,
         key: &(String, String, String),
-        target: &(usize, String),
+        target: &(String, String),
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(write_err)?;
         {
@@ -261,6 +269,29 @@ impl Store {
     }
 }
 
+impl crate::gfiles::AliasStore for Store {
+    fn save_alias(
+        &self,
+        shown: &crate::gfiles::FileKey,
+        target: &(String, String),
+    ) -> Result<(), String> {
+        Store::save_alias(self, shown, target).map_err(|e| e.to_string())
+    }
+}
+
+/// A backend named by its position (schema 1 before names) becomes its configured name; a
+/// position no longer configured becomes a name no backend has.
+fn by_name(v: &mut Value, names: &[String]) {
+    if let Some(i) = v.as_u64() {
+        *v = Value::String(
+            names
+                .get(i as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("#{i}")),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,7 +300,10 @@ mod tests {
     fn garbage_and_foreign_files_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(Store::file(dir.path()), vec![0x5Au8; 8192]).unwrap();
-        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        let err = Store::open(dir.path(), &[])
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("comfy-gate.redb"), "{err}");
         assert!(err.contains("Nothing was changed"), "{err}");
         assert_eq!(
@@ -283,7 +317,7 @@ mod tests {
     fn incompatible_versions_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (store, loaded) = Store::open(dir.path()).unwrap();
+            let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
             assert_eq!(loaded.counter, 0);
             let txn = store.db.begin_write().unwrap();
             txn.open_table(META)
@@ -292,14 +326,42 @@ mod tests {
                 .unwrap();
             txn.commit().unwrap();
         }
-        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        let err = Store::open(dir.path(), &[])
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn owners_stored_by_position_are_read_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), &[]).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(PROMPTS).unwrap();
+                let old = serde_json::json!({"id": "p", "number": 1, "body": {}, "client_id": null,
+                    "identity": "x", "stage": "on_backend", "owner": 1, "create_time": 0, "tried": [0]});
+                t.insert("p", serde_json::to_vec(&old).unwrap().as_slice())
+                    .unwrap();
+                let mut a = txn.open_table(ALIASES).unwrap();
+                a.insert(r#"["output","","x.png"]"#, br#"[1,"y.png"]"#.as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let names = ["a".to_string(), "b".to_string()];
+        let (_, loaded) = Store::open(dir.path(), &names).unwrap();
+        assert_eq!(loaded.records[0].owner.as_deref(), Some("b"));
+        assert_eq!(loaded.records[0].tried, ["a"]);
+        assert_eq!(loaded.aliases[0].1, ("b".to_string(), "y.png".to_string()));
     }
 
     #[test]
     fn reopening_keeps_the_gate_id() {
         let dir = tempfile::tempdir().unwrap();
-        let id = Store::open(dir.path()).unwrap().1.gate_id;
-        assert_eq!(Store::open(dir.path()).unwrap().1.gate_id, id);
+        let id = Store::open(dir.path(), &[]).unwrap().1.gate_id;
+        assert_eq!(Store::open(dir.path(), &[]).unwrap().1.gate_id, id);
     }
 }

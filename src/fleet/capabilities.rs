@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::Gate;
 use crate::protocol::errors;
 
 /// One backend's capabilities.
@@ -74,6 +73,11 @@ impl Capabilities {
         caps
     }
 
+    /// Whether `class` is an output node here (`output_node: true` in `/object_info`).
+    pub fn is_output(&self, class: &str) -> bool {
+        self.output_classes.contains(class)
+    }
+
     /// Adds sizes from an `/experiment/models/{folder}` answer.
     pub fn add_model_sizes(&mut self, listing: &Value) {
         for m in listing.as_array().into_iter().flatten() {
@@ -115,106 +119,67 @@ impl Capabilities {
     }
 }
 
-impl Gate {
-    /// Refreshes one backend's capabilities (on start, when it comes up, and now and then).
-    pub async fn refresh_capabilities(&self, backend: usize) {
-        let b = self.backend(backend).clone();
-        let Ok((code, info)) = self.upstream.get_json(&b.config, "/object_info").await else {
-            return;
-        };
-        if !code.is_success() || !info.is_object() {
-            return;
-        }
-        let mut caps = Capabilities::from_object_info(&info);
-        for folder in ["checkpoints", "diffusion_models", "loras"] {
-            if let Ok((code, listing)) = self
-                .upstream
-                .get_json(&b.config, &format!("/experiment/models/{folder}"))
-                .await
-                && code.is_success()
-            {
-                caps.add_model_sizes(&listing);
+/// At submit: if backends with known capabilities exist (`known`: those of the backends that
+/// are up) and none can run the prompt, the 400 body ComfyUI would give, naming the node
+/// (ComfyUI's `execution.py::validate_prompt` shapes, via [`errors`]).
+pub fn refusal(
+    known: &[Arc<Capabilities>],
+    prompt: &Value,
+    uploaded: &dyn Fn(&str) -> bool,
+) -> Option<Value> {
+    if known.is_empty() {
+        return None;
+    }
+    let mut first = None;
+    for caps in known {
+        match caps.missing(prompt, uploaded) {
+            None => return None,
+            Some(m) => {
+                first.get_or_insert(m);
             }
         }
-        b.capabilities.store(Some(Arc::new(caps)));
     }
-
-    fn uploaded(&self, name: &str) -> bool {
-        let plain = name.strip_suffix(" [input]").unwrap_or(name);
-        !plain.contains("..") && self.files.dirs.input.join(plain).is_file()
-    }
-
-    /// Whether `backend` can run `prompt` (unknown capabilities: assume it can).
-    pub fn can_run(&self, backend: usize, prompt: &Value) -> bool {
-        match self.backend(backend).capabilities.load().as_ref() {
-            Some(caps) => caps.missing(prompt, &|n| self.uploaded(n)).is_none(),
-            None => true,
-        }
-    }
-
-    /// At submit: if healthy backends with known capabilities exist and none can run the prompt,
-    /// the 400 body ComfyUI would give (naming the node).
-    pub fn refusal(&self, prompt: &Value) -> Option<Value> {
-        let known: Vec<Arc<Capabilities>> = self
-            .backends
-            .iter()
-            .filter(|b| b.is_up())
-            .filter_map(|b| b.capabilities.load_full())
-            .collect();
-        if known.is_empty() {
-            return None;
-        }
-        let mut first = None;
-        for caps in &known {
-            match caps.missing(prompt, &|n| self.uploaded(n)) {
-                None => return None,
-                Some(m) => {
-                    first.get_or_insert(m);
-                }
-            }
-        }
-        match first? {
-            Missing::Class { node, class } => Some(errors::unknown_class(&node, &class)),
-            Missing::Value {
-                node,
-                class,
-                input,
-                value,
-            } => {
-                let mut options: Vec<String> = Vec::new();
-                let key = (class.clone(), input.clone());
-                for caps in &known {
-                    for o in caps.combos.get(&key).into_iter().flatten() {
-                        if !options.contains(o) {
-                            options.push(o.clone());
-                        }
+    match first? {
+        Missing::Class { node, class } => Some(errors::unknown_class(&node, &class)),
+        Missing::Value {
+            node,
+            class,
+            input,
+            value,
+        } => {
+            let mut options: Vec<String> = Vec::new();
+            let key = (class.clone(), input.clone());
+            for caps in known {
+                for o in caps.combos.get(&key).into_iter().flatten() {
+                    if !options.contains(o) {
+                        options.push(o.clone());
                     }
                 }
-                options.sort();
-                let config = known
-                    .iter()
-                    .find_map(|c| c.configs.get(&key))
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let item = errors::value_not_in_list(&input, &json!(value), &options, config);
-                let outputs: Vec<&String> = prompt
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, n)| {
-                        let c = n["class_type"].as_str().unwrap_or("");
-                        known.iter().any(|k| k.output_classes.contains(c))
-                    })
-                    .map(|(id, _)| id)
-                    .collect();
-                let details = format!(
-                    "{}: {}",
-                    item["message"].as_str().unwrap_or(""),
-                    item["details"].as_str().unwrap_or("")
-                );
-                let node_errors = json!({ node: { "errors": [item], "dependent_outputs": outputs, "class_type": class } });
-                Some(errors::outputs_failed(&details, node_errors))
             }
+            options.sort();
+            let config = known
+                .iter()
+                .find_map(|c| c.configs.get(&key))
+                .cloned()
+                .unwrap_or(Value::Null);
+            let item = errors::value_not_in_list(&input, &json!(value), &options, config);
+            let outputs: Vec<&String> = prompt
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, n)| {
+                    let c = n["class_type"].as_str().unwrap_or("");
+                    known.iter().any(|k| k.output_classes.contains(c))
+                })
+                .map(|(id, _)| id)
+                .collect();
+            let details = format!(
+                "{}: {}",
+                item["message"].as_str().unwrap_or(""),
+                item["details"].as_str().unwrap_or("")
+            );
+            let node_errors = json!({ node: { "errors": [item], "dependent_outputs": outputs, "class_type": class } });
+            Some(errors::outputs_failed(&details, node_errors))
         }
     }
 }

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
+use crate::config::PlacementPolicy;
+
 /// What a picker may know about one eligible backend.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Candidate {
@@ -245,13 +247,12 @@ impl Picker for RoundRobin {
     }
 }
 
-/// A policy by its configuration name.
-pub fn by_name(name: &str) -> Option<Box<dyn Picker>> {
-    match name {
-        "gpu_aware" => Some(Box::new(GpuAware::default())),
-        "least_inflight" => Some(Box::new(LeastInFlight)),
-        "round_robin" => Some(Box::new(RoundRobin::default())),
-        _ => None,
+/// The picker for a configured policy.
+pub fn for_policy(policy: PlacementPolicy) -> Box<dyn Picker> {
+    match policy {
+        PlacementPolicy::GpuAware => Box::new(GpuAware::default()),
+        PlacementPolicy::LeastInflight => Box::new(LeastInFlight),
+        PlacementPolicy::RoundRobin => Box::new(RoundRobin::default()),
     }
 }
 
@@ -378,6 +379,9 @@ mod tests {
         busy[0].inflight = 1;
         assert_eq!(LeastInFlight.pick(&Need::default(), &busy).unwrap().id, 2);
         assert!(GpuAware::default().pick(&Need::default(), &[]).is_none());
-        assert!(by_name("round_robin").is_some() && by_name("nope").is_none());
+        for (name, policy) in PlacementPolicy::ALL {
+            assert_eq!(for_policy(policy).name(), name);
+        }
+        assert!("nope".parse::<PlacementPolicy>().is_err());
     }
 }

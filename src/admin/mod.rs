@@ -1,0 +1,112 @@
+//! The admin listener (localhost by default): `/healthz` (the process is up), `/readyz` (some
+//! backend can take work), `/admin/backends`, `/admin/decisions`, and backend drain:
+//! `POST /admin/backends/{name}/drain` (no new prompts; running ones finish there; prompts
+//! waiting in its queue move back to the gate queue) and `POST /admin/backends/{name}/undrain`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::fleet::{BackendState, Fleet};
+use crate::http::{Body, json as json_resp, status};
+use crate::sched::{Scheduler, recovery};
+
+/// What the admin routes use.
+pub struct Admin {
+    pub sched: Arc<Scheduler>,
+    pub fleet: Arc<Fleet>,
+}
+
+/// Serves one admin request.
+pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
+    let fleet = &admin.fleet;
+    match req.uri().path() {
+        "/healthz" => json_resp(StatusCode::OK, &json!({ "status": "ok" })),
+        "/readyz" => {
+            let backends: Vec<_> = fleet
+                .backends()
+                .iter()
+                .map(|b| json!({ "name": b.name(), "health": b.health().as_str() }))
+                .collect();
+            let ready = fleet.ready();
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_resp(code, &json!({ "ready": ready, "backends": backends }))
+        }
+        "/admin/decisions" => json_resp(
+            StatusCode::OK,
+            &json!({ "decisions": admin.sched.recent_decisions() }),
+        ),
+        "/admin/backends" => {
+            let slots = admin.sched.slots_used();
+            let backends: Vec<_> = fleet
+                .backends()
+                .iter()
+                .map(|b| describe(fleet, b, slots[b.index]))
+                .collect();
+            json_resp(StatusCode::OK, &json!({ "backends": backends }))
+        }
+        p if p.starts_with("/admin/backends/") && req.method() == http::Method::POST => {
+            let rest = &p["/admin/backends/".len()..];
+            let Some((name, action)) = rest.rsplit_once('/') else {
+                return status(StatusCode::NOT_FOUND);
+            };
+            let name = crate::http::percent_decode(name);
+            let Some(i) = fleet.index_of(&name) else {
+                return json_resp(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": format!("no backend named {name}") }),
+                );
+            };
+            match action {
+                "drain" => {
+                    let moved = recovery::drain(&admin.sched, i).await;
+                    json_resp(
+                        StatusCode::OK,
+                        &json!({ "backend": name, "draining": true, "moved": moved }),
+                    )
+                }
+                "undrain" => {
+                    fleet.set_draining(i, false);
+                    json_resp(
+                        StatusCode::OK,
+                        &json!({ "backend": name, "draining": false }),
+                    )
+                }
+                _ => status(StatusCode::NOT_FOUND),
+            }
+        }
+        _ => status(StatusCode::NOT_FOUND),
+    }
+}
+
+/// One backend as `/admin/backends` shows it (`inflight`: slots in use).
+fn describe(fleet: &Fleet, b: &BackendState, inflight: usize) -> Value {
+    let (vram_total, vram_free) = fleet.vram(b.index);
+    json!({
+        "name": b.name(), "url": b.config.base,
+        "health": b.health().as_str(),
+        "state": b.state_word(),
+        "inflight": inflight,
+        "max_inflight": b.config.max_inflight,
+        "completed": b.completed.load(Ordering::SeqCst),
+        "ws_connected": b.ws_connected.load(Ordering::SeqCst),
+        "vram_total": vram_total,
+        "vram_free": vram_free,
+        "gpu": fleet.nvml_reading(b.index).map(|r| json!({
+            "source": "nvml", "uuid": r.uuid, "name": r.name, "total": r.total, "free": r.free,
+            "used": r.used, "gpu_util": r.gpu_util, "mem_util": r.mem_util,
+            "temperature_c": r.temperature_c, "power_mw": r.power_mw,
+            "age_ms": r.age().as_millis() as u64,
+        })),
+        "draining": b.draining.load(Ordering::SeqCst),
+        "stalled": b.is_stalled(),
+        "busy": b.busy.load(Ordering::SeqCst),
+    })
+}

@@ -1,0 +1,188 @@
+//! The routes that change prompts: `POST /interrupt`, `POST /queue` (delete, clear) and
+//! `POST /history` (delete, clear), each scoped as ComfyUI scopes it, over a fleet: a prompt is
+//! acted on where it is (the gate queue or its owner), and a call without ids touches only the
+//! caller's own prompts (design §2 "Interrupt").
+
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::Ctx;
+use crate::error::GateError;
+use crate::fleet::probe::queue_lists;
+use crate::http::{Body, status};
+use crate::protocol::errors::python_str;
+use crate::sched::Outcome;
+use crate::sched::prompts::{PromptRecord, Stage};
+
+/// Parses a JSON body.
+pub fn parse_json(body: &[u8]) -> Result<Value, GateError> {
+    serde_json::from_slice(body).map_err(|e| GateError::BadJson(e.to_string()))
+}
+
+/// Python's truthiness, as ComfyUI's handlers test their fields.
+pub fn truthy(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+    }
+}
+
+/// `POST /interrupt`. With `prompt_id`: the prompt is interrupted on its owner if it runs
+/// there; one still waiting is left alone, as ComfyUI ignores an interrupt whose id is not the
+/// running prompt (`server.py` `post_interrupt`). Without: the caller's running prompts, each
+/// by id; the gate never sends a bare global interrupt.
+pub async fn interrupt(
+    ctx: &Ctx,
+    identity: &str,
+    body: &[u8],
+) -> Result<Response<Body>, GateError> {
+    let data: Value = serde_json::from_slice(body).unwrap_or(json!({}));
+    let named = data
+        .get("prompt_id")
+        .filter(|v| truthy(Some(v)))
+        .map(python_str);
+    let targets: Vec<(String, String)> = {
+        let s = ctx.sched.lock();
+        let on_backend = |r: &PromptRecord| r.stage == Stage::OnBackend;
+        match named {
+            Some(id) => s
+                .table
+                .get(&id)
+                .filter(|r| on_backend(r))
+                .and_then(|r| r.owner.clone())
+                .map(|o| (id, o))
+                .into_iter()
+                .collect(),
+            None => s
+                .table
+                .records()
+                .filter(|r| r.identity == identity && on_backend(r) && r.started)
+                .filter_map(|r| r.owner.clone().map(|o| (r.id.clone(), o)))
+                .collect(),
+        }
+    };
+    for (id, owner) in targets {
+        let Some(i) = ctx.fleet.index_of(&owner) else {
+            continue;
+        };
+        let b = ctx.fleet.get(i);
+        if let Err(e) = ctx
+            .fleet
+            .upstream
+            .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
+            .await
+        {
+            ctx.fleet.record_health(i, false);
+            return Err(e);
+        }
+    }
+    Ok(status(StatusCode::OK))
+}
+
+/// The ids a `{"delete": [...], "clear": bool}` body names: the listed ids, plus (with
+/// `clear`) the caller's own prompts that `clearable` accepts.
+fn targets(
+    ctx: &Ctx,
+    data: &Value,
+    identity: &str,
+    clearable: impl Fn(&PromptRecord) -> bool,
+) -> Vec<String> {
+    let mut ids: Vec<String> = data["delete"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(python_str)
+        .collect();
+    if truthy(data.get("clear")) {
+        let s = ctx.sched.lock();
+        ids.extend(
+            s.table
+                .records()
+                .filter(|r| r.identity == identity && clearable(r))
+                .map(|r| r.id.clone()),
+        );
+    }
+    ids
+}
+
+/// `POST /queue`: delete by id and clear (the caller's), of prompts that have not started:
+/// from the gate queue at once, from an owner's queue once it confirms they are gone.
+pub async fn post_queue(
+    ctx: &Ctx,
+    identity: &str,
+    body: &[u8],
+) -> Result<Response<Body>, GateError> {
+    let data = parse_json(body)?;
+    let ids = targets(ctx, &data, identity, |r| {
+        !r.started && matches!(r.stage, Stage::Queued | Stage::OnBackend)
+    });
+    let mut on_backends: Vec<(String, usize)> = Vec::new();
+    for id in &ids {
+        let place = {
+            let s = ctx.sched.lock();
+            s.table
+                .get(id)
+                .map(|r| (r.stage, r.started, r.owner.clone()))
+        };
+        match place {
+            Some((Stage::Queued, _, _)) => ctx.sched.end(id, Outcome::Deleted),
+            Some((Stage::OnBackend, false, Some(owner))) => {
+                if let Some(i) = ctx.fleet.index_of(&owner) {
+                    on_backends.push((id.clone(), i));
+                }
+            }
+            _ => {}
+        }
+    }
+    for (id, owner) in on_backends {
+        let b = ctx.fleet.get(owner).clone();
+        let upstream = &ctx.fleet.upstream;
+        upstream
+            .post_json(&b.config, "/queue", &json!({ "delete": [id] }))
+            .await?;
+        // Gone from the owner's queue without having started: it will never run there.
+        if let Ok((_, q)) = upstream.get_json(&b.config, "/queue").await
+            && !queue_lists(&q, &id)
+        {
+            ctx.sched.end(&id, Outcome::Deleted);
+        }
+    }
+    ctx.sched.broadcast_status();
+    Ok(status(StatusCode::OK))
+}
+
+/// `POST /history`: delete by id on the owner (or everywhere), clear the caller's entries.
+pub async fn post_history(
+    ctx: &Ctx,
+    identity: &str,
+    body: &[u8],
+) -> Result<Response<Body>, GateError> {
+    let data = parse_json(body)?;
+    let ids = targets(ctx, &data, identity, |r| r.stage == Stage::Done);
+    for id in ids {
+        let owner = ctx
+            .sched
+            .lock()
+            .table
+            .get(&id)
+            .and_then(|r| r.owner.clone());
+        ctx.sched.history.forget(&id);
+        let targets: Vec<usize> = match owner.and_then(|o| ctx.fleet.index_of(&o)) {
+            Some(o) => vec![o],
+            None => ctx.fleet.up(),
+        };
+        for t in targets {
+            let b = ctx.fleet.get(t).clone();
+            let _ = ctx
+                .fleet
+                .upstream
+                .post_json(&b.config, "/history", &json!({ "delete": [id] }))
+                .await;
+        }
+    }
+    Ok(status(StatusCode::OK))
+}

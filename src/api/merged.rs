@@ -1,0 +1,270 @@
+//! Reads that span the fleet: `/queue`, `/prompt`, `/history`, `/system_stats`, `/object_info`,
+//! `/models`, `/embeddings`, `/extensions`. Each fans out to healthy backends and merges, and
+//! whatever comes back is shown as from one ComfyUI: the gate's clientId replaced by the
+//! client's own, the gate's numbers, gate-wide file names.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::join_all;
+use serde_json::{Map, Value, json};
+
+use super::Ctx;
+use crate::sched::history::completion_time;
+use crate::sched::recovery::{restore_entry, restore_item};
+use crate::sim::queue::page;
+
+/// Node definitions merged across the fleet, cached per fleet generation.
+#[derive(Default)]
+pub struct Cache {
+    object_info: Mutex<Option<(u64, Value)>>,
+}
+
+/// Union of two lists, keeping first-seen order.
+fn union(into: &mut Vec<Value>, more: &[Value]) {
+    for v in more {
+        if !into.contains(v) {
+            into.push(v.clone());
+        }
+    }
+}
+
+/// GET `path` on every healthy backend; answers that are not 200 JSON are skipped.
+async fn fan_out(ctx: &Ctx, path: &str) -> Vec<(usize, Value)> {
+    let ids = ctx.fleet.up();
+    let calls = ids.iter().map(|&i| {
+        let b = ctx.fleet.get(i).clone();
+        async move { (i, ctx.fleet.upstream.get_json(&b.config, path).await) }
+    });
+    join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|(i, r)| match r {
+            Ok((code, v)) if code.is_success() && !v.is_null() => Some((i, v)),
+            Ok(_) => None,
+            Err(_) => {
+                ctx.fleet.record_health(i, false);
+                None
+            }
+        })
+        .collect()
+}
+
+/// `GET /queue`: the gate queue and every backend's queue, pending sorted by number.
+pub async fn queue(ctx: &Ctx) -> Value {
+    let answers = fan_out(ctx, "/queue").await;
+    let mut running = Vec::new();
+    let mut pending = Vec::new();
+    for (i, mut q) in answers {
+        for (key, out) in [
+            ("queue_running", &mut running),
+            ("queue_pending", &mut pending),
+        ] {
+            if let Some(items) = q.get_mut(key).and_then(Value::as_array_mut) {
+                for item in items.iter_mut() {
+                    restore_item(&ctx.sched, i, item);
+                    out.push(item.take());
+                }
+            }
+        }
+    }
+    let gate_queued: Vec<(Value, Value)> = {
+        let s = ctx.sched.lock();
+        s.table
+            .queued()
+            .map(|r| (r.body["prompt"].clone(), r.queue_item(Vec::new())))
+            .collect()
+    };
+    for (prompt, mut item) in gate_queued {
+        item[4] = json!(crate::sched::recovery::output_nodes_of(&ctx.sched, &prompt));
+        pending.push(item);
+    }
+    pending.sort_by(|a, b| {
+        let (x, y) = (a[0].as_f64().unwrap_or(0.0), b[0].as_f64().unwrap_or(0.0));
+        x.partial_cmp(&y)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a[1].as_str().cmp(&b[1].as_str()))
+    });
+    json!({ "queue_running": running, "queue_pending": pending })
+}
+
+/// `GET /history`: the entries the gate collected (every prompt it ran) plus backends'
+/// entries for prompts it does not know (sent to a backend directly), ordered by completion
+/// time, then paged with ComfyUI's rules.
+pub async fn history(ctx: &Ctx, max_items: Option<i64>, offset: i64) -> Value {
+    let mut entries: Vec<(i64, String, Arc<Value>)> = ctx.sched.history.all();
+    for (i, h) in fan_out(ctx, "/history").await {
+        let Value::Object(map) = h else { continue };
+        for (id, mut entry) in map {
+            if ctx.sched.lock().table.contains(&id) {
+                continue;
+            }
+            restore_entry(&ctx.sched, i, &mut entry);
+            let t = completion_time(&entry).unwrap_or(0);
+            entries.push((t, id, Arc::new(entry)));
+        }
+    }
+    entries.sort_by_key(|(t, _, _)| *t);
+    let ordered: Vec<(String, Arc<Value>)> =
+        entries.into_iter().map(|(_, id, e)| (id, e)).collect();
+    Value::Object(page(
+        ordered.iter().map(|(k, v)| (k, &**v)),
+        ordered.len(),
+        max_items,
+        offset,
+    ))
+}
+
+/// `GET /history/{id}`, serialized: the gate's entry for its prompts (`{}` until finished),
+/// a backend's for prompts it does not know. The gate's own entries are written out from the
+/// shared entry (a hot path for clients that poll).
+pub async fn history_one(ctx: &Ctx, id: &str) -> Vec<u8> {
+    if let Some(entry) = ctx.sched.history.get(id) {
+        let one: std::collections::BTreeMap<&str, &Value> = [(id, &*entry)].into();
+        return serde_json::to_vec(&one).unwrap_or_else(|_| b"{}".to_vec());
+    }
+    if ctx.sched.lock().table.contains(id) {
+        return b"{}".to_vec();
+    }
+    let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));
+    for i in ctx.fleet.up() {
+        let b = ctx.fleet.get(i);
+        if let Ok((code, mut v)) = ctx.fleet.upstream.get_json(&b.config, &path).await
+            && code.is_success()
+            && let Some(entry) = v.get_mut(id)
+        {
+            restore_entry(&ctx.sched, i, entry);
+            return serde_json::to_vec(&v).unwrap_or_else(|_| b"{}".to_vec());
+        }
+    }
+    b"{}".to_vec()
+}
+
+/// `GET /system_stats`: `system` from one backend, every backend's device.
+pub async fn system_stats(ctx: &Ctx) -> Value {
+    let answers = fan_out(ctx, "/system_stats").await;
+    let system = answers
+        .first()
+        .map(|(_, v)| v["system"].clone())
+        .unwrap_or(json!({}));
+    let mut devices = Vec::new();
+    for (i, v) in &answers {
+        for d in v["devices"].as_array().into_iter().flatten() {
+            let mut d = d.clone();
+            d["comfy_gate_backend"] = json!(ctx.fleet.get(*i).name());
+            devices.push(d);
+        }
+    }
+    json!({ "system": system, "devices": devices })
+}
+
+/// The union of every healthy backend's `/object_info`, with combo lists merged and the
+/// gate's uploads offered to LoadImage. Cached until the fleet changes.
+pub async fn object_info(ctx: &Ctx) -> Value {
+    let generation = ctx.fleet.generation();
+    let uploads_changed = ctx.files.dirs.input_images();
+    if let Some((g, v)) = &*ctx
+        .merged
+        .object_info
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        && *g == generation
+    {
+        let mut v = v.clone();
+        add_uploads(&mut v, &uploads_changed);
+        return v;
+    }
+    let mut merged = Map::new();
+    for (_, info) in fan_out(ctx, "/object_info").await {
+        let Value::Object(classes) = info else {
+            continue;
+        };
+        for (class, def) in classes {
+            match merged.get_mut(&class) {
+                None => {
+                    merged.insert(class, def);
+                }
+                Some(existing) => merge_combos(existing, &def),
+            }
+        }
+    }
+    let value = Value::Object(merged);
+    if !ctx.fleet.up().is_empty() {
+        *ctx.merged
+            .object_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((generation, value.clone()));
+    }
+    let mut value = value;
+    add_uploads(&mut value, &uploads_changed);
+    value
+}
+
+/// Union of a list route (`/models`, `/models/{folder}`, `/embeddings`, `/extensions`);
+/// `None` when no backend has it (404).
+pub async fn list(ctx: &Ctx, path: &str) -> Option<Value> {
+    let answers = fan_out(ctx, path).await;
+    if answers.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (_, v) in answers {
+        if let Value::Array(items) = v {
+            union(&mut out, &items);
+        }
+    }
+    Some(Value::Array(out))
+}
+
+/// `/api/jobs` (a page, with `query`) or `/api/jobs/{id}` (with `id`), derived from the
+/// merged queue and history with ComfyUI's own rules.
+pub async fn jobs(
+    ctx: &Ctx,
+    query: Option<&crate::protocol::jobs::JobsQuery>,
+    id: Option<&str>,
+) -> Value {
+    let queue = queue(ctx).await;
+    let history = match history(ctx, None, -1).await {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let items = |k: &str| queue[k].as_array().cloned().unwrap_or_default();
+    let (running, pending) = (items("queue_running"), items("queue_pending"));
+    match (query, id) {
+        (_, Some(id)) => {
+            crate::protocol::jobs::one(id, &running, &pending, &history).unwrap_or(Value::Null)
+        }
+        (Some(q), None) => crate::protocol::jobs::list(&running, &pending, &history, q),
+        (None, None) => Value::Null,
+    }
+}
+
+/// Merges combo option lists of one class definition into another.
+fn merge_combos(into: &mut Value, other: &Value) {
+    for section in ["required", "optional"] {
+        let Some(inputs) = into
+            .pointer_mut(&format!("/input/{section}"))
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        for (name, spec) in inputs.iter_mut() {
+            let theirs = &other["input"][section][name][0];
+            if let (Some(mine), Some(theirs)) = (spec[0].as_array().cloned(), theirs.as_array()) {
+                let mut merged = mine;
+                union(&mut merged, theirs);
+                spec[0] = Value::Array(merged);
+            }
+        }
+    }
+}
+
+fn add_uploads(info: &mut Value, uploads: &[String]) {
+    if let Some(list) = info
+        .pointer_mut("/LoadImage/input/required/image/0")
+        .and_then(Value::as_array_mut)
+    {
+        let extra: Vec<Value> = uploads.iter().map(|u| json!(u)).collect();
+        union(list, &extra);
+        list.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    }
+}

@@ -1,0 +1,42 @@
+//! ComfyUI's API as the gate serves it: the routes the gate answers itself (submit, owned
+//! routes, merged reads, files, the client WebSocket). Requests arrive from [`crate::edge`],
+//! which has already judged the origin and named the caller; routes the gate does not own are
+//! proxied by the edge.
+
+pub mod control;
+pub mod files;
+pub mod merged;
+pub mod router;
+pub mod ws;
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::gfiles::Files;
+use crate::sched::Scheduler;
+use crate::sessions::Sessions;
+
+/// What every route may use.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub sched: Arc<Scheduler>,
+    pub fleet: Arc<Fleet>,
+    pub sessions: Arc<Sessions>,
+    pub files: Arc<Files>,
+    /// Node definitions merged across the fleet.
+    pub merged: merged::Cache,
+}
+
+impl Ctx {
+    /// The gate's feature flags (`/features` and the `feature_flags` reply).
+    pub fn features(&self) -> Value {
+        json!({
+            "supports_preview_metadata": true,
+            "max_upload_size": self.config.server.max_body_bytes,
+            "extension": { "manager": { "supports_v4": true } },
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! The route table of the ComfyUI routes the gate answers itself, with their `/api` twins:
+//! admission, owned routes (to the prompt's backend), merged reads, files and the client
+//! socket. [`owns`] says which requests those are; the edge proxies the rest.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::{Ctx, control, files, merged};
+use crate::error::GateError;
+use crate::http::{
+    Body, json as json_resp, json_bytes, percent_decode, query_pairs, read_body, status,
+};
+use crate::protocol::jobs;
+use crate::sched::admission;
+
+/// ComfyUI's `/api` prefix (its frontend uses it) stripped, except `/api/jobs`, which is only
+/// under `/api`.
+pub fn api_path(raw: &str) -> &str {
+    match raw.strip_prefix("/api") {
+        Some(rest) if rest.starts_with('/') && !rest.starts_with("/jobs") => rest,
+        _ => raw,
+    }
+}
+
+/// Whether `(method, path)` (after [`api_path`]) is a route the gate answers itself.
+pub fn owns(method: &Method, path: &str) -> bool {
+    if method == Method::GET && path == "/ws" {
+        return true;
+    }
+    let exact = matches!(
+        (method, path),
+        (
+            &Method::POST,
+            "/prompt"
+                | "/queue"
+                | "/interrupt"
+                | "/history"
+                | "/upload/image"
+                | "/upload/mask"
+                | "/free"
+        ) | (
+            &Method::GET,
+            "/prompt"
+                | "/queue"
+                | "/history"
+                | "/view"
+                | "/system_stats"
+                | "/features"
+                | "/object_info"
+                | "/models"
+                | "/embeddings"
+                | "/extensions"
+        )
+    );
+    exact
+        || (method == Method::GET
+            && (path == "/api/jobs"
+                || path.starts_with("/api/jobs/")
+                || path.starts_with("/history/")
+                || path.starts_with("/object_info/")
+                || path.starts_with("/models/")))
+}
+
+/// Answers one request [`owns`] accepts, from caller `identity`.
+pub async fn route(
+    ctx: Arc<Ctx>,
+    req: Request<Incoming>,
+    identity: String,
+) -> Result<Response<Body>, GateError> {
+    let path = api_path(req.uri().path()).to_string();
+    let method = req.method().clone();
+    if method == Method::GET && path == "/ws" {
+        return Ok(super::ws::handle(ctx, req));
+    }
+    let query = query_pairs(req.uri());
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = read_body(req.into_body(), ctx.config.server.max_body_bytes as usize).await?;
+    let ok = |v: Value| Ok(json_resp(StatusCode::OK, &v));
+    let id = &identity;
+    match (method, path.as_str()) {
+        (Method::POST, "/prompt") => admission::submit(&ctx.sched, identity, &body).await,
+        (Method::GET, "/prompt") => ok(ctx.sched.prompt_info()),
+        (Method::GET, "/queue") => ok(merged::queue(&ctx).await),
+        (Method::POST, "/queue") => control::post_queue(&ctx, id, &body).await,
+        (Method::POST, "/interrupt") => control::interrupt(&ctx, id, &body).await,
+        (Method::POST, "/history") => control::post_history(&ctx, id, &body).await,
+        (Method::POST, "/free") => {
+            let v = control::parse_json(&body)?;
+            for i in ctx.fleet.up() {
+                let b = ctx.fleet.get(i);
+                let _ = ctx.fleet.upstream.post_json(&b.config, "/free", &v).await;
+            }
+            Ok(status(StatusCode::OK))
+        }
+        (Method::GET, "/history") => {
+            let int =
+                |k: &str| -> Result<Option<i64>, GateError> {
+                    match query.iter().find(|(n, _)| n == k) {
+                        Some((_, v)) => v.trim().parse().map(Some).map_err(|_| {
+                            GateError::BadRequest(format!("`{k}` must be an integer"))
+                        }),
+                        None => Ok(None),
+                    }
+                };
+            let (max_items, offset) = (int("max_items")?, int("offset")?.unwrap_or(-1));
+            ok(merged::history(&ctx, max_items, offset).await)
+        }
+        (Method::GET, p) if p.starts_with("/history/") => {
+            let id = percent_decode(&p["/history/".len()..]);
+            Ok(json_bytes(
+                StatusCode::OK,
+                merged::history_one(&ctx, &id).await,
+            ))
+        }
+        (Method::GET, "/api/jobs") => match jobs::parse_query(&query) {
+            Ok(q) => ok(merged::jobs(&ctx, Some(&q), None).await),
+            Err(msg) => Ok(json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg }))),
+        },
+        (Method::GET, p) if p.starts_with("/api/jobs/") => {
+            let id = percent_decode(&p["/api/jobs/".len()..]);
+            let job = merged::jobs(&ctx, None, Some(&id)).await;
+            if job.is_null() {
+                let missing = json!({ "error": "Job not found" });
+                Ok(json_resp(StatusCode::NOT_FOUND, &missing))
+            } else {
+                ok(job)
+            }
+        }
+        (Method::GET, "/view") => Ok(files::view(&ctx, &query).await),
+        (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
+            match files::upload(&ctx, &content_type, &body, path == "/upload/mask").await? {
+                Ok(v) => ok(v),
+                Err(code) => Ok(status(code)),
+            }
+        }
+        (Method::GET, "/system_stats") => ok(merged::system_stats(&ctx).await),
+        (Method::GET, "/features") => ok(ctx.features()),
+        (Method::GET, "/object_info") => ok(merged::object_info(&ctx).await),
+        (Method::GET, p) if p.starts_with("/object_info/") => {
+            let class = percent_decode(&p["/object_info/".len()..]);
+            let all = merged::object_info(&ctx).await;
+            ok(match all.get(&class) {
+                Some(def) => json!({ class: def }),
+                None => json!({}),
+            })
+        }
+        (Method::GET, p) => match merged::list(&ctx, p).await {
+            Some(v) => ok(v),
+            None => Ok(status(StatusCode::NOT_FOUND)),
+        },
+        _ => Ok(status(StatusCode::METHOD_NOT_ALLOWED)),
+    }
+}

@@ -1,0 +1,62 @@
+//! `GET /ws` on the gate: issues the client its sid (honouring `?clientId=`), sends the first
+//! `status` and the node its running prompt is on (the reconnect replay), answers
+//! `feature_flags` itself, and writes the session's outbox ([`crate::sessions`]) to the socket.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Ctx;
+use crate::http::{Body, serve_comfy_websocket};
+
+/// Upgrades a `GET /ws`.
+pub fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+    serve_comfy_websocket(&mut req, move |sid, ws| serve(ctx, sid, ws))
+}
+
+async fn serve<S>(ctx: Arc<Ctx>, sid: String, ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let sessions = &ctx.sessions;
+    let mut reg = sessions.register(&sid);
+    sessions.send_json(
+        &sid,
+        "status",
+        json!({ "status": ctx.sched.queue_info(), "sid": sid }),
+    );
+    if let Some(node) = ctx.sched.running_node_of(&sid) {
+        sessions.send_json(&sid, "executing", json!({ "node": node }));
+    }
+    let mut first_message = true;
+    loop {
+        tokio::select! {
+            out = reg.outbox.recv() => {
+                let Some(msg) = out else { break };
+                let closing = matches!(msg, Message::Close(_));
+                if sink.send(msg).await.is_err() || closing {
+                    break;
+                }
+            }
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    let Ok(data) = serde_json::from_str::<Value>(&text) else { continue };
+                    if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
+                        let on = data["data"]["supports_preview_metadata"].as_bool().unwrap_or(false);
+                        sessions.set_preview_metadata(&sid, on);
+                        sessions.send_json(&sid, "feature_flags", ctx.features());
+                    }
+                    first_message = false;
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    sessions.unregister(&sid, reg.conn);
+}

@@ -1,0 +1,261 @@
+//! The fleet: every backend, what the gate knows of each (health, telemetry, capabilities, the
+//! upstream socket), and the policy that ranks them ([`picker`]).
+//!
+//! The fleet knows nothing of prompts: the scheduler above it asks it questions (who may take
+//! work, how much VRAM is free, can this backend run this graph) and hears from it through the
+//! upstream events channel ([`socket::UpstreamEvent`]) and the [`Fleet::changed`] notification.
+//! Backends are named by their configured name wherever a fact outlives the process (the
+//! upstream clientId, a prompt's owner, the store); their position is a runtime index only.
+
+pub mod backend;
+pub mod capabilities;
+pub mod nvml;
+pub mod picker;
+pub mod probe;
+pub mod socket;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+pub use backend::{BackendState, Health, Telemetry};
+use capabilities::Capabilities;
+use upstream::Upstream;
+
+/// NVML readings for backends whose GPU is local: the sampler and, per backend, its slot.
+struct LocalGpus {
+    sampler: nvml::NvmlSampler,
+    slots: Vec<Option<usize>>,
+}
+
+/// All backends and the client that talks to them.
+pub struct Fleet {
+    config: Arc<Config>,
+    backends: Vec<Arc<BackendState>>,
+    pub upstream: Upstream,
+    local_gpus: Option<LocalGpus>,
+    /// Bumped when a backend's health flips (invalidates merged caches).
+    generation: AtomicU64,
+    /// Notified when a backend may take work it could not take before (up, unstalled,
+    /// undrained).
+    pub changed: Notify,
+}
+
+impl Fleet {
+    /// The fleet of `config.backends`, in configuration order; `gate_id` names this gate's
+    /// upstream clientIds. Starts NVML sampling for backends mapped to a local GPU.
+    pub fn new(config: Arc<Config>, gate_id: &str) -> Self {
+        let backends = config
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Arc::new(BackendState::new(i, b.clone(), gate_id)))
+            .collect();
+        Self {
+            upstream: Upstream::new(config.upstream_timeout()),
+            local_gpus: start_nvml(&config),
+            config,
+            backends,
+            generation: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn backends(&self) -> &[Arc<BackendState>] {
+        &self.backends
+    }
+
+    /// The backend at runtime index `i` (an index from this fleet).
+    pub fn get(&self, i: usize) -> &Arc<BackendState> {
+        &self.backends[i]
+    }
+
+    /// The runtime index of the backend with this configured name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name() == name)
+    }
+
+    /// Indices of the backends whose health is up.
+    pub fn up(&self) -> Vec<usize> {
+        self.backends
+            .iter()
+            .filter(|b| b.is_up())
+            .map(|b| b.index)
+            .collect()
+    }
+
+    /// Whether any backend can take work.
+    pub fn ready(&self) -> bool {
+        self.backends.iter().any(|b| b.is_up())
+    }
+
+    /// Bumped at every health flip.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The NVML reading of a backend's local GPU, if it has one.
+    pub fn nvml_reading(&self, i: usize) -> Option<nvml::GpuReading> {
+        let gpus = self.local_gpus.as_ref()?;
+        let slot = (*gpus.slots.get(i)?)?;
+        gpus.sampler.readings().get(slot).cloned().flatten()
+    }
+
+    /// `(total, free)` VRAM of a backend in bytes: NVML for a local GPU, else its last
+    /// `/system_stats`. `free` is `None` when the reading is older than
+    /// `placement.stale_after_ms` (no headroom).
+    pub fn vram(&self, i: usize) -> (u64, Option<u64>) {
+        let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
+        let local = self
+            .local_gpus
+            .as_ref()
+            .is_some_and(|g| g.slots.get(i).copied().flatten().is_some());
+        if local {
+            return match self.nvml_reading(i) {
+                Some(r) => (r.total, (r.age() <= stale_after).then_some(r.free)),
+                None => (0, None),
+            };
+        }
+        let b = self.get(i);
+        (
+            b.telemetry.load().vram_total,
+            b.fresh_vram_free(stale_after),
+        )
+    }
+
+    /// Records one health result; on a flip, logs it, invalidates merged caches and, when it
+    /// came up, re-reads what it can run and tells [`Fleet::changed`] waiters.
+    pub fn record_health(&self, i: usize, ok: bool) {
+        let b = self.get(i);
+        if let Some(state) = b.record(ok, &self.config.health) {
+            tracing::info!(
+                backend = b.name(),
+                state = state.as_str(),
+                "backend health changed"
+            );
+            if state == Health::Up {
+                // It may have restarted with other nodes or models: read them again.
+                b.capabilities.store(None);
+            }
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            if state == Health::Up {
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// Marks a backend stalled (no new work until it shows life); true if it was not.
+    pub fn mark_stalled(&self, i: usize, reason: &str) -> bool {
+        let b = self.get(i);
+        let was = b.stalled.swap(true, Ordering::SeqCst);
+        if !was {
+            tracing::warn!(backend = b.name(), reason, "backend stalled");
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        !was
+    }
+
+    /// Clears a backend's stall on evidence of life (`why` says which).
+    pub fn clear_stalled(&self, i: usize, why: &str) {
+        let b = self.get(i);
+        if b.stalled.swap(false, Ordering::SeqCst) {
+            tracing::info!(backend = b.name(), why, "backend no longer stalled");
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Sets or clears a drain; an undrained backend may take work at once.
+    pub fn set_draining(&self, i: usize, on: bool) {
+        self.get(i).draining.store(on, Ordering::SeqCst);
+        if !on {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Re-reads one backend's capabilities (on start, when it comes up, and now and then).
+    pub async fn refresh_capabilities(&self, i: usize) {
+        let b = self.get(i).clone();
+        let Ok((code, info)) = self.upstream.get_json(&b.config, "/object_info").await else {
+            return;
+        };
+        if !code.is_success() || !info.is_object() {
+            return;
+        }
+        let mut caps = Capabilities::from_object_info(&info);
+        for folder in ["checkpoints", "diffusion_models", "loras"] {
+            if let Ok((code, listing)) = self
+                .upstream
+                .get_json(&b.config, &format!("/experiment/models/{folder}"))
+                .await
+                && code.is_success()
+            {
+                caps.add_model_sizes(&listing);
+            }
+        }
+        b.capabilities.store(Some(Arc::new(caps)));
+    }
+
+    /// Whether backend `i` has every class and file `prompt` names (unknown capabilities: yes;
+    /// `uploaded` says whether the gate holds an upload of that name).
+    pub fn can_run(&self, i: usize, prompt: &Value, uploaded: &dyn Fn(&str) -> bool) -> bool {
+        match self.get(i).capabilities.load().as_ref() {
+            Some(caps) => caps.missing(prompt, uploaded).is_none(),
+            None => true,
+        }
+    }
+
+    /// ComfyUI's 400 body when no backend that is up can run `prompt`, else `None`
+    /// (see [`capabilities::refusal`]).
+    pub fn refusal(&self, prompt: &Value, uploaded: &dyn Fn(&str) -> bool) -> Option<Value> {
+        let known: Vec<Arc<Capabilities>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_up())
+            .filter_map(|b| b.capabilities.load_full())
+            .collect();
+        capabilities::refusal(&known, prompt, uploaded)
+    }
+}
+
+/// Starts NVML sampling for the backends mapped to a local GPU. Without the library (or a GPU)
+/// one line says so and `/system_stats` serves every backend.
+fn start_nvml(config: &Config) -> Option<LocalGpus> {
+    if !config.telemetry.nvml {
+        return None;
+    }
+    let mut selectors = Vec::new();
+    let mut slots = Vec::new();
+    for b in &config.backends {
+        match &b.gpu {
+            Some(g) => {
+                slots.push(Some(selectors.len()));
+                selectors.push(g.clone());
+            }
+            None => slots.push(None),
+        }
+    }
+    if selectors.is_empty() {
+        return None;
+    }
+    let interval = Duration::from_millis(config.telemetry.interval_ms);
+    match nvml::NvmlSampler::start(
+        config.telemetry.nvml_library.as_deref(),
+        selectors,
+        interval,
+    ) {
+        Ok(sampler) => {
+            tracing::info!(gpus = sampler.uuids().len(), "NVML telemetry on");
+            Some(LocalGpus { sampler, slots })
+        }
+        Err(reason) => {
+            tracing::warn!("NVML unavailable ({reason}); using /system_stats for every backend");
+            None
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! One upstream WebSocket per backend, under the gate's own clientId (design §2): every event of
+//! every prompt the gate sent there arrives on it. The fleet does not know whose prompt an event
+//! belongs to; it hands each frame, in order, to the scheduler through an [`UpstreamEvent`]
+//! channel, and keeps only the facts about the backend itself: the socket is open, a frame
+//! arrived (life), and a prompt moved (which clears a stall).
+//!
+//! The channel is bounded: a scheduler that falls behind slows the sockets (TCP backpressure
+//! towards the backends) rather than growing memory without bound.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::Fleet;
+
+/// Frames waiting for the scheduler before the sockets stop reading.
+pub const EVENTS_CAPACITY: usize = 4096;
+/// A WebSocket handshake that takes longer fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What an upstream socket saw, in order per backend (`backend` is the fleet index).
+#[derive(Debug)]
+pub enum UpstreamEvent {
+    /// The socket (re)opened. The socket reads nothing more until `reconciled` is answered (or
+    /// dropped), so what the gate believes runs there is checked before new events arrive.
+    Opened {
+        backend: usize,
+        reconciled: oneshot::Sender<()>,
+    },
+    /// A JSON message.
+    Json { backend: usize, message: Value },
+    /// A binary frame (previews).
+    Binary { backend: usize, frame: Bytes },
+    /// The socket closed.
+    Closed { backend: usize },
+}
+
+/// Event kinds that show a prompt moving on the backend's GPU (evidence against a stall).
+fn shows_progress(kind: &str) -> bool {
+    matches!(
+        kind,
+        "execution_start"
+            | "execution_cached"
+            | "executing"
+            | "progress"
+            | "progress_state"
+            | "executed"
+            | "execution_success"
+            | "execution_error"
+            | "execution_interrupted"
+    )
+}
+
+/// Keeps backend `i`'s upstream socket open until `stop`, reconnecting with backoff; a failed
+/// connect counts against its health.
+pub async fn socket_loop(
+    fleet: Arc<Fleet>,
+    i: usize,
+    events: mpsc::Sender<UpstreamEvent>,
+    stop: CancellationToken,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let b = fleet.get(i).clone();
+        let client_id: String =
+            form_urlencoded::byte_serialize(b.upstream_client_id.as_bytes()).collect();
+        let url = format!("ws://{}/ws?clientId={client_id}", b.config.authority);
+        let connect = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(
+                url,
+                Some(crate::http::websocket_config()),
+                false,
+            ),
+        );
+        match connect.await {
+            Ok(Ok((ws, _))) => {
+                backoff = FIRST_BACKOFF;
+                b.ws_connected.store(true, Ordering::SeqCst);
+                b.saw_frame();
+                tracing::debug!(backend = b.name(), "upstream socket open");
+                let (mut sink, mut stream) = ws.split();
+                let flags =
+                    json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}});
+                let _ = sink.send(Message::text(flags.to_string())).await;
+                let (tx, rx) = oneshot::channel();
+                let opened = UpstreamEvent::Opened {
+                    backend: i,
+                    reconciled: tx,
+                };
+                if events.send(opened).await.is_err() {
+                    return;
+                }
+                let _ = rx.await;
+                loop {
+                    let msg = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        msg = stream.next() => msg,
+                    };
+                    let event = match msg {
+                        Some(Ok(Message::Text(t))) => {
+                            b.saw_frame();
+                            let Ok(message) = serde_json::from_str::<Value>(&t) else {
+                                continue;
+                            };
+                            let kind = message["type"].as_str().unwrap_or("");
+                            if shows_progress(kind) {
+                                fleet.clear_stalled(i, "a prompt moved");
+                            }
+                            UpstreamEvent::Json {
+                                backend: i,
+                                message,
+                            }
+                        }
+                        Some(Ok(Message::Binary(frame))) => {
+                            b.saw_frame();
+                            UpstreamEvent::Binary { backend: i, frame }
+                        }
+                        Some(Ok(_)) => {
+                            b.saw_frame();
+                            continue;
+                        }
+                        Some(Err(_)) | None => break,
+                    };
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                b.ws_connected.store(false, Ordering::SeqCst);
+                tracing::info!(backend = b.name(), "upstream socket closed");
+                let _ = events.send(UpstreamEvent::Closed { backend: i }).await;
+            }
+            _ => fleet.record_health(i, false),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

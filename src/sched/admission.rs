@@ -1,0 +1,171 @@
+//! Admission (design §2 "Validation", "Late binding"): `POST /prompt` records the prompt
+//! (durably, and before anyone can hear of it: WebSocket events can beat the HTTP answer), then
+//! forwards it at once if a backend has a free slot and nothing waits ahead of it, returning the
+//! backend's answer verbatim, or holds it in the gate queue and answers as ComfyUI does for a
+//! queued prompt.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use super::dispatch::{Forwarded, forward};
+use super::prompts::PromptRecord;
+use super::{Scheduler, placing};
+use crate::error::GateError;
+use crate::http::{Body, json as json_resp};
+use crate::protocol::errors;
+
+/// A parsed `POST /prompt` body: what the gate takes out of it, and the rest kept verbatim.
+struct Submission {
+    id: String,
+    client_id: Option<String>,
+    front: bool,
+    number: Option<Value>,
+    body: Map<String, Value>,
+}
+
+/// Parses and checks a `POST /prompt` body (ComfyUI's `server.py` `post_prompt` rules): `Ok(Err)`
+/// is ComfyUI's own 400 answer.
+fn parse(sched: &Scheduler, body: &[u8]) -> Result<Result<Submission, Value>, GateError> {
+    let mut data: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return Err(GateError::BadRequest(
+                "the body must be a JSON object".into(),
+            ));
+        }
+        Err(e) => return Err(GateError::BadJson(e.to_string())),
+    };
+    if !data.contains_key("prompt") {
+        return Ok(Err(errors::no_prompt()));
+    }
+    if !data["prompt"].is_object() {
+        return Err(GateError::BadRequest(
+            "`prompt` must be an object of nodes".into(),
+        ));
+    }
+    if let Some(refusal) = sched
+        .fleet
+        .refusal(&data["prompt"], &|n| sched.files.uploaded(n))
+    {
+        return Ok(Err(refusal));
+    }
+    if data.get("extra_data").is_some_and(|e| !e.is_object()) {
+        return Err(GateError::BadRequest(
+            "`extra_data` must be an object".into(),
+        ));
+    }
+    let id = match data.remove("prompt_id") {
+        Some(v) => errors::python_str(&v),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    Ok(Ok(Submission {
+        id,
+        client_id: data.remove("client_id").map(|v| errors::python_str(&v)),
+        front: data
+            .remove("front")
+            .is_some_and(|v| v.as_bool().unwrap_or(!v.is_null())),
+        number: data.remove("number"),
+        body: data,
+    }))
+}
+
+/// `POST /prompt` from `identity` (who asked: scopes interrupt and clear).
+pub async fn submit(
+    sched: &Arc<Scheduler>,
+    identity: String,
+    body: &[u8],
+) -> Result<Response<Body>, GateError> {
+    let sub = match parse(sched, body)? {
+        Ok(sub) => sub,
+        Err(answer) => return Ok(json_resp(StatusCode::BAD_REQUEST, &answer)),
+    };
+    let id = sub.id.clone();
+    let (number, direct) = {
+        let mut s = sched.lock();
+        if s.table.contains(&id) {
+            return Err(GateError::DuplicatePromptId(id));
+        }
+        let number = match sub.number {
+            Some(Value::Number(n)) => {
+                let f = n.as_f64().unwrap_or(0.0);
+                serde_json::Number::from_f64(f)
+                    .ok_or_else(|| GateError::BadRequest("`number` must be finite".into()))?
+            }
+            Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
+            None => s.table.next_number(sub.front),
+        };
+        let nothing_waits = s.table.queue_len() == 0;
+        let rec = PromptRecord::new(
+            id.clone(),
+            number.clone(),
+            sub.body,
+            sub.client_id,
+            identity,
+        );
+        s.table.admit(rec);
+        s.table.enqueue(&id);
+        let direct = if nothing_waits {
+            placing::place_now(sched, &mut s, &id)
+        } else {
+            None
+        };
+        (number, direct)
+    };
+    // Durable before anyone hears of it: a gate killed from here on still runs it.
+    if let Err(e) = sched.try_persist(&[&id]) {
+        sched.lock().table.remove(&id);
+        return Err(GateError::Unavailable(e.to_string()));
+    }
+    let queued_answer = || {
+        json_resp(
+            StatusCode::OK,
+            &json!({ "prompt_id": id, "number": number, "node_errors": {} }),
+        )
+    };
+    let Some(backend) = direct else {
+        sched.broadcast_status();
+        sched.wake();
+        return Ok(queued_answer());
+    };
+    match forward(sched, &id, backend).await {
+        Forwarded::Accepted(body) => {
+            // The backend echoes the explicit number as a float; show the gate's own.
+            let mut answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if answer.is_object() {
+                answer["number"] = json!(number);
+                return Ok(json_resp(StatusCode::OK, &answer));
+            }
+            Ok(raw_json(StatusCode::OK, body))
+        }
+        Forwarded::Rejected(body) => {
+            // Refused at once: the client hears the 400 itself, so nothing else remains of it.
+            sched.lock().table.remove(&id);
+            sched.wake();
+            if let Err(e) = sched.store().remove(std::slice::from_ref(&id)) {
+                tracing::error!(error = %e, "could not forget a refused prompt");
+            }
+            Ok(raw_json(StatusCode::BAD_REQUEST, body))
+        }
+        Forwarded::Failed => {
+            sched.lock().table.enqueue(&id);
+            sched.persist(&[&id]);
+            sched.broadcast_status();
+            sched.wake();
+            Ok(queued_answer())
+        }
+    }
+}
+
+/// A backend's JSON answer, passed through as it came.
+fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(crate::http::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}

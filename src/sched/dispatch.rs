@@ -1,0 +1,160 @@
+//! The dispatcher (design §2 "Late binding"): whenever a slot frees, a prompt arrives or a
+//! backend comes back, it takes waiting prompts off the gate queue ([`placing::take_next`]) and
+//! forwards each to the backend chosen for it. A backend that refuses a prompt it validated
+//! (400) ends it as ComfyUI reports a failed run; one that cannot be reached gives it back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use super::{Failure, Outcome, Scheduler, placing};
+
+/// The dispatcher also looks at the queue this often without being woken (aging, telemetry
+/// that changed without an event).
+pub const IDLE_TICK: Duration = Duration::from_millis(200);
+
+/// What a backend said to a forwarded prompt.
+pub enum Forwarded {
+    /// 200: the prompt is the backend's now.
+    Accepted(Bytes),
+    /// 400 (validation): it will never run there.
+    Rejected(Bytes),
+    /// Connection error or unexpected status: nothing was applied.
+    Failed,
+}
+
+/// Sends a reserved prompt (`Dispatching` on `backend`) there: uploads it names first, then
+/// `POST /prompt` with the gate's id, number and upstream clientId. On a 200 the prompt is
+/// `OnBackend`; otherwise the caller decides (the slot is still held).
+pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
+    let b = sched.fleet.get(backend).clone();
+    let body = {
+        let s = sched.lock();
+        let Some(r) = s.table.get(id) else {
+            return Forwarded::Failed;
+        };
+        let mut body = r.body.clone();
+        body.insert("prompt_id".into(), json!(r.id));
+        body.insert("number".into(), json!(r.number));
+        body.insert("client_id".into(), json!(b.upstream_client_id));
+        body
+    };
+    if let Err(e) = sched
+        .files
+        .ensure_inputs(&sched.fleet, backend, &body["prompt"])
+        .await
+    {
+        tracing::warn!(backend = b.name(), error = %e, "could not place uploads on backend");
+        sched.fleet.record_health(backend, false);
+        return Forwarded::Failed;
+    }
+    let result = sched
+        .fleet
+        .upstream
+        .post_json(&b.config, "/prompt", &Value::Object(body))
+        .await;
+    match result {
+        Ok((status, bytes)) if status == StatusCode::OK => {
+            sched.lock().table.accepted(id);
+            sched.persist(&[id]);
+            tracing::debug!(prompt = id, backend = b.name(), "dispatched");
+            Forwarded::Accepted(bytes)
+        }
+        Ok((status, bytes)) if status == StatusCode::BAD_REQUEST => Forwarded::Rejected(bytes),
+        Ok((status, _)) => {
+            tracing::warn!(backend = b.name(), %status, "backend refused a prompt");
+            sched.fleet.record_health(backend, false);
+            Forwarded::Failed
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "forwarding a prompt failed");
+            sched.fleet.record_health(backend, false);
+            Forwarded::Failed
+        }
+    }
+}
+
+/// Sends queued prompts while slots are free; sleeps until woken (or [`IDLE_TICK`]).
+pub async fn dispatcher_loop(sched: Arc<Scheduler>) {
+    loop {
+        loop {
+            let next = {
+                let mut s = sched.lock();
+                placing::take_next(&sched, &mut s)
+            };
+            let Some((id, backend)) = next else { break };
+            sched.persist(&[&id]);
+            let sched = sched.clone();
+            tokio::spawn(async move {
+                match forward(&sched, &id, backend).await {
+                    Forwarded::Accepted(_) => {}
+                    Forwarded::Rejected(body) => {
+                        sched.end(&id, Outcome::Failed(rejection(&sched, &id, &body)));
+                    }
+                    Forwarded::Failed => {
+                        sched.lock().table.enqueue_front(std::slice::from_ref(&id));
+                        sched.persist(&[&id]);
+                        sched.wake();
+                    }
+                }
+            });
+        }
+        tokio::select! {
+            _ = sched.stop.cancelled() => return,
+            _ = sched.woken() => {}
+            _ = tokio::time::sleep(IDLE_TICK) => {}
+        }
+    }
+}
+
+/// A prompt that waited in the gate queue was refused by the backend's validation: reported as
+/// ComfyUI reports a failed run, carrying the validation messages (`node_errors`).
+fn rejection(sched: &Scheduler, id: &str, body: &Bytes) -> Failure {
+    let answer: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let error = &answer["error"];
+    let node_errors = &answer["node_errors"];
+    let first_node = node_errors
+        .as_object()
+        .and_then(|m| m.keys().next().cloned());
+    let node_type = first_node.as_ref().and_then(|n| {
+        sched.lock().table.get(id).and_then(|r| {
+            r.body["prompt"][n]["class_type"]
+                .as_str()
+                .map(str::to_string)
+        })
+    });
+    Failure {
+        exception_type: error["type"]
+            .as_str()
+            .unwrap_or("prompt_outputs_failed_validation")
+            .to_string(),
+        exception_message: validation_message(error, node_errors),
+        node_id: first_node,
+        node_type,
+        node_errors: Some(node_errors.clone()),
+    }
+}
+
+/// "Prompt outputs failed validation" plus every node's "message: details" line.
+fn validation_message(error: &Value, node_errors: &Value) -> String {
+    let mut lines = vec![
+        error["message"]
+            .as_str()
+            .unwrap_or("Prompt outputs failed validation")
+            .to_string(),
+    ];
+    for (node, entry) in node_errors.as_object().into_iter().flatten() {
+        for e in entry["errors"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "{} {node}: {}: {}",
+                entry["class_type"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or(""),
+                e["details"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    lines.join("\n")
+}

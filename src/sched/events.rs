@@ -1,0 +1,270 @@
+//! Upstream events (design §2 "One upstream socket per backend"): every event of every prompt
+//! arrives on the backend's one socket under the gate's clientId. Each is routed to the client
+//! that owns its `prompt_id`; events without one (binary previews of type 1, custom events)
+//! belong to the prompt that backend is running. A prompt's `executing {node: null}` is its
+//! end there: the slot frees at once, and the client hears it only after the history entry is
+//! kept ([`completed`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::prompts::PromptRecord;
+use super::{Outcome, Scheduler, recovery};
+use crate::fleet::picker::profile;
+use crate::fleet::socket::UpstreamEvent;
+use crate::protocol::frames;
+
+/// Tries at the owner's `/history/{id}` before writing the entry from the events seen.
+pub const HISTORY_TRIES: u32 = 3;
+/// Wait between those tries.
+pub const HISTORY_RETRY: Duration = Duration::from_millis(50);
+
+/// Routes upstream events until the fleet's sockets are gone.
+pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<UpstreamEvent>) {
+    while let Some(event) = events.recv().await {
+        match event {
+            UpstreamEvent::Opened {
+                backend,
+                reconciled,
+            } => {
+                let sched = sched.clone();
+                tokio::spawn(async move {
+                    recovery::reconcile(&sched, backend).await;
+                    let _ = reconciled.send(());
+                });
+            }
+            UpstreamEvent::Json { backend, message } => route_json(&sched, backend, message),
+            UpstreamEvent::Binary { backend, frame } => route_binary(&sched, backend, &frame),
+            UpstreamEvent::Closed { .. } => {}
+        }
+    }
+}
+
+/// The client sid of a prompt in flight on `backend` whose events the client should see:
+/// `None` if the prompt is not in flight there, `Some(None)` if nobody should see them.
+fn owner_client(r: Option<&PromptRecord>, backend: &str) -> Option<Option<String>> {
+    let r = r?;
+    r.in_flight_on(backend)
+        .then(|| r.client_id.clone().filter(|_| !r.retry_after_run))
+}
+
+fn running_client(sched: &Scheduler, backend: &str) -> Option<String> {
+    let s = sched.lock();
+    let running = s.table.running_on(backend)?;
+    owner_client(s.table.get(running), backend).flatten()
+}
+
+/// Whether an `execution_error` is an out-of-memory error that another, larger backend could
+/// avoid; if so the prompt is marked to run again there.
+fn oom_retry(sched: &Scheduler, backend: usize, prompt_id: &str, data: &Value) -> bool {
+    let text = format!("{} {}", data["exception_type"], data["exception_message"]).to_lowercase();
+    if !(text.contains("outofmemory") || text.contains("out of memory")) {
+        return false;
+    }
+    let fleet = &sched.fleet;
+    let total = fleet.vram(backend).0;
+    let larger = fleet
+        .backends()
+        .iter()
+        .any(|b| b.index != backend && b.is_up() && fleet.vram(b.index).0 > total);
+    let mut s = sched.lock();
+    let Some(r) = s.table.get_mut(prompt_id) else {
+        return false;
+    };
+    if r.oom_retried || !larger {
+        return false;
+    }
+    r.oom_retried = true;
+    r.retry_after_run = true;
+    r.min_vram_total = Some(total + 1);
+    tracing::info!(
+        prompt = prompt_id,
+        backend = fleet.get(backend).name(),
+        "out of memory; retrying on a larger backend"
+    );
+    true
+}
+
+/// Routes one JSON event from `backend`.
+pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
+    let kind = v["type"].as_str().unwrap_or("").to_string();
+    let b = sched.fleet.get(backend).clone();
+    match kind.as_str() {
+        "status" => {
+            let n = v["data"]["status"]["exec_info"]["queue_remaining"]
+                .as_u64()
+                .unwrap_or(0);
+            b.queue_remaining.store(n as usize, Ordering::SeqCst);
+            // The handshake status (it carries the upstream sid) is no queue change.
+            if v["data"].get("sid").is_none() {
+                sched.broadcast_status();
+            }
+            return;
+        }
+        "feature_flags" => return,
+        _ => {}
+    }
+    let mut data = v["data"].take();
+    let Some(prompt_id) = data
+        .get("prompt_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        // No prompt_id: the reconnect replay or a custom event; it belongs to whatever this
+        // backend is running.
+        if kind != "executing"
+            && let Some(sid) = running_client(sched, b.name())
+        {
+            sched.sessions.send_json(&sid, &kind, data);
+        }
+        return;
+    };
+    let Some(mut client) = owner_client(sched.lock().table.get(&prompt_id), b.name()) else {
+        return;
+    };
+    if kind == "executed"
+        && let Some(output) = data.get_mut("output")
+    {
+        sched.files.alias_outputs(b.name(), output);
+    }
+    if kind == "execution_error" && oom_retry(sched, backend, &prompt_id, &data) {
+        client = None;
+    }
+    note_event(sched, backend, &prompt_id, &kind, &data);
+    if kind == "executing" && data.get("node").is_some_and(Value::is_null) {
+        // History first, then the client hears it ended (see `completed`).
+        completed(sched, backend, &prompt_id);
+        return;
+    }
+    if let Some(sid) = &client {
+        sched.sessions.send_json(sid, &kind, data);
+    }
+}
+
+/// Updates a prompt's run state from one of its events: liveness, the run log, the start, the
+/// node now executing and checkpoint load times (a loader node's time is a load time).
+fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, data: &Value) {
+    let name = sched.fleet.get(backend).name().to_string();
+    let mut s = sched.lock();
+    let state = &mut *s;
+    if kind == "execution_start" {
+        state.table.started(prompt_id, &name);
+    }
+    let Some(r) = state.table.get_mut(prompt_id) else {
+        return;
+    };
+    let now = Instant::now();
+    r.last_event = Some(now);
+    r.reports_progress = kind == "progress";
+    recovery::log_event(r, kind, data);
+    if kind != "executing" {
+        return;
+    }
+    if let (Some(prev), Some(at)) = (r.last_node.clone(), r.last_node_at) {
+        let node = &r.body["prompt"][&prev];
+        let is_loader = node["class_type"]
+            .as_str()
+            .is_some_and(|c| c.contains("CheckpointLoader"));
+        if let (true, Some(ckpt)) = (is_loader, node["inputs"]["ckpt_name"].as_str()) {
+            let secs = (now - at).as_secs_f64();
+            r.load_measured_s += secs;
+            state.learned.observe_load(backend, ckpt, secs);
+        }
+    }
+    r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string);
+    r.last_node_at = Some(now);
+}
+
+/// Routes one binary frame from `backend`.
+pub fn route_binary(sched: &Scheduler, backend: usize, frame: &[u8]) {
+    let name = sched.fleet.get(backend).name();
+    let client = match frames::decode_preview_with_metadata(frame) {
+        Some((meta, _)) => meta
+            .get("prompt_id")
+            .and_then(Value::as_str)
+            .and_then(|id| owner_client(sched.lock().table.get(id), name))
+            .flatten(),
+        None => running_client(sched, name),
+    };
+    if let Some(sid) = client {
+        sched.sessions.send_binary(&sid, frame);
+    }
+}
+
+/// The prompt's final `executing {node: null}` arrived from `backend`: its slot frees now;
+/// then, in the background, its history entry is collected and it ends ([`Scheduler::end`]).
+/// A run marked for retry (out of memory, `max_run_time` with `retry`) goes back to the queue.
+pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
+    let b = sched.fleet.get(backend).clone();
+    let (retry, learned_from) = {
+        let mut s = sched.lock();
+        let Some(r) = s.table.get(id).filter(|r| r.holds_slot(Some(b.name()))) else {
+            return;
+        };
+        let retry = r.retry_after_run;
+        let run = (r.body["prompt"].clone(), r.started_at, r.load_measured_s);
+        s.table.ran(id, b.name());
+        (retry, run)
+    };
+    b.completed.fetch_add(1, Ordering::SeqCst);
+    sched.wake();
+    if retry {
+        sched.requeue(&[id.to_string()], false);
+        return;
+    }
+    if let (prompt, Some(at), load) = learned_from {
+        let prof = profile::profile(&prompt);
+        sched
+            .lock()
+            .learned
+            .observe_run(backend, &prof, at.elapsed().as_secs_f64(), load);
+    }
+    let sched = sched.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let entry = match fetch_history(&sched, backend, &id).await {
+            Some(e) => e,
+            None => history_from_events(&sched, &id),
+        };
+        sched.end(&id, Outcome::Ran(entry));
+    });
+}
+
+/// The owner's `/history/{id}` entry, shown as from one ComfyUI.
+pub async fn fetch_history(sched: &Scheduler, backend: usize, id: &str) -> Option<Value> {
+    let b = sched.fleet.get(backend).clone();
+    let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));
+    for _ in 0..HISTORY_TRIES {
+        if let Ok((code, mut v)) = sched.fleet.upstream.get_json(&b.config, &path).await
+            && code.is_success()
+            && let Some(entry) = v.get_mut(id)
+        {
+            let mut entry = entry.take();
+            recovery::restore_entry(sched, backend, &mut entry);
+            return Some(entry);
+        }
+        tokio::time::sleep(HISTORY_RETRY).await;
+    }
+    None
+}
+
+/// A history entry written from the events the gate saw (the backend could not give one).
+fn history_from_events(sched: &Scheduler, id: &str) -> Value {
+    let s = sched.lock();
+    let Some(r) = s.table.get(id) else {
+        return Value::Null;
+    };
+    let success = r.log.messages.iter().any(|m| m[0] == "execution_success");
+    let outputs = recovery::output_nodes_of(sched, &r.body["prompt"]);
+    json!({
+        "prompt": r.queue_item(outputs),
+        "outputs": r.log.outputs,
+        "status": { "status_str": if success { "success" } else { "error" }, "completed": success, "messages": r.log.messages },
+        "meta": r.log.meta,
+    })
+}

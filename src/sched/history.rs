@@ -1,0 +1,97 @@
+//! Finished prompts' history entries, as `GET /history` shows them: kept by the gate (not the
+//! backends, which forget on restart and never saw the gate's numbers), bounded by count and
+//! age (`recovery.history_max_entries`, `recovery.history_max_age_hours`), persisted with the
+//! prompt's final record.
+
+use std::sync::{Arc, Mutex};
+
+use indexmap::IndexMap;
+use serde_json::Value;
+
+use super::prompts::PromptRecord;
+use super::store::Store;
+use crate::config::RecoveryConfig;
+use crate::protocol::now_ms;
+
+/// Milliseconds in an hour.
+const HOUR_MS: i64 = 3_600_000;
+
+/// The gate's history: `id → (finished_at_ms, entry)`, oldest first.
+pub struct History {
+    entries: Mutex<IndexMap<String, (i64, Arc<Value>)>>,
+    store: Arc<Store>,
+    max_entries: usize,
+    max_age_ms: i64,
+}
+
+impl History {
+    /// The history a restart loaded (`(id, finished_at_ms, entry)`, oldest first).
+    pub fn new(store: Arc<Store>, loaded: Vec<(String, i64, Value)>, cfg: &RecoveryConfig) -> Self {
+        Self {
+            entries: Mutex::new(
+                loaded
+                    .into_iter()
+                    .map(|(id, t, e)| (id, (t, Arc::new(e))))
+                    .collect(),
+            ),
+            store,
+            max_entries: cfg.history_max_entries,
+            max_age_ms: cfg.history_max_age_hours as i64 * HOUR_MS,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IndexMap<String, (i64, Arc<Value>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a finished prompt's entry (memory and disk, with its final record). Returns the ids
+    /// pruned to stay within the bounds (their records can go too).
+    pub fn keep(&self, record: &PromptRecord, entry: Value) -> Vec<String> {
+        let finished_at = completion_time(&entry).unwrap_or_else(now_ms);
+        if let Err(e) = self.store.save_history(record, finished_at, &entry) {
+            tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
+        }
+        let mut h = self.lock();
+        h.shift_remove(&record.id);
+        h.insert(record.id.clone(), (finished_at, Arc::new(entry)));
+        let mut dropped = Vec::new();
+        while let Some((oldest, (t, _))) = h.first() {
+            if h.len() > self.max_entries || now_ms() - *t > self.max_age_ms {
+                dropped.push(oldest.clone());
+                h.shift_remove_index(0);
+            } else {
+                break;
+            }
+        }
+        dropped
+    }
+
+    /// Drops an entry (`POST /history` delete).
+    pub fn forget(&self, id: &str) {
+        let removed = self.lock().shift_remove(id).is_some();
+        if removed && let Err(e) = self.store.delete_history(id) {
+            tracing::error!(error = %e, "could not delete a history entry");
+        }
+    }
+
+    /// One entry (shared: entries do not change once kept).
+    pub fn get(&self, id: &str) -> Option<Arc<Value>> {
+        self.lock().get(id).map(|(_, e)| e.clone())
+    }
+
+    /// Every entry as `(finished_at_ms, id, entry)`, oldest first.
+    pub fn all(&self) -> Vec<(i64, String, Arc<Value>)> {
+        self.lock()
+            .iter()
+            .map(|(id, (t, e))| (*t, id.clone(), e.clone()))
+            .collect()
+    }
+}
+
+/// The timestamp (ms) of an entry's last status message.
+pub fn completion_time(entry: &Value) -> Option<i64> {
+    entry["status"]["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m[1]["timestamp"].as_i64())
+}

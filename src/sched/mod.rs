@@ -1,0 +1,432 @@
+//! The scheduler: every accepted prompt, the gate queue, which prompt goes to which backend and
+//! when, what happens to prompts when backends fail, and how a prompt ends (design §2).
+//!
+//! It owns its state behind one lock ([`Scheduler`]'s `state`: the prompt table with its state
+//! machine, the learned speeds, the recent decisions), so a decision and the slot it takes are
+//! one step. Around it, each file is one concern:
+//!
+//! - [`admission`]: `POST /prompt`: record, then forward at once or hold;
+//! - [`dispatch`]: the dispatcher loop, forwarding, and a backend's refusal;
+//! - [`placing`]: the decision for one pass over the queue and a snapshot of the fleet;
+//! - [`events`]: upstream events routed to the prompt's client, completion;
+//! - [`recovery`]: re-attach after a socket opens or a restart, drain;
+//! - [`watchdog`]: stalls (corroborated), `max_run_time`, backends that went down;
+//! - [`history`], [`store`]: what survives.
+//!
+//! There is exactly one way for a prompt to end: [`Scheduler::end`], which writes the history
+//! entry, persists, and tells the client with ComfyUI's terminal events. The table's transitions
+//! ([`prompts::PromptTable`]) guarantee it happens once.
+
+pub mod admission;
+pub mod dispatch;
+pub mod events;
+pub mod history;
+pub mod placing;
+pub mod prompts;
+pub mod recovery;
+pub mod store;
+pub mod watchdog;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::fleet::Fleet;
+use crate::fleet::picker::{self, Picker, stats::Learned};
+use crate::gfiles::Files;
+use crate::protocol::now_ms;
+use crate::sessions::Sessions;
+use history::History;
+use prompts::{PromptTable, Stage};
+use store::Store;
+
+/// Placement decisions kept for `/admin/decisions`.
+pub const DECISIONS_KEPT: usize = 256;
+
+/// What the scheduler's one lock guards.
+pub struct SchedState {
+    pub table: PromptTable,
+    /// Run times, load times, VRAM peaks and resident checkpoints learned from the fleet.
+    pub learned: Learned,
+    /// The most recent placement decisions, newest last.
+    pub decisions: VecDeque<Value>,
+}
+
+/// How a prompt ends (the argument of [`Scheduler::end`]).
+#[derive(Debug)]
+pub enum Outcome {
+    /// It ran to its end on its backend; this is its history entry as the client sees it. Its
+    /// terminal event (`execution_success`, `execution_error`, `execution_interrupted`) came
+    /// from the backend itself; the gate adds `executing {node: null}` once the entry is kept.
+    Ran(Value),
+    /// The gate ended it (out of retries, refused after waiting, max run time, no backend
+    /// left): `execution_error` and `executing {node: null}` to its client, an error entry.
+    Failed(Failure),
+    /// Deleted before it started (`POST /queue` delete or clear, from the gate queue or its
+    /// owner's): gone, a `status` update, no history entry, as ComfyUI does.
+    Deleted,
+}
+
+/// Why the gate ended a prompt, as ComfyUI's `execution_error` fields.
+#[derive(Clone, Debug, Default)]
+pub struct Failure {
+    /// `comfy_gate.BackendFailed`, `comfy_gate.MaxRunTimeExceeded`, … or ComfyUI's own type
+    /// for a validation refusal.
+    pub exception_type: String,
+    pub exception_message: String,
+    pub node_id: Option<String>,
+    pub node_type: Option<String>,
+    /// ComfyUI's `node_errors` when a backend refused the prompt's validation.
+    pub node_errors: Option<Value>,
+}
+
+/// The scheduler component.
+pub struct Scheduler {
+    pub config: Arc<Config>,
+    pub fleet: Arc<Fleet>,
+    pub sessions: Arc<Sessions>,
+    pub files: Arc<Files>,
+    state: Mutex<SchedState>,
+    pub history: History,
+    store: Arc<Store>,
+    picker: Box<dyn Picker>,
+    /// Wakes the dispatcher: a slot freed, a prompt arrived.
+    wake: Notify,
+    pub stop: CancellationToken,
+}
+
+impl Scheduler {
+    /// A scheduler over `table` (restored from the store) and its history.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        fleet: Arc<Fleet>,
+        sessions: Arc<Sessions>,
+        files: Arc<Files>,
+        store: Arc<Store>,
+        table: PromptTable,
+        history: History,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            picker: picker::for_policy(config.placement.policy),
+            config,
+            fleet,
+            sessions,
+            files,
+            state: Mutex::new(SchedState {
+                table,
+                learned: Learned::default(),
+                decisions: VecDeque::new(),
+            }),
+            history,
+            store,
+            wake: Notify::new(),
+            stop,
+        }
+    }
+
+    /// The one lock. Hold it briefly, never across an await.
+    pub fn lock(&self) -> MutexGuard<'_, SchedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn picker(&self) -> &dyn Picker {
+        &*self.picker
+    }
+
+    /// Wakes the dispatcher.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits for [`Scheduler::wake`] (or a fleet change).
+    pub async fn woken(&self) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = self.fleet.changed.notified() => {}
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Persists the current state of some records and the number counter, durably.
+    pub fn try_persist(&self, ids: &[&str]) -> Result<(), store::StoreError> {
+        let (records, counter) = {
+            let s = self.lock();
+            let records: Vec<prompts::PromptRecord> = ids
+                .iter()
+                .filter_map(|id| s.table.get(id).cloned())
+                .collect();
+            (records, s.table.counter())
+        };
+        let refs: Vec<&prompts::PromptRecord> = records.iter().collect();
+        self.store.save(&refs, Some(counter))
+    }
+
+    /// [`Scheduler::try_persist`], logging a failure (the state in memory stays authoritative).
+    pub fn persist(&self, ids: &[&str]) {
+        if let Err(e) = self.try_persist(ids) {
+            tracing::error!(error = %e, "could not persist prompt state");
+        }
+    }
+
+    /// `{"exec_info": {"queue_remaining": N}}` over the gate queue and every backend.
+    pub fn queue_info(&self) -> Value {
+        let queued = self.lock().table.queue_len();
+        let on_backends: usize = self
+            .fleet
+            .backends()
+            .iter()
+            .map(|b| b.queue_remaining.load(std::sync::atomic::Ordering::SeqCst))
+            .sum();
+        json!({ "exec_info": { "queue_remaining": queued + on_backends } })
+    }
+
+    /// `queue_remaining` for `GET /prompt`: gate queue plus prompts on backends.
+    pub fn prompt_info(&self) -> Value {
+        let s = self.lock();
+        let n = s.table.queue_len() + s.table.in_flight();
+        json!({ "exec_info": { "queue_remaining": n } })
+    }
+
+    /// The gate-wide `status` broadcast.
+    pub fn broadcast_status(&self) {
+        self.sessions
+            .broadcast_json("status", json!({ "status": self.queue_info() }));
+    }
+
+    /// The node now executing for a client's running prompt (the reconnect replay).
+    pub fn running_node_of(&self, sid: &str) -> Option<String> {
+        self.lock()
+            .table
+            .records()
+            .filter(|r| r.client_id.as_deref() == Some(sid) && r.started)
+            .filter(|r| r.stage == Stage::OnBackend)
+            .find_map(|r| r.last_node.clone())
+    }
+
+    /// Recent placement decisions, oldest first.
+    pub fn recent_decisions(&self) -> Vec<Value> {
+        self.lock().decisions.iter().cloned().collect()
+    }
+
+    /// Slots in use on each backend, by fleet index.
+    pub fn slots_used(&self) -> Vec<usize> {
+        let s = self.lock();
+        self.fleet
+            .backends()
+            .iter()
+            .map(|b| s.table.slots_used(b.name()))
+            .collect()
+    }
+
+    /// Ends prompt `id`: the one way a prompt leaves the system (see [`Outcome`]). A prompt
+    /// already ended is left alone, so each client hears each end once.
+    pub fn end(&self, id: &str, outcome: Outcome) {
+        let (client, entry, error) = {
+            let mut s = self.lock();
+            match &outcome {
+                Outcome::Deleted => {
+                    let never_ran = s.table.get(id).is_some_and(|r| {
+                        r.stage == Stage::Queued || (r.holds_slot(None) && !r.started)
+                    });
+                    if !never_ran {
+                        return;
+                    }
+                    s.table.remove(id);
+                    drop(s);
+                    if let Err(e) = self.store.remove(&[id.to_string()]) {
+                        tracing::error!(error = %e, "could not forget a deleted prompt");
+                    }
+                    self.broadcast_status();
+                    return;
+                }
+                Outcome::Ran(entry) => {
+                    let Some(r) = s.table.finish(id) else { return };
+                    (r.client_id.clone(), entry.clone(), None)
+                }
+                Outcome::Failed(f) => {
+                    let Some(r) = s.table.get(id).filter(|r| r.stage != Stage::Done) else {
+                        return;
+                    };
+                    let (entry, error) = failure_entry(r, f);
+                    let client = r.client_id.clone();
+                    s.table.finish(id);
+                    (client, entry, Some(error))
+                }
+            }
+        };
+        self.wake();
+        self.keep_history(id, entry);
+        let gate_ended = error.is_some();
+        if let Some(sid) = client {
+            if let Some(error) = error {
+                self.sessions.send_json(&sid, "execution_error", error);
+            }
+            self.sessions
+                .send_json(&sid, "executing", json!({ "node": null, "prompt_id": id }));
+        }
+        // A run that ended on its backend was already announced by the backend's own `status`.
+        if gate_ended {
+            self.broadcast_status();
+        }
+    }
+
+    /// Keeps an ended prompt's entry with its final record; records whose entries were pruned
+    /// are forgotten.
+    fn keep_history(&self, id: &str, entry: Value) {
+        let Some(record) = self.lock().table.get(id).cloned() else {
+            return;
+        };
+        let dropped = self.history.keep(&record, entry);
+        if dropped.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        for id in &dropped {
+            s.table.remove(id);
+        }
+        drop(s);
+        if let Err(e) = self.store.remove(&dropped) {
+            tracing::error!(error = %e, "could not prune history");
+        }
+    }
+
+    /// Puts prompts back at the head of the gate queue. `failure` counts the run against
+    /// `max_retries`; a prompt out of retries ends failed instead.
+    pub fn requeue(&self, ids: &[String], failure: bool) {
+        let mut back = Vec::new();
+        let mut out_of_retries = Vec::new();
+        {
+            let mut s = self.lock();
+            for id in ids {
+                let Some(r) = s.table.get_mut(id) else {
+                    continue;
+                };
+                if r.stage == Stage::Done {
+                    continue;
+                }
+                if let Some(o) = r.owner.clone()
+                    && !r.tried.contains(&o)
+                {
+                    r.tried.push(o);
+                }
+                if failure {
+                    r.attempts += 1;
+                }
+                if r.attempts > self.config.recovery.max_retries {
+                    out_of_retries.push((id.clone(), r.attempts, r.owner.clone()));
+                } else {
+                    back.push(id.clone());
+                }
+            }
+            s.table.enqueue_front(&back);
+        }
+        let refs: Vec<&str> = back.iter().map(String::as_str).collect();
+        self.persist(&refs);
+        for (id, attempts, owner) in out_of_retries {
+            let message = format!(
+                "the prompt was lost {attempts} times to failed backends (last: {}); max_retries is {}",
+                owner.unwrap_or_default(),
+                self.config.recovery.max_retries
+            );
+            self.end(
+                &id,
+                Outcome::Failed(Failure::gate("BackendFailed", message)),
+            );
+        }
+        if !back.is_empty() {
+            tracing::info!(prompts = ?back, "prompts returned to the gate queue");
+            self.broadcast_status();
+            self.wake();
+        }
+    }
+
+    /// A backend failed: every prompt on it goes back to the gate queue (counted as a
+    /// failure), and the backend is asked to drop them, in case it is alive but stuck, so they
+    /// do not run twice.
+    pub fn evacuate(self: &Arc<Self>, backend: usize, reason: &str) {
+        let b = self.fleet.get(backend).clone();
+        let ids: Vec<String> = {
+            let s = self.lock();
+            s.table
+                .records()
+                .filter(|r| r.holds_slot(Some(b.name())))
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        if ids.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            backend = b.name(),
+            reason,
+            prompts = ids.len(),
+            "moving prompts off a failed backend"
+        );
+        let fleet = self.fleet.clone();
+        let stale = ids.clone();
+        tokio::spawn(async move {
+            let body = json!({ "delete": stale });
+            let _ = fleet.upstream.post_json(&b.config, "/queue", &body).await;
+            for id in &stale {
+                let _ = fleet
+                    .upstream
+                    .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
+                    .await;
+            }
+        });
+        self.requeue(&ids, true);
+    }
+
+    /// Records a placement decision for `/admin/decisions` and the debug log.
+    pub fn record_decision(s: &mut SchedState, decision: Value) {
+        tracing::debug!(prompt = %decision["prompt_id"], backend = %decision["chosen"], reason = %decision["reason"], "placed");
+        s.decisions.push_back(decision);
+        while s.decisions.len() > DECISIONS_KEPT {
+            s.decisions.pop_front();
+        }
+    }
+}
+
+impl Failure {
+    /// A failure of the gate's own, `comfy_gate.{kind}`.
+    pub fn gate(kind: &str, message: String) -> Self {
+        Self {
+            exception_type: format!("comfy_gate.{kind}"),
+            exception_message: message,
+            ..Default::default()
+        }
+    }
+}
+
+/// The error history entry and `execution_error` data for a prompt the gate ends (the shape of
+/// ComfyUI's `execution.py` `execution_error` message and history status).
+fn failure_entry(r: &prompts::PromptRecord, f: &Failure) -> (Value, Value) {
+    let mut error = json!({
+        "prompt_id": r.id, "node_id": f.node_id, "node_type": f.node_type, "executed": [],
+        "exception_message": f.exception_message, "exception_type": f.exception_type,
+        "traceback": [], "current_inputs": {}, "current_outputs": [],
+        "timestamp": now_ms(),
+    });
+    if let Some(ne) = &f.node_errors {
+        error["node_errors"] = ne.clone();
+    }
+    let mut messages = r.log.messages.clone();
+    messages.retain(|m| m[0] == "execution_start" || m[0] == "execution_cached");
+    messages.push(json!(["execution_error", error]));
+    let entry = json!({
+        "prompt": r.queue_item(Vec::new()),
+        "outputs": {},
+        "status": { "status_str": "error", "completed": false, "messages": messages },
+        "meta": {},
+    });
+    (entry, error)
+}

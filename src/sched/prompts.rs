@@ -1,0 +1,547 @@
+//! Every prompt the gate accepted and the one state machine it moves through; the gate queue of
+//! prompts that wait for a slot (ordered by the gate's global `number`, then prompt_id, as
+//! ComfyUI's heap orders them); and the slots each backend has in use.
+//!
+//! ```text
+//!   admit ─► Queued ─reserve─► Dispatching ─accepted─► OnBackend ─ran─► Finishing ─finish─► Done
+//!              ▲                    │                      │                                  ▲
+//!              └──── enqueue / enqueue_front (forward failed, backend lost, retry) ◄──┘       │
+//!   any state but Done ───────────────────── finish (the gate ends it) ───────────────────────┘
+//!   Queued ─remove─► gone (deleted while waiting: ComfyUI keeps no history of it)
+//! ```
+//!
+//! Slots are derived from the table, in one place: a prompt holds a slot on its owner while it
+//! is `Dispatching` or `OnBackend`, and every transition in or out of those stages goes through
+//! this file. Nothing else writes a stage or an owner, so a slot cannot leak or be released
+//! twice. Ending a prompt (history, persistence, telling its client) is the scheduler's
+//! `end`; this table only records the transition.
+
+use std::collections::HashMap;
+
+use tokio::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value, json};
+
+/// Where a prompt is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// In the gate queue.
+    Queued,
+    /// Being sent to `owner`.
+    Dispatching,
+    /// Accepted by `owner` (queued or running there).
+    OnBackend,
+    /// Ran to its end on `owner` (slot free again); its history entry is being collected.
+    Finishing,
+    /// Ended (any outcome); kept for its history entry and ownership until pruned.
+    Done,
+}
+
+/// What the gate saw of a prompt's run, enough to write its history entry itself if the backend
+/// cannot give it (it died right after finishing).
+#[derive(Clone, Debug, Default)]
+pub struct RunLog {
+    pub messages: Vec<Value>,
+    pub outputs: Map<String, Value>,
+    pub meta: Map<String, Value>,
+}
+
+/// One accepted prompt. Fields not marked `skip` are persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromptRecord {
+    pub id: String,
+    pub number: Number,
+    /// The client's request body (`prompt`, `extra_data`, `partial_execution_targets` …).
+    pub body: Map<String, Value>,
+    /// The client's own `client_id`, if it sent one (events go to that socket only).
+    pub client_id: Option<String>,
+    /// Who submitted it (API key, `Comfy-User` or peer IP): scopes interrupt/clear.
+    pub identity: String,
+    /// Written only by [`PromptTable`]'s transitions.
+    pub stage: Stage,
+    /// The configured name of the backend it was sent to (kept after it ends: `/view` and
+    /// history deletes follow it).
+    pub owner: Option<String>,
+    pub create_time: i64,
+    /// Runs lost to failed backends so far (bounded by `recovery.max_retries`).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Names of the backends it was sent to before (a retry prefers others).
+    #[serde(default)]
+    pub tried: Vec<String>,
+    /// The one out-of-memory retry was used.
+    #[serde(default)]
+    pub oom_retried: bool,
+    /// Only backends with at least this much VRAM (bytes) may take it (after an OOM).
+    #[serde(default)]
+    pub min_vram_total: Option<u64>,
+    /// `execution_start` seen on the owner.
+    #[serde(skip)]
+    pub started: bool,
+    #[serde(skip)]
+    pub started_at: Option<Instant>,
+    /// Last event from the owner for this prompt (stall detection).
+    #[serde(skip)]
+    pub last_event: Option<Instant>,
+    /// The last event was `progress`: the node running reports progress, so its silence means
+    /// something (a node without a progress bar may run silently for minutes).
+    #[serde(skip)]
+    pub reports_progress: bool,
+    /// A stall check is asking the owner's `/queue` about it.
+    #[serde(skip)]
+    pub corroborating: bool,
+    /// Last `executing` node, for the reconnect replay.
+    #[serde(skip)]
+    pub last_node: Option<String>,
+    /// The current run will be thrown away and the prompt run again (OOM or timeout retry):
+    /// its remaining events are not shown to the client.
+    #[serde(skip)]
+    pub retry_after_run: bool,
+    /// When the gate asked the owner to interrupt it for exceeding `max_run_time`.
+    #[serde(skip)]
+    pub deadline_interrupt: Option<Instant>,
+    #[serde(skip)]
+    pub log: RunLog,
+    /// When the last `executing` node started (node timings: checkpoint load times).
+    #[serde(skip)]
+    pub last_node_at: Option<Instant>,
+    /// Checkpoint load seconds measured in the current run.
+    #[serde(skip)]
+    pub load_measured_s: f64,
+    /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
+    #[serde(skip)]
+    pub skips: u32,
+}
+
+impl PromptRecord {
+    /// A freshly accepted prompt, waiting.
+    pub fn new(
+        id: String,
+        number: Number,
+        body: Map<String, Value>,
+        client_id: Option<String>,
+        identity: String,
+    ) -> Self {
+        Self {
+            id,
+            number,
+            body,
+            client_id,
+            identity,
+            stage: Stage::Queued,
+            owner: None,
+            create_time: crate::protocol::now_ms(),
+            attempts: 0,
+            tried: Vec::new(),
+            oom_retried: false,
+            min_vram_total: None,
+            started: false,
+            started_at: None,
+            last_event: None,
+            reports_progress: false,
+            corroborating: false,
+            last_node: None,
+            retry_after_run: false,
+            deadline_interrupt: None,
+            log: RunLog::default(),
+            last_node_at: None,
+            load_measured_s: 0.0,
+            skips: 0,
+        }
+    }
+
+    /// Whether it holds a slot on `backend` (or on any backend, with `None`).
+    pub fn holds_slot(&self, backend: Option<&str>) -> bool {
+        matches!(self.stage, Stage::Dispatching | Stage::OnBackend)
+            && self.owner.is_some()
+            && backend.is_none_or(|b| self.owner.as_deref() == Some(b))
+    }
+
+    /// Dispatched to `backend` and not yet ended there (its events are the client's).
+    pub fn in_flight_on(&self, backend: &str) -> bool {
+        matches!(
+            self.stage,
+            Stage::Dispatching | Stage::OnBackend | Stage::Finishing
+        ) && self.owner.as_deref() == Some(backend)
+    }
+
+    /// Back to waiting: no owner, no run state.
+    fn reset_run(&mut self) {
+        self.stage = Stage::Queued;
+        self.owner = None;
+        self.started = false;
+        self.started_at = None;
+        self.last_event = None;
+        self.reports_progress = false;
+        self.corroborating = false;
+        self.last_node = None;
+        self.retry_after_run = false;
+        self.deadline_interrupt = None;
+        self.log = RunLog::default();
+        self.last_node_at = None;
+        self.load_measured_s = 0.0;
+    }
+
+    /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.
+    pub fn queue_item(&self, outputs: Vec<String>) -> Value {
+        json!([
+            self.number,
+            self.id,
+            self.body.get("prompt").cloned().unwrap_or(Value::Null),
+            self.client_extra_data(),
+            outputs
+        ])
+    }
+
+    /// `extra_data` as the client would see it on one ComfyUI.
+    pub fn client_extra_data(&self) -> Value {
+        let mut extra = match self.body.get("extra_data") {
+            Some(Value::Object(m)) => m.clone(),
+            _ => Map::new(),
+        };
+        for key in ["auth_token_comfy_org", "api_key_comfy_org"] {
+            extra.remove(key);
+        }
+        if let Some(cid) = &self.client_id {
+            extra.insert("client_id".into(), json!(cid));
+        }
+        extra.insert("create_time".into(), json!(self.create_time));
+        Value::Object(extra)
+    }
+}
+
+/// All records, the gate queue, and the slots in use per backend.
+#[derive(Default)]
+pub struct PromptTable {
+    records: HashMap<String, PromptRecord>,
+    queue: Vec<String>,
+    counter: i64,
+    /// Backend name → prompts holding a slot there (`Dispatching` or `OnBackend`).
+    slots: HashMap<String, usize>,
+    /// Backend name → the prompt between `execution_start` and its end there.
+    running: HashMap<String, String>,
+}
+
+fn key(n: &Number) -> f64 {
+    n.as_f64().unwrap_or(0.0)
+}
+
+impl PromptTable {
+    pub fn counter(&self) -> i64 {
+        self.counter
+    }
+
+    pub fn set_counter(&mut self, counter: i64) {
+        self.counter = counter;
+    }
+
+    /// The next global number: ComfyUI's counter, negated for `front`.
+    pub fn next_number(&mut self, front: bool) -> Number {
+        let n = self.counter;
+        self.counter += 1;
+        Number::from(if front { -n } else { n })
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.records.contains_key(id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&PromptRecord> {
+        self.records.get(id)
+    }
+
+    /// A record's bookkeeping (run log, timings, retry flags). Stage and owner are the
+    /// transitions' alone: do not write them through this.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut PromptRecord> {
+        self.records.get_mut(id)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &PromptRecord> {
+        self.records.values()
+    }
+
+    /// Takes in a record as it is (a new prompt, or one restored from the store), counting the
+    /// slot it holds. A restored record that was dispatched is re-attached to its owner.
+    pub fn admit(&mut self, mut rec: PromptRecord) {
+        if rec.stage == Stage::Dispatching {
+            rec.stage = Stage::OnBackend;
+        }
+        if let (true, Some(owner)) = (rec.holds_slot(None), rec.owner.clone()) {
+            *self.slots.entry(owner).or_default() += 1;
+        }
+        self.records.insert(rec.id.clone(), rec);
+    }
+
+    /// Releases the slot `id` holds, if any (the one place slots go down).
+    fn release(&mut self, id: &str) {
+        let Some(r) = self.records.get(id) else {
+            return;
+        };
+        if !r.holds_slot(None) {
+            return;
+        }
+        let owner = r.owner.clone().unwrap_or_default();
+        if let Some(n) = self.slots.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+        }
+        if self.running.get(&owner).map(String::as_str) == Some(id) {
+            self.running.remove(&owner);
+        }
+    }
+
+    /// Slots in use on `backend`.
+    pub fn slots_used(&self, backend: &str) -> usize {
+        self.slots.get(backend).copied().unwrap_or(0)
+    }
+
+    /// The prompt running on `backend` (between `execution_start` and its end).
+    pub fn running_on(&self, backend: &str) -> Option<&str> {
+        self.running.get(backend).map(String::as_str)
+    }
+
+    /// Queued → Dispatching on `backend`: out of the gate queue, a slot taken.
+    pub fn reserve(&mut self, id: &str, backend: &str) -> bool {
+        match self.records.get(id) {
+            Some(r) if r.stage == Stage::Queued => {}
+            _ => return false,
+        }
+        self.unqueue(id);
+        let r = self.records.get_mut(id).expect("checked above");
+        r.stage = Stage::Dispatching;
+        r.owner = Some(backend.to_string());
+        *self.slots.entry(backend.to_string()).or_default() += 1;
+        true
+    }
+
+    /// Dispatching → OnBackend: the owner answered 200.
+    pub fn accepted(&mut self, id: &str) {
+        if let Some(r) = self.records.get_mut(id)
+            && r.stage == Stage::Dispatching
+        {
+            r.stage = Stage::OnBackend;
+            r.last_event = Some(Instant::now());
+        }
+    }
+
+    /// `execution_start` arrived from its owner `backend`.
+    pub fn started(&mut self, id: &str, backend: &str) {
+        let Some(r) = self.records.get_mut(id) else {
+            return;
+        };
+        if !r.holds_slot(Some(backend)) {
+            return;
+        }
+        r.stage = Stage::OnBackend;
+        r.started = true;
+        r.started_at = Some(Instant::now());
+        self.running.insert(backend.to_string(), id.to_string());
+    }
+
+    /// Dispatching/OnBackend → Finishing: it ran to its end on `backend`, whose slot is free
+    /// again. False if it was not in flight there.
+    pub fn ran(&mut self, id: &str, backend: &str) -> bool {
+        if !self
+            .records
+            .get(id)
+            .is_some_and(|r| r.holds_slot(Some(backend)))
+        {
+            return false;
+        }
+        self.release(id);
+        if let Some(r) = self.records.get_mut(id) {
+            r.stage = Stage::Finishing;
+        }
+        true
+    }
+
+    /// Any stage but Done → Done (releasing its slot, leaving the queue); `None` if it is
+    /// unknown or already ended, so a prompt ends at most once.
+    pub fn finish(&mut self, id: &str) -> Option<&PromptRecord> {
+        if self.records.get(id)?.stage == Stage::Done {
+            return None;
+        }
+        self.release(id);
+        self.unqueue(id);
+        let r = self.records.get_mut(id)?;
+        r.stage = Stage::Done;
+        r.retry_after_run = false;
+        r.deadline_interrupt = None;
+        Some(r)
+    }
+
+    /// Forgets a record (deleted while waiting, or its history entry was pruned), releasing a
+    /// slot it holds.
+    pub fn remove(&mut self, id: &str) -> Option<PromptRecord> {
+        self.release(id);
+        self.unqueue(id);
+        self.records.remove(id)
+    }
+
+    /// Back to waiting, at the head of the gate queue (a retry goes first), in number order;
+    /// slots held are released. Prompts already ended are left alone.
+    pub fn enqueue_front(&mut self, ids: &[String]) {
+        let mut ids: Vec<String> = ids
+            .iter()
+            .filter(|i| self.records.get(*i).is_some_and(|r| r.stage != Stage::Done))
+            .cloned()
+            .collect();
+        ids.sort_by(|a, b| {
+            let (x, y) = (key(&self.records[a].number), key(&self.records[b].number));
+            x.partial_cmp(&y)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.cmp(b))
+        });
+        for id in ids.iter().rev() {
+            self.release(id);
+            self.unqueue(id);
+            if let Some(rec) = self.records.get_mut(id) {
+                rec.reset_run();
+            }
+            self.queue.insert(0, id.clone());
+        }
+    }
+
+    /// Back to waiting at its place by `(number, id)`; a slot held is released.
+    pub fn enqueue(&mut self, id: &str) {
+        if !self.records.get(id).is_some_and(|r| r.stage != Stage::Done) {
+            return;
+        }
+        self.release(id);
+        self.unqueue(id);
+        let rec = self.records.get_mut(id).expect("checked above");
+        rec.reset_run();
+        let k = (key(&rec.number), id.to_string());
+        let records = &self.records;
+        let pos = self
+            .queue
+            .iter()
+            .position(|q| (key(&records[q].number), q.clone()) > k)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(pos, id.to_string());
+    }
+
+    /// Removes from the gate queue; true if it was there.
+    fn unqueue(&mut self, id: &str) -> bool {
+        match self.queue.iter().position(|q| q == id) {
+            Some(i) => {
+                self.queue.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether it waits in the gate queue.
+    pub fn is_waiting(&self, id: &str) -> bool {
+        self.records
+            .get(id)
+            .is_some_and(|r| r.stage == Stage::Queued)
+    }
+
+    /// The waiting prompts, in queue order.
+    pub fn queued(&self) -> impl Iterator<Item = &PromptRecord> {
+        self.queue.iter().filter_map(|id| self.records.get(id))
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Prompts dispatched and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.slots.values().sum()
+    }
+
+    /// Ids of the prompts in flight on `backend` (dispatched, not yet ended there).
+    pub fn in_flight_ids(&self, backend: &str) -> Vec<String> {
+        self.records
+            .values()
+            .filter(|r| r.in_flight_on(backend))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, number: Number) -> PromptRecord {
+        PromptRecord::new(id.into(), number, Map::new(), None, "x".into())
+    }
+
+    fn table(ids: &[(&str, i64)]) -> PromptTable {
+        let mut t = PromptTable::default();
+        for (id, n) in ids {
+            t.admit(rec(id, Number::from(*n)));
+            t.enqueue(id);
+        }
+        t
+    }
+
+    #[test]
+    fn queue_orders_by_number_then_id() {
+        let mut t = table(&[("b", 2), ("a", 2), ("f", -5), ("c", 1)]);
+        let ids: Vec<&str> = t.queued().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["f", "c", "a", "b"]);
+        assert!(t.reserve("c", "g0"));
+        assert_eq!(t.queued().next().map(|r| r.id.as_str()), Some("f"));
+        assert_eq!(t.next_number(false), Number::from(0));
+        assert_eq!(t.next_number(true), Number::from(-1));
+        t.enqueue_front(&["b".to_string(), "a".to_string()]);
+        let ids: Vec<&str> = t.queued().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "f"], "retries go first, in number order");
+    }
+
+    #[test]
+    fn slots_follow_the_transitions_and_are_released_once() {
+        let mut t = table(&[("p", 1), ("q", 2)]);
+        assert!(t.reserve("p", "g0") && t.reserve("q", "g0"));
+        assert!(
+            !t.reserve("p", "g1"),
+            "only a waiting prompt can be reserved"
+        );
+        assert_eq!(t.slots_used("g0"), 2);
+        t.accepted("p");
+        t.started("p", "g0");
+        assert_eq!(t.running_on("g0"), Some("p"));
+        assert!(t.ran("p", "g0"));
+        assert!(!t.ran("p", "g0"), "a second completion frees nothing");
+        assert_eq!((t.slots_used("g0"), t.running_on("g0")), (1, None));
+        assert_eq!(t.get("p").unwrap().stage, Stage::Finishing);
+        assert!(t.finish("p").is_some());
+        assert!(t.finish("p").is_none(), "a prompt ends once");
+        t.enqueue_front(&["q".to_string()]);
+        assert_eq!(t.slots_used("g0"), 0, "a requeue releases the slot");
+        assert!(t.finish("q").is_some());
+        assert_eq!(
+            (t.slots_used("g0"), t.queue_len(), t.in_flight()),
+            (0, 0, 0)
+        );
+        assert!(!t.is_waiting("q"));
+        t.enqueue("q");
+        assert_eq!(t.queue_len(), 0, "an ended prompt does not come back");
+    }
+
+    #[test]
+    fn removing_a_dispatched_prompt_frees_its_slot() {
+        let mut t = table(&[("p", 1)]);
+        t.reserve("p", "g0");
+        assert!(t.remove("p").is_some());
+        assert_eq!(t.slots_used("g0"), 0);
+    }
+
+    #[test]
+    fn a_restored_dispatched_record_is_reattached_with_its_slot() {
+        let mut t = PromptTable::default();
+        let mut r = rec("p", Number::from(3));
+        r.stage = Stage::Dispatching;
+        r.owner = Some("g1".into());
+        t.admit(r);
+        assert_eq!(t.get("p").unwrap().stage, Stage::OnBackend);
+        assert_eq!(t.slots_used("g1"), 1);
+        assert_eq!(t.in_flight_ids("g1"), ["p"]);
+    }
+}

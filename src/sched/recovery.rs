@@ -1,0 +1,170 @@
+//! Nothing accepted is lost (design §2 "Recovery"): after an upstream socket (re)opens or the
+//! gate restarts, the prompts the gate believes are on that backend are followed (still
+//! listed there), collected (finished while nobody listened) or re-run (lost); a drained
+//! backend gives back the prompts still waiting in its queue. Also here: what a backend's
+//! answers look like once shown as from one ComfyUI (the client's own clientId, the gate's
+//! numbers, gate-wide file names), and the run log kept to write an entry when a backend
+//! cannot give one.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use super::events::fetch_history;
+use super::prompts::{PromptRecord, Stage};
+use super::{Outcome, Scheduler};
+use crate::fleet::probe::queue_lists;
+
+/// Re-attaches, collects or re-runs the prompts the gate believes are on `backend`.
+pub async fn reconcile(sched: &Arc<Scheduler>, backend: usize) {
+    let b = sched.fleet.get(backend).clone();
+    let ids = sched.lock().table.in_flight_ids(b.name());
+    if ids.is_empty() {
+        return;
+    }
+    let Ok((_, queue)) = sched.fleet.upstream.get_json(&b.config, "/queue").await else {
+        return;
+    };
+    let mut lost = Vec::new();
+    for id in ids {
+        if queue_lists(&queue, &id) {
+            sched.lock().table.accepted(&id);
+            continue;
+        }
+        match fetch_history(sched, backend, &id).await {
+            Some(entry) => {
+                sched.lock().table.ran(&id, b.name());
+                sched.end(&id, Outcome::Ran(entry));
+            }
+            None => lost.push(id),
+        }
+    }
+    if !lost.is_empty() {
+        sched.requeue(&lost, true);
+    }
+}
+
+/// Drains a backend: no new prompts; prompts waiting in its queue (not started) are taken off
+/// it and go back to the head of the gate queue (not counted as failures). Returns the ids
+/// moved.
+pub async fn drain(sched: &Arc<Scheduler>, backend: usize) -> Vec<String> {
+    let b = sched.fleet.get(backend).clone();
+    sched.fleet.set_draining(backend, true);
+    let not_started = |r: &PromptRecord| {
+        r.owner.as_deref() == Some(b.name()) && r.stage == Stage::OnBackend && !r.started
+    };
+    let waiting: Vec<String> = sched
+        .lock()
+        .table
+        .records()
+        .filter(|r| not_started(r))
+        .map(|r| r.id.clone())
+        .collect();
+    if waiting.is_empty() {
+        return waiting;
+    }
+    let upstream = &sched.fleet.upstream;
+    let _ = upstream
+        .post_json(&b.config, "/queue", &json!({ "delete": waiting }))
+        .await;
+    let Ok((_, queue)) = upstream.get_json(&b.config, "/queue").await else {
+        return Vec::new();
+    };
+    let moved: Vec<String> = waiting
+        .into_iter()
+        .filter(|id| !queue_lists(&queue, id))
+        .filter(|id| sched.lock().table.get(id).is_some_and(not_started))
+        .collect();
+    sched.requeue(&moved, false);
+    moved
+}
+
+/// Rewrites a backend's queue item or history `prompt` tuple to the client's view.
+pub fn restore_item(sched: &Scheduler, backend: usize, item: &mut Value) {
+    let Some(id) = item.get(1).and_then(Value::as_str).map(str::to_string) else {
+        return;
+    };
+    let b = sched.fleet.get(backend);
+    let s = sched.lock();
+    let rec = s
+        .table
+        .get(&id)
+        .filter(|r| r.owner.as_deref() == Some(b.name()));
+    if let Some(extra) = item.get_mut(3).and_then(Value::as_object_mut) {
+        let ours =
+            extra.get("client_id").and_then(Value::as_str) == Some(b.upstream_client_id.as_str());
+        if ours {
+            extra.remove("client_id");
+            if let Some(cid) = rec.and_then(|r| r.client_id.clone()) {
+                extra.insert("client_id".into(), json!(cid));
+            }
+        }
+        if let Some(r) = rec {
+            extra.insert("create_time".into(), json!(r.create_time));
+        }
+    }
+    if let (Some(r), Some(slot)) = (rec, item.get_mut(0)) {
+        *slot = json!(r.number);
+    }
+}
+
+/// A backend's history entry as the client sees it.
+pub fn restore_entry(sched: &Scheduler, backend: usize, entry: &mut Value) {
+    if let Some(item) = entry.get_mut("prompt") {
+        restore_item(sched, backend, item);
+    }
+    if let Some(outputs) = entry.get_mut("outputs") {
+        sched
+            .files
+            .alias_outputs(sched.fleet.get(backend).name(), outputs);
+    }
+}
+
+/// Output node ids of a prompt, by any backend's node definitions.
+pub fn output_nodes_of(sched: &Scheduler, prompt: &Value) -> Vec<String> {
+    let caps: Vec<_> = sched
+        .fleet
+        .backends()
+        .iter()
+        .filter_map(|b| b.capabilities.load_full())
+        .collect();
+    prompt
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter(|(_, n)| {
+            let class = n["class_type"].as_str().unwrap_or("");
+            caps.iter().any(|c| c.is_output(class))
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Keeps what a run's events say, for a history entry written from them.
+pub fn log_event(r: &mut PromptRecord, kind: &str, data: &Value) {
+    match kind {
+        "execution_start"
+        | "execution_cached"
+        | "execution_success"
+        | "execution_error"
+        | "execution_interrupted" => {
+            r.log.messages.push(json!([kind, data]));
+        }
+        "executed" => {
+            if let Some(node) = data["node"].as_str()
+                && !data["output"].is_null()
+            {
+                r.log
+                    .outputs
+                    .insert(node.to_string(), data["output"].clone());
+                let mut meta = Map::new();
+                meta.insert("node_id".into(), json!(node));
+                meta.insert("display_node".into(), data["display_node"].clone());
+                meta.insert("parent_node".into(), Value::Null);
+                meta.insert("real_node_id".into(), json!(node));
+                r.log.meta.insert(node.to_string(), Value::Object(meta));
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,231 @@
+//! The watchdog, a few times a second: prompts past `max_run_time`, prompts whose backend fell
+//! silent, backends that went down with prompts on them, waiting prompts no live backend can
+//! run, and VRAM peaks to learn.
+//!
+//! Silence is judged on evidence (design §2 "Recovery"; see [`crate::fleet::backend`]): ComfyUI
+//! sends nothing while a node without a progress bar runs (a video encoder, a large VAE decode,
+//! a checkpoint load, a remote API node). A prompt silent past `stall_timeout` is therefore
+//! corroborated before anything moves: its backend's own `/queue` is asked. If the prompt is
+//! listed as running and the node running had not been reporting progress, it is busy, not
+//! stuck, and is given another `stall_timeout` (`max_run_time` still bounds it). A node that was
+//! reporting progress and went silent, a `/queue` that does not answer, or one that no longer
+//! lists the prompt, marks the backend stalled and its prompts move.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::prompts::Stage;
+use super::{Failure, Outcome, Scheduler};
+use crate::config::RunTimeAction;
+use crate::fleet::Health;
+use crate::fleet::picker::profile;
+use crate::fleet::probe::queue_runs;
+
+/// How often the watchdog looks.
+pub const TICK: Duration = Duration::from_millis(200);
+/// After a `max_run_time` interrupt, how long the backend has to stop the prompt, at least.
+pub const MIN_INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// … and at most (it is also bounded by `stall_timeout`).
+pub const MAX_INTERRUPT_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs the checks until the gate stops.
+pub async fn watchdog_loop(sched: Arc<Scheduler>) {
+    loop {
+        tokio::select! {
+            _ = sched.stop.cancelled() => return,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        check(&sched);
+    }
+}
+
+/// What one look found to do.
+#[derive(Default)]
+struct Findings {
+    interrupt: Vec<(String, usize)>,
+    fail: Vec<(String, usize)>,
+    silent: Vec<(String, usize)>,
+}
+
+/// One look.
+fn check(sched: &Arc<Scheduler>) {
+    let found = look(sched);
+    for (id, owner) in found.interrupt {
+        tracing::warn!(prompt = id, "prompt exceeded max_run_time; interrupting it");
+        let sched = sched.clone();
+        tokio::spawn(async move {
+            let b = sched.fleet.get(owner).clone();
+            let _ = sched
+                .fleet
+                .upstream
+                .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
+                .await;
+        });
+    }
+    let max_run = sched.config.max_run_time();
+    for (id, owner) in found.fail {
+        // The interrupt did not end it: the backend is stuck. Report and move on.
+        let message = format!(
+            "the prompt ran longer than max_run_time ({} s) and did not stop when interrupted",
+            max_run.as_secs()
+        );
+        sched.end(
+            &id,
+            Outcome::Failed(Failure::gate("MaxRunTimeExceeded", message)),
+        );
+        stall(sched, owner, "an interrupted prompt did not stop");
+    }
+    for (id, owner) in found.silent {
+        let sched = sched.clone();
+        tokio::spawn(async move { corroborate(&sched, &id, owner).await });
+    }
+    // A backend that is down gives its prompts back.
+    for b in sched.fleet.backends() {
+        if b.health() == Health::Down {
+            sched.evacuate(b.index, "the backend is down");
+        }
+    }
+    end_unplaceable(sched);
+    learn_peaks(sched);
+}
+
+/// Finds prompts past their deadlines, and silent ones to corroborate.
+fn look(sched: &Scheduler) -> Findings {
+    let stall = sched.config.stall_timeout();
+    let max_run = sched.config.max_run_time();
+    let grace = stall.clamp(MIN_INTERRUPT_GRACE, MAX_INTERRUPT_GRACE);
+    let retry = sched.config.recovery.max_run_time_action == RunTimeAction::Retry;
+    let mut found = Findings::default();
+    let mut s = sched.lock();
+    let running: Vec<String> = s
+        .table
+        .records()
+        .filter(|r| r.stage == Stage::OnBackend && r.started)
+        .map(|r| r.id.clone())
+        .collect();
+    for id in running {
+        let Some(r) = s.table.get_mut(&id) else {
+            continue;
+        };
+        let Some(owner) = r.owner.as_deref().and_then(|o| sched.fleet.index_of(o)) else {
+            continue;
+        };
+        if let Some(at) = r.deadline_interrupt {
+            if at.elapsed() > grace {
+                found.fail.push((id, owner));
+            }
+            continue;
+        }
+        if r.started_at.is_some_and(|s| s.elapsed() > max_run) {
+            r.deadline_interrupt = Some(Instant::now());
+            if retry {
+                r.retry_after_run = true;
+                r.attempts += 1;
+            }
+            found.interrupt.push((id, owner));
+            continue;
+        }
+        if !r.corroborating && r.last_event.is_some_and(|e| e.elapsed() > stall) {
+            r.corroborating = true;
+            found.silent.push((id, owner));
+        }
+    }
+    found
+}
+
+/// A prompt fell silent past `stall_timeout`: asks its backend's `/queue` before judging.
+async fn corroborate(sched: &Arc<Scheduler>, id: &str, owner: usize) {
+    let b = sched.fleet.get(owner).clone();
+    let timeout = sched
+        .config
+        .stall_timeout()
+        .min(sched.config.upstream_timeout());
+    let answer = tokio::time::timeout(timeout, sched.fleet.upstream.get_json(&b.config, "/queue"));
+    let listed_running = match answer.await {
+        Ok(Ok((status, q))) if status.is_success() => Some(queue_runs(&q, id)),
+        _ => None,
+    };
+    let verdict = {
+        let mut s = sched.lock();
+        let Some(r) = s.table.get_mut(id).filter(|r| r.holds_slot(Some(b.name()))) else {
+            return;
+        };
+        r.corroborating = false;
+        match listed_running {
+            Some(true) if !r.reports_progress => {
+                // Busy in a node without a progress bar: look again after another
+                // stall_timeout.
+                r.last_event = Some(Instant::now());
+                None
+            }
+            Some(true) => Some("a node reporting progress fell silent past stall_timeout"),
+            Some(false) => Some("the backend no longer lists a prompt it was running"),
+            None => Some("a silent backend did not answer for its running prompt"),
+        }
+    };
+    match verdict {
+        None => tracing::debug!(prompt = id, backend = b.name(), "silent but running: busy"),
+        Some(reason) => stall(sched, owner, reason),
+    }
+}
+
+/// A backend that accepts work but makes no progress: no work until it shows life again (a
+/// prompt event, or a probe that finds its queue idle), and its prompts move.
+fn stall(sched: &Arc<Scheduler>, backend: usize, reason: &str) {
+    sched.fleet.mark_stalled(backend, reason);
+    sched.evacuate(backend, reason);
+}
+
+/// Waiting prompts that no backend that is up can run (every backend with their node classes
+/// and model files is down) for `recovery.unplaceable_timeout_ms` end failed.
+fn end_unplaceable(sched: &Scheduler) {
+    let limit = sched.config.recovery.unplaceable_timeout_ms as i64;
+    let now = crate::protocol::now_ms();
+    let stale: Vec<(String, serde_json::Value)> = {
+        let s = sched.lock();
+        s.table
+            .queued()
+            .filter(|r| now - r.create_time >= limit)
+            .map(|r| (r.id.clone(), r.body["prompt"].clone()))
+            .collect()
+    };
+    for (id, prompt) in stale {
+        let uploaded = |n: &str| sched.files.uploaded(n);
+        let runnable = sched
+            .fleet
+            .backends()
+            .iter()
+            .any(|b| b.is_up() && sched.fleet.can_run(b.index, &prompt, &uploaded));
+        if !runnable {
+            let message = format!(
+                "no backend that can run the prompt came up within unplaceable_timeout_ms ({limit} ms)"
+            );
+            sched.end(&id, Outcome::Failed(Failure::gate("NoBackend", message)));
+        }
+    }
+}
+
+/// VRAM in use while a prompt runs alone on a backend is a peak for its shape.
+fn learn_peaks(sched: &Scheduler) {
+    let mut s = sched.lock();
+    for b in sched.fleet.backends() {
+        let Some(prompt) = s
+            .table
+            .running_on(b.name())
+            .and_then(|id| s.table.get(id))
+            .map(|r| &r.body["prompt"])
+        else {
+            continue;
+        };
+        let t = b.telemetry.load();
+        if t.read_at.is_none_or(|at| at.elapsed() > TICK) {
+            continue;
+        }
+        let shape = profile::profile(prompt).shape;
+        let used = t.vram_total.saturating_sub(t.vram_free);
+        s.learned.observe_peak(shape, used);
+    }
+}
