@@ -40,7 +40,7 @@ pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<Upstre
             }
             UpstreamEvent::Json { backend, message } => route_json(&sched, backend, message),
             UpstreamEvent::Binary { backend, frame } => route_binary(&sched, backend, &frame),
-            UpstreamEvent::Closed { .. } => {}
+            UpstreamEvent::Closed { .. } => sched.broadcast_status(),
         }
     }
 }
