@@ -1,13 +1,17 @@
-//! comfy-gate: a GPU-aware reverse proxy and load balancer in front of many ComfyUI instances,
-//! and comfy-sim, a simulated ComfyUI backend for tests, benchmarks and the demo.
+//! comfy-gate: a GPU-aware reverse proxy and load balancer in front of many ComfyUI instances.
+//!
+//! The simulated ComfyUI (comfy-sim) is a crate of its own, linked only by the `demo` command
+//! (feature `demo`) and by the tests and benchmarks.
 
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
-pub mod files;
 pub mod gate;
-pub mod http;
 pub mod loadtest;
-pub mod protocol;
-pub mod sim;
 pub mod telemetry;
+
+/// The wire shapes, file rules and HTTP plumbing shared with comfy-sim live in comfy-wire; they
+/// are re-exported so the gate's `crate::protocol::…`, `crate::files::…` and `crate::http::…`
+/// paths keep their meaning.
+pub use comfy_wire::{files, http, protocol};

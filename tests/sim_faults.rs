@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use comfy_gate::sim::{Fault, SimConfig};
+use comfy_sim::{Fault, SimConfig};
 use common::*;
 use serde_json::{Value, json};
 

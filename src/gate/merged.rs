@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::Gate;
 use super::prompts::Stage;
-use crate::sim::queue::page;
+use crate::protocol::paging::page;
 
 /// Node definitions and lists, cached per fleet generation.
 #[derive(Default)]

@@ -14,7 +14,7 @@ use super::faults::Faults;
 use super::hub::Hub;
 use super::nodes::{NodeDef, catalogue};
 use super::queue::PromptQueue;
-use crate::files::Dirs;
+use comfy_wire::files::Dirs;
 
 /// VRAM the CUDA context and allocator keep, in GB.
 pub const BASELINE_VRAM_GB: f64 = 0.4;

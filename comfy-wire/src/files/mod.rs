@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use http::{Response, StatusCode, header};
 use sha2::{Digest, Sha256};
 
-use crate::files::images::SimImage;
+use crate::files::images::Image;
 use crate::http::{Body, full, status};
 
 /// The instance's directories.
@@ -214,7 +214,7 @@ pub fn view(dirs: &Dirs, query: &[(String, String)]) -> Response<Body> {
     };
     let channel = get("channel").unwrap_or("rgba");
     if get("preview").is_some() || channel == "rgb" || channel == "a" {
-        let Ok((img, alpha)) = SimImage::from_png(&bytes) else {
+        let Ok((img, alpha)) = Image::from_png(&bytes) else {
             return crate::http::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "500 Internal Server Error\n\nServer got itself in trouble",
@@ -227,7 +227,7 @@ pub fn view(dirs: &Dirs, query: &[(String, String)]) -> Response<Body> {
             return respond(img.to_png(&[], true), "image/png");
         }
         let a = alpha.unwrap_or_else(|| vec![255; (img.width * img.height) as usize]);
-        let mask = SimImage {
+        let mask = Image {
             width: img.width,
             height: img.height,
             rgb: a.iter().flat_map(|v| [*v, *v, *v]).collect(),
@@ -370,10 +370,10 @@ fn composite_mask(
         Ok(b) => b,
         Err(_) => return Ok(None),
     };
-    let (orig, _) = SimImage::from_png(&original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let (orig, _) = Image::from_png(&original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     let text = images::png_text_chunks(&original);
     let (mask_img, mask_alpha) =
-        SimImage::from_png(data).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+        Image::from_png(data).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     let alpha =
         mask_alpha.unwrap_or_else(|| vec![255; (mask_img.width * mask_img.height) as usize]);
     let mut out = Vec::new();
