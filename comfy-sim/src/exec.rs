@@ -538,6 +538,12 @@ fn oom() -> NodeError {
     }
 }
 
+/// Whether a node reports `progress` while it runs (ComfyUI's progress bar); only the sampler
+/// does here. The `Silent` fault lengthens every other node.
+fn sends_progress(class: &str) -> bool {
+    class == "KSampler"
+}
+
 type NodeResult = Result<(Vec<Val>, Option<Value>), NodeError>;
 
 /// Simulates one node: its time, its VRAM and its (real) pixels.
@@ -556,6 +562,10 @@ async fn run_node(
             Err(NodeError::Died)
         }
     };
+    // The `Silent` fault: a long node with no progress bar, so no event until it ends.
+    if !sends_progress(class) && !inst.fault_wait(true, |f| f.silent()).await {
+        return Err(NodeError::Died);
+    }
     match class {
         "CheckpointLoaderSimple" => {
             let name = literal(inputs, "ckpt_name")

@@ -214,6 +214,8 @@ impl SimHandle {
                     inst.hub.drop_all();
                 }
             }
+            Fault::Silent { ms } => faults.set_silent(ms),
+            Fault::SlowProbes { ms } => faults.set_slow_probes(ms),
             Fault::Clear => faults.clear(),
         }
     }

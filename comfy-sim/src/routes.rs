@@ -204,6 +204,9 @@ async fn route(
             }
         }
         (Method::GET, "/system_stats") => {
+            if !inst.fault_wait(false, |f| f.probe_delay()).await {
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
             if inst.faults.fail_probes.load(Ordering::SeqCst) {
                 return internal_error();
             }
@@ -277,7 +280,7 @@ async fn route(
             let Ok(fault) = serde_json::from_slice::<Fault>(body) else {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|clear\"}" }),
+                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|clear\"}" }),
                 );
             };
             let _ = control.send(ControlRequest::Inject(fault));
