@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comfy_gate::config::{self, FileConfig};
-use comfy_gate::sim::cost;
-use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
+use comfy_sim::cost;
+use comfy_sim::{SimBackend, SimConfig, SimHandle};
 use futures_util::StreamExt;
 use nginx::{Balance, NginxProcess};
 use serde_json::{Value, json};

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use crate::GateHandle;
 use crate::config::{self, Config, FileConfig};
-use crate::sim::{SimBackend, SimConfig, SimHandle};
+use comfy_sim::{SimBackend, SimConfig, SimHandle};
 
 /// The demo fleet: a fast 80 GB card, a 24 GB card, a slow 12 GB card.
 pub fn fleet() -> Vec<SimConfig> {

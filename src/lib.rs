@@ -4,9 +4,13 @@
 //! so, `tests/layering.rs`):
 //!
 //! ```text
-//! edge ──► api ──► sched ──► sessions, gfiles ──► fleet ──► wire (protocol, http, files), config, error
+//! edge ──► api ──► sched ──► sessions, files ──► fleet ──► config, error, comfy-wire
 //! admin ─────────► sched
 //! ```
+//!
+//! The simulated ComfyUI (comfy-sim) is a crate of its own, linked only by the `demo` command
+//! (feature `demo`) and by the tests and benchmarks. What the gate and the simulator both
+//! speak (wire shapes, ComfyUI's file rules, HTTP plumbing) is the `comfy-wire` crate.
 //!
 //! This file is the wiring and nothing else: it builds the components, connects them, and
 //! starts their loops ([`run`]). `docs/architecture.md` follows one prompt through them.
@@ -15,18 +19,17 @@
 pub mod admin;
 pub mod api;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod files;
 pub mod fleet;
-pub mod gfiles;
-pub mod http;
 pub mod loadtest;
-pub mod protocol;
 pub mod sched;
 pub mod sessions;
-pub mod sim;
+
+pub use comfy_wire::{http, protocol};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,7 +97,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
     let stop = CancellationToken::new();
     let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id));
-    let files = Arc::new(gfiles::Files::open(
+    let files = Arc::new(files::Files::open(
         &state_dir,
         store.clone(),
         loaded.aliases,

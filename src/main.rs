@@ -244,38 +244,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             admin_listen,
             time_scale,
-        } => {
-            let demo = comfy_gate::demo::start(listen, admin_listen, time_scale).await?;
-            println!("comfy-gate demo listening on http://{}", demo.gate.addr);
-            for s in &demo.sims {
-                let c = s.config();
-                println!(
-                    "  backend {:<10} {}  speed {:.1}  VRAM {} GB",
-                    c.name,
-                    s.url(),
-                    c.speed,
-                    c.vram_total_gb
-                );
-            }
-            println!(
-                "admin: http://{}/readyz  http://{}/admin/backends",
-                demo.gate.admin_addr, demo.gate.admin_addr
-            );
-            println!(
-                "open:  http://{}/system_stats  (every simulated GPU)",
-                demo.gate.addr
-            );
-            println!(
-                "run:   ComfyUI's script_examples/websockets_api_example.py with server_address = \"{}\"",
-                demo.gate.addr
-            );
-            println!(
-                "       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)"
-            );
-            shutdown_signal().await;
-            demo.gate.shutdown().await;
-            Ok(())
-        }
+        } => run_demo(listen, admin_listen, time_scale).await,
         Command::Loadtest {
             url,
             workflow,
@@ -318,4 +287,55 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `comfy-gate demo`: the simulated fleet behind the gate until Ctrl-C.
+#[cfg(feature = "demo")]
+async fn run_demo(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    time_scale: f64,
+) -> anyhow::Result<()> {
+    let demo = comfy_gate::demo::start(listen, admin_listen, time_scale).await?;
+    println!("comfy-gate demo listening on http://{}", demo.gate.addr);
+    for s in &demo.sims {
+        let c = s.config();
+        println!(
+            "  backend {:<10} {}  speed {:.1}  VRAM {} GB",
+            c.name,
+            s.url(),
+            c.speed,
+            c.vram_total_gb
+        );
+    }
+    println!(
+        "admin: http://{}/readyz  http://{}/admin/backends",
+        demo.gate.admin_addr, demo.gate.admin_addr
+    );
+    println!(
+        "open:  http://{}/system_stats  (every simulated GPU)",
+        demo.gate.addr
+    );
+    println!(
+        "run:   ComfyUI's script_examples/websockets_api_example.py with server_address = \"{}\"",
+        demo.gate.addr
+    );
+    println!(
+        "       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)"
+    );
+    shutdown_signal().await;
+    demo.gate.shutdown().await;
+    Ok(())
+}
+
+/// Without the `demo` feature the gate links no simulator; the subcommand says so.
+#[cfg(not(feature = "demo"))]
+async fn run_demo(
+    _listen: SocketAddr,
+    _admin_listen: SocketAddr,
+    _time_scale: f64,
+) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this comfy-gate was built without the demo (cargo feature `demo`); rebuild with default features"
+    )
 }

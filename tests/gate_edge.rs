@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use comfy_gate::sim::SimConfig;
+use comfy_sim::SimConfig;
 use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -74,7 +74,7 @@ async fn get_prompt_ok(base: &str) {
 }
 
 /// Slow sims (blur prompts take tens of ms) so that prompts submitted together spread over both.
-async fn slow_sim(name: &str) -> comfy_gate::sim::SimHandle {
+async fn slow_sim(name: &str) -> comfy_sim::SimHandle {
     sim_with(SimConfig {
         name: name.into(),
         speed: 0.001,

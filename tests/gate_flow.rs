@@ -93,10 +93,8 @@ async fn script_examples_websocket_flow_through_the_gate() {
     .await;
     assert_eq!(png_seed(&png), Some(42));
     assert_eq!(
-        comfy_gate::files::images::SimImage::from_png(&png)
-            .unwrap()
-            .0,
-        comfy_gate::files::images::SimImage::from_png(&direct_png)
+        comfy_wire::files::images::Image::from_png(&png).unwrap().0,
+        comfy_wire::files::images::Image::from_png(&direct_png)
             .unwrap()
             .0,
         "same pixels as from one ComfyUI"
@@ -456,7 +454,7 @@ async fn uploads_follow_prompts_to_every_backend() {
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inv"}}
     });
     // With max_inflight 1, a prompt held on a stalled backend sends the next one to the other.
-    a.inject(comfy_gate::sim::Fault::Stall);
+    a.inject(comfy_sim::Fault::Stall);
     let mut ids = Vec::new();
     for i in 0..2 {
         let mut g = graph.clone();
@@ -470,7 +468,7 @@ async fn uploads_follow_prompts_to_every_backend() {
         assert_eq!(code, 200, "{r}");
         ids.push(format!("load{i}"));
     }
-    a.inject(comfy_gate::sim::Fault::Clear);
+    a.inject(comfy_sim::Fault::Clear);
     for id in &ids {
         let h = wait_history(&base, id).await;
         assert_eq!(h["status"]["status_str"], "success", "{h}");

@@ -3,8 +3,8 @@
 
 mod common;
 
-use comfy_gate::protocol::frames;
-use comfy_gate::sim::SimConfig;
+use comfy_sim::SimConfig;
+use comfy_wire::protocol::frames;
 use common::*;
 use serde_json::json;
 

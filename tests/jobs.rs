@@ -9,7 +9,7 @@ use serde_json::json;
 async fn jobs_on_one_sim_and_through_the_gate() {
     let (a, b) = (sim().await, sim().await);
     let gate = gate_with(&[&a, &b], |f| f.scheduler.max_inflight = 1).await;
-    a.inject(comfy_gate::sim::Fault::Stall);
+    a.inject(comfy_sim::Fault::Stall);
     for i in 0..4 {
         let (code, _) = post_json(
             &gate.url(),
@@ -72,6 +72,6 @@ async fn jobs_on_one_sim_and_through_the_gate() {
     let (code, job) = get_json(&a.url(), "/api/jobs/j0").await;
     assert_eq!(code, 200);
     assert_eq!(job["status"], "pending");
-    a.inject(comfy_gate::sim::Fault::Clear);
+    a.inject(comfy_sim::Fault::Clear);
     wait_history(&gate.url(), "j0").await;
 }

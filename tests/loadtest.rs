@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use comfy_gate::loadtest::{LoadTest, Options, Percentiles, Report};
-use comfy_gate::sim::faults::Fault;
+use comfy_sim::faults::Fault;
 use common::*;
 use serde_json::Value;
 

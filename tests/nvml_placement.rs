@@ -40,7 +40,7 @@ struct Gate {
 
 async fn start_gate(
     dir: &Path,
-    sims: [&comfy_gate::sim::SimHandle; 2],
+    sims: [&comfy_sim::SimHandle; 2],
     library: &Path,
     state: &Path,
 ) -> Gate {

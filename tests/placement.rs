@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use comfy_gate::sim::{Fault, SimConfig, SimHandle};
+use comfy_sim::{Fault, SimConfig, SimHandle};
 use common::*;
 use serde_json::{Value, json};
 
@@ -176,7 +176,7 @@ fn mixed(n: usize, seed: u64) -> Vec<&'static str> {
 async fn run_mix(policy: &str, checkpoints: &[&'static str]) -> (u64, Vec<Value>) {
     // At 3/100 speed a load (0.6 s) clearly outweighs a test machine's per-prompt overhead.
     let start = || {
-        comfy_gate::sim::SimBackend::start(SimConfig {
+        comfy_sim::SimBackend::start(SimConfig {
             time_scale: 0.03,
             ..two_big_models()
         })

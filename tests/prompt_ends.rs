@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use comfy_gate::config::RunTimeAction;
-use comfy_gate::sim::{SimConfig, SimHandle};
+use comfy_sim::{SimConfig, SimHandle};
 use common::*;
 use serde_json::{Value, json};
 use tokio::time::Instant;

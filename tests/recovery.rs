@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use comfy_gate::sim::{Fault, SimConfig, SimHandle};
+use comfy_sim::{Fault, SimConfig, SimHandle};
 use common::*;
 use serde_json::{Value, json};
 

@@ -23,7 +23,7 @@ struct RunningGate {
 
 fn write_config(
     dir: &Path,
-    backends: &[&comfy_gate::sim::SimHandle],
+    backends: &[&comfy_sim::SimHandle],
     drain_ms: u64,
 ) -> std::path::PathBuf {
     let mut text = format!(

@@ -1,12 +1,13 @@
 //! comfy-sim's fault injection, one test per fault kind, through the in-process handle and the
 //! `POST /sim/fault` route: crash (with and without restart), hang, stall, slow, failing probes,
-//! out-of-memory (injected and real), dropped WebSockets, and the checkpoint-load counter.
+//! slow probes, silent nodes, out-of-memory (injected and real), dropped WebSockets, and the
+//! checkpoint-load counter.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use comfy_gate::sim::{Fault, SimConfig};
+use comfy_sim::{Fault, SimConfig};
 use common::*;
 use serde_json::{Value, json};
 
@@ -405,6 +406,116 @@ async fn fail_probes_fails_only_system_stats() {
     let (s, stats) = get_json(&base, "/system_stats").await;
     assert_eq!(s, 200);
     assert!(stats["devices"][0]["vram_total"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn slow_probes_delays_only_system_stats() {
+    let sim = sim().await;
+    let base = sim.url();
+    let mut ws = client(&base, "probe-client").await;
+    let (s, _) = post_json(
+        &base,
+        "/sim/fault",
+        &json!({"kind": "slow_probes", "ms": 60_000}),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // The probe is not answered while the fault lasts, under either path.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for path in ["/system_stats", "/api/system_stats"] {
+        let err = impatient
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect_err("a slow probe does not answer at once");
+        assert!(err.is_timeout(), "{path}: expected a timeout, got {err:?}");
+    }
+    let pending = tokio::spawn({
+        let base = base.clone();
+        async move { get_json(&base, "/system_stats").await }
+    });
+
+    // Everything else answers, and the worker and the socket carry on.
+    assert_eq!(get_json(&base, "/queue").await.0, 200);
+    assert_eq!(get_json(&base, "/object_info/KSampler").await.0, 200);
+    let id = queue(&base, blur_graph(6), Some("probe-client")).await;
+    let frames = ws.until_done(&id).await;
+    frame_of(&frames, "execution_success");
+    assert!(
+        !pending.is_finished(),
+        "the probe answered during the fault"
+    );
+
+    // Clear answers the waiting probe.
+    sim.inject(Fault::Clear);
+    let (s, stats) = pending.await.expect("task");
+    assert_eq!(s, 200, "{stats}");
+    assert!(stats["devices"][0]["vram_total"].as_u64().unwrap() > 0);
+    assert_eq!(get_json(&base, "/system_stats").await.0, 200);
+}
+
+#[tokio::test]
+async fn silent_nodes_send_nothing_while_the_sampler_reports_progress() {
+    let sim = sim().await;
+    let base = sim.url();
+    // Warm the cache, so the next prompt runs only the sampler, the decode and the save.
+    run_ok(&base, txt2img(1, SDXL)).await;
+    let mut ws = client(&base, "silent-client").await;
+    let (s, _) = post_json(
+        &base,
+        "/sim/fault",
+        &json!({"kind": "silent", "ms": 60_000}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let id = queue(&base, txt2img(2, SDXL), Some("silent-client")).await;
+
+    // The sampler has a progress bar, so it is not silent; the decode after it is.
+    let mut before = Vec::new();
+    loop {
+        let f = ws.next().await.expect("socket open");
+        let decode = f.kind() == "executing" && f.data()["node"] == "8";
+        before.push(f);
+        if decode {
+            break;
+        }
+    }
+    assert!(
+        before
+            .iter()
+            .any(|f| f.kind() == "progress" && f.data()["node"] == "3"),
+        "the sampler reported progress: {:?}",
+        kinds(&before)
+    );
+
+    // While the decode runs: no event, HTTP answers, and the prompt is listed as running.
+    let (s, q) = get_json(&base, "/queue").await;
+    assert_eq!(s, 200);
+    assert_eq!(q["queue_running"][0][1], id.as_str(), "still running: {q}");
+    assert_eq!(get_json(&base, "/system_stats").await.0, 200);
+    let (_, h) = get_json(&base, &format!("/history/{id}")).await;
+    assert_eq!(h, json!({}), "not finished");
+    assert!(
+        ws.next_within(Duration::from_millis(500)).await.is_err(),
+        "a silent node sent an event"
+    );
+
+    // Clear ends the silence; the prompt completes as usual.
+    sim.inject(Fault::Clear);
+    let rest = ws.until_done(&id).await;
+    frame_of(&rest, "execution_success");
+    assert!(
+        rest.iter()
+            .any(|f| f.kind() == "executing" && f.data()["node"] == "9"),
+        "the save ran: {:?}",
+        kinds(&rest)
+    );
+    let h = wait_history(&base, &id).await;
+    assert_eq!(h["status"]["status_str"], "success");
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@
 
 mod common;
 
-use comfy_gate::files::images::{SimImage, png_text_chunks};
-use comfy_gate::sim::SimConfig;
+use comfy_sim::SimConfig;
+use comfy_wire::files::images::{Image, png_text_chunks};
 use common::*;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -108,8 +108,8 @@ async fn upload_then_load_image_inverts_the_upload() {
     let resp = get_query(&base, "/view", &[("filename", file), ("type", "output")]).await;
     assert_eq!(resp.status().as_u16(), 200);
     let saved = resp.bytes().await.expect("body");
-    let (saved_img, _) = SimImage::from_png(&saved).expect("saved png decodes");
-    let (up_img, _) = SimImage::from_png(&original).expect("upload decodes");
+    let (saved_img, _) = Image::from_png(&saved).expect("saved png decodes");
+    let (up_img, _) = Image::from_png(&original).expect("upload decodes");
     assert_eq!((saved_img.width, saved_img.height), (48, 32));
     assert_ne!(
         saved_img, up_img,
@@ -295,7 +295,7 @@ async fn view_rules() {
     );
     let body = resp.bytes().await.unwrap();
     assert!(body.starts_with(b"\x89PNG\r\n\x1a\n"), "PNG magic");
-    let (img, _) = SimImage::from_png(&body).unwrap();
+    let (img, _) = Image::from_png(&body).unwrap();
     assert_eq!(
         &img.rgb[..3],
         &[0x33, 0x66, 0x99],
@@ -346,8 +346,8 @@ async fn two_instances_produce_colliding_names_with_different_bytes() {
     let (sb, bytes_b) = get_bytes(&b.url(), "/view?filename=ComfyUI_00001_.png&type=output").await;
     assert_eq!((sa, sb), (200, 200));
     assert_ne!(bytes_a, bytes_b, "each instance serves its own file");
-    let (img_a, _) = SimImage::from_png(&bytes_a).unwrap();
-    let (img_b, _) = SimImage::from_png(&bytes_b).unwrap();
+    let (img_a, _) = Image::from_png(&bytes_a).unwrap();
+    let (img_b, _) = Image::from_png(&bytes_b).unwrap();
     assert_eq!(&img_a.rgb[..3], &[0xff, 0, 0]);
     assert_eq!(&img_b.rgb[..3], &[0, 0xff, 0]);
 }
@@ -386,8 +386,8 @@ async fn upload_mask_keeps_original_rgb_with_mask_alpha() {
     );
     let stored = std::fs::read(sim.base_dir().join("input/mask.png")).expect("mask stored");
     assert_ne!(stored, mask, "the upload is composited, not stored as is");
-    let (img, stored_alpha) = SimImage::from_png(&stored).unwrap();
-    let (orig_img, _) = SimImage::from_png(&original).unwrap();
+    let (img, stored_alpha) = Image::from_png(&stored).unwrap();
+    let (orig_img, _) = Image::from_png(&original).unwrap();
     assert_eq!(img, orig_img, "the original's RGB");
     assert_eq!(stored_alpha, Some(alpha.clone()), "the mask's alpha");
 
@@ -414,7 +414,7 @@ async fn upload_mask_keeps_original_rgb_with_mask_alpha() {
     let (s, b) = post_form(&base, "/upload/mask", form).await;
     assert_eq!((s, b["name"].as_str()), (200, Some("m2.png")), "{b}");
     let stored = std::fs::read(sim.base_dir().join("input/m2.png")).expect("stored");
-    let (img, a) = SimImage::from_png(&stored).unwrap();
+    let (img, a) = Image::from_png(&stored).unwrap();
     assert_eq!(&img.rgb[..3], &[0x10, 0x20, 0x30]);
     assert_eq!(a.expect("alpha")[..7], [0, 30, 60, 90, 120, 150, 180]);
     assert!(

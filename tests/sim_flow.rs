@@ -3,7 +3,7 @@
 
 mod common;
 
-use comfy_gate::protocol::frames;
+use comfy_wire::protocol::frames;
 use common::*;
 use serde_json::{Value, json};
 
@@ -88,9 +88,9 @@ async fn script_examples_websocket_flow() {
     .await;
     assert_eq!(code, 200);
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let (img, _) = comfy_gate::files::images::SimImage::from_png(&png).unwrap();
+    let (img, _) = comfy_wire::files::images::Image::from_png(&png).unwrap();
     assert_eq!((img.width, img.height), (512, 512));
-    let text = comfy_gate::files::images::png_text_chunks(&png);
+    let text = comfy_wire::files::images::png_text_chunks(&png);
     let embedded: Value =
         serde_json::from_str(&text.iter().find(|(k, _)| k == "prompt").unwrap().1).unwrap();
     assert_eq!(

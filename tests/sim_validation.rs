@@ -228,7 +228,7 @@ async fn malformed_json_is_an_aiohttp_500() {
 
 #[tokio::test]
 async fn oversized_body_is_413() {
-    let sim = sim_with(comfy_gate::sim::SimConfig {
+    let sim = sim_with(comfy_sim::SimConfig {
         max_upload_size: 1024,
         ..Default::default()
     })

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
+use comfy_sim::{SimBackend, SimConfig, SimHandle};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::Ctx;
 use crate::error::GateError;
-use crate::files::{self, UploadOutcome};
 use crate::http::{Body, status};
+use comfy_wire::files::{self, UploadOutcome};
 
 /// `POST /upload/image` and `/upload/mask` (`mask`): stored by the gate, type `input` only.
 pub async fn upload(
@@ -51,7 +51,7 @@ pub async fn view(ctx: &Ctx, query: &[(String, String)]) -> Response<Body> {
         .or_else(|| get("type"))
         .unwrap_or_else(|| "output".into());
     if kind == "input" {
-        return crate::files::view(&ctx.files.dirs, query);
+        return files::view(&ctx.files.dirs, query);
     }
     let subfolder = get("subfolder").unwrap_or_default();
     let (backend, real) = match ctx.files.resolve(&kind, &subfolder, &name) {

@@ -9,9 +9,9 @@ use futures_util::future::join_all;
 use serde_json::{Map, Value, json};
 
 use super::Ctx;
+use crate::protocol::paging::page;
 use crate::sched::history::completion_time;
 use crate::sched::recovery::{restore_entry, restore_item};
-use crate::sim::queue::page;
 
 /// Node definitions merged across the fleet, cached per fleet generation.
 #[derive(Default)]

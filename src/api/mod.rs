@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use crate::files::Files;
 use crate::fleet::Fleet;
-use crate::gfiles::Files;
 use crate::sched::Scheduler;
 use crate::sessions::Sessions;
 

@@ -1,427 +1,263 @@
-//! ComfyUI's file rules, shared by comfy-sim and the gate: the `input/`, `output/` and `temp/`
-//! layout, the save-path counter, `/view` with its path checks, and `/upload/image|mask` with its
-//! collision rules. The gate keeps uploads by the same rules, so a client sees one ComfyUI.
+//! Files across backends (design §2 "Files follow prompts").
+//!
+//! Output names collide across backends (`ComfyUI_00001_.png` everywhere), so the gate presents
+//! one namespace, as a single ComfyUI would: the first file seen under a name keeps it, a later
+//! file from another backend under the same name is shown under the next free counter
+//! (`ComfyUI_00002_.png`). The alias index maps each shown name back to (backend, real name),
+//! and `/view` follows it. Uploads are kept by the gate (ComfyUI's collision rules, in its state
+//! directory) and copied to a backend just before a prompt that names them runs there.
 
-pub mod images;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use std::path::{Component, Path, PathBuf};
-
-use http::{Response, StatusCode, header};
+use bytes::Bytes;
+use http::Method;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::files::images::SimImage;
-use crate::http::{Body, full, status};
+use crate::error::GateError;
+use crate::fleet::Fleet;
+use comfy_wire::files::Dirs;
 
-/// The instance's directories.
-#[derive(Debug, Clone)]
-pub struct Dirs {
-    pub base: PathBuf,
-    pub input: PathBuf,
-    pub output: PathBuf,
-    pub temp: PathBuf,
-    pub user: PathBuf,
+/// `(type, subfolder, filename)`.
+pub type FileKey = (String, String, String);
+
+/// Where the alias index is made durable (the scheduler's store): a shown name, and the
+/// backend (by configured name) and real name behind it.
+pub trait AliasStore: Send + Sync {
+    fn save_alias(&self, shown: &FileKey, target: &(String, String)) -> Result<(), String>;
 }
 
-impl Dirs {
-    /// Creates the directory layout under `base`; `temp/` is emptied as at every ComfyUI start.
-    pub fn create(base: &Path) -> std::io::Result<Self> {
-        let dirs = Self {
-            base: base.to_path_buf(),
-            input: base.join("input"),
-            output: base.join("output"),
-            temp: base.join("temp"),
-            user: base.join("user"),
-        };
-        let _ = std::fs::remove_dir_all(&dirs.temp);
-        for d in [&dirs.input, &dirs.output, &dirs.temp, &dirs.user] {
-            std::fs::create_dir_all(d)?;
+#[derive(Default)]
+struct AliasIndex {
+    by_real: HashMap<(String, FileKey), String>,
+    by_alias: HashMap<FileKey, (String, String)>,
+}
+
+/// The next name in ComfyUI's `<prefix>_<counter>_.<ext>` sequence, or `name (n).ext`.
+fn bump(name: &str, n: u32) -> String {
+    let Some((before_ext, ext)) = name.rsplit_once('.') else {
+        return format!("{name} ({n})");
+    };
+    let counter = before_ext
+        .strip_suffix('_')
+        .and_then(|body| body.rsplit_once('_'))
+        .filter(|(_, digits)| !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()));
+    match counter {
+        Some((prefix, digits)) => {
+            let value = digits.parse::<u64>().unwrap_or(0) + u64::from(n);
+            format!("{prefix}_{value:0width$}_.{ext}", width = digits.len())
         }
-        Ok(dirs)
+        None => format!("{before_ext} ({n}).{ext}"),
+    }
+}
+
+impl AliasIndex {
+    fn insert(&mut self, shown: FileKey, backend: String, real: String) {
+        let (kind, sub, name) = shown.clone();
+        self.by_real
+            .insert((backend.clone(), (kind, sub, real.clone())), name);
+        self.by_alias.insert(shown, (backend, real));
     }
 
-    /// `folder_paths.get_directory_by_type`.
-    pub fn by_type(&self, kind: &str) -> Option<&Path> {
-        match kind {
-            "output" => Some(&self.output),
-            "temp" => Some(&self.temp),
-            "input" => Some(&self.input),
-            _ => None,
+    /// The shown name of a backend's file; `Some(new)` when it was just assigned.
+    fn alias(&mut self, backend: &str, key: FileKey) -> (String, bool) {
+        if let Some(a) = self.by_real.get(&(backend.to_string(), key.clone())) {
+            return (a.clone(), false);
         }
-    }
-
-    /// `annotated_filepath`: strips a ` [output]`/` [input]`/` [temp]` suffix.
-    pub fn annotated<'a>(&self, name: &'a str) -> (&'a str, Option<&Path>) {
-        for (suffix, kind) in [
-            ("[output]", "output"),
-            ("[input]", "input"),
-            ("[temp]", "temp"),
-        ] {
-            if name.ends_with(suffix) {
-                let cut = name.len().saturating_sub(suffix.len() + 1);
-                return (&name[..cut], self.by_type(kind));
-            }
+        let (kind, sub, name) = key.clone();
+        let mut shown = name.clone();
+        let mut n = 0;
+        while self
+            .by_alias
+            .contains_key(&(kind.clone(), sub.clone(), shown.clone()))
+        {
+            n += 1;
+            shown = bump(&name, n);
         }
-        (name, None)
+        self.by_alias
+            .insert((kind, sub, shown.clone()), (backend.to_string(), name));
+        self.by_real
+            .insert((backend.to_string(), key), shown.clone());
+        (shown, true)
     }
+}
 
-    /// `get_annotated_filepath` with the input directory as default.
-    pub fn annotated_path(&self, name: &str) -> PathBuf {
-        let (name, dir) = self.annotated(name);
-        dir.unwrap_or(&self.input).join(name)
-    }
+/// The gate's files: uploads it keeps, and the one namespace of outputs across backends.
+pub struct Files {
+    index: Mutex<AliasIndex>,
+    store: Arc<dyn AliasStore>,
+    /// Uploaded inputs, by ComfyUI's rules.
+    pub dirs: Dirs,
+    /// `(backend name, relative path, sha256)` already copied.
+    placed: Mutex<HashSet<(String, String, [u8; 32])>>,
+}
 
-    /// Image files at the top of `input/`, sorted (LoadImage's combo list).
-    pub fn input_images(&self) -> Vec<String> {
-        let mut files: Vec<String> = std::fs::read_dir(&self.input)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| is_image_name(n))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files
-    }
-
-    /// `get_save_image_path`: folder, file stem, next counter and subfolder for a prefix.
-    pub fn save_path(
-        &self,
-        base: &Path,
-        prefix: &str,
-    ) -> Result<(PathBuf, String, u32, String), String> {
-        let norm = normalize(Path::new(prefix));
-        let filename = norm
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let subfolder = norm
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let folder = normalize(&base.join(&subfolder));
-        if !folder.starts_with(base) {
-            return Err(format!(
-                "**** ERROR: Saving image outside the output folder is not allowed.\n full_output_folder: {}\n         output_dir: {}",
-                folder.display(),
-                base.display()
-            ));
+impl Files {
+    /// Opens the upload store under `state_dir` with the alias index a restart loaded
+    /// (`(shown, (backend name, real name))`).
+    pub fn open(
+        state_dir: &Path,
+        store: Arc<dyn AliasStore>,
+        aliases: Vec<(FileKey, (String, String))>,
+    ) -> std::io::Result<Self> {
+        let dirs = Dirs::create(&state_dir.join("files"))?;
+        let mut index = AliasIndex::default();
+        for (shown, (backend, real)) in aliases {
+            index.insert(shown, backend, real);
         }
-        let plen = filename.chars().count();
-        let counter = std::fs::read_dir(&folder)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter_map(|f| {
-                        let chars: Vec<char> = f.chars().collect();
-                        if chars.len() <= plen {
-                            return None;
+        Ok(Self {
+            index: Mutex::new(index),
+            store,
+            dirs,
+            placed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Rewrites every file item (`{"filename", "subfolder", "type"}`) in a UI output from
+    /// `backend` to its gate-wide name.
+    pub fn alias_outputs(&self, backend: &str, value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                let is_file = map.get("filename").is_some_and(Value::is_string)
+                    && map.get("type").is_some_and(Value::is_string);
+                if is_file && map["type"] != "input" {
+                    let key = (
+                        map["type"].as_str().unwrap_or("").to_string(),
+                        map.get("subfolder")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        map["filename"].as_str().unwrap_or("").to_string(),
+                    );
+                    let (shown, new) = self
+                        .index
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .alias(backend, key.clone());
+                    if new {
+                        let shown_key = (key.0, key.1, shown.clone());
+                        let target = (backend.to_string(), key.2);
+                        if let Err(e) = self.store.save_alias(&shown_key, &target) {
+                            tracing::error!(error = %e, "could not persist a file alias");
                         }
-                        let head: String = chars[..plen].iter().collect();
-                        if head != filename || chars[plen] != '_' {
-                            return None;
-                        }
-                        let rest: String = chars[plen + 1..].iter().collect();
-                        Some(rest.split('_').next()?.parse::<u32>().unwrap_or(0))
-                    })
-                    .max()
-                    .map(|m| m + 1)
-                    .unwrap_or(1)
-            })
-            .unwrap_or(1);
-        std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
-        Ok((folder, filename, counter, subfolder))
-    }
-}
-
-fn is_image_name(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    [
-        ".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-    ]
-    .iter()
-    .any(|ext| lower.ends_with(ext))
-}
-
-/// Lexical normalisation (`os.path.normpath`): drops `.`, resolves `..` against what precedes.
-pub fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+                    }
+                    map.insert("filename".into(), Value::String(shown));
+                    return;
+                }
+                for v in map.values_mut() {
+                    self.alias_outputs(backend, v);
                 }
             }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
-
-/// `GET /view` (reference §4.11).
-pub fn view(dirs: &Dirs, query: &[(String, String)]) -> Response<Body> {
-    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-    let Some(raw_name) = get("filename") else {
-        return status(StatusCode::NOT_FOUND);
-    };
-    let (name, annotated_dir) = dirs.annotated(raw_name);
-    if name.is_empty() {
-        return status(StatusCode::BAD_REQUEST);
-    }
-    if name.starts_with('/') || name.contains("..") {
-        return status(StatusCode::BAD_REQUEST);
-    }
-    let base = match annotated_dir {
-        Some(d) => d.to_path_buf(),
-        None => match dirs.by_type(get("type").unwrap_or("output")) {
-            Some(d) => d.to_path_buf(),
-            None => return status(StatusCode::BAD_REQUEST),
-        },
-    };
-    let mut dir = base.clone();
-    if let Some(sub) = get("subfolder") {
-        let joined = normalize(&base.join(sub));
-        if !joined.starts_with(&base) {
-            return status(StatusCode::FORBIDDEN);
-        }
-        dir = joined;
-    }
-    let basename = Path::new(name)
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let file = dir.join(&basename);
-    if !file.is_file() {
-        return status(StatusCode::NOT_FOUND);
-    }
-    let Ok(bytes) = std::fs::read(&file) else {
-        return status(StatusCode::NOT_FOUND);
-    };
-    let disposition = format!("filename=\"{basename}\"");
-    let respond = |body: Vec<u8>, ctype: &str| {
-        let mut resp = Response::new(full(body));
-        let h = resp.headers_mut();
-        if let Ok(v) = ctype.parse() {
-            h.insert(header::CONTENT_TYPE, v);
-        }
-        if let Ok(v) = disposition.parse() {
-            h.insert(header::CONTENT_DISPOSITION, v);
-        }
-        resp
-    };
-    let channel = get("channel").unwrap_or("rgba");
-    if get("preview").is_some() || channel == "rgb" || channel == "a" {
-        let Ok((img, alpha)) = SimImage::from_png(&bytes) else {
-            return crate::http::text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "500 Internal Server Error\n\nServer got itself in trouble",
-            );
-        };
-        if get("preview").is_some() {
-            return respond(img.to_jpeg(), "image/jpeg");
-        }
-        if channel == "rgb" {
-            return respond(img.to_png(&[], true), "image/png");
-        }
-        let a = alpha.unwrap_or_else(|| vec![255; (img.width * img.height) as usize]);
-        let mask = SimImage {
-            width: img.width,
-            height: img.height,
-            rgb: a.iter().flat_map(|v| [*v, *v, *v]).collect(),
-        };
-        return respond(mask.to_png(&[], true), "image/png");
-    }
-    let mut ctype = mime_guess::from_path(&basename)
-        .first_raw()
-        .unwrap_or("application/octet-stream")
-        .to_string();
-    if [
-        "text/html",
-        "application/xhtml+xml",
-        "text/javascript",
-        "text/css",
-    ]
-    .contains(&ctype.as_str())
-    {
-        ctype = "application/octet-stream".into();
-    }
-    respond(bytes, &ctype)
-}
-
-/// The fields of an upload form.
-#[derive(Default, Debug)]
-pub struct UploadForm {
-    pub image: Option<(String, Vec<u8>)>,
-    pub kind: Option<String>,
-    pub subfolder: Option<String>,
-    pub overwrite: Option<String>,
-    pub original_ref: Option<String>,
-}
-
-/// Result of an upload: ComfyUI's JSON answer, or a bare status.
-pub enum UploadOutcome {
-    Saved(serde_json::Value),
-    Status(StatusCode),
-}
-
-/// `image_upload` with ComfyUI's collision rule; `mask` composites onto `original_ref`.
-pub fn upload(dirs: &Dirs, form: UploadForm, mask: bool) -> UploadOutcome {
-    let kind = form.kind.clone().unwrap_or_else(|| "input".to_string());
-    let Some(base) = dirs.by_type(&kind).map(Path::to_path_buf) else {
-        return UploadOutcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let Some((filename, data)) = form.image else {
-        return UploadOutcome::Status(StatusCode::BAD_REQUEST);
-    };
-    if filename.is_empty() {
-        return UploadOutcome::Status(StatusCode::BAD_REQUEST);
-    }
-    let subfolder = form.subfolder.clone().unwrap_or_default();
-    let folder = normalize(&base.join(normalize(Path::new(&subfolder))));
-    let target = normalize(&folder.join(&filename));
-    if !target.starts_with(&base) || !folder.starts_with(&base) {
-        return UploadOutcome::Status(StatusCode::BAD_REQUEST);
-    }
-    if std::fs::create_dir_all(&folder).is_err() {
-        return UploadOutcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
-    }
-    let overwrite = matches!(form.overwrite.as_deref(), Some("true") | Some("1"));
-    let (stem, ext) = split_ext(&filename);
-    let mut name = filename.clone();
-    let mut path = target;
-    let mut duplicate = false;
-    if !overwrite {
-        let mut i = 1;
-        while path.exists() {
-            if std::fs::read(&path)
-                .is_ok_and(|existing| Sha256::digest(&existing) == Sha256::digest(&data))
-            {
-                duplicate = true;
-                break;
+            Value::Array(items) => {
+                for v in items {
+                    self.alias_outputs(backend, v);
+                }
             }
-            name = format!("{stem} ({i}){ext}");
-            path = folder.join(&name);
-            i += 1;
-        }
-    }
-    if !duplicate {
-        let bytes = if mask {
-            match composite_mask(dirs, form.original_ref.as_deref(), &data) {
-                Ok(Some(b)) => b,
-                Ok(None) => return saved(&name, &subfolder, &kind),
-                Err(code) => return UploadOutcome::Status(code),
-            }
-        } else {
-            data
-        };
-        if std::fs::write(&path, bytes).is_err() {
-            return UploadOutcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
-        }
-    }
-    saved(&name, &subfolder, &kind)
-}
-
-fn saved(name: &str, subfolder: &str, kind: &str) -> UploadOutcome {
-    UploadOutcome::Saved(serde_json::json!({ "name": name, "subfolder": subfolder, "type": kind }))
-}
-
-fn split_ext(name: &str) -> (String, String) {
-    match name.rfind('.') {
-        Some(i) if i > 0 => (name[..i].to_string(), name[i..].to_string()),
-        _ => (name.to_string(), String::new()),
-    }
-}
-
-/// The mask upload: the original's RGB with the uploaded image's alpha. `Ok(None)` when the
-/// original does not exist (ComfyUI then writes nothing but still answers 200).
-fn composite_mask(
-    dirs: &Dirs,
-    original_ref: Option<&str>,
-    data: &[u8],
-) -> Result<Option<Vec<u8>>, StatusCode> {
-    let Some(raw) = original_ref else {
-        return Err(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let reference: serde_json::Value =
-        serde_json::from_str(raw).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let fname = reference["filename"].as_str().unwrap_or("");
-    let (fname, annotated_dir) = dirs.annotated(fname);
-    if fname.is_empty() || fname.starts_with('/') || fname.contains("..") {
-        return Err(StatusCode::BAD_REQUEST);
-    }
-    let mut dir = match annotated_dir {
-        Some(d) => d.to_path_buf(),
-        None => dirs
-            .by_type(reference["type"].as_str().unwrap_or("output"))
-            .ok_or(StatusCode::BAD_REQUEST)?
-            .to_path_buf(),
-    };
-    if let Some(sub) = reference["subfolder"].as_str().filter(|s| !s.is_empty()) {
-        let joined = normalize(&dir.join(sub));
-        if !joined.starts_with(&dir) {
-            return Err(StatusCode::FORBIDDEN);
-        }
-        dir = joined;
-    }
-    let original = match std::fs::read(dir.join(fname)) {
-        Ok(b) => b,
-        Err(_) => return Ok(None),
-    };
-    let (orig, _) = SimImage::from_png(&original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let text = images::png_text_chunks(&original);
-    let (mask_img, mask_alpha) =
-        SimImage::from_png(data).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let alpha =
-        mask_alpha.unwrap_or_else(|| vec![255; (mask_img.width * mask_img.height) as usize]);
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, orig.width, orig.height);
-        enc.set_color(png::ColorType::Rgba);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
-            let _ = enc.add_text_chunk(k, v);
-        }
-        let mut rgba = Vec::with_capacity((orig.width * orig.height * 4) as usize);
-        for (i, px) in orig.rgb.chunks_exact(3).enumerate() {
-            rgba.extend_from_slice(px);
-            rgba.push(alpha.get(i).copied().unwrap_or(255));
-        }
-        let mut w = enc
-            .write_header()
-            .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-        w.write_image_data(&rgba)
-            .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    }
-    Ok(Some(out))
-}
-
-/// Parses a `multipart/form-data` upload body into its fields.
-pub async fn parse_upload_form(content_type: &str, body: &[u8]) -> Result<UploadForm, String> {
-    let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
-    let data = bytes::Bytes::copy_from_slice(body);
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(data) });
-    let mut multipart = multer::Multipart::new(stream, boundary);
-    let mut form = UploadForm::default();
-    while let Some(field) = multipart.next_field().await.map_err(|e| e.to_string())? {
-        let name = field.name().unwrap_or("").to_string();
-        let file_name = field.file_name().map(str::to_string);
-        let bytes = field.bytes().await.map_err(|e| e.to_string())?;
-        let as_text = || String::from_utf8_lossy(&bytes).into_owned();
-        match name.as_str() {
-            "image" => {
-                form.image = Some(file_name.map(|f| (f, bytes.to_vec())).unwrap_or_default())
-            }
-            "type" => form.kind = Some(as_text()),
-            "subfolder" => form.subfolder = Some(as_text()),
-            "overwrite" => form.overwrite = Some(as_text()),
-            "original_ref" => form.original_ref = Some(as_text()),
             _ => {}
         }
     }
-    Ok(form)
+
+    /// Whether the gate holds an upload of this name (`name [input]` too).
+    pub fn uploaded(&self, name: &str) -> bool {
+        let plain = name.strip_suffix(" [input]").unwrap_or(name);
+        !plain.contains("..") && self.dirs.input.join(plain).is_file()
+    }
+
+    /// The backend (by name) and real name behind a shown `(type, subfolder, filename)`.
+    pub fn resolve(&self, kind: &str, subfolder: &str, name: &str) -> Option<(String, String)> {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_alias
+            .get(&(kind.to_string(), subfolder.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Copies every upload the prompt names (LoadImage `image` values and any other string input
+    /// naming a stored file) to `backend`, once per content.
+    pub async fn ensure_inputs(
+        &self,
+        fleet: &Fleet,
+        backend: usize,
+        prompt: &Value,
+    ) -> Result<(), GateError> {
+        let b = fleet.get(backend);
+        let mut names = Vec::new();
+        for node in prompt.as_object().into_iter().flat_map(|m| m.values()) {
+            for v in node["inputs"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                if let Some(s) = v.as_str() {
+                    let plain = s.strip_suffix(" [input]").unwrap_or(s);
+                    if !plain.is_empty() && !plain.contains("..") && !plain.starts_with('/') {
+                        names.push(plain.to_string());
+                    }
+                }
+            }
+        }
+        for rel in names {
+            let path = self.dirs.input.join(&rel);
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            let key = (b.name().to_string(), rel.clone(), digest);
+            if self
+                .placed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&key)
+            {
+                continue;
+            }
+            let (subfolder, name) = match rel.rsplit_once('/') {
+                Some((s, n)) => (s.to_string(), n.to_string()),
+                None => (String::new(), rel.clone()),
+            };
+            let boundary = format!("comfygate{}", uuid::Uuid::new_v4().simple());
+            let mut body = Vec::with_capacity(bytes.len() + 512);
+            for (field, value) in [
+                ("type", "input"),
+                ("subfolder", subfolder.as_str()),
+                ("overwrite", "true"),
+            ] {
+                body.extend_from_slice(
+                    format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n").as_bytes(),
+                );
+            }
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(&bytes);
+            body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+            let (code, _, _) = fleet
+                .upstream
+                .call(
+                    &b.config,
+                    Method::POST,
+                    "/upload/image",
+                    Some(Bytes::from(body)),
+                    Some(&format!("multipart/form-data; boundary={boundary}")),
+                    None,
+                )
+                .await?;
+            if !code.is_success() {
+                return Err(GateError::Backend {
+                    backend: b.name().to_string(),
+                    message: format!("upload of {rel} answered {code}"),
+                });
+            }
+            self.placed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -429,17 +265,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_follow_existing_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dirs = Dirs::create(tmp.path()).unwrap();
-        let (_, stem, c, sub) = dirs.save_path(&dirs.output, "ComfyUI").unwrap();
-        assert_eq!((stem.as_str(), c, sub.as_str()), ("ComfyUI", 1, ""));
-        std::fs::write(dirs.output.join("ComfyUI_00007_.png"), b"x").unwrap();
-        std::fs::write(dirs.output.join("Other_00099_.png"), b"x").unwrap();
-        assert_eq!(dirs.save_path(&dirs.output, "ComfyUI").unwrap().2, 8);
-        let (folder, _, c, sub) = dirs.save_path(&dirs.output, "runs/x").unwrap();
-        assert_eq!((c, sub.as_str()), (1, "runs"));
-        assert!(folder.ends_with("output/runs"));
-        assert!(dirs.save_path(&dirs.output, "../escape").is_err());
+    fn collisions_get_the_next_counter() {
+        let mut idx = AliasIndex::default();
+        let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
+        let mut shown = |b: &str, n: &str| idx.alias(b, key(n)).0;
+        assert_eq!(shown("a", "ComfyUI_00001_.png"), "ComfyUI_00001_.png");
+        assert_eq!(shown("b", "ComfyUI_00001_.png"), "ComfyUI_00002_.png");
+        assert_eq!(shown("a", "ComfyUI_00002_.png"), "ComfyUI_00003_.png");
+        assert_eq!(
+            shown("b", "ComfyUI_00001_.png"),
+            "ComfyUI_00002_.png",
+            "stable"
+        );
+        assert_eq!(shown("a", "x.webp"), "x.webp");
+        assert_eq!(shown("b", "x.webp"), "x (1).webp");
+        assert_eq!(
+            idx.by_alias[&key("ComfyUI_00003_.png")],
+            ("a".into(), "ComfyUI_00002_.png".into())
+        );
     }
 }

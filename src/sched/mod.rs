@@ -35,9 +35,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::files::Files;
 use crate::fleet::Fleet;
 use crate::fleet::picker::{self, Picker, stats::Learned};
-use crate::gfiles::Files;
 use crate::protocol::now_ms;
 use crate::sessions::Sessions;
 use history::History;

@@ -269,10 +269,10 @@ impl Store {
     }
 }
 
-impl crate::gfiles::AliasStore for Store {
+impl crate::files::AliasStore for Store {
     fn save_alias(
         &self,
-        shown: &crate::gfiles::FileKey,
+        shown: &crate::files::FileKey,
         target: &(String, String),
     ) -> Result<(), String> {
         Store::save_alias(self, shown, target).map_err(|e| e.to_string())

@@ -6,7 +6,7 @@ pub mod fake_nvml;
 
 use std::time::Duration;
 
-use comfy_gate::sim::{SimBackend, SimConfig, SimHandle};
+use comfy_sim::{SimBackend, SimConfig, SimHandle};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -239,7 +239,7 @@ pub async fn wait_history(base: &str, prompt_id: &str) -> Value {
 
 /// A small PNG for uploads.
 pub fn png(width: u32, height: u32, seed: u64) -> Vec<u8> {
-    comfy_gate::files::images::SimImage::synthesize(width, height, seed).to_png(&[], true)
+    comfy_wire::files::images::Image::synthesize(width, height, seed).to_png(&[], true)
 }
 
 /// Starts a gate in front of `sims` on port 0 (admin on port 0), probing every 100 ms, with a
@@ -281,7 +281,7 @@ pub fn http_from(ip: [u8; 4]) -> reqwest::Client {
 
 /// Whether the PNG's embedded prompt has this KSampler seed (tells prompts' images apart).
 pub fn png_seed(png: &[u8]) -> Option<u64> {
-    let chunks = comfy_gate::files::images::png_text_chunks(png);
+    let chunks = comfy_wire::files::images::png_text_chunks(png);
     let prompt = &chunks.iter().find(|(k, _)| k == "prompt")?.1;
     let v: Value = serde_json::from_str(prompt).ok()?;
     v.as_object()?

@@ -6,9 +6,13 @@
 //! emits ComfyUI's WebSocket messages in ComfyUI's order. Faults can be injected to exercise the
 //! gate's recovery. `docs/comfy-sim.md` lists where it differs from ComfyUI on purpose.
 //!
+//! It is a crate of its own so that the gate's library does not carry a simulator: it shares
+//! only `comfy-wire` (wire shapes, file rules, HTTP plumbing) with the gate and never links it,
+//! and the gate links it only for its `demo` command, its tests and its benchmarks.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use comfy_gate::sim::{SimBackend, SimConfig, Fault};
+//! use comfy_sim::{SimBackend, SimConfig, Fault};
 //! let sim = SimBackend::start(SimConfig { time_scale: 0.01, ..Default::default() }).await?;
 //! println!("ComfyUI at {}", sim.url());
 //! sim.inject(Fault::Crash { restart_after_ms: None });
@@ -43,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio_util::sync::CancellationToken;
 
-use crate::files::Dirs;
+use comfy_wire::files::Dirs;
 pub use config::{ModelFile, SimConfig};
 pub use faults::Fault;
 use faults::Faults;
@@ -122,10 +126,10 @@ impl Shared {
         let serving = inst.clone();
         let handler =
             Arc::new(move |req, _info| routes::handle(serving.clone(), control.clone(), req));
-        tokio::spawn(crate::http::serve(
+        tokio::spawn(comfy_wire::http::serve(
             listener,
             handler,
-            crate::http::ServeOptions::default(),
+            comfy_wire::http::ServeOptions::default(),
             stop,
         ));
         *lock(&self.current) = Some(inst);
@@ -210,6 +214,8 @@ impl SimHandle {
                     inst.hub.drop_all();
                 }
             }
+            Fault::Silent { ms } => faults.set_silent(ms),
+            Fault::SlowProbes { ms } => faults.set_slow_probes(ms),
             Fault::Clear => faults.clear(),
         }
     }

@@ -8,8 +8,8 @@ use http::{Method, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::instance::Instance;
-use crate::files::normalize;
-use crate::http::{Body, json as json_resp, percent_decode, status, text};
+use comfy_wire::files::normalize;
+use comfy_wire::http::{Body, json as json_resp, percent_decode, status, text};
 
 fn user_root(inst: &Instance) -> PathBuf {
     inst.dirs.user.join("default")
@@ -290,7 +290,7 @@ fn userdata_file(
     match (method, dest) {
         (&Method::GET, None) => match std::fs::read(&path) {
             Ok(bytes) if path.is_file() => {
-                let mut resp = Response::new(crate::http::full(bytes));
+                let mut resp = Response::new(comfy_wire::http::full(bytes));
                 let ctype = mime_guess::from_path(&path)
                     .first_raw()
                     .unwrap_or("application/octet-stream");

@@ -19,9 +19,9 @@ use super::graph::ExecutionList;
 use super::instance::{Instance, lock};
 use super::nodes::find;
 use super::queue::QueueItem;
-use crate::files::images::SimImage;
-use crate::protocol::frames;
-use crate::protocol::now_ms;
+use comfy_wire::files::images::Image;
+use comfy_wire::protocol::frames;
+use comfy_wire::protocol::now_ms;
 
 /// A value flowing between simulated nodes.
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ enum Val {
         batch: u32,
         seed: u64,
     },
-    Image(Arc<Vec<SimImage>>),
+    Image(Arc<Vec<Image>>),
     Mask,
 }
 
@@ -159,14 +159,14 @@ impl Run<'_> {
         id: &str,
         value: u32,
         max: u32,
-        preview: Option<&SimImage>,
+        preview: Option<&Image>,
     ) -> Result<(), NodeError> {
         if self.inst.interrupted() {
             return Err(NodeError::Interrupted);
         }
         self.set_progress(id, "running", value as f64, max as f64);
         let metadata = self.inst.hub.supports_preview_metadata(self.target());
-        let jpeg = preview.map(SimImage::to_jpeg);
+        let jpeg = preview.map(Image::to_jpeg);
         if let (Some(jpeg), true) = (&jpeg, metadata) {
             let meta = json!({
                 "node_id": id, "prompt_id": self.item.prompt_id, "display_node_id": id,
@@ -229,7 +229,7 @@ fn signatures(inst: &Instance, prompt: &Map<String, Value>) -> HashMap<String, u
             }
         }
         if node["class_type"] == "LoadImage" {
-            let name = crate::protocol::errors::python_str(&node["inputs"]["image"]);
+            let name = comfy_wire::protocol::errors::python_str(&node["inputs"]["image"]);
             if let Ok(bytes) = std::fs::read(inst.dirs.annotated_path(&name)) {
                 bytes.hash(&mut h);
             }
@@ -538,6 +538,12 @@ fn oom() -> NodeError {
     }
 }
 
+/// Whether a node reports `progress` while it runs (ComfyUI's progress bar); only the sampler
+/// does here. The `Silent` fault lengthens every other node.
+fn sends_progress(class: &str) -> bool {
+    class == "KSampler"
+}
+
 type NodeResult = Result<(Vec<Val>, Option<Value>), NodeError>;
 
 /// Simulates one node: its time, its VRAM and its (real) pixels.
@@ -556,6 +562,10 @@ async fn run_node(
             Err(NodeError::Died)
         }
     };
+    // The `Silent` fault: a long node with no progress bar, so no event until it ends.
+    if !sends_progress(class) && !inst.fault_wait(true, |f| f.silent()).await {
+        return Err(NodeError::Died);
+    }
     match class {
         "CheckpointLoaderSimple" => {
             let name = literal(inputs, "ckpt_name")
@@ -683,7 +693,7 @@ async fn run_node(
             ]);
             let preview_img = run
                 .previews
-                .then(|| SimImage::synthesize((width / 8).max(1), (height / 8).max(1), out_seed));
+                .then(|| Image::synthesize((width / 8).max(1), (height / 8).max(1), out_seed));
             let result = async {
                 for step in 1..=steps {
                     sleep(step_secs).await?;
@@ -722,7 +732,7 @@ async fn run_node(
             )
             .await?;
             let images = (0..batch)
-                .map(|i| SimImage::synthesize(width, height, seed.wrapping_add(i as u64)))
+                .map(|i| Image::synthesize(width, height, seed.wrapping_add(i as u64)))
                 .collect();
             Ok((vec![Val::Image(Arc::new(images))], None))
         }
@@ -734,7 +744,7 @@ async fn run_node(
             );
             guard_pixels(w, h, b)?;
             sleep(cost::TRIVIAL_NODE_SECONDS).await?;
-            let img = SimImage::solid(w, h, int(inputs, "color", 0) as u32);
+            let img = Image::solid(w, h, int(inputs, "color", 0) as u32);
             Ok((vec![Val::Image(Arc::new(vec![img; b as usize]))], None))
         }
         "ImageBlur" | "ImageInvert" => {
@@ -756,7 +766,7 @@ async fn run_node(
             Ok((vec![Val::Image(Arc::new(out))], None))
         }
         "LoadImage" => {
-            let name = crate::protocol::errors::python_str(
+            let name = comfy_wire::protocol::errors::python_str(
                 literal(inputs, "image").unwrap_or(&Value::Null),
             );
             let path = inst.dirs.annotated_path(&name);
@@ -767,7 +777,7 @@ async fn run_node(
                     path.display()
                 ),
             })?;
-            let (img, _) = SimImage::from_png(&bytes).map_err(|_| NodeError::Failed {
+            let (img, _) = Image::from_png(&bytes).map_err(|_| NodeError::Failed {
                 exception_type: "PIL.UnidentifiedImageError".into(),
                 message: format!("cannot identify image file '{}'", path.display()),
             })?;
@@ -780,7 +790,7 @@ async fn run_node(
             };
             let temp = class == "PreviewImage";
             let mut prefix = literal(inputs, "filename_prefix")
-                .map(crate::protocol::errors::python_str)
+                .map(comfy_wire::protocol::errors::python_str)
                 .unwrap_or_else(|| "ComfyUI".into());
             if temp {
                 let suffix: String = (0..5)

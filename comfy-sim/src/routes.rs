@@ -14,10 +14,10 @@ use super::nodes::{find, object_info};
 use super::queue::QueueItem;
 use super::validate::{ValidationContext, validate_prompt};
 use super::{ControlRequest, userdata};
-use crate::files::{self, UploadOutcome};
-use crate::http::{Body, BodyError, json as json_resp, query_pairs, read_body, status, text};
-use crate::protocol::origin::{is_loopback, same_origin_allows};
-use crate::protocol::{errors, jobs};
+use comfy_wire::files::{self, UploadOutcome};
+use comfy_wire::http::{Body, BodyError, json as json_resp, query_pairs, read_body, status, text};
+use comfy_wire::protocol::origin::{is_loopback, same_origin_allows};
+use comfy_wire::protocol::{errors, jobs};
 
 /// aiohttp's answer to an unhandled exception.
 pub fn internal_error() -> Response<Body> {
@@ -139,7 +139,7 @@ async fn route(
             ))
         }
         (Method::GET, p) if p.starts_with("/history/") => {
-            let id = crate::http::percent_decode(&p["/history/".len()..]);
+            let id = comfy_wire::http::percent_decode(&p["/history/".len()..]);
             let q = lock(&inst.queue);
             ok_json(match q.history_entry(&id) {
                 Some(entry) => json!({ id: entry }),
@@ -175,7 +175,7 @@ async fn route(
             Err(msg) => json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg })),
         },
         (Method::GET, p) if p.starts_with("/api/jobs/") => {
-            let id = crate::http::percent_decode(&p["/api/jobs/".len()..]);
+            let id = comfy_wire::http::percent_decode(&p["/api/jobs/".len()..]);
             let queue = lock(&inst.queue);
             let view = queue.to_json();
             let history = queue.history_page(None, -1);
@@ -204,6 +204,9 @@ async fn route(
             }
         }
         (Method::GET, "/system_stats") => {
+            if !inst.fault_wait(false, |f| f.probe_delay()).await {
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
             if inst.faults.fail_probes.load(Ordering::SeqCst) {
                 return internal_error();
             }
@@ -220,7 +223,7 @@ async fn route(
             ok_json(Value::Object(all))
         }
         (Method::GET, p) if p.starts_with("/object_info/") => {
-            let class = crate::http::percent_decode(&p["/object_info/".len()..]);
+            let class = comfy_wire::http::percent_decode(&p["/object_info/".len()..]);
             let images = inst.dirs.input_images();
             ok_json(match find(&inst.defs, &class) {
                 Some(d) => json!({ class: object_info(d, &inst.config, &images) }),
@@ -277,7 +280,7 @@ async fn route(
             let Ok(fault) = serde_json::from_slice::<Fault>(body) else {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|clear\"}" }),
+                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|clear\"}" }),
                 );
             };
             let _ = control.send(ControlRequest::Inject(fault));
@@ -297,7 +300,7 @@ fn index(inst: &Instance) -> Response<Body> {
          <p>A simulated ComfyUI backend. The API is served under <code>/api</code> and at the root.</p></body></html>",
         inst.config.name
     );
-    let mut resp = Response::new(crate::http::full(html));
+    let mut resp = Response::new(comfy_wire::http::full(html));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -394,7 +397,7 @@ fn post_prompt(inst: &Instance, body: &[u8]) -> Response<Body> {
                     sensitive.insert(key.into(), v);
                 }
             }
-            extra_data.insert("create_time".into(), json!(crate::protocol::now_ms()));
+            extra_data.insert("create_time".into(), json!(comfy_wire::protocol::now_ms()));
             lock(&inst.queue).push(QueueItem {
                 number: number.clone(),
                 prompt_id: prompt_id.clone(),

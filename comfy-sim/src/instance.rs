@@ -14,7 +14,7 @@ use super::faults::Faults;
 use super::hub::Hub;
 use super::nodes::{NodeDef, catalogue};
 use super::queue::PromptQueue;
-use crate::files::Dirs;
+use comfy_wire::files::Dirs;
 
 /// VRAM the CUDA context and allocator keep, in GB.
 pub const BASELINE_VRAM_GB: f64 = 0.4;
@@ -154,6 +154,39 @@ impl Instance {
                 _ = tokio::time::sleep(Duration::from_secs_f64(step)) => {}
             }
             left -= step;
+        }
+    }
+
+    /// Holds on while a wall-time fault lasts: until `delay` (read afresh from the faults, so
+    /// `Clear` ends the wait) has passed since the call, or the instance stops (returns false).
+    /// With `worker`, time spent hung or stalled does not count, as for simulated durations.
+    pub async fn fault_wait(
+        &self,
+        worker: bool,
+        delay: impl Fn(&Faults) -> Option<Duration>,
+    ) -> bool {
+        let slice = Duration::from_millis(20);
+        let mut waited = Duration::ZERO;
+        loop {
+            if self.stop.is_cancelled() {
+                return false;
+            }
+            match delay(&self.faults) {
+                Some(d) if waited < d => {}
+                _ => return true,
+            }
+            let step = slice.min(
+                delay(&self.faults)
+                    .unwrap_or_default()
+                    .saturating_sub(waited),
+            );
+            tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep(step.max(Duration::from_millis(1))) => {}
+            }
+            if !(worker && self.faults.frozen()) {
+                waited += step;
+            }
         }
     }
 

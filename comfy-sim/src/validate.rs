@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 
 use super::nodes::{InputDef, InputType, NodeDef, find};
-use crate::protocol::errors::{self, error_item, python_str};
+use comfy_wire::protocol::errors::{self, error_item, python_str};
 
 /// What the validator needs to know about the instance.
 pub struct ValidationContext<'a> {

@@ -79,7 +79,7 @@ impl Hub {
 
     /// ComfyUI's `send_json`: to `sid`, or to everyone when `sid` is `None`.
     pub fn send_json(&self, kind: &str, data: Value, sid: Option<&str>) {
-        let text = crate::protocol::event(kind, data).to_string();
+        let text = comfy_wire::protocol::event(kind, data).to_string();
         self.send(Message::text(text), sid);
     }
 

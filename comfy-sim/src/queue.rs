@@ -3,6 +3,7 @@
 //! ComfyUI keeps a heap ordered by `(number, prompt_id)`, one running item, and an
 //! insertion-ordered history capped at 10,000 entries (reference §4.3–4.9, §5.1).
 
+use comfy_wire::protocol::paging::page;
 use indexmap::IndexMap;
 use serde_json::{Map, Number, Value, json};
 
@@ -155,39 +156,6 @@ impl PromptQueue {
     pub fn history_len(&self) -> usize {
         self.history.len()
     }
-}
-
-/// ComfyUI's history paging over any ordered entry list.
-pub fn page<'a>(
-    entries: impl Iterator<Item = (&'a String, &'a Value)>,
-    len: usize,
-    max_items: Option<i64>,
-    offset: i64,
-) -> Map<String, Value> {
-    let mut offset = offset;
-    if let (true, Some(max)) = (offset < 0, max_items) {
-        offset = len as i64 - max;
-    }
-    let mut out = Map::new();
-    if max_items.is_some_and(|m| m <= 0) {
-        // Python's `len(out) >= max_items` is checked after the first insert.
-        for (i, (k, v)) in entries.enumerate() {
-            if i as i64 >= offset {
-                out.insert(k.clone(), v.clone());
-                break;
-            }
-        }
-        return out;
-    }
-    for (i, (k, v)) in entries.enumerate() {
-        if i as i64 >= offset {
-            out.insert(k.clone(), v.clone());
-            if max_items.is_some_and(|m| out.len() as i64 >= m) {
-                break;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! Faults a test (or `POST /sim/fault`) can inject into a running instance.
 //!
 //! Each models a failure the gate must survive: a process that dies, a process that hangs with
-//! its sockets open, a GPU that stalls, a slow card, a health endpoint that fails, an
-//! out-of-memory error, and a WebSocket that drops.
+//! its sockets open, a GPU that stalls, a slow card, a health endpoint that fails or answers
+//! late, an out-of-memory error, a WebSocket that drops, and nodes that run long without a word.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -32,7 +33,16 @@ pub enum Fault {
     OomNext,
     /// Every WebSocket connection is closed by the server.
     DropWebsockets,
-    /// Removes hang, stall, slow, fail-probes and a pending out-of-memory.
+    /// Every node without a progress bar (anything but the sampler) runs `ms` wall milliseconds
+    /// longer, unscaled by `time_scale` and `Slow`, and sends no event meanwhile: ComfyUI's video
+    /// encoders, large VAE decodes and checkpoint loads look like this. HTTP keeps answering and
+    /// `/queue` lists the prompt as running. `Clear` ends a node's silence early.
+    Silent { ms: u64 },
+    /// `GET /system_stats` (the health probe) answers only after `ms` wall milliseconds, as when
+    /// a heavy prompt keeps ComfyUI from answering promptly; every other route, the worker and
+    /// the WebSockets carry on as usual. `Clear` answers the probes already waiting.
+    SlowProbes { ms: u64 },
+    /// Removes hang, stall, slow, fail-probes, silent, slow-probes and a pending out-of-memory.
     Clear,
 }
 
@@ -44,6 +54,10 @@ pub struct Faults {
     pub fail_probes: AtomicBool,
     pub oom_next: AtomicBool,
     slow_factor: Mutex<f64>,
+    /// `Silent`: extra wall milliseconds per node without a progress bar (0 = off).
+    silent_ms: AtomicU64,
+    /// `SlowProbes`: wall milliseconds before `/system_stats` answers (0 = off).
+    slow_probes_ms: AtomicU64,
 }
 
 impl Default for Faults {
@@ -54,6 +68,8 @@ impl Default for Faults {
             fail_probes: AtomicBool::new(false),
             oom_next: AtomicBool::new(false),
             slow_factor: Mutex::new(1.0),
+            silent_ms: AtomicU64::new(0),
+            slow_probes_ms: AtomicU64::new(0),
         }
     }
 }
@@ -72,6 +88,26 @@ impl Faults {
         *self.slow_factor.lock().unwrap_or_else(|e| e.into_inner()) = factor;
     }
 
+    pub fn set_silent(&self, ms: u64) {
+        self.silent_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How much longer a node without a progress bar runs, in wall time (`None` = not silent).
+    pub fn silent(&self) -> Option<Duration> {
+        let ms = self.silent_ms.load(Ordering::SeqCst);
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    pub fn set_slow_probes(&self, ms: u64) {
+        self.slow_probes_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long `/system_stats` waits before answering, in wall time (`None` = no delay).
+    pub fn probe_delay(&self) -> Option<Duration> {
+        let ms = self.slow_probes_ms.load(Ordering::SeqCst);
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
     /// True while the worker must not make progress.
     pub fn frozen(&self) -> bool {
         self.hang.load(Ordering::SeqCst) || self.stall.load(Ordering::SeqCst)
@@ -83,5 +119,7 @@ impl Faults {
         self.fail_probes.store(false, Ordering::SeqCst);
         self.oom_next.store(false, Ordering::SeqCst);
         self.set_slow_factor(1.0);
+        self.set_silent(0);
+        self.set_slow_probes(0);
     }
 }

@@ -2,19 +2,21 @@
 //! with ComfyUI's text chunks, and small JPEG latent previews.
 //!
 //! Outputs must be real PNGs whose content depends on the prompt, so a test can tell one
-//! prompt's image from another's even when file names collide across backends.
+//! prompt's image from another's even when file names collide across backends. The gate needs
+//! the PNG decode and encode too (`/upload/mask` composites a mask onto its original), which is
+//! why the type lives here, beside ComfyUI's file rules, rather than in the sim.
 
 use std::io::Cursor;
 
 /// An RGB image, 8 bits per channel.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SimImage {
+pub struct Image {
     pub width: u32,
     pub height: u32,
     pub rgb: Vec<u8>,
 }
 
-impl SimImage {
+impl Image {
     pub fn solid(width: u32, height: u32, color: u32) -> Self {
         let (r, g, b) = ((color >> 16) as u8, (color >> 8) as u8, color as u8);
         let n = (width as usize) * (height as usize);
@@ -194,9 +196,9 @@ mod tests {
 
     #[test]
     fn png_round_trip_keeps_pixels_and_text() {
-        let img = SimImage::synthesize(17, 9, 42);
+        let img = Image::synthesize(17, 9, 42);
         let png = img.to_png(&[("prompt".into(), "{\"1\":2}".into())], true);
-        let (back, alpha) = SimImage::from_png(&png).unwrap();
+        let (back, alpha) = Image::from_png(&png).unwrap();
         assert_eq!(back, img);
         assert!(alpha.is_none());
         assert_eq!(
@@ -208,19 +210,19 @@ mod tests {
     #[test]
     fn seeds_give_different_pictures() {
         assert_ne!(
-            SimImage::synthesize(8, 8, 1).rgb,
-            SimImage::synthesize(8, 8, 2).rgb
+            Image::synthesize(8, 8, 1).rgb,
+            Image::synthesize(8, 8, 2).rgb
         );
     }
 
     #[test]
     fn blur_keeps_size_and_smooths() {
-        let img = SimImage::synthesize(20, 10, 7);
+        let img = Image::synthesize(20, 10, 7);
         let b = img.blur(3);
         assert_eq!((b.width, b.height, b.rgb.len()), (20, 10, img.rgb.len()));
         assert_eq!(
-            SimImage::solid(5, 5, 0x336699).blur(2),
-            SimImage::solid(5, 5, 0x336699)
+            Image::solid(5, 5, 0x336699).blur(2),
+            Image::solid(5, 5, 0x336699)
         );
     }
 }

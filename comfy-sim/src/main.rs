@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use comfy_gate::sim::{SimBackend, SimConfig, config::default_models};
+use comfy_sim::{SimBackend, SimConfig, config::default_models};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,5 +1,5 @@
 //! ComfyUI's wire protocol as both sides of comfy-gate speak it: the origin rule, the error
-//! shapes of `POST /prompt`, WebSocket event names and binary preview frames.
+//! shapes of `POST /prompt`, WebSocket event names, binary preview frames and history paging.
 //!
 //! Kept apart from the sim and the gate so that both produce byte-for-byte the same shapes,
 //! and so the rules can be unit-tested without sockets.
@@ -8,6 +8,7 @@ pub mod errors;
 pub mod frames;
 pub mod jobs;
 pub mod origin;
+pub mod paging;
 
 /// Epoch milliseconds, the unit of every `timestamp` and `create_time` in ComfyUI.
 pub fn now_ms() -> i64 {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::instance::{Instance, lock};
-use crate::http::{Body, serve_comfy_websocket};
+use comfy_wire::http::{Body, serve_comfy_websocket};
 
 pub fn handle(inst: Arc<Instance>, mut req: Request<Incoming>) -> Response<Body> {
     serve_comfy_websocket(&mut req, move |sid, ws| serve_socket(inst, sid, ws))
