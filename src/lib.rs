@@ -9,5 +9,6 @@ pub mod gate;
 pub mod http;
 pub mod loadtest;
 pub mod protocol;
+pub mod sched;
 pub mod sim;
 pub mod telemetry;
