@@ -209,7 +209,7 @@ fn a_prompt_goes_only_where_its_vram_need_fits() {
     small_roomy.vram_free = Some(8 * GB);
     let f = fleet(vec![small_roomy.clone(), big]);
     let a = decide(
-        &[retry.clone()],
+        std::slice::from_ref(&retry),
         &f,
         &Learned::default(),
         &LeastInFlight,
@@ -334,7 +334,7 @@ fn a_retry_prefers_a_backend_it_has_not_tried_and_falls_back_to_one_it_has() {
     );
     assert_eq!(ids(&first), [("r", 0)], "the roomier card without a retry");
     let a = decide(
-        &[retry.clone()],
+        std::slice::from_ref(&retry),
         &f,
         &Learned::default(),
         &p,
