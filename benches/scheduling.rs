@@ -13,6 +13,8 @@
 
 #[path = "support/proc.rs"]
 mod proc;
+#[path = "support/workload.rs"]
+mod workload;
 // Shared with the overhead bench, which uses other parts of it.
 #[allow(dead_code)]
 #[path = "support/nginx.rs"]
@@ -23,102 +25,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comfy_gate::config::{self, FileConfig};
-use comfy_sim::cost;
 use comfy_sim::{SimBackend, SimConfig, SimHandle};
 use futures_util::StreamExt;
 use nginx::{Balance, NginxProcess};
 use serde_json::{Value, json};
+use workload::{Bound, FLEET, Job, Outcome, print_head, print_row, trace};
 
 /// Simulated seconds per wall second; 0.1 keeps per-request overhead small against job times.
 const TIME_SCALE: f64 = 0.1;
 const JOBS: usize = 80;
-const FLEET: [(f64, f64); 4] = [(2.0, 80.0), (1.0, 24.0), (1.0, 24.0), (0.5, 12.0)];
-const CKPTS: [&str; 2] = [
-    "sd_xl_base_1.0.safetensors",
-    "v1-5-pruned-emaonly-fp16.safetensors",
-];
-
-struct Job {
-    at_s: f64,
-    ckpt: &'static str,
-    side: u64,
-    batch: u64,
-    steps: u64,
-}
-
-impl Job {
-    /// Seconds this job runs on a GPU of `speed` with its checkpoint resident, by comfy-sim's
-    /// cost model: sampling, VAE decode, two text encodes, the empty latent.
-    fn service_s(&self, speed: f64) -> f64 {
-        let megapixels = (self.side * self.side) as f64 / 1e6 * self.batch as f64;
-        (cost::SAMPLER_SECONDS_PER_STEP_MEGAPIXEL * self.steps as f64 * megapixels
-            + cost::VAE_SECONDS_PER_MEGAPIXEL * megapixels
-            + 2.0 * cost::TEXT_ENCODE_SECONDS)
-            / speed
-            + cost::TRIVIAL_NODE_SECONDS
-    }
-    fn graph(&self, seed: u64) -> Value {
-        json!({
-            "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": self.steps, "cfg": 7, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
-                  "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
-            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": self.ckpt}},
-            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": self.side, "height": self.side, "batch_size": self.batch}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a lighthouse"}},
-            "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "blurry"}},
-            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-            "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}}
-        })
-    }
-}
-
-/// A seeded trace: 70 % small (512²), 25 % large (1024²), 5 % very large (1536² × 2, which the
-/// 12 GB card cannot hold with SDXL); checkpoints half and half; Poisson arrivals at `load` ×
-/// the fleet's capacity (its summed speed over the mean service time at speed 1).
-fn trace(load: f64, seed: u64) -> Vec<Job> {
-    let mut x = seed;
-    let mut rnd = move || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((x >> 11) as f64) / ((1u64 << 53) as f64)
-    };
-    let mut jobs: Vec<Job> = (0..JOBS)
-        .map(|_| {
-            let r = rnd();
-            let (side, batch) = if r < 0.70 {
-                (512, 1)
-            } else if r < 0.95 {
-                (1024, 1)
-            } else {
-                (1536, 2)
-            };
-            Job {
-                at_s: 0.0,
-                ckpt: CKPTS[(rnd() * 2.0) as usize % 2],
-                side,
-                batch,
-                steps: 20,
-            }
-        })
-        .collect();
-    let mean_service: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum::<f64>() / JOBS as f64;
-    let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
-    let rate = load * capacity / mean_service;
-    let mut t = 0.0;
-    for j in &mut jobs {
-        t += -(1.0 - rnd()).ln() / rate;
-        j.at_s = t;
-    }
-    jobs
-}
-
-struct Outcome {
-    latencies: Vec<f64>,
-    makespan: f64,
-    busy_share: f64,
-    loads: u64,
-    failed: usize,
-}
 
 /// What the trace is sent through.
 #[derive(Clone, Copy)]
@@ -316,49 +231,10 @@ async fn run_policy(jobs: &[Job], front: Front, nginx_bin: Option<&std::path::Pa
     }
 }
 
-/// A queueing reference, computed, not run: each job in arrival order on the GPU where it would
-/// finish first, with exact service times, checkpoints always resident and no overhead. What
-/// queueing alone costs on this trace (the lower bound ignores it).
-/// Returns (latencies, makespan).
-fn greedy_reference(jobs: &[Job]) -> (Vec<f64>, f64) {
-    let models = SimConfig::default();
-    let mut free_at = [0.0f64; FLEET.len()];
-    let mut latencies = Vec::new();
-    for j in jobs {
-        let ckpt_gb = models
-            .model_size_gb("checkpoints", j.ckpt)
-            .expect("the sims list the trace's checkpoints");
-        let megapixels = (j.side * j.side) as f64 / 1e6 * j.batch as f64;
-        let need = ckpt_gb + cost::sampling_working_gb(megapixels / j.batch as f64, j.batch as u32);
-        let best = FLEET
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, vram))| need <= *vram)
-            .map(|(b, (speed, _))| (b, free_at[b].max(j.at_s) + j.service_s(*speed)))
-            .min_by(|x, y| x.1.total_cmp(&y.1));
-        if let Some((b, end)) = best {
-            free_at[b] = end;
-            latencies.push(end - j.at_s);
-        }
-    }
-    (latencies, free_at.iter().copied().fold(0.0, f64::max))
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
-}
-
 fn main() {
     // `cargo bench --bench scheduling -- WORD` runs only the policies whose name contains WORD.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let fastest = FLEET.iter().map(|f| f.0).fold(0.0, f64::max);
-    let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
     let nginx_bin = nginx::find_nginx();
     println!(
         "# Scheduling benchmark ({JOBS} jobs, fleet speeds 2/1/1/0.5, VRAM 80/24/24/12 GB, time scale {TIME_SCALE})\n"
@@ -398,47 +274,16 @@ fn main() {
         ));
     }
     for load in [0.70, 0.95] {
-        let jobs = trace(load, 42);
-        let total_work: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum();
-        let lb_makespan = (total_work / capacity).max(jobs.last().map(|j| j.at_s).unwrap_or(0.0));
-        let lb_lat: Vec<f64> = jobs.iter().map(|j| j.service_s(fastest)).collect();
-        let (lb50, lb95, lb99) = (pct(&lb_lat, 0.5), pct(&lb_lat, 0.95), pct(&lb_lat, 0.99));
+        let jobs = trace(load, 42, JOBS);
+        let lb = Bound::of(&jobs);
         println!("## Load {:.0} % of capacity\n", load * 100.0);
-        println!(
-            "| policy | p50 s (×LB) | p95 s (×LB) | p99 s (×LB) | makespan s (×LB) | GPU busy | ckpt loads | failed |"
-        );
-        println!("|---|---|---|---|---|---|---|---|");
-        println!("| lower bound | {lb50:.2} | {lb95:.2} | {lb99:.2} | {lb_makespan:.1} | | | |");
-        let (g, g_makespan) = greedy_reference(&jobs);
-        let (g50, g95, g99) = (pct(&g, 0.5), pct(&g, 0.95), pct(&g, 0.99));
-        println!(
-            "| queueing reference (computed: greedy, exact times, no loads) | {g50:.2} ({:.2}) | {g95:.2} ({:.2}) | {g99:.2} ({:.2}) | {g_makespan:.1} ({:.2}) | | 0 | 0 |",
-            g50 / lb50,
-            g95 / lb95,
-            g99 / lb99,
-            g_makespan / lb_makespan
-        );
+        print_head(&jobs, &lb);
         for (name, front) in &policies {
             if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
                 continue;
             }
             let o = rt.block_on(run_policy(&jobs, *front, nginx_bin.as_deref()));
-            let (p50, p95, p99) = (
-                pct(&o.latencies, 0.5),
-                pct(&o.latencies, 0.95),
-                pct(&o.latencies, 0.99),
-            );
-            println!(
-                "| {name} | {p50:.2} ({:.2}) | {p95:.2} ({:.2}) | {p99:.2} ({:.2}) | {:.1} ({:.2}) | {:.0} % | {} | {} |",
-                p50 / lb50,
-                p95 / lb95,
-                p99 / lb99,
-                o.makespan,
-                o.makespan / lb_makespan,
-                o.busy_share * 100.0,
-                o.loads,
-                o.failed
-            );
+            print_row(name, &o, &lb);
         }
         println!();
     }

@@ -18,14 +18,19 @@
 //! ([`prompts::PromptTable`]) guarantee it happens once.
 
 pub mod admission;
+pub mod decide;
 pub mod dispatch;
 pub mod events;
 pub mod history;
+pub mod outlook;
 pub mod placing;
 pub mod prompts;
 pub mod recovery;
 pub mod store;
 pub mod watchdog;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
