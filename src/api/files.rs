@@ -27,7 +27,10 @@ pub async fn upload(
         ));
     }
     match files::upload(&ctx.files.dirs, form, mask) {
-        UploadOutcome::Saved(v) => Ok(Ok(v)),
+        UploadOutcome::Saved(v) => {
+            ctx.files.note_upload(&v);
+            Ok(Ok(v))
+        }
         UploadOutcome::Status(code) if code.is_server_error() => Err(GateError::BadRequest(
             "the upload could not be stored".into(),
         )),

@@ -11,6 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
+
 use bytes::Bytes;
 use http::Method;
 use serde_json::Value;
@@ -92,6 +94,25 @@ pub struct Files {
     pub dirs: Dirs,
     /// `(backend name, relative path, sha256)` already copied.
     placed: Mutex<HashSet<(String, String, [u8; 32])>>,
+    /// Names of the uploads held (`cat.png`, `sub/cat.png`): read from the directory once at
+    /// open, then kept by [`Files::note_upload`], so placement never touches the disk.
+    uploads: ArcSwap<HashSet<String>>,
+}
+
+/// Every file under `dir`, as paths relative to `root` with `/` separators.
+fn walk(root: &Path, dir: &Path, out: &mut HashSet<String>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => walk(root, &path, out),
+            Ok(t) if t.is_file() => {
+                if let Some(rel) = path.strip_prefix(root).ok().and_then(|r| r.to_str()) {
+                    out.insert(rel.replace('\\', "/"));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Files {
@@ -107,11 +128,14 @@ impl Files {
         for (shown, (backend, real)) in aliases {
             index.insert(shown, backend, real);
         }
+        let mut uploads = HashSet::new();
+        walk(&dirs.input, &dirs.input, &mut uploads);
         Ok(Self {
             index: Mutex::new(index),
             store,
             dirs,
             placed: Mutex::new(HashSet::new()),
+            uploads: ArcSwap::from_pointee(uploads),
         })
     }
 
@@ -162,7 +186,28 @@ impl Files {
     /// Whether the gate holds an upload of this name (`name [input]` too).
     pub fn uploaded(&self, name: &str) -> bool {
         let plain = name.strip_suffix(" [input]").unwrap_or(name);
-        !plain.contains("..") && self.dirs.input.join(plain).is_file()
+        !plain.contains("..") && self.uploads.load().contains(plain)
+    }
+
+    /// The names of the uploads held (shared: a snapshot for one dispatch pass).
+    pub fn upload_names(&self) -> Arc<HashSet<String>> {
+        self.uploads.load_full()
+    }
+
+    /// An upload was stored: `saved` is ComfyUI's answer, `{"name", "subfolder", "type"}`.
+    pub fn note_upload(&self, saved: &Value) {
+        let Some(name) = saved["name"].as_str() else {
+            return;
+        };
+        let rel = match saved["subfolder"].as_str().filter(|s| !s.is_empty()) {
+            Some(sub) => format!("{}/{name}", sub.trim_matches('/')),
+            None => name.to_string(),
+        };
+        self.uploads.rcu(|old| {
+            let mut next = HashSet::clone(old);
+            next.insert(rel.clone());
+            next
+        });
     }
 
     /// The backend (by name) and real name behind a shown `(type, subfolder, filename)`.

@@ -1,5 +1,5 @@
 //! The dispatcher (design §2 "Late binding"): whenever a slot frees, a prompt arrives or a
-//! backend comes back, it takes waiting prompts off the gate queue ([`placing::take_next`]) and
+//! backend comes back, it takes waiting prompts off the gate queue ([`placing::dispatch_pass`]) and
 //! forwards each to the backend chosen for it. A backend that refuses a prompt it validated
 //! (400) ends it as ComfyUI reports a failed run; one that cannot be reached gives it back.
 
@@ -77,15 +77,15 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
     }
 }
 
-/// Sends queued prompts while slots are free; sleeps until woken (or [`IDLE_TICK`]).
+/// Sends queued prompts while slots are free (one [`placing::dispatch_pass`] fills every slot it
+/// can); sleeps until woken (or [`IDLE_TICK`]).
 pub async fn dispatcher_loop(sched: Arc<Scheduler>) {
     loop {
-        loop {
-            let next = {
-                let mut s = sched.lock();
-                placing::take_next(&sched, &mut s)
-            };
-            let Some((id, backend)) = next else { break };
+        let placed = {
+            let mut s = sched.lock();
+            placing::dispatch_pass(&sched, &mut s)
+        };
+        for (id, backend) in placed {
             sched.persist(&[&id]);
             let sched = sched.clone();
             tokio::spawn(async move {

@@ -7,9 +7,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -18,11 +17,6 @@ use super::{Outcome, Scheduler, recovery};
 use crate::fleet::picker::profile;
 use crate::fleet::socket::UpstreamEvent;
 use crate::protocol::frames;
-
-/// Tries at the owner's `/history/{id}` before writing the entry from the events seen.
-pub const HISTORY_TRIES: u32 = 3;
-/// Wait between those tries.
-pub const HISTORY_RETRY: Duration = Duration::from_millis(50);
 
 /// Routes upstream events until the fleet's sockets are gone.
 pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<UpstreamEvent>) {
@@ -227,44 +221,10 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
     let sched = sched.clone();
     let id = id.to_string();
     tokio::spawn(async move {
-        let entry = match fetch_history(&sched, backend, &id).await {
+        let entry = match recovery::fetch_history(&sched, backend, &id).await {
             Some(e) => e,
-            None => history_from_events(&sched, &id),
+            None => recovery::history_from_events(&sched, &id),
         };
         sched.end(&id, Outcome::Ran(entry));
     });
-}
-
-/// The owner's `/history/{id}` entry, shown as from one ComfyUI.
-pub async fn fetch_history(sched: &Scheduler, backend: usize, id: &str) -> Option<Value> {
-    let b = sched.fleet.get(backend).clone();
-    let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));
-    for _ in 0..HISTORY_TRIES {
-        if let Ok((code, mut v)) = sched.fleet.upstream.get_json(&b.config, &path).await
-            && code.is_success()
-            && let Some(entry) = v.get_mut(id)
-        {
-            let mut entry = entry.take();
-            recovery::restore_entry(sched, backend, &mut entry);
-            return Some(entry);
-        }
-        tokio::time::sleep(HISTORY_RETRY).await;
-    }
-    None
-}
-
-/// A history entry written from the events the gate saw (the backend could not give one).
-fn history_from_events(sched: &Scheduler, id: &str) -> Value {
-    let s = sched.lock();
-    let Some(r) = s.table.get(id) else {
-        return Value::Null;
-    };
-    let success = r.log.messages.iter().any(|m| m[0] == "execution_success");
-    let outputs = recovery::output_nodes_of(sched, &r.body["prompt"]);
-    json!({
-        "prompt": r.queue_item(outputs),
-        "outputs": r.log.outputs,
-        "status": { "status_str": if success { "success" } else { "error" }, "completed": success, "messages": r.log.messages },
-        "meta": r.log.meta,
-    })
 }

@@ -26,6 +26,7 @@ pub mod outlook;
 pub mod placing;
 pub mod prompts;
 pub mod recovery;
+pub mod snapshot;
 pub mod store;
 pub mod watchdog;
 

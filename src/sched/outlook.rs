@@ -8,7 +8,7 @@ use crate::fleet::picker::profile::{self, Profile};
 use crate::fleet::picker::stats::Learned;
 use crate::fleet::picker::{Candidate, Choice, Need, Picker};
 
-use super::decide::{FleetView, Owned, Waiting};
+use super::snapshot::{FleetView, Owned, Waiting};
 
 /// What a backend has to do before a new prompt could start there, as the gate expects it.
 #[derive(Clone, Debug, Default, PartialEq)]

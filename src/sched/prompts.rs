@@ -17,11 +17,14 @@
 //! `end`; this table only records the transition.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value, json};
+
+use crate::fleet::picker::profile::{self, Profile};
 
 /// Where a prompt is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +116,10 @@ pub struct PromptRecord {
     /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
     #[serde(skip)]
     pub skips: u32,
+    /// Its graph (`body.prompt`) shared, and what it asks of a GPU: derived once, on first use
+    /// (every dispatch pass reads both).
+    #[serde(skip)]
+    graph: OnceLock<(Arc<Value>, Profile)>,
 }
 
 impl PromptRecord {
@@ -149,7 +156,17 @@ impl PromptRecord {
             last_node_at: None,
             load_measured_s: 0.0,
             skips: 0,
+            graph: OnceLock::new(),
         }
+    }
+
+    /// Its graph, shared, and its profile (see [`profile::profile`]).
+    pub fn graph(&self) -> &(Arc<Value>, Profile) {
+        self.graph.get_or_init(|| {
+            let prompt = self.body.get("prompt").cloned().unwrap_or(Value::Null);
+            let p = profile::profile(&prompt);
+            (Arc::new(prompt), p)
+        })
     }
 
     /// Whether it holds a slot on `backend` (or on any backend, with `None`).

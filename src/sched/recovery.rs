@@ -7,13 +7,18 @@
 //! cannot give one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::events::fetch_history;
 use super::prompts::{PromptRecord, Stage};
 use super::{Outcome, Scheduler};
 use crate::fleet::probe::queue_lists;
+
+/// Tries at the owner's `/history/{id}` before writing the entry from the events seen.
+pub const HISTORY_TRIES: u32 = 3;
+/// Wait between those tries.
+pub const HISTORY_RETRY: Duration = Duration::from_millis(50);
 
 /// Re-attaches, collects or re-runs the prompts the gate believes are on `backend`.
 pub async fn reconcile(sched: &Arc<Scheduler>, backend: usize) {
@@ -167,4 +172,38 @@ pub fn log_event(r: &mut PromptRecord, kind: &str, data: &Value) {
         }
         _ => {}
     }
+}
+
+/// The owner's `/history/{id}` entry, shown as from one ComfyUI.
+pub async fn fetch_history(sched: &Scheduler, backend: usize, id: &str) -> Option<Value> {
+    let b = sched.fleet.get(backend).clone();
+    let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));
+    for _ in 0..HISTORY_TRIES {
+        if let Ok((code, mut v)) = sched.fleet.upstream.get_json(&b.config, &path).await
+            && code.is_success()
+            && let Some(entry) = v.get_mut(id)
+        {
+            let mut entry = entry.take();
+            restore_entry(sched, backend, &mut entry);
+            return Some(entry);
+        }
+        tokio::time::sleep(HISTORY_RETRY).await;
+    }
+    None
+}
+
+/// A history entry written from the events the gate saw (the backend could not give one).
+pub fn history_from_events(sched: &Scheduler, id: &str) -> Value {
+    let s = sched.lock();
+    let Some(r) = s.table.get(id) else {
+        return Value::Null;
+    };
+    let success = r.log.messages.iter().any(|m| m[0] == "execution_success");
+    let outputs = output_nodes_of(sched, &r.body["prompt"]);
+    json!({
+        "prompt": r.queue_item(outputs),
+        "outputs": r.log.outputs,
+        "status": { "status_str": if success { "success" } else { "error" }, "completed": success, "messages": r.log.messages },
+        "meta": r.log.meta,
+    })
 }

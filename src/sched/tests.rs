@@ -307,7 +307,7 @@ fn a_prompt_goes_only_where_every_class_and_file_it_names_is() {
         None,
         "an upload the gate does not hold"
     );
-    f.uploads.insert("mine.png".into());
+    Arc::make_mut(&mut f.uploads).insert("mine.png".into());
     assert_eq!(run(&f, upload), Some(1), "the gate places its uploads");
     let tagged = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "mine.png [input]"}}});
     assert_eq!(run(&f, tagged), Some(1));
