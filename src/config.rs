@@ -223,8 +223,9 @@ pub struct RecoveryConfig {
     /// On SIGTERM/SIGINT, time given to in-flight requests before the gate exits, in ms.
     /// Default 10000.
     pub drain_timeout_ms: u64,
-    /// A waiting prompt that no live backend can run (every backend with its node classes and
-    /// model files is down) for this long ends with `execution_error`, in ms. Default 300000.
+    /// A waiting prompt that no backend that is up can run (every backend with its node classes
+    /// and model files is down) ends with `execution_error` once that has lasted this long, in
+    /// ms. Default 300000.
     pub unplaceable_timeout_ms: u64,
     /// Finished history entries kept (oldest dropped first). Default 10000.
     pub history_max_entries: usize,

@@ -12,13 +12,6 @@ use comfy_sim::{Fault, SimHandle};
 use common::*;
 use serde_json::{Value, json};
 
-/// A txt2img that samples for a while (reports progress at every step).
-fn steps(seed: u64, n: u64) -> Value {
-    let mut g = txt2img(seed, SD15);
-    g["3"]["inputs"]["steps"] = json!(n);
-    g
-}
-
 /// Counts, per kind, the events a client saw for `id`.
 fn kinds(frames: &[Frame], id: &str) -> HashMap<String, usize> {
     let mut m = HashMap::new();

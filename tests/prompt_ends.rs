@@ -23,13 +23,6 @@ const TERMINALS: [&str; 3] = [
     "execution_interrupted",
 ];
 
-/// A txt2img that samples `n` steps (about `n` × 0.4 ms at test speed).
-fn steps(seed: u64, n: u64) -> Value {
-    let mut g = txt2img(seed, SD15);
-    g["3"]["inputs"]["steps"] = json!(n);
-    g
-}
-
 /// A txt2img at 2048² (about 6 ms a step at test speed, few frames per second of run).
 fn big(seed: u64, n: u64) -> Value {
     let mut g = steps(seed, n);
@@ -209,23 +202,6 @@ async fn queue_empty_of(base: &str, ids: &[&str]) {
     );
     let (_, p) = get_json(base, "/prompt").await;
     assert_eq!(p["exec_info"]["queue_remaining"], 0, "{p}");
-}
-
-/// Which sim holds `id` (running or pending) right now.
-async fn holder<'a>(sims: &[&'a SimHandle], id: &str) -> Option<&'a SimHandle> {
-    for s in sims {
-        if let Ok(r) = http()
-            .get(format!("{}/queue", s.url()))
-            .timeout(Duration::from_millis(300))
-            .send()
-            .await
-            && let Ok(q) = r.json::<Value>().await
-            && q.to_string().contains(&format!("\"{id}\""))
-        {
-            return Some(s);
-        }
-    }
-    None
 }
 
 fn progress_of(id: &str) -> impl Fn(&Frame) -> bool + '_ {

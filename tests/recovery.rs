@@ -9,31 +9,7 @@ use std::time::Duration;
 
 use comfy_sim::{Fault, SimConfig, SimHandle};
 use common::*;
-use serde_json::{Value, json};
-
-/// A txt2img that samples for a while (steps × 0.0004 s at test speed for 512²).
-fn steps(seed: u64, n: u64) -> Value {
-    let mut g = txt2img(seed, SD15);
-    g["3"]["inputs"]["steps"] = json!(n);
-    g
-}
-
-/// Which sim holds `id` (running or pending) right now.
-async fn holder<'a>(sims: &[&'a SimHandle], id: &str) -> Option<&'a SimHandle> {
-    for s in sims {
-        if let Ok(r) = http()
-            .get(format!("{}/queue", s.url()))
-            .timeout(Duration::from_millis(300))
-            .send()
-            .await
-            && let Ok(q) = r.json::<Value>().await
-            && q.to_string().contains(id)
-        {
-            return Some(s);
-        }
-    }
-    None
-}
+use serde_json::json;
 
 /// Counts, per prompt, the events a client saw.
 fn tally(frames: &[Frame], kind: &str) -> HashMap<String, usize> {

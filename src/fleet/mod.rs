@@ -42,7 +42,8 @@ pub struct Fleet {
     /// Bumped when a backend's health flips (invalidates merged caches).
     generation: AtomicU64,
     /// Notified when a backend may take work it could not take before (up, unstalled,
-    /// undrained).
+    /// undrained). One waiter (the dispatcher); a notice sent while it is busy is kept for its
+    /// next wait.
     pub changed: Notify,
 }
 
@@ -129,7 +130,7 @@ impl Fleet {
     }
 
     /// Records one health result; on a flip, logs it, invalidates merged caches and, when it
-    /// came up, re-reads what it can run and tells [`Fleet::changed`] waiters.
+    /// came up, re-reads what it can run and notifies [`Fleet::changed`].
     pub fn record_health(&self, i: usize, ok: bool) {
         let b = self.get(i);
         if let Some(state) = b.record(ok, &self.config.health) {
@@ -144,7 +145,7 @@ impl Fleet {
             }
             self.generation.fetch_add(1, Ordering::SeqCst);
             if state == Health::Up {
-                self.changed.notify_waiters();
+                self.changed.notify_one();
             }
         }
     }
@@ -166,7 +167,7 @@ impl Fleet {
         if b.stalled.swap(false, Ordering::SeqCst) {
             tracing::info!(backend = b.name(), why, "backend no longer stalled");
             self.generation.fetch_add(1, Ordering::SeqCst);
-            self.changed.notify_waiters();
+            self.changed.notify_one();
         }
     }
 
@@ -174,7 +175,7 @@ impl Fleet {
     pub fn set_draining(&self, i: usize, on: bool) {
         self.get(i).draining.store(on, Ordering::SeqCst);
         if !on {
-            self.changed.notify_waiters();
+            self.changed.notify_one();
         }
     }
 

@@ -116,6 +116,9 @@ pub struct PromptRecord {
     /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
     #[serde(skip)]
     pub skips: u32,
+    /// Since when no backend that is up can run it (while it waits).
+    #[serde(skip)]
+    pub unplaceable_since: Option<Instant>,
     /// Its graph (`body.prompt`) shared, and what it asks of a GPU: derived once, on first use
     /// (every dispatch pass reads both).
     #[serde(skip)]
@@ -156,6 +159,7 @@ impl PromptRecord {
             last_node_at: None,
             load_measured_s: 0.0,
             skips: 0,
+            unplaceable_since: None,
             graph: OnceLock::new(),
         }
     }

@@ -180,31 +180,52 @@ fn stall(sched: &Arc<Scheduler>, backend: usize, reason: &str) {
 }
 
 /// Waiting prompts that no backend that is up can run (every backend with their node classes
-/// and model files is down) for `recovery.unplaceable_timeout_ms` end failed.
+/// and model files is down) end failed once that has been so for
+/// `recovery.unplaceable_timeout_ms`; one that becomes runnable again starts the count anew.
 fn end_unplaceable(sched: &Scheduler) {
-    let limit = sched.config.recovery.unplaceable_timeout_ms as i64;
-    let now = crate::protocol::now_ms();
-    let stale: Vec<(String, serde_json::Value)> = {
+    let limit = Duration::from_millis(sched.config.recovery.unplaceable_timeout_ms);
+    let graphs: Vec<(String, Arc<serde_json::Value>)> = {
         let s = sched.lock();
         s.table
             .queued()
-            .filter(|r| now - r.create_time >= limit)
-            .map(|r| (r.id.clone(), r.body["prompt"].clone()))
+            .map(|r| (r.id.clone(), r.graph().0.clone()))
             .collect()
     };
-    for (id, prompt) in stale {
-        let uploaded = |n: &str| sched.files.uploaded(n);
-        let runnable = sched
-            .fleet
-            .backends()
-            .iter()
-            .any(|b| b.is_up() && sched.fleet.can_run(b.index, &prompt, &uploaded));
-        if !runnable {
-            let message = format!(
-                "no backend that can run the prompt came up within unplaceable_timeout_ms ({limit} ms)"
-            );
-            sched.end(&id, Outcome::Failed(Failure::gate("NoBackend", message)));
+    let uploaded = |n: &str| sched.files.uploaded(n);
+    let fleet = &sched.fleet;
+    let up = fleet.up();
+    let stranded: Vec<(String, bool)> = graphs
+        .into_iter()
+        .map(|(id, prompt)| {
+            let runnable = up.iter().any(|&b| fleet.can_run(b, &prompt, &uploaded));
+            (id, runnable)
+        })
+        .collect();
+    let mut expired = Vec::new();
+    {
+        let mut s = sched.lock();
+        for (id, runnable) in stranded {
+            let Some(r) = s.table.get_mut(&id) else {
+                continue;
+            };
+            if runnable {
+                r.unplaceable_since = None;
+            } else if r
+                .unplaceable_since
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                >= limit
+            {
+                expired.push(id);
+            }
         }
+    }
+    for id in expired {
+        let message = format!(
+            "no backend that can run the prompt was up for unplaceable_timeout_ms ({} ms)",
+            limit.as_millis()
+        );
+        sched.end(&id, Outcome::Failed(Failure::gate("NoBackend", message)));
     }
 }
 
