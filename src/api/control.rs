@@ -45,26 +45,18 @@ pub async fn interrupt(
         .get("prompt_id")
         .filter(|v| truthy(Some(v)))
         .map(python_str);
-    let targets: Vec<(String, String)> = {
-        let s = ctx.sched.lock();
-        let on_backend = |r: &PromptRecord| r.stage == Stage::OnBackend;
-        match named {
-            Some(id) => s
-                .table
-                .get(&id)
-                .filter(|r| on_backend(r))
-                .and_then(|r| r.owner.clone())
-                .map(|o| (id, o))
-                .into_iter()
-                .collect(),
-            None => s
-                .table
-                .records()
-                .filter(|r| r.identity == identity && on_backend(r) && r.started)
-                .filter_map(|r| r.owner.clone().map(|o| (r.id.clone(), o)))
-                .collect(),
-        }
+    let ids = match named {
+        Some(id) => vec![id],
+        None => ctx
+            .sched
+            .prompts_of(identity, |r| r.stage == Stage::OnBackend && r.started),
     };
+    let targets = ids
+        .into_iter()
+        .filter_map(|id| match ctx.sched.whereabouts(&id) {
+            Some((Stage::OnBackend, _, Some(owner))) => Some((id, owner)),
+            _ => None,
+        });
     for (id, owner) in targets {
         let Some(i) = ctx.fleet.index_of(&owner) else {
             continue;
@@ -98,13 +90,7 @@ fn targets(
         .map(python_str)
         .collect();
     if truthy(data.get("clear")) {
-        let s = ctx.sched.lock();
-        ids.extend(
-            s.table
-                .records()
-                .filter(|r| r.identity == identity && clearable(r))
-                .map(|r| r.id.clone()),
-        );
+        ids.extend(ctx.sched.prompts_of(identity, clearable));
     }
     ids
 }
@@ -122,13 +108,7 @@ pub async fn post_queue(
     });
     let mut on_backends: Vec<(String, usize)> = Vec::new();
     for id in &ids {
-        let place = {
-            let s = ctx.sched.lock();
-            s.table
-                .get(id)
-                .map(|r| (r.stage, r.started, r.owner.clone()))
-        };
-        match place {
+        match ctx.sched.whereabouts(id) {
             Some((Stage::Queued, _, _)) => ctx.sched.end(id, Outcome::Deleted),
             Some((Stage::OnBackend, false, Some(owner))) => {
                 if let Some(i) = ctx.fleet.index_of(&owner) {
@@ -164,12 +144,7 @@ pub async fn post_history(
     let data = parse_json(body)?;
     let ids = targets(ctx, &data, identity, |r| r.stage == Stage::Done);
     for id in ids {
-        let owner = ctx
-            .sched
-            .lock()
-            .table
-            .get(&id)
-            .and_then(|r| r.owner.clone());
+        let owner = ctx.sched.whereabouts(&id).and_then(|(_, _, owner)| owner);
         ctx.sched.history.forget(&id);
         let targets: Vec<usize> = match owner.and_then(|o| ctx.fleet.index_of(&o)) {
             Some(o) => vec![o],

@@ -67,17 +67,7 @@ pub async fn queue(ctx: &Ctx) -> Value {
             }
         }
     }
-    let gate_queued: Vec<(Value, Value)> = {
-        let s = ctx.sched.lock();
-        s.table
-            .queued()
-            .map(|r| (r.body["prompt"].clone(), r.queue_item(Vec::new())))
-            .collect()
-    };
-    for (prompt, mut item) in gate_queued {
-        item[4] = json!(crate::sched::recovery::output_nodes_of(&ctx.sched, &prompt));
-        pending.push(item);
-    }
+    pending.extend(ctx.sched.waiting_items());
     pending.sort_by(|a, b| {
         let (x, y) = (a[0].as_f64().unwrap_or(0.0), b[0].as_f64().unwrap_or(0.0));
         x.partial_cmp(&y)
@@ -95,7 +85,7 @@ pub async fn history(ctx: &Ctx, max_items: Option<i64>, offset: i64) -> Value {
     for (i, h) in fan_out(ctx, "/history").await {
         let Value::Object(map) = h else { continue };
         for (id, mut entry) in map {
-            if ctx.sched.lock().table.contains(&id) {
+            if ctx.sched.knows(&id) {
                 continue;
             }
             restore_entry(&ctx.sched, i, &mut entry);
@@ -122,7 +112,7 @@ pub async fn history_one(ctx: &Ctx, id: &str) -> Vec<u8> {
         let one: std::collections::BTreeMap<&str, &Value> = [(id, &*entry)].into();
         return serde_json::to_vec(&one).unwrap_or_else(|_| b"{}".to_vec());
     }
-    if ctx.sched.lock().table.contains(id) {
+    if ctx.sched.knows(id) {
         return b"{}".to_vec();
     }
     let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));

@@ -47,7 +47,7 @@ use crate::fleet::picker::{self, Picker, stats::Learned};
 use crate::protocol::now_ms;
 use crate::sessions::Sessions;
 use history::History;
-use prompts::{PromptTable, Stage};
+use prompts::{PromptRecord, PromptTable, Stage};
 use store::Store;
 
 /// Placement decisions kept for `/admin/decisions`.
@@ -136,8 +136,9 @@ impl Scheduler {
         }
     }
 
-    /// The one lock. Hold it briefly, never across an await.
-    pub fn lock(&self) -> MutexGuard<'_, SchedState> {
+    /// The one lock, for the scheduler's own files only. Hold it briefly, never across an
+    /// await.
+    fn lock(&self) -> MutexGuard<'_, SchedState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -216,6 +217,46 @@ impl Scheduler {
             .filter(|r| r.client_id.as_deref() == Some(sid) && r.started)
             .filter(|r| r.stage == Stage::OnBackend)
             .find_map(|r| r.last_node.clone())
+    }
+
+    /// Whether the gate knows prompt `id` (waiting, in flight, or ended with a history entry).
+    pub fn knows(&self, id: &str) -> bool {
+        self.lock().table.contains(id)
+    }
+
+    /// Where prompt `id` is: its stage, whether it started, its owner's name.
+    pub fn whereabouts(&self, id: &str) -> Option<(Stage, bool, Option<String>)> {
+        let s = self.lock();
+        let r = s.table.get(id)?;
+        Some((r.stage, r.started, r.owner.clone()))
+    }
+
+    /// Ids of `identity`'s prompts that `pick` accepts (what a call without ids may touch).
+    pub fn prompts_of(&self, identity: &str, pick: impl Fn(&PromptRecord) -> bool) -> Vec<String> {
+        self.lock()
+            .table
+            .records()
+            .filter(|r| r.identity == identity && pick(r))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// The gate queue as ComfyUI's `/queue` pending items, `[number, id, prompt, extra_data,
+    /// outputs]`, the client's view.
+    pub fn waiting_items(&self) -> Vec<Value> {
+        let waiting: Vec<(Arc<Value>, Value)> = self
+            .lock()
+            .table
+            .queued()
+            .map(|r| (r.graph().0.clone(), r.queue_item(Vec::new())))
+            .collect();
+        waiting
+            .into_iter()
+            .map(|(graph, mut item)| {
+                item[4] = json!(recovery::output_nodes_of(self, &graph));
+                item
+            })
+            .collect()
     }
 
     /// Recent placement decisions, oldest first.
@@ -393,7 +434,7 @@ impl Scheduler {
     }
 
     /// Records a placement decision for `/admin/decisions` and the debug log.
-    pub fn record_decision(s: &mut SchedState, decision: Value) {
+    fn record_decision(s: &mut SchedState, decision: Value) {
         tracing::debug!(prompt = %decision["prompt_id"], backend = %decision["chosen"], reason = %decision["reason"], "placed");
         s.decisions.push_back(decision);
         while s.decisions.len() > DECISIONS_KEPT {
