@@ -103,35 +103,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         loaded.aliases,
     )?);
     let sessions = Arc::new(Sessions::default());
-    let mut table = PromptTable::default();
-    table.set_counter(loaded.counter);
-    let restored = loaded.records.len();
-    for r in loaded.records {
-        use sched::prompts::Stage;
-        // A prompt on a backend is re-attached once its socket opens (`recovery::reconcile`);
-        // one whose backend is no longer configured runs again.
-        let owner_known = r
-            .owner
-            .as_deref()
-            .is_some_and(|o| fleet.index_of(o).is_some());
-        let requeue = match r.stage {
-            Stage::Queued => true,
-            Stage::Dispatching | Stage::OnBackend | Stage::Finishing => !owner_known,
-            Stage::Done => false,
-        };
-        let id = r.id.clone();
-        table.admit(r);
-        if requeue {
-            table.enqueue(&id);
-        }
-    }
-    if restored > 0 {
-        tracing::info!(
-            prompts = restored,
-            queued = table.queue_len(),
-            "state restored"
-        );
-    }
+    let table = restore_table(&fleet, loaded.counter, loaded.records);
     let history = sched::history::History::new(store.clone(), loaded.history, &config.recovery);
     let sched = Arc::new(Scheduler::new(
         config.clone(),
@@ -201,4 +173,42 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         stop,
         tasks,
     })
+}
+
+/// The prompt table as the store left it: waiting prompts queued again; a prompt on a backend
+/// re-attached once that backend's socket opens (`recovery::reconcile`), or run again if its
+/// backend is no longer configured.
+fn restore_table(
+    fleet: &Fleet,
+    counter: i64,
+    records: Vec<sched::prompts::PromptRecord>,
+) -> PromptTable {
+    use sched::prompts::Stage;
+    let mut table = PromptTable::default();
+    table.set_counter(counter);
+    let restored = records.len();
+    for r in records {
+        let owner_known = r
+            .owner
+            .as_deref()
+            .is_some_and(|o| fleet.index_of(o).is_some());
+        let requeue = match r.stage {
+            Stage::Queued => true,
+            Stage::Dispatching | Stage::OnBackend | Stage::Finishing => !owner_known,
+            Stage::Done => false,
+        };
+        let id = r.id.clone();
+        table.admit(r);
+        if requeue {
+            table.enqueue(&id);
+        }
+    }
+    if restored > 0 {
+        tracing::info!(
+            prompts = restored,
+            queued = table.queue_len(),
+            "state restored"
+        );
+    }
+    table
 }

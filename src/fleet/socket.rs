@@ -105,39 +105,8 @@ pub async fn socket_loop(
                     return;
                 }
                 let _ = rx.await;
-                loop {
-                    let msg = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        msg = stream.next() => msg,
-                    };
-                    let event = match msg {
-                        Some(Ok(Message::Text(t))) => {
-                            b.saw_frame();
-                            let Ok(message) = serde_json::from_str::<Value>(&t) else {
-                                continue;
-                            };
-                            let kind = message["type"].as_str().unwrap_or("");
-                            if shows_progress(kind) {
-                                fleet.clear_stalled(i, "a prompt moved");
-                            }
-                            UpstreamEvent::Json {
-                                backend: i,
-                                message,
-                            }
-                        }
-                        Some(Ok(Message::Binary(frame))) => {
-                            b.saw_frame();
-                            UpstreamEvent::Binary { backend: i, frame }
-                        }
-                        Some(Ok(_)) => {
-                            b.saw_frame();
-                            continue;
-                        }
-                        Some(Err(_)) | None => break,
-                    };
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
+                if !pump(&fleet, i, &mut stream, &events, &stop).await {
+                    return;
                 }
                 b.ws_connected.store(false, Ordering::SeqCst);
                 // Its last `status` no longer counts: a backend that went away queues nothing.
@@ -152,5 +121,53 @@ pub async fn socket_loop(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Hands the socket's frames to the scheduler, in order, until the socket ends (true) or the
+/// gate stops or the scheduler is gone (false).
+async fn pump<S>(
+    fleet: &Fleet,
+    i: usize,
+    stream: &mut S,
+    events: &mpsc::Sender<UpstreamEvent>,
+    stop: &CancellationToken,
+) -> bool
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let b = fleet.get(i);
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return false,
+            msg = stream.next() => msg,
+        };
+        let event = match msg {
+            Some(Ok(Message::Text(t))) => {
+                b.saw_frame();
+                let Ok(message) = serde_json::from_str::<Value>(&t) else {
+                    continue;
+                };
+                if shows_progress(message["type"].as_str().unwrap_or("")) {
+                    fleet.clear_stalled(i, "a prompt moved");
+                }
+                UpstreamEvent::Json {
+                    backend: i,
+                    message,
+                }
+            }
+            Some(Ok(Message::Binary(frame))) => {
+                b.saw_frame();
+                UpstreamEvent::Binary { backend: i, frame }
+            }
+            Some(Ok(_)) => {
+                b.saw_frame();
+                continue;
+            }
+            Some(Err(_)) | None => return true,
+        };
+        if events.send(event).await.is_err() {
+            return false;
+        }
     }
 }
