@@ -47,6 +47,8 @@ use sessions::Sessions;
 
 /// How long shutdown waits for client sockets to send their close frames.
 pub const CLOSE_FRAMES_WAIT: Duration = Duration::from_secs(1);
+/// How often shutdown looks whether every socket has closed.
+const CLOSE_FRAMES_POLL: Duration = Duration::from_millis(10);
 /// Extra time past `recovery.drain_timeout_ms` before shutdown stops waiting for tasks.
 pub const SHUTDOWN_SLACK: Duration = Duration::from_millis(500);
 
@@ -74,7 +76,7 @@ impl GateHandle {
         // Let every socket send its close frame before the process goes.
         let deadline = tokio::time::Instant::now() + CLOSE_FRAMES_WAIT;
         while !self.sessions.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(CLOSE_FRAMES_POLL).await;
         }
         self.stop.cancel();
         let drain = self.config.drain_timeout() + SHUTDOWN_SLACK;

@@ -14,6 +14,10 @@ use super::LoadTestError;
 
 /// How long one HTTP exchange may take before it counts as a connection failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A TCP connect that takes longer fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection idle this long is closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A ComfyUI-compatible server to send load to.
 #[derive(Clone)]
@@ -47,9 +51,9 @@ impl Target {
         let prefix = uri.path().trim_end_matches('/');
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector);
         Ok(Self {
             base: format!("http://{authority}{prefix}"),

@@ -21,6 +21,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// How often a prompt followed over the socket checks `/history/{id}` anyway (a safety net for
 /// servers that never send its events).
 const SAFETY_POLL: Duration = Duration::from_secs(2);
+/// A user's WebSocket handshake that takes longer fails.
+const WS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Consecutive transport failures while polling before the prompt counts as `connection`.
 const POLL_FAILURES: u32 = 5;
 
@@ -56,11 +58,8 @@ impl User {
         let client_id = uuid::Uuid::new_v4().simple().to_string();
         let routes = Arc::new(Routes(Mutex::new(None)));
         let url = target.ws_url(&client_id);
-        let opened = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
+        let opened =
+            tokio::time::timeout(WS_CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await;
         let reader = match opened {
             Ok(Ok((stream, _))) => {
                 *routes.0.lock().unwrap() = Some(HashMap::new());

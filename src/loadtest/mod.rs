@@ -36,6 +36,9 @@ use follow::User;
 use progress::{Bar, Progress};
 pub use report::{Outcome, Percentiles, Report, Status};
 
+/// How long a prompt may take, by default, before it counts as timed out (`--timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -70,7 +73,7 @@ impl Options {
             duration: None,
             rate: None,
             vary_seed: false,
-            timeout: Duration::from_secs(600),
+            timeout: DEFAULT_TIMEOUT,
             progress: false,
         }
     }

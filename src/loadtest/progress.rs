@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::report::Status;
 
+/// How often the progress line is redrawn.
+const REDRAW_EVERY: Duration = Duration::from_millis(200);
+
 /// Counters updated as prompts are submitted and end.
 #[derive(Default)]
 pub(crate) struct Progress {
@@ -53,7 +56,7 @@ impl Bar {
         }
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut tick = tokio::time::interval(REDRAW_EVERY);
             loop {
                 tick.tick().await;
                 let line = render(&progress, total, duration, started.elapsed());

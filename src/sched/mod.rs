@@ -25,6 +25,7 @@ pub mod history;
 pub mod outlook;
 pub mod placing;
 pub mod prompts;
+pub mod record;
 pub mod recovery;
 pub mod snapshot;
 pub mod store;

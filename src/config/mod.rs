@@ -4,14 +4,18 @@
 //! field, so an operator never has to guess which of forty lines is wrong. Parsing and
 //! validation happen before anything starts; a config that fails them starts nothing.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
+
+mod gpu;
+mod policy;
+
+pub use gpu::GpuSelector;
+pub use policy::PlacementPolicy;
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -158,50 +162,6 @@ impl Default for PlacementConfig {
             max_wait_ms: 60_000,
             stale_after_ms: 10_000,
         }
-    }
-}
-
-/// See [`PlacementConfig::policy`]; the names are the ones `proxy.toml` takes.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum PlacementPolicy {
-    /// Expected completion time, VRAM headroom, resident checkpoint (design §3).
-    #[default]
-    GpuAware,
-    /// Fewest prompts in flight (nginx's `least_conn`).
-    LeastInflight,
-    /// Each backend in turn (nginx's default).
-    RoundRobin,
-}
-
-impl PlacementPolicy {
-    /// Every policy with its `proxy.toml` name.
-    pub const ALL: [(&'static str, PlacementPolicy); 3] = [
-        ("gpu_aware", PlacementPolicy::GpuAware),
-        ("least_inflight", PlacementPolicy::LeastInflight),
-        ("round_robin", PlacementPolicy::RoundRobin),
-    ];
-
-    /// The `proxy.toml` name.
-    pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, p)| *p == self)
-            .map_or("gpu_aware", |(n, _)| n)
-    }
-}
-
-impl FromStr for PlacementPolicy {
-    type Err = String;
-    /// A policy by its `proxy.toml` name; the error lists the names.
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| {
-                format!("`{s}` is not a policy (gpu_aware, least_inflight, round_robin)")
-            })
     }
 }
 
@@ -533,64 +493,6 @@ pub fn backend_from_url(url: &str) -> BackendConfig {
         max_inflight: None,
         home: false,
         gpu: None,
-    }
-}
-
-/// Which GPU to sample: by UUID (stable across reboots and driver reorderings) or by NVML index.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum GpuSelector {
-    /// An NVML UUID, `GPU-…` (or `MIG-…` for a MIG instance).
-    Uuid(String),
-    /// An NVML device index, as `nvidia-smi` numbers them.
-    Index(u32),
-}
-
-impl GpuSelector {
-    /// Parses `"GPU-…"`/`"MIG-…"` as a UUID and a decimal number as an index.
-    pub fn parse(s: &str) -> Result<GpuSelector, String> {
-        let s = s.trim();
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-            return s
-                .parse()
-                .map(GpuSelector::Index)
-                .map_err(|_| format!("GPU index `{s}` is out of range"));
-        }
-        if (s.starts_with("GPU-") || s.starts_with("MIG-")) && s.len() > 4 {
-            return Ok(GpuSelector::Uuid(s.to_string()));
-        }
-        Err(format!(
-            "`{s}` is neither a GPU index (0, 1, …) nor a GPU UUID (GPU-…)"
-        ))
-    }
-}
-
-impl FromStr for GpuSelector {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        GpuSelector::parse(s)
-    }
-}
-
-impl TryFrom<String> for GpuSelector {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        GpuSelector::parse(&s)
-    }
-}
-
-impl From<GpuSelector> for String {
-    fn from(s: GpuSelector) -> String {
-        s.to_string()
-    }
-}
-
-impl fmt::Display for GpuSelector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            GpuSelector::Uuid(u) => f.write_str(u),
-            GpuSelector::Index(i) => write!(f, "{i}"),
-        }
     }
 }
 

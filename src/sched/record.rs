@@ -1,0 +1,218 @@
+//! One accepted prompt as the gate keeps it: what the client sent, who sent it, where it is, and
+//! what the gate saw of its run. Persisted except for the run state (fields marked `skip`);
+//! its stage and owner are written only by the table's transitions ([`super::prompts`]).
+
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value, json};
+use tokio::time::Instant;
+
+use crate::fleet::picker::profile::{self, Profile};
+
+/// Where a prompt is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// In the gate queue.
+    Queued,
+    /// Being sent to `owner`.
+    Dispatching,
+    /// Accepted by `owner` (queued or running there).
+    OnBackend,
+    /// Ran to its end on `owner` (slot free again); its history entry is being collected.
+    Finishing,
+    /// Ended (any outcome); kept for its history entry and ownership until pruned.
+    Done,
+}
+
+/// What the gate saw of a prompt's run, enough to write its history entry itself if the backend
+/// cannot give it (it died right after finishing).
+#[derive(Clone, Debug, Default)]
+pub struct RunLog {
+    pub messages: Vec<Value>,
+    pub outputs: Map<String, Value>,
+    pub meta: Map<String, Value>,
+}
+
+/// One accepted prompt. Fields not marked `skip` are persisted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromptRecord {
+    pub id: String,
+    pub number: Number,
+    /// The client's request body (`prompt`, `extra_data`, `partial_execution_targets` …).
+    pub body: Map<String, Value>,
+    /// The client's own `client_id`, if it sent one (events go to that socket only).
+    pub client_id: Option<String>,
+    /// Who submitted it (API key, `Comfy-User` or peer IP): scopes interrupt/clear.
+    pub identity: String,
+    /// Written only by [`PromptTable`]'s transitions.
+    pub stage: Stage,
+    /// The configured name of the backend it was sent to (kept after it ends: `/view` and
+    /// history deletes follow it).
+    pub owner: Option<String>,
+    pub create_time: i64,
+    /// Runs lost to failed backends so far (bounded by `recovery.max_retries`).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Names of the backends it was sent to before (a retry prefers others).
+    #[serde(default)]
+    pub tried: Vec<String>,
+    /// The one out-of-memory retry was used.
+    #[serde(default)]
+    pub oom_retried: bool,
+    /// Only backends with at least this much VRAM (bytes) may take it (after an OOM).
+    #[serde(default)]
+    pub min_vram_total: Option<u64>,
+    /// `execution_start` seen on the owner.
+    #[serde(skip)]
+    pub started: bool,
+    #[serde(skip)]
+    pub started_at: Option<Instant>,
+    /// Last event from the owner for this prompt (stall detection).
+    #[serde(skip)]
+    pub last_event: Option<Instant>,
+    /// The last event was `progress`: the node running reports progress, so its silence means
+    /// something (a node without a progress bar may run silently for minutes).
+    #[serde(skip)]
+    pub reports_progress: bool,
+    /// A stall check is asking the owner's `/queue` about it.
+    #[serde(skip)]
+    pub corroborating: bool,
+    /// Last `executing` node, for the reconnect replay.
+    #[serde(skip)]
+    pub last_node: Option<String>,
+    /// The current run will be thrown away and the prompt run again (OOM or timeout retry):
+    /// its remaining events are not shown to the client.
+    #[serde(skip)]
+    pub retry_after_run: bool,
+    /// When the gate asked the owner to interrupt it for exceeding `max_run_time`.
+    #[serde(skip)]
+    pub deadline_interrupt: Option<Instant>,
+    #[serde(skip)]
+    pub log: RunLog,
+    /// When the last `executing` node started (node timings: checkpoint load times).
+    #[serde(skip)]
+    pub last_node_at: Option<Instant>,
+    /// Checkpoint load seconds measured in the current run.
+    #[serde(skip)]
+    pub load_measured_s: f64,
+    /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
+    #[serde(skip)]
+    pub skips: u32,
+    /// Since when no backend that is up can run it (while it waits).
+    #[serde(skip)]
+    pub unplaceable_since: Option<Instant>,
+    /// Its graph (`body.prompt`) shared, and what it asks of a GPU: derived once, on first use
+    /// (every dispatch pass reads both).
+    #[serde(skip)]
+    graph: OnceLock<(Arc<Value>, Profile)>,
+}
+
+impl PromptRecord {
+    /// A freshly accepted prompt, waiting.
+    pub fn new(
+        id: String,
+        number: Number,
+        body: Map<String, Value>,
+        client_id: Option<String>,
+        identity: String,
+    ) -> Self {
+        Self {
+            id,
+            number,
+            body,
+            client_id,
+            identity,
+            stage: Stage::Queued,
+            owner: None,
+            create_time: crate::protocol::now_ms(),
+            attempts: 0,
+            tried: Vec::new(),
+            oom_retried: false,
+            min_vram_total: None,
+            started: false,
+            started_at: None,
+            last_event: None,
+            reports_progress: false,
+            corroborating: false,
+            last_node: None,
+            retry_after_run: false,
+            deadline_interrupt: None,
+            log: RunLog::default(),
+            last_node_at: None,
+            load_measured_s: 0.0,
+            skips: 0,
+            unplaceable_since: None,
+            graph: OnceLock::new(),
+        }
+    }
+
+    /// Its graph, shared, and its profile (see [`profile::profile`]).
+    pub fn graph(&self) -> &(Arc<Value>, Profile) {
+        self.graph.get_or_init(|| {
+            let prompt = self.body.get("prompt").cloned().unwrap_or(Value::Null);
+            let p = profile::profile(&prompt);
+            (Arc::new(prompt), p)
+        })
+    }
+
+    /// Whether it holds a slot on `backend` (or on any backend, with `None`).
+    pub fn holds_slot(&self, backend: Option<&str>) -> bool {
+        matches!(self.stage, Stage::Dispatching | Stage::OnBackend)
+            && self.owner.is_some()
+            && backend.is_none_or(|b| self.owner.as_deref() == Some(b))
+    }
+
+    /// Dispatched to `backend` and not yet ended there (its events are the client's).
+    pub fn in_flight_on(&self, backend: &str) -> bool {
+        matches!(
+            self.stage,
+            Stage::Dispatching | Stage::OnBackend | Stage::Finishing
+        ) && self.owner.as_deref() == Some(backend)
+    }
+
+    /// Back to waiting: no owner, no run state.
+    pub(super) fn reset_run(&mut self) {
+        self.stage = Stage::Queued;
+        self.owner = None;
+        self.started = false;
+        self.started_at = None;
+        self.last_event = None;
+        self.reports_progress = false;
+        self.corroborating = false;
+        self.last_node = None;
+        self.retry_after_run = false;
+        self.deadline_interrupt = None;
+        self.log = RunLog::default();
+        self.last_node_at = None;
+        self.load_measured_s = 0.0;
+    }
+
+    /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.
+    pub fn queue_item(&self, outputs: Vec<String>) -> Value {
+        json!([
+            self.number,
+            self.id,
+            self.body.get("prompt").cloned().unwrap_or(Value::Null),
+            self.client_extra_data(),
+            outputs
+        ])
+    }
+
+    /// `extra_data` as the client would see it on one ComfyUI.
+    pub fn client_extra_data(&self) -> Value {
+        let mut extra = match self.body.get("extra_data") {
+            Some(Value::Object(m)) => m.clone(),
+            _ => Map::new(),
+        };
+        for key in ["auth_token_comfy_org", "api_key_comfy_org"] {
+            extra.remove(key);
+        }
+        if let Some(cid) = &self.client_id {
+            extra.insert("client_id".into(), json!(cid));
+        }
+        extra.insert("create_time".into(), json!(self.create_time));
+        Value::Object(extra)
+    }
+}
