@@ -109,7 +109,7 @@ pub async fn post_queue(
     let mut on_backends: Vec<(String, usize)> = Vec::new();
     for id in &ids {
         match ctx.sched.whereabouts(id) {
-            Some((Stage::Queued, _, _)) => ctx.sched.end(id, Outcome::Deleted),
+            Some((Stage::Queued, _, _)) => ctx.sched.end(id, Outcome::Deleted { from: None }),
             Some((Stage::OnBackend, false, Some(owner))) => {
                 if let Some(i) = ctx.fleet.index_of(&owner) {
                     on_backends.push((id.clone(), i));
@@ -128,7 +128,8 @@ pub async fn post_queue(
         if let Ok((_, q)) = upstream.get_json(&b.config, "/queue").await
             && !queue_lists(&q, &id)
         {
-            ctx.sched.end(&id, Outcome::Deleted);
+            let from = Some(b.name().to_string());
+            ctx.sched.end(&id, Outcome::Deleted { from });
         }
     }
     ctx.sched.broadcast_status();

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::Ctx;
 use crate::http::{Body, serve_comfy_websocket};
+use crate::sessions::SEND_TIMEOUT;
 
 /// Upgrades a `GET /ws`.
 pub fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
@@ -36,10 +37,12 @@ where
     let mut first_message = true;
     loop {
         tokio::select! {
+            _ = reg.dropped.cancelled() => break,
             out = reg.outbox.recv() => {
                 let Some(msg) = out else { break };
                 let closing = matches!(msg, Message::Close(_));
-                if sink.send(msg).await.is_err() || closing {
+                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)).await;
+                if !matches!(sent, Ok(Ok(()))) || closing {
                     break;
                 }
             }

@@ -92,7 +92,8 @@ impl Default for SchedulerConfig {
 pub struct HealthConfig {
     /// Time between probes of one backend, in ms. Default 2000.
     pub interval_ms: u64,
-    /// A probe slower than this fails, in ms. Default 1000.
+    /// A probe slower than this has timed out, in ms: a failure if the backend's upstream
+    /// socket is closed, "busy" (no failure) while it is open. Default 1000.
     pub timeout_ms: u64,
     /// Consecutive failures (probes or connection errors) that mark a backend down. Default 2.
     pub unhealthy_threshold: u32,

@@ -6,9 +6,9 @@ use sha2::{Digest, Sha256};
 
 use crate::http::ConnInfo;
 
-/// Hex characters of the key digest kept in an identity (80 bits: enough to tell keys apart,
+/// Hex characters of the key digest kept in an identity (64 bits: enough to tell keys apart,
 /// short enough to log).
-const KEY_DIGEST_HEX: usize = 20;
+const KEY_DIGEST_HEX: usize = 16;
 
 /// An API key (`Authorization`, hashed: never the key itself), else a `Comfy-User`, else the
 /// peer address: `key:…`, `user:…` or `ip:…`.

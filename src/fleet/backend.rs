@@ -11,7 +11,7 @@
 //! | up | `health.healthy_threshold` good probes | `health.unhealthy_threshold` failed probes or refused connections |
 //! | down | failed probes, refused connections | good probes |
 //! | busy (up) | a probe that timed out while its upstream socket was open | a probe that answers in time |
-//! | stalled | a prompt reporting progress fell silent past `stall_timeout`, or its `/queue` could not vouch for it | any prompt event from it, or a probe that finds its `/queue` idle |
+//! | stalled | a prompt reporting progress fell silent past `stall_timeout`, its `/queue` could not vouch for a silent prompt, or a `max_run_time` interrupt did not stop one | any event of a prompt's progress from it, or a probe that finds its `/queue` idle |
 //! | draining | `POST /admin/backends/{name}/drain` | `…/undrain` |
 //!
 //! Busy is not dead: ComfyUI sends no event while a node without a progress bar runs, and a heavy

@@ -2,7 +2,8 @@
 //! every prompt the gate sent there arrives on it. The fleet does not know whose prompt an event
 //! belongs to; it hands each frame, in order, to the scheduler through an [`UpstreamEvent`]
 //! channel, and keeps only the facts about the backend itself: the socket is open, a frame
-//! arrived (life), and a prompt moved (which clears a stall).
+//! arrived (life, and pongs to the gate's pings keep a quiet socket provably open), and a prompt
+//! moved (which clears a stall).
 //!
 //! The channel is bounded: a scheduler that falls behind slows the sockets (TCP backpressure
 //! towards the backends) rather than growing memory without bound.
@@ -27,6 +28,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The gate pings each upstream socket this often (ComfyUI's aiohttp answers pings itself).
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// An upstream socket that delivers no frame at all (not even a pong) for this long is dropped.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
 
 /// What an upstream socket saw, in order per backend (`backend` is the fleet index).
 #[derive(Debug)]
@@ -105,7 +110,7 @@ pub async fn socket_loop(
                     return;
                 }
                 let _ = rx.await;
-                if !pump(&fleet, i, &mut stream, &events, &stop).await {
+                if !pump(&fleet, i, (&mut sink, &mut stream), &events, &stop).await {
                     return;
                 }
                 b.ws_connected.store(false, Ordering::SeqCst);
@@ -125,21 +130,35 @@ pub async fn socket_loop(
 }
 
 /// Hands the socket's frames to the scheduler, in order, until the socket ends (true) or the
-/// gate stops or the scheduler is gone (false).
-async fn pump<S>(
+/// gate stops or the scheduler is gone (false). Pings every [`PING_EVERY`]; a socket that
+/// delivers nothing (not even a pong) for [`SILENCE_LIMIT`] is taken for dead and dropped: a
+/// host that lost power leaves a half-open socket that would otherwise look connected for ever
+/// (and its probe timeouts would pass for a busy backend).
+async fn pump<K, S>(
     fleet: &Fleet,
     i: usize,
-    stream: &mut S,
+    (sink, stream): (&mut K, &mut S),
     events: &mpsc::Sender<UpstreamEvent>,
     stop: &CancellationToken,
 ) -> bool
 where
+    K: futures_util::Sink<Message> + Unpin,
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let b = fleet.get(i);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return false,
+            _ = ping.tick() => {
+                if b.since_last_frame().is_some_and(|s| s > SILENCE_LIMIT) {
+                    tracing::warn!(backend = b.name(), "upstream socket silent, even to pings; dropping it");
+                    return true;
+                }
+                let _ = sink.send(Message::Ping(Default::default())).await;
+                continue;
+            }
             msg = stream.next() => msg,
         };
         let event = match msg {

@@ -142,18 +142,12 @@ pub async fn submit(
         }
         Forwarded::Rejected(body) => {
             // Refused at once: the client hears the 400 itself, so nothing else remains of it.
-            sched.lock().table.remove(&id);
-            sched.wake();
-            if let Err(e) = sched.store().remove(std::slice::from_ref(&id)) {
-                tracing::error!(error = %e, "could not forget a refused prompt");
-            }
+            sched.refused_at_submit(&id, backend);
             Ok(raw_json(StatusCode::BAD_REQUEST, body))
         }
         Forwarded::Failed => {
-            sched.lock().table.enqueue(&id);
-            sched.persist(&[&id]);
+            sched.unreserve(&id, backend);
             sched.broadcast_status();
-            sched.wake();
             Ok(queued_answer())
         }
     }

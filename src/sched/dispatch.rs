@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{Failure, Outcome, Scheduler, placing};
+use super::{Failure, Scheduler, placing};
 
 /// The dispatcher also looks at the queue this often without being woken (aging, telemetry
 /// that changed without an event).
@@ -28,7 +28,8 @@ pub enum Forwarded {
 
 /// Sends a reserved prompt (`Dispatching` on `backend`) there: uploads it names first, then
 /// `POST /prompt` with the gate's id, number and upstream clientId. On a 200 the prompt is
-/// `OnBackend`; otherwise the caller decides (the slot is still held).
+/// `OnBackend` (if it is still this backend's); otherwise the caller decides (the slot is
+/// still held).
 pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
     let b = sched.fleet.get(backend).clone();
     let body = {
@@ -58,7 +59,7 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
         .await;
     match result {
         Ok((status, bytes)) if status == StatusCode::OK => {
-            sched.lock().table.accepted(id);
+            sched.lock().table.accepted(id, b.name());
             sched.persist(&[id]);
             tracing::debug!(prompt = id, backend = b.name(), "dispatched");
             Forwarded::Accepted(bytes)
@@ -92,13 +93,10 @@ pub async fn dispatcher_loop(sched: Arc<Scheduler>) {
                 match forward(&sched, &id, backend).await {
                     Forwarded::Accepted(_) => {}
                     Forwarded::Rejected(body) => {
-                        sched.end(&id, Outcome::Failed(rejection(&sched, &id, &body)));
+                        let failure = rejection(&sched, &id, &body);
+                        sched.end_refused(&id, sched.fleet.get(backend).name(), failure);
                     }
-                    Forwarded::Failed => {
-                        sched.lock().table.enqueue_front(std::slice::from_ref(&id));
-                        sched.persist(&[&id]);
-                        sched.wake();
-                    }
+                    Forwarded::Failed => sched.unreserve(&id, backend),
                 }
             });
         }

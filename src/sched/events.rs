@@ -205,12 +205,12 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         s.table.ran(id, b.name());
         (retry, run)
     };
-    b.completed.fetch_add(1, Ordering::SeqCst);
     sched.wake();
     if retry {
         sched.requeue(&[id.to_string()], false);
         return;
     }
+    b.completed.fetch_add(1, Ordering::SeqCst);
     if let (prompt, Some(at), load) = learned_from {
         let prof = profile::profile(&prompt);
         sched

@@ -73,9 +73,11 @@ pub enum Outcome {
     /// The gate ended it (out of retries, refused after waiting, max run time, no backend
     /// left): `execution_error` and `executing {node: null}` to its client, an error entry.
     Failed(Failure),
-    /// Deleted before it started (`POST /queue` delete or clear, from the gate queue or its
-    /// owner's): gone, a `status` update, no history entry, as ComfyUI does.
-    Deleted,
+    /// Deleted before it started (`POST /queue` delete or clear): gone, a `status` update, no
+    /// history entry, as ComfyUI does. `from`: `None` from the gate queue (it must still wait
+    /// there), `Some(backend)` from that backend's queue, which confirmed it gone (it must still
+    /// be that backend's, not started).
+    Deleted { from: Option<String> },
 }
 
 /// Why the gate ended a prompt, as ComfyUI's `execution_error` fields.
@@ -278,22 +280,41 @@ impl Scheduler {
     /// Ends prompt `id`: the one way a prompt leaves the system (see [`Outcome`]). A prompt
     /// already ended is left alone, so each client hears each end once.
     pub fn end(&self, id: &str, outcome: Outcome) {
+        self.end_where(id, outcome, |_| true);
+    }
+
+    /// A backend refused (400) the prompt being sent to it: it ends as a failed run, unless it
+    /// is no longer being sent to `backend` (a late answer to a forward that lost it).
+    pub fn end_refused(&self, id: &str, backend: &str, failure: Failure) {
+        self.end_where(id, Outcome::Failed(failure), |r| {
+            r.stage == Stage::Dispatching && r.owner.as_deref() == Some(backend)
+        });
+    }
+
+    /// [`Scheduler::end`] if `guard` accepts the record, checked under the same lock as the
+    /// transition.
+    fn end_where(&self, id: &str, outcome: Outcome, guard: impl Fn(&PromptRecord) -> bool) {
         let (client, entry, error) = {
             let mut s = self.lock();
+            if !s.table.get(id).is_some_and(&guard) {
+                return;
+            }
             match &outcome {
-                Outcome::Deleted => {
-                    let never_ran = s.table.get(id).is_some_and(|r| {
-                        r.stage == Stage::Queued || (r.holds_slot(None) && !r.started)
+                Outcome::Deleted { from } => {
+                    let never_ran = s.table.get(id).is_some_and(|r| match from {
+                        None => r.stage == Stage::Queued,
+                        Some(b) => {
+                            r.stage == Stage::OnBackend
+                                && !r.started
+                                && r.owner.as_deref() == Some(b.as_str())
+                        }
                     });
                     if !never_ran {
                         return;
                     }
                     s.table.remove(id);
                     drop(s);
-                    if let Err(e) = self.store.remove(&[id.to_string()]) {
-                        tracing::error!(error = %e, "could not forget a deleted prompt");
-                    }
-                    self.broadcast_status();
+                    self.forget(id);
                     return;
                 }
                 Outcome::Ran(entry) => {
@@ -325,6 +346,53 @@ impl Scheduler {
         if gate_ended {
             self.broadcast_status();
         }
+    }
+
+    /// A prompt that leaves without a history entry: its slot may have freed, its record goes
+    /// from the store, and clients hear the new queue length.
+    fn forget(&self, id: &str) {
+        self.wake();
+        if let Err(e) = self.store.remove(&[id.to_string()]) {
+            tracing::error!(error = %e, "could not forget a prompt");
+        }
+        self.broadcast_status();
+    }
+
+    /// A prompt the backend refused with a 400 at submit, answered to the client as it came:
+    /// it was never admitted, so nothing else remains of it (unless it was already moved on).
+    pub fn refused_at_submit(&self, id: &str, backend: usize) {
+        let name = self.fleet.get(backend).name();
+        let removed = {
+            let mut s = self.lock();
+            s.table.is_dispatching_to(id, name) && s.table.remove(id).is_some()
+        };
+        if removed {
+            self.forget(id);
+        }
+    }
+
+    /// Sending `id` to `backend` failed, nothing applied: back to the head of the queue (if it
+    /// is still this backend's to send), persisted, the dispatcher woken.
+    pub fn unreserve(&self, id: &str, backend: usize) {
+        let name = self.fleet.get(backend).name();
+        if self.lock().table.unreserve(id, name) {
+            self.persist(&[id]);
+            self.wake();
+        }
+    }
+
+    /// [`Scheduler::requeue`] of those of `ids` that still hold a slot on `backend` (a prompt
+    /// that finished or moved meanwhile is not given back twice).
+    pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
+        let name = self.fleet.get(backend).name();
+        let still: Vec<String> = {
+            let s = self.lock();
+            ids.iter()
+                .filter(|id| s.table.get(id).is_some_and(|r| r.holds_slot(Some(name))))
+                .cloned()
+                .collect()
+        };
+        self.requeue(&still, failure);
     }
 
     /// Keeps an ended prompt's entry with its final record; records whose entries were pruned
@@ -431,7 +499,7 @@ impl Scheduler {
                     .await;
             }
         });
-        self.requeue(&ids, true);
+        self.give_back(backend, &ids, true);
     }
 
     /// Records a placement decision for `/admin/decisions` and the debug log.

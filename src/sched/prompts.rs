@@ -12,7 +12,9 @@
 //!
 //! Slots are derived from the table, in one place: a prompt holds a slot on its owner while it
 //! is `Dispatching` or `OnBackend`, and every transition in or out of those stages goes through
-//! this file. Nothing else writes a stage or an owner, so a slot cannot leak or be released
+//! this file, and the transitions that act for a backend (`accepted`, `unreserve`, `ran`) change
+//! nothing unless that backend still holds the prompt (a late answer to a forward that lost it
+//! must not touch the new owner's slot). Nothing else writes a stage or an owner, so a slot cannot leak or be released
 //! twice. Ending a prompt (history, persistence, telling its client) is the scheduler's
 //! `end`; this table only records the transition.
 
@@ -77,7 +79,9 @@ impl PromptTable {
     /// Takes in a record as it is (a new prompt, or one restored from the store), counting the
     /// slot it holds. A restored record that was dispatched is re-attached to its owner.
     pub fn admit(&mut self, mut rec: PromptRecord) {
-        if rec.stage == Stage::Dispatching {
+        // Restored from the store: whatever was being sent or collected is on its backend until
+        // `recovery::reconcile` has asked it.
+        if matches!(rec.stage, Stage::Dispatching | Stage::Finishing) {
             rec.stage = Stage::OnBackend;
         }
         if let (true, Some(owner)) = (rec.holds_slot(None), rec.owner.clone()) {
@@ -127,12 +131,55 @@ impl PromptTable {
         true
     }
 
-    /// Dispatching → OnBackend: the owner answered 200.
-    pub fn accepted(&mut self, id: &str) {
-        if let Some(r) = self.records.get_mut(id)
-            && r.stage == Stage::Dispatching
+    /// Whether `id` is still being sent to `backend` (a late answer from a forward that lost
+    /// the prompt to another backend must change nothing).
+    pub fn is_dispatching_to(&self, id: &str, backend: &str) -> bool {
+        self.records
+            .get(id)
+            .is_some_and(|r| r.stage == Stage::Dispatching && r.owner.as_deref() == Some(backend))
+    }
+
+    /// Dispatching → OnBackend: `backend` answered 200. Nothing if the prompt is no longer
+    /// being sent there.
+    pub fn accepted(&mut self, id: &str, backend: &str) {
+        if self.is_dispatching_to(id, backend)
+            && let Some(r) = self.records.get_mut(id)
         {
             r.stage = Stage::OnBackend;
+            r.last_event = Some(Instant::now());
+        }
+    }
+
+    /// Dispatching → Queued at the head: sending it to `backend` failed (nothing was applied
+    /// there), so it goes first again and prefers another backend next time. False, and
+    /// nothing changes, if the prompt is no longer being sent there.
+    pub fn unreserve(&mut self, id: &str, backend: &str) -> bool {
+        if !self.is_dispatching_to(id, backend) {
+            return false;
+        }
+        if let Some(r) = self.records.get_mut(id)
+            && !r.tried.iter().any(|t| t == backend)
+        {
+            r.tried.push(backend.to_string());
+        }
+        self.enqueue_front(&[id.to_string()]);
+        true
+    }
+
+    /// Re-attaches a restored prompt that `backend`'s own `/queue` lists: `running` says it
+    /// runs there now (it is watched again from now on).
+    pub fn reattached(&mut self, id: &str, backend: &str, running: bool) {
+        if !self
+            .records
+            .get(id)
+            .is_some_and(|r| r.holds_slot(Some(backend)))
+        {
+            return;
+        }
+        if running {
+            self.started(id, backend);
+        }
+        if let Some(r) = self.records.get_mut(id) {
             r.last_event = Some(Instant::now());
         }
     }
@@ -266,11 +313,12 @@ impl PromptTable {
         self.slots.values().sum()
     }
 
-    /// Ids of the prompts in flight on `backend` (dispatched, not yet ended there).
-    pub fn in_flight_ids(&self, backend: &str) -> Vec<String> {
+    /// Ids of the prompts `backend` has accepted and not finished (`OnBackend` there): what a
+    /// reconnect checks. Prompts still being sent are the live forwards' business.
+    pub fn accepted_ids(&self, backend: &str) -> Vec<String> {
         self.records
             .values()
-            .filter(|r| r.in_flight_on(backend))
+            .filter(|r| r.stage == Stage::OnBackend && r.owner.as_deref() == Some(backend))
             .map(|r| r.id.clone())
             .collect()
     }
@@ -317,7 +365,13 @@ mod tests {
             "only a waiting prompt can be reserved"
         );
         assert_eq!(t.slots_used("g0"), 2);
-        t.accepted("p");
+        t.accepted("p", "g1");
+        assert_eq!(
+            t.get("p").unwrap().stage,
+            Stage::Dispatching,
+            "not its backend"
+        );
+        t.accepted("p", "g0");
         t.started("p", "g0");
         assert_eq!(t.running_on("g0"), Some("p"));
         assert!(t.ran("p", "g0"));
@@ -339,6 +393,26 @@ mod tests {
     }
 
     #[test]
+    fn a_late_answer_from_a_backend_that_lost_the_prompt_changes_nothing() {
+        let mut t = table(&[("p", 1)]);
+        t.reserve("p", "a");
+        t.enqueue_front(&["p".to_string()]);
+        t.reserve("p", "b");
+        assert!(!t.unreserve("p", "a"), "a's failure is not b's");
+        t.accepted("p", "a");
+        assert_eq!((t.slots_used("a"), t.slots_used("b")), (0, 1));
+        assert_eq!(t.get("p").unwrap().stage, Stage::Dispatching);
+        assert!(t.unreserve("p", "b"));
+        assert_eq!(t.slots_used("b"), 0);
+        assert_eq!(
+            t.get("p").unwrap().tried,
+            ["b"],
+            "the next try prefers another"
+        );
+        assert!(t.is_waiting("p"));
+    }
+
+    #[test]
     fn removing_a_dispatched_prompt_frees_its_slot() {
         let mut t = table(&[("p", 1)]);
         t.reserve("p", "g0");
@@ -355,6 +429,6 @@ mod tests {
         t.admit(r);
         assert_eq!(t.get("p").unwrap().stage, Stage::OnBackend);
         assert_eq!(t.slots_used("g1"), 1);
-        assert_eq!(t.in_flight_ids("g1"), ["p"]);
+        assert_eq!(t.accepted_ids("g1"), ["p"]);
     }
 }

@@ -13,39 +13,55 @@ use serde_json::{Map, Value, json};
 
 use super::prompts::{PromptRecord, Stage};
 use super::{Outcome, Scheduler};
-use crate::fleet::probe::queue_lists;
+use crate::fleet::probe::{queue_lists, queue_runs};
 
 /// Tries at the owner's `/history/{id}` before writing the entry from the events seen.
 pub const HISTORY_TRIES: u32 = 3;
 /// Wait between those tries.
 pub const HISTORY_RETRY: Duration = Duration::from_millis(50);
 
-/// Re-attaches, collects or re-runs the prompts the gate believes are on `backend`.
+/// Re-attaches, collects or re-runs the prompts `backend` had accepted (after its socket
+/// (re)opened, or a gate restart): listed in its `/queue`, they are followed again (a running one
+/// is watched from now on); finished while nobody listened, their entry is collected; neither,
+/// they were lost and run again. Prompts being sent right now are left to their forward.
 pub async fn reconcile(sched: &Arc<Scheduler>, backend: usize) {
     let b = sched.fleet.get(backend).clone();
-    let ids = sched.lock().table.in_flight_ids(b.name());
+    let ids = sched.lock().table.accepted_ids(b.name());
     if ids.is_empty() {
         return;
     }
-    let Ok((_, queue)) = sched.fleet.upstream.get_json(&b.config, "/queue").await else {
+    let mut queue = None;
+    for _ in 0..HISTORY_TRIES {
+        match sched.fleet.upstream.get_json(&b.config, "/queue").await {
+            Ok((status, q)) if status.is_success() => {
+                queue = Some(q);
+                break;
+            }
+            _ => tokio::time::sleep(HISTORY_RETRY).await,
+        }
+    }
+    let Some(queue) = queue else {
+        // Not answering: its health decides (a backend that goes down gives its prompts back).
         return;
     };
     let mut lost = Vec::new();
     for id in ids {
         if queue_lists(&queue, &id) {
-            sched.lock().table.accepted(&id);
+            let running = queue_runs(&queue, &id);
+            sched.lock().table.reattached(&id, b.name(), running);
             continue;
         }
         match fetch_history(sched, backend, &id).await {
             Some(entry) => {
-                sched.lock().table.ran(&id, b.name());
-                sched.end(&id, Outcome::Ran(entry));
+                if sched.lock().table.ran(&id, b.name()) {
+                    sched.end(&id, Outcome::Ran(entry));
+                }
             }
             None => lost.push(id),
         }
     }
     if !lost.is_empty() {
-        sched.requeue(&lost, true);
+        sched.give_back(backend, &lost, true);
     }
 }
 
@@ -80,7 +96,7 @@ pub async fn drain(sched: &Arc<Scheduler>, backend: usize) -> Vec<String> {
         .filter(|id| !queue_lists(&queue, id))
         .filter(|id| sched.lock().table.get(id).is_some_and(not_started))
         .collect();
-    sched.requeue(&moved, false);
+    sched.give_back(backend, &moved, false);
     moved
 }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::prompts::Stage;
-use super::{Failure, Outcome, Scheduler};
+use super::{Failure, Outcome, Scheduler, recovery};
 use crate::config::RunTimeAction;
 use crate::fleet::Health;
 use crate::fleet::picker::profile;
@@ -144,9 +144,17 @@ async fn corroborate(sched: &Arc<Scheduler>, id: &str, owner: usize) {
         .stall_timeout()
         .min(sched.config.upstream_timeout());
     let answer = tokio::time::timeout(timeout, sched.fleet.upstream.get_json(&b.config, "/queue"));
-    let listed_running = match answer.await {
-        Ok(Ok((status, q))) if status.is_success() => Some(queue_runs(&q, id)),
-        _ => None,
+    let seen = match answer.await {
+        Ok(Ok((status, q))) if status.is_success() && queue_runs(&q, id) => Seen::Running,
+        // Not listed: it may just have finished, its `executing {node: null}` still on its
+        // way; its own history says so.
+        Ok(Ok((status, _))) if status.is_success() => {
+            match recovery::fetch_history(sched, owner, id).await {
+                Some(_) => Seen::Finished,
+                None => Seen::Missing,
+            }
+        }
+        _ => Seen::NoAnswer,
     };
     let verdict = {
         let mut s = sched.lock();
@@ -154,22 +162,38 @@ async fn corroborate(sched: &Arc<Scheduler>, id: &str, owner: usize) {
             return;
         };
         r.corroborating = false;
-        match listed_running {
-            Some(true) if !r.reports_progress => {
-                // Busy in a node without a progress bar: look again after another
-                // stall_timeout.
+        match seen {
+            // Busy in a node without a progress bar, or done with its end on the way: look
+            // again after another stall_timeout.
+            Seen::Running if !r.reports_progress => {
                 r.last_event = Some(Instant::now());
                 None
             }
-            Some(true) => Some("a node reporting progress fell silent past stall_timeout"),
-            Some(false) => Some("the backend no longer lists a prompt it was running"),
-            None => Some("a silent backend did not answer for its running prompt"),
+            Seen::Finished => {
+                r.last_event = Some(Instant::now());
+                None
+            }
+            Seen::Running => Some("a node reporting progress fell silent past stall_timeout"),
+            Seen::Missing => Some("the backend no longer lists a prompt it was running"),
+            Seen::NoAnswer => Some("a silent backend did not answer for its running prompt"),
         }
     };
     match verdict {
         None => tracing::debug!(prompt = id, backend = b.name(), "silent but running: busy"),
         Some(reason) => stall(sched, owner, reason),
     }
+}
+
+/// What a silent prompt's backend says of it.
+enum Seen {
+    /// Its `/queue` lists it as running.
+    Running,
+    /// Not listed, but its history has it: it finished.
+    Finished,
+    /// Neither listed nor in its history.
+    Missing,
+    /// `/queue` did not answer in time.
+    NoAnswer,
 }
 
 /// A backend that accepts work but makes no progress: no work until it shows life again (a

@@ -5,7 +5,8 @@
 //! read cannot make the gate hold its events without limit, and never slows anyone else (sends
 //! never wait). A client that falls behind loses previews first: once its outbox is half full,
 //! preview frames for it are dropped (the next preview replaces them anyway). If it is full, the
-//! client is disconnected: ComfyUI's clients reconnect and catch up from `/history` and
+//! client is disconnected (its socket task is told to close the connection at once, and a frame
+//! its connection does not take within [`SEND_TIMEOUT`] ends it too): ComfyUI's clients reconnect and catch up from `/history` and
 //! `/queue`, which is better than a socket that silently misses a terminal event.
 //!
 //! Unlike ComfyUI, a reconnecting socket with the same clientId replaces the old one, which is
@@ -20,6 +21,7 @@ use tokio::sync::mpsc::{self, Receiver, Sender, error::TrySendError};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::frames;
 
@@ -27,17 +29,24 @@ use crate::protocol::frames;
 pub const OUTBOX_CAPACITY: usize = 1024;
 /// Previews are dropped for a client whose outbox has fewer free places than this.
 pub const PREVIEW_HEADROOM: usize = OUTBOX_CAPACITY / 2;
+/// A frame the client's connection does not take within this long ends the connection.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Session {
     conn: u64,
     tx: Sender<Message>,
     preview_metadata: bool,
+    /// Cancelled when the gate drops the client (it stopped reading, or a newer socket took
+    /// its sid): its socket task closes the connection.
+    dropped: CancellationToken,
 }
 
-/// One registered socket: its connection number (to unregister only itself) and its outbox.
+/// One registered socket: its connection number (to unregister only itself), its outbox, and
+/// the signal that the gate has dropped it (close the connection at once).
 pub struct Registration {
     pub conn: u64,
     pub outbox: Receiver<Message>,
+    pub dropped: CancellationToken,
 }
 
 /// Connected client sockets by sid.
@@ -60,19 +69,28 @@ impl Sessions {
     pub fn register(&self, sid: &str) -> Registration {
         let (tx, outbox) = mpsc::channel(OUTBOX_CAPACITY);
         let conn = self.next_conn.fetch_add(1, Ordering::SeqCst);
+        let dropped = CancellationToken::new();
         let old = self.lock().insert(
             sid.to_string(),
             Session {
                 conn,
                 tx,
                 preview_metadata: false,
+                dropped: dropped.clone(),
             },
         );
         if let Some(old) = old {
-            // The replaced socket is closed, not orphaned.
-            let _ = old.tx.try_send(Message::Close(None));
+            // The replaced socket is closed, not orphaned: a close frame after what it has
+            // queued, or at once if its outbox is full.
+            if old.tx.try_send(Message::Close(None)).is_err() {
+                old.dropped.cancel();
+            }
         }
-        Registration { conn, outbox }
+        Registration {
+            conn,
+            outbox,
+            dropped,
+        }
     }
 
     /// Forgets socket `conn` of `sid` (a newer socket under the same sid stays).
@@ -138,6 +156,7 @@ impl Sessions {
             Err(TrySendError::Full(_)) => {
                 self.dropped_clients.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("a client stopped reading its socket; disconnecting it");
+                s.dropped.cancel();
                 false
             }
             Err(TrySendError::Closed(_)) => false,
@@ -194,6 +213,11 @@ mod tests {
         sessions.send_json("slow", "executing", serde_json::json!({"node": null}));
         assert_eq!(sessions.dropped().0, 1);
         assert_eq!(sessions.len(), 1, "the slow client is disconnected");
+        assert!(
+            slow.dropped.is_cancelled(),
+            "its connection is told to close"
+        );
+        assert!(!fast.dropped.is_cancelled());
         sessions.send_json("fast", "status", serde_json::json!({}));
         assert!(fast.outbox.try_recv().is_ok(), "others are not slowed");
         let mut n = 0;
