@@ -165,3 +165,37 @@ async fn with_every_backend_once_stalled_a_new_prompt_still_runs() {
         assert_eq!(entry["stalled"], false, "cleared: {entry}");
     }
 }
+
+#[tokio::test]
+async fn an_idle_backend_that_hangs_is_marked_down_not_busy() {
+    let (a, b) = (sim().await, sim().await);
+    let gate = gate_with(&[&a, &b], |f| {
+        f.health.timeout_ms = 300;
+        f.health.socket_silence_ms = 900;
+    })
+    .await;
+    let base = gate.url();
+    // Nothing runs on it, so no stall check can catch it: its socket stays open but silent (it
+    // answers no ping), and its probes time out.
+    a.inject(Fault::Hang);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let entry = backends(&gate).await[&name(&a)].clone();
+        if entry["health"] == "down" {
+            assert_eq!(entry["ws_connected"], false, "{entry}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never down: {entry}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // New work goes to the live backend.
+    let mut ws = Ws::connect(&base, Some("after")).await;
+    ws.next().await;
+    submit(&base, "after", "n", blur_graph(0x123456)).await;
+    let frames = ws.until_done("n").await;
+    assert_eq!(kinds(&frames, "n").get("execution_success"), Some(&1));
+    a.inject(Fault::Clear);
+}

@@ -99,6 +99,10 @@ pub struct HealthConfig {
     pub unhealthy_threshold: u32,
     /// Consecutive successful probes that mark a down backend up. Default 2.
     pub healthy_threshold: u32,
+    /// An upstream WebSocket that delivers nothing, not even a pong to the gate's pings (sent
+    /// every third of this), for this long is dropped, and the backend's probe timeouts count
+    /// as failures again, in ms. Default 15000.
+    pub socket_silence_ms: u64,
 }
 
 impl Default for HealthConfig {
@@ -108,6 +112,7 @@ impl Default for HealthConfig {
             timeout_ms: 1000,
             unhealthy_threshold: 2,
             healthy_threshold: 2,
+            socket_silence_ms: 15_000,
         }
     }
 }
@@ -387,6 +392,13 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
             None,
             "health",
             "interval_ms and timeout_ms must be positive".into(),
+        ));
+    }
+    if raw.health.socket_silence_ms < 3 {
+        return Err(err(
+            None,
+            "health.socket_silence_ms",
+            "must be at least 3 (the gate pings three times in it)".into(),
         ));
     }
     if raw.recovery.stall_timeout_ms == 0 || raw.recovery.max_run_time_s == 0 {

@@ -28,10 +28,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// The gate pings each upstream socket this often (ComfyUI's aiohttp answers pings itself).
-pub const PING_EVERY: Duration = Duration::from_secs(5);
-/// An upstream socket that delivers no frame at all (not even a pong) for this long is dropped.
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// Pings per `health.socket_silence_ms` (ComfyUI's aiohttp answers pings itself).
+pub const PINGS_PER_SILENCE: u32 = 3;
 
 /// What an upstream socket saw, in order per backend (`backend` is the fleet index).
 #[derive(Debug)]
@@ -130,8 +128,9 @@ pub async fn socket_loop(
 }
 
 /// Hands the socket's frames to the scheduler, in order, until the socket ends (true) or the
-/// gate stops or the scheduler is gone (false). Pings every [`PING_EVERY`]; a socket that
-/// delivers nothing (not even a pong) for [`SILENCE_LIMIT`] is taken for dead and dropped: a
+/// gate stops or the scheduler is gone (false). Pings [`PINGS_PER_SILENCE`] times per
+/// `health.socket_silence_ms`; a socket that delivers nothing (not even a pong) for that long
+/// is taken for dead and dropped: a
 /// host that lost power leaves a half-open socket that would otherwise look connected for ever
 /// (and its probe timeouts would pass for a busy backend).
 async fn pump<K, S>(
@@ -146,13 +145,14 @@ where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let b = fleet.get(i);
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let silence = Duration::from_millis(fleet.config.health.socket_silence_ms);
+    let mut ping = tokio::time::interval(silence / PINGS_PER_SILENCE);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return false,
             _ = ping.tick() => {
-                if b.since_last_frame().is_some_and(|s| s > SILENCE_LIMIT) {
+                if b.since_last_frame().is_some_and(|s| s > silence) {
                     tracing::warn!(backend = b.name(), "upstream socket silent, even to pings; dropping it");
                     return true;
                 }

@@ -118,9 +118,21 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
         }
         return;
     };
-    let Some(mut client) = owner_client(sched.lock().table.get(&prompt_id), b.name()) else {
+    let (owner, started) = {
+        let s = sched.lock();
+        let r = s.table.get(&prompt_id);
+        (owner_client(r, b.name()), r.is_some_and(|r| r.started))
+    };
+    let Some(mut client) = owner else {
         return;
     };
+    // Every run starts with `execution_start` (ComfyUI's `execution.py`). Anything else before
+    // it is the tail of an earlier run of the same prompt on this backend (one the gate moved
+    // away and asked it to interrupt), not of the run the gate is waiting for.
+    if !started && kind != "execution_start" {
+        tracing::debug!(prompt = %prompt_id, kind, "an earlier run's event, dropped");
+        return;
+    }
     if kind == "executed"
         && let Some(output) = data.get_mut("output")
     {
