@@ -101,16 +101,8 @@ pub async fn route(
             Ok(status(StatusCode::OK))
         }
         (Method::GET, "/history") => {
-            let int =
-                |k: &str| -> Result<Option<i64>, GateError> {
-                    match query.iter().find(|(n, _)| n == k) {
-                        Some((_, v)) => v.trim().parse().map(Some).map_err(|_| {
-                            GateError::BadRequest(format!("`{k}` must be an integer"))
-                        }),
-                        None => Ok(None),
-                    }
-                };
-            let (max_items, offset) = (int("max_items")?, int("offset")?.unwrap_or(-1));
+            let max_items = int_param(&query, "max_items")?;
+            let offset = int_param(&query, "offset")?.unwrap_or(-1);
             ok(merged::history(&ctx, max_items, offset).await)
         }
         (Method::GET, p) if p.starts_with("/history/") => {
@@ -126,13 +118,7 @@ pub async fn route(
         },
         (Method::GET, p) if p.starts_with("/api/jobs/") => {
             let id = percent_decode(&p["/api/jobs/".len()..]);
-            let job = merged::jobs(&ctx, None, Some(&id)).await;
-            if job.is_null() {
-                let missing = json!({ "error": "Job not found" });
-                Ok(json_resp(StatusCode::NOT_FOUND, &missing))
-            } else {
-                ok(job)
-            }
+            Ok(one_job(merged::jobs(&ctx, None, Some(&id)).await))
         }
         (Method::GET, "/view") => Ok(files::view(&ctx, &query).await),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
@@ -157,5 +143,26 @@ pub async fn route(
             None => Ok(status(StatusCode::NOT_FOUND)),
         },
         _ => Ok(status(StatusCode::METHOD_NOT_ALLOWED)),
+    }
+}
+
+/// An integer query parameter (`/history?max_items=…`); a value that is not one is a 400.
+fn int_param(query: &[(String, String)], key: &str) -> Result<Option<i64>, GateError> {
+    match query.iter().find(|(n, _)| n == key) {
+        Some((_, v)) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| GateError::BadRequest(format!("`{key}` must be an integer"))),
+        None => Ok(None),
+    }
+}
+
+/// `GET /api/jobs/{id}`'s answer: the job, or ComfyUI's 404 body.
+fn one_job(job: Value) -> Response<Body> {
+    if job.is_null() {
+        json_resp(StatusCode::NOT_FOUND, &json!({ "error": "Job not found" }))
+    } else {
+        json_resp(StatusCode::OK, &job)
     }
 }

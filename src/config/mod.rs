@@ -5,16 +5,18 @@
 //! validation happen before anything starts; a config that fails them starts nothing.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 mod gpu;
+mod load;
 mod policy;
 
 pub use gpu::GpuSelector;
+pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, validate};
 pub use policy::PlacementPolicy;
 
 /// The whole file.
@@ -296,219 +298,6 @@ impl Config {
     }
 }
 
-/// A configuration error: where it is and what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {field}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    pub line: usize,
-    pub field: String,
-    pub message: String,
-}
-
-/// Parses a backend URL into `(base, authority)`.
-pub fn parse_backend_url(url: &str) -> Result<(String, String), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => return Err(format!("scheme `{other}` is not supported (use http://)")),
-        None => return Err(format!("`{url}` has no scheme (expected http://host:port)")),
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| format!("`{url}` has no host"))?
-        .to_string();
-    if uri.path() != "/" && !uri.path().is_empty() {
-        return Err(format!(
-            "`{url}` has a path; backends are addressed at their root"
-        ));
-    }
-    let authority = if authority.contains(':') && !authority.ends_with(']') {
-        authority
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((format!("http://{authority}"), authority))
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// Parses and validates `text` read from `file`.
-pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    let raw: FileConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-        let message = e.message().to_string();
-        // A bad value (an unknown enum name, a wrong type) is reported at its key's line.
-        let key_on_line = e.span().and_then(|s| {
-            let start = text[..s.start.min(text.len())]
-                .rfind('\n')
-                .map_or(0, |i| i + 1);
-            text[start..]
-                .split('=')
-                .next()
-                .map(|k| k.trim().to_string())
-        });
-        let field = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.contains("field"))
-            .map(str::to_string)
-            .or(key_on_line.filter(|k| !k.is_empty() && !k.starts_with('[')))
-            .unwrap_or_else(|| "(syntax)".to_string());
-        ConfigError {
-            file: file.to_string(),
-            line,
-            field,
-            message,
-        }
-    })?;
-    validate(raw, text, file)
-}
-
-/// Validates a parsed file (or one built from the command line, with an empty `text`).
-pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
-    let err = |span: Option<std::ops::Range<usize>>, field: &str, message: String| ConfigError {
-        file: file.to_string(),
-        line: span.map(|s| line_of(text, s.start)).unwrap_or(0),
-        field: field.to_string(),
-        message,
-    };
-    if raw.scheduler.max_inflight == 0 {
-        return Err(err(
-            None,
-            "scheduler.max_inflight",
-            "must be at least 1".into(),
-        ));
-    }
-    if raw.health.unhealthy_threshold == 0 || raw.health.healthy_threshold == 0 {
-        return Err(err(None, "health", "thresholds must be at least 1".into()));
-    }
-    if raw.health.interval_ms == 0 || raw.health.timeout_ms == 0 {
-        return Err(err(
-            None,
-            "health",
-            "interval_ms and timeout_ms must be positive".into(),
-        ));
-    }
-    if raw.health.socket_silence_ms < 3 {
-        return Err(err(
-            None,
-            "health.socket_silence_ms",
-            "must be at least 3 (the gate pings three times in it)".into(),
-        ));
-    }
-    if raw.recovery.stall_timeout_ms == 0 || raw.recovery.max_run_time_s == 0 {
-        return Err(err(
-            None,
-            "recovery",
-            "stall_timeout_ms and max_run_time_s must be positive".into(),
-        ));
-    }
-    if raw.placement.affinity_window == 0 {
-        return Err(err(
-            None,
-            "placement.affinity_window",
-            "must be at least 1".into(),
-        ));
-    }
-    if raw.server.max_body_bytes == 0 {
-        return Err(err(
-            None,
-            "server.max_body_bytes",
-            "must be positive".into(),
-        ));
-    }
-    let mut backends: Vec<Backend> = Vec::new();
-    let mut home = None;
-    for (i, b) in raw.backends.iter().enumerate() {
-        let field = format!("backend[{i}].url");
-        let (base, authority) = parse_backend_url(b.url.get_ref().trim())
-            .map_err(|m| err(Some(b.url.span()), &field, m))?;
-        if backends.iter().any(|x| x.base == base) {
-            return Err(err(
-                Some(b.url.span()),
-                &field,
-                format!("`{base}` is listed twice"),
-            ));
-        }
-        if b.max_inflight == Some(0) {
-            return Err(err(
-                Some(b.url.span()),
-                &format!("backend[{i}].max_inflight"),
-                "must be at least 1".into(),
-            ));
-        }
-        if b.home {
-            if home.is_some() {
-                return Err(err(
-                    Some(b.url.span()),
-                    &format!("backend[{i}].home"),
-                    "only one backend can be home".into(),
-                ));
-            }
-            home = Some(i);
-        }
-        let gpu = match &b.gpu {
-            Some(g) => Some(
-                GpuSelector::parse(g)
-                    .map_err(|m| err(Some(b.url.span()), &format!("backend[{i}].gpu"), m))?,
-            ),
-            None => None,
-        };
-        backends.push(Backend {
-            name: b.name.clone().unwrap_or_else(|| authority.clone()),
-            base,
-            authority,
-            max_inflight: b.max_inflight.unwrap_or(raw.scheduler.max_inflight),
-            gpu,
-        });
-    }
-    if backends.is_empty() {
-        return Err(err(
-            None,
-            "backend",
-            "at least one [[backend]] (or --backend URL) is required".into(),
-        ));
-    }
-    Ok(Config {
-        server: raw.server,
-        scheduler: raw.scheduler,
-        health: raw.health,
-        recovery: raw.recovery,
-        placement: raw.placement,
-        telemetry: raw.telemetry,
-        backends,
-        home: home.unwrap_or(0),
-    })
-}
-
-/// Reads and validates a file.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: 0,
-        field: "(file)".into(),
-        message: e.to_string(),
-    })?;
-    parse(&text, &file)
-}
-
-/// Builds a backend entry from a command-line `--backend URL`.
-pub fn backend_from_url(url: &str) -> BackendConfig {
-    BackendConfig {
-        url: Spanned::new(0..0, url.to_string()),
-        name: None,
-        max_inflight: None,
-        home: false,
-        gpu: None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,5 +336,19 @@ mod tests {
         let text = "[[backend]]\nurl = \"http://a:1\"\n[[backend]]\nurl = \"http://a:1/\"\n";
         let e = parse(text, "p.toml").unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (4, "backend[1].url"));
+        let text = "[[backend]]\nurl = \"http://a:1\"\nname = \"gpu\"\n[[backend]]\nurl = \"http://b:1\"\nname = \"gpu\"\n";
+        let e = parse(text, "p.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (5, "backend[1].name"),
+            "names key backends"
+        );
+    }
+
+    #[test]
+    fn a_bad_policy_names_its_line_and_key() {
+        let text = "[placement]\npolicy = \"fastest\"\n[[backend]]\nurl = \"http://a:1\"\n";
+        let e = parse(text, "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "policy"), "{e}");
     }
 }

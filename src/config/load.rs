@@ -1,0 +1,227 @@
+//! Reading `proxy.toml`: parsing, and the validation that names the file, the line and the
+//! field of the first thing wrong.
+
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::{Backend, BackendConfig, Config, FileConfig, GpuSelector};
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+/// Parses a backend URL into `(base, authority)`.
+pub fn parse_backend_url(url: &str) -> Result<(String, String), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => return Err(format!("scheme `{other}` is not supported (use http://)")),
+        None => return Err(format!("`{url}` has no scheme (expected http://host:port)")),
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{url}` has no host"))?
+        .to_string();
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!(
+            "`{url}` has a path; backends are addressed at their root"
+        ));
+    }
+    let authority = if authority.contains(':') && !authority.ends_with(']') {
+        authority
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((format!("http://{authority}"), authority))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Parses and validates `text` read from `file`.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw: FileConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        let message = e.message().to_string();
+        // A bad value (an unknown enum name, a wrong type) is reported at its key's line.
+        let key_on_line = e.span().and_then(|s| {
+            let start = text[..s.start.min(text.len())]
+                .rfind('\n')
+                .map_or(0, |i| i + 1);
+            text[start..]
+                .split('=')
+                .next()
+                .map(|k| k.trim().to_string())
+        });
+        let field = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .map(str::to_string)
+            .or(key_on_line.filter(|k| !k.is_empty() && !k.starts_with('[')))
+            .unwrap_or_else(|| "(syntax)".to_string());
+        ConfigError {
+            file: file.to_string(),
+            line,
+            field,
+            message,
+        }
+    })?;
+    validate(raw, text, file)
+}
+
+/// Validates a parsed file (or one built from the command line, with an empty `text`).
+pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
+    let err = |span: Option<std::ops::Range<usize>>, field: &str, message: String| ConfigError {
+        file: file.to_string(),
+        line: span.map(|s| line_of(text, s.start)).unwrap_or(0),
+        field: field.to_string(),
+        message,
+    };
+    check_limits(&raw).map_err(|(field, message)| err(None, field, message))?;
+    let (backends, home) = check_backends(&raw, &err)?;
+    Ok(Config {
+        server: raw.server,
+        scheduler: raw.scheduler,
+        health: raw.health,
+        recovery: raw.recovery,
+        placement: raw.placement,
+        telemetry: raw.telemetry,
+        backends,
+        home: home.unwrap_or(0),
+    })
+}
+
+/// Makes a [`ConfigError`] at a byte range of the file (its line), for a field.
+type ErrorAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, &str, String) -> ConfigError + 'a;
+
+/// The numeric fields' bounds: `(field, message)` for the first one out of bounds.
+fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
+    let rules: [(bool, &'static str, &str); 7] = [
+        (
+            raw.scheduler.max_inflight == 0,
+            "scheduler.max_inflight",
+            "must be at least 1",
+        ),
+        (
+            raw.health.unhealthy_threshold == 0 || raw.health.healthy_threshold == 0,
+            "health",
+            "thresholds must be at least 1",
+        ),
+        (
+            raw.health.interval_ms == 0 || raw.health.timeout_ms == 0,
+            "health",
+            "interval_ms and timeout_ms must be positive",
+        ),
+        (
+            raw.health.socket_silence_ms < 3,
+            "health.socket_silence_ms",
+            "must be at least 3 (the gate pings three times in it)",
+        ),
+        (
+            raw.recovery.stall_timeout_ms == 0 || raw.recovery.max_run_time_s == 0,
+            "recovery",
+            "stall_timeout_ms and max_run_time_s must be positive",
+        ),
+        (
+            raw.placement.affinity_window == 0,
+            "placement.affinity_window",
+            "must be at least 1",
+        ),
+        (
+            raw.server.max_body_bytes == 0,
+            "server.max_body_bytes",
+            "must be positive",
+        ),
+    ];
+    match rules.iter().find(|(bad, _, _)| *bad) {
+        Some((_, field, message)) => Err((field, message.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// The `[[backend]]` entries, checked: each URL parsed, no base or name twice (backends are
+/// keyed by name), at most one home; and the index of the home backend.
+fn check_backends(
+    raw: &FileConfig,
+    err: &ErrorAt<'_>,
+) -> Result<(Vec<Backend>, Option<usize>), ConfigError> {
+    let mut backends: Vec<Backend> = Vec::new();
+    let mut home = None;
+    for (i, b) in raw.backends.iter().enumerate() {
+        let span = || Some(b.url.span());
+        let field = format!("backend[{i}].url");
+        let (base, authority) =
+            parse_backend_url(b.url.get_ref().trim()).map_err(|m| err(span(), &field, m))?;
+        if backends.iter().any(|x| x.base == base) {
+            return Err(err(span(), &field, format!("`{base}` is listed twice")));
+        }
+        let name = b.name.clone().unwrap_or_else(|| authority.clone());
+        if backends.iter().any(|x| x.name == name) {
+            let message = format!("the name `{name}` is taken by another backend");
+            return Err(err(span(), &format!("backend[{i}].name"), message));
+        }
+        if b.max_inflight == Some(0) {
+            let field = format!("backend[{i}].max_inflight");
+            return Err(err(span(), &field, "must be at least 1".into()));
+        }
+        if b.home {
+            if home.is_some() {
+                let field = format!("backend[{i}].home");
+                return Err(err(span(), &field, "only one backend can be home".into()));
+            }
+            home = Some(i);
+        }
+        let gpu = match &b.gpu {
+            Some(g) => Some(
+                GpuSelector::parse(g).map_err(|m| err(span(), &format!("backend[{i}].gpu"), m))?,
+            ),
+            None => None,
+        };
+        backends.push(Backend {
+            name,
+            base,
+            authority,
+            max_inflight: b.max_inflight.unwrap_or(raw.scheduler.max_inflight),
+            gpu,
+        });
+    }
+    if backends.is_empty() {
+        let message = "at least one [[backend]] (or --backend URL) is required".into();
+        return Err(err(None, "backend", message));
+    }
+    Ok((backends, home))
+}
+
+/// Reads and validates a file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: 0,
+        field: "(file)".into(),
+        message: e.to_string(),
+    })?;
+    parse(&text, &file)
+}
+
+/// Builds a backend entry from a command-line `--backend URL`.
+pub fn backend_from_url(url: &str) -> BackendConfig {
+    BackendConfig {
+        url: Spanned::new(0..0, url.to_string()),
+        name: None,
+        max_inflight: None,
+        home: false,
+        gpu: None,
+    }
+}
