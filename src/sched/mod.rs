@@ -77,6 +77,9 @@ pub struct Scheduler {
     picker: Box<dyn Picker>,
     /// Wakes the dispatcher: a slot freed, a prompt arrived.
     wake: Notify,
+    /// Held while a record is copied and written, so the store always ends with a record's
+    /// latest state (two writers could otherwise commit their copies in the other order).
+    writes: Mutex<()>,
     pub stop: CancellationToken,
 }
 
@@ -107,6 +110,7 @@ impl Scheduler {
             history,
             store,
             wake: Notify::new(),
+            writes: Mutex::new(()),
             stop,
         }
     }
@@ -140,6 +144,7 @@ impl Scheduler {
 
     /// Persists the current state of some records and the number counter, durably.
     pub fn try_persist(&self, ids: &[&str]) -> Result<(), store::StoreError> {
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let (records, counter) = {
             let s = self.lock();
             let records: Vec<prompts::PromptRecord> = ids
@@ -370,10 +375,13 @@ impl Scheduler {
     /// Keeps an ended prompt's entry with its final record; records whose entries were pruned
     /// are forgotten.
     fn keep_history(&self, id: &str, entry: Value) {
-        let Some(record) = self.lock().table.get(id).cloned() else {
-            return;
+        let dropped = {
+            let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(record) = self.lock().table.get(id).cloned() else {
+                return;
+            };
+            self.history.keep(&record, entry)
         };
-        let dropped = self.history.keep(&record, entry);
         if dropped.is_empty() {
             return;
         }
