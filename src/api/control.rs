@@ -13,6 +13,7 @@ use crate::http::{Body, status};
 use crate::protocol::errors::python_str;
 use crate::sched::Outcome;
 use crate::sched::prompts::{PromptRecord, Stage};
+use crate::sched::recovery::fetch_history;
 
 /// Parses a JSON body.
 pub fn parse_json(body: &[u8]) -> Result<Value, GateError> {
@@ -121,12 +122,16 @@ pub async fn post_queue(
     for (id, owner) in on_backends {
         let b = ctx.fleet.get(owner).clone();
         let upstream = &ctx.fleet.upstream;
-        upstream
-            .post_json(&b.config, "/queue", &json!({ "delete": [id] }))
-            .await?;
-        // Gone from the owner's queue without having started: it will never run there.
+        let one = json!({ "delete": [id] });
+        if let Err(e) = upstream.post_json(&b.config, "/queue", &one).await {
+            tracing::warn!(backend = b.name(), error = %e, "could not delete a prompt there");
+            continue;
+        }
+        // Gone from the owner's queue, and not because it ran (its history would have it): it
+        // will never run there.
         if let Ok((_, q)) = upstream.get_json(&b.config, "/queue").await
             && !queue_lists(&q, &id)
+            && fetch_history(&ctx.sched, owner, &id).await.is_none()
         {
             let from = Some(b.name().to_string());
             ctx.sched.end(&id, Outcome::Deleted { from });

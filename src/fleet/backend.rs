@@ -10,7 +10,7 @@
 //! | unknown | start | its first probe result |
 //! | up | `health.healthy_threshold` good probes | `health.unhealthy_threshold` failed probes or refused connections |
 //! | down | failed probes, refused connections | good probes |
-//! | busy (up) | a probe that timed out while its upstream socket was open | a probe that answers in time |
+//! | busy (up) | a probe that timed out while its upstream socket was open and alive (a frame within `health.socket_silence_ms`, or a prompt running there) | a probe that answers in time |
 //! | stalled | a prompt reporting progress fell silent past `stall_timeout`, its `/queue` could not vouch for a silent prompt, or a `max_run_time` interrupt did not stop one | any event of a prompt's progress from it, or a probe that finds its `/queue` idle |
 //! | draining | `POST /admin/backends/{name}/drain` | `…/undrain` |
 //!
@@ -105,6 +105,9 @@ pub struct BackendState {
     pub stalled: AtomicBool,
     /// The last probe timed out while the upstream socket was open.
     pub busy: AtomicBool,
+    /// A prompt of the gate's has started here and not ended (kept by the scheduler): while it
+    /// runs, silence is the stall check's to judge, not the probe's or the socket's.
+    pub runs_prompt: AtomicBool,
     /// Successful probes so far (capabilities are re-read every
     /// [`super::probe::CAPABILITIES_EVERY`]th).
     pub probes: AtomicU64,
@@ -135,6 +138,7 @@ impl BackendState {
             draining: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            runs_prompt: AtomicBool::new(false),
             probes: AtomicU64::new(0),
             capabilities: ArcSwapOption::empty(),
         }
@@ -200,6 +204,15 @@ impl BackendState {
     /// The upstream socket delivered a frame now.
     pub fn saw_frame(&self) {
         *self.last_frame.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether a slow answer may be excused as busy: the upstream socket is open and either it
+    /// delivered a frame within `silence` (pongs to the gate's pings count) or a prompt runs
+    /// here (then the stall check, which asks the backend's own `/queue`, judges).
+    pub fn alive_but_slow(&self, silence: Duration) -> bool {
+        self.ws_connected.load(Ordering::SeqCst)
+            && (self.since_last_frame().is_some_and(|s| s <= silence)
+                || self.runs_prompt.load(Ordering::SeqCst))
     }
 
     /// Time since the upstream socket last delivered a frame (`None`: never).

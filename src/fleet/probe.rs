@@ -5,10 +5,12 @@
 //! - an answer in time: a success (and not busy);
 //! - a refused connection, an error status, or a timeout while the upstream socket is closed: a
 //!   failure, counted towards `health.unhealthy_threshold`;
-//! - a timeout while the upstream socket is open: busy, not down. The process holds its socket
-//!   and is working; ComfyUI is slow to answer while a heavy prompt runs (thousands of preview
-//!   outputs, a node that holds the interpreter). Whether the prompt itself is stuck is the
-//!   stall check's question, which asks the backend's own `/queue`.
+//! - a timeout while the upstream socket is open and alive (it delivered a frame, a pong to the
+//!   gate's pings at least, within `health.socket_silence_ms`, or a prompt runs there): busy,
+//!   not down. The process holds its socket and is working; ComfyUI is slow to answer while a
+//!   heavy prompt runs (thousands of preview outputs, a node that holds the interpreter).
+//!   Whether the prompt itself is stuck is the stall check's question, which asks the backend's
+//!   own `/queue`. A socket silent even to pings with nothing running there is a dead host.
 //!
 //! A stalled backend's probe also reads its `/queue`: nothing running there means the stuck
 //! prompt is gone and the GPU is free, which clears the stall without any work being sent.
@@ -41,6 +43,7 @@ pub enum ProbeResult {
 pub async fn probe(fleet: &Fleet, i: usize) -> ProbeResult {
     let b = fleet.get(i).clone();
     let timeout = Duration::from_millis(fleet.config.health.timeout_ms);
+    let silence = Duration::from_millis(fleet.config.health.socket_silence_ms);
     let answer =
         tokio::time::timeout(timeout, fleet.upstream.get_json(&b.config, "/system_stats")).await;
     let result = match answer {
@@ -50,7 +53,7 @@ pub async fn probe(fleet: &Fleet, i: usize) -> ProbeResult {
             }
             ProbeResult::Ok
         }
-        Err(_) if b.ws_connected.load(Ordering::SeqCst) => ProbeResult::Busy,
+        Err(_) if b.alive_but_slow(silence) => ProbeResult::Busy,
         _ => ProbeResult::Failed,
     };
     b.busy.store(result == ProbeResult::Busy, Ordering::SeqCst);

@@ -129,8 +129,8 @@ pub async fn socket_loop(
 
 /// Hands the socket's frames to the scheduler, in order, until the socket ends (true) or the
 /// gate stops or the scheduler is gone (false). Pings [`PINGS_PER_SILENCE`] times per
-/// `health.socket_silence_ms`; a socket that delivers nothing (not even a pong) for that long
-/// is taken for dead and dropped: a
+/// `health.socket_silence_ms`; a socket that delivers nothing (not even a pong) for that long,
+/// with no prompt running there, is taken for dead and dropped: a
 /// host that lost power leaves a half-open socket that would otherwise look connected for ever
 /// (and its probe timeouts would pass for a busy backend).
 async fn pump<K, S>(
@@ -146,17 +146,22 @@ where
 {
     let b = fleet.get(i);
     let silence = Duration::from_millis(fleet.config.health.socket_silence_ms);
-    let mut ping = tokio::time::interval(silence / PINGS_PER_SILENCE);
+    let period = silence / PINGS_PER_SILENCE;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reading starts now (the reconcile before it, however long, is not the socket's silence).
+    b.saw_frame();
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return false,
             _ = ping.tick() => {
-                if b.since_last_frame().is_some_and(|s| s > silence) {
+                // While a prompt runs here, silence is the stall check's to judge.
+                let running = b.runs_prompt.load(Ordering::SeqCst);
+                if !running && b.since_last_frame().is_some_and(|s| s > silence) {
                     tracing::warn!(backend = b.name(), "upstream socket silent, even to pings; dropping it");
                     return true;
                 }
-                let _ = sink.send(Message::Ping(Default::default())).await;
+                let _ = tokio::time::timeout(period, sink.send(Message::Ping(Default::default()))).await;
                 continue;
             }
             msg = stream.next() => msg,
@@ -188,5 +193,7 @@ where
         if events.send(event).await.is_err() {
             return false;
         }
+        // Time spent waiting for the scheduler (backpressure) is not the backend's silence.
+        b.saw_frame();
     }
 }

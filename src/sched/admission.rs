@@ -130,7 +130,25 @@ pub async fn submit(
         sched.wake();
         return Ok(queued_answer());
     };
-    match forward(sched, &id, backend).await {
+    // The forward and what follows from its answer run on their own task: a client that goes
+    // away mid-request must not leave the prompt half-sent, holding its slot.
+    let settle = {
+        let (sched, id) = (sched.clone(), id.clone());
+        tokio::spawn(async move {
+            let answer = forward(&sched, &id, backend).await;
+            match &answer {
+                Forwarded::Accepted(_) => Some(answer),
+                Forwarded::Rejected(_) => sched.refused_at_submit(&id, backend).then_some(answer),
+                Forwarded::Failed => {
+                    sched.unreserve(&id, backend);
+                    sched.broadcast_status();
+                    Some(Forwarded::Failed)
+                }
+            }
+        })
+    };
+    // `None`: refused, but by a backend that had already lost the prompt to another: it waits.
+    match settle.await.ok().flatten().unwrap_or(Forwarded::Failed) {
         Forwarded::Accepted(body) => {
             // The backend echoes the explicit number as a float; show the gate's own.
             let mut answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -140,16 +158,9 @@ pub async fn submit(
             }
             Ok(raw_json(StatusCode::OK, body))
         }
-        Forwarded::Rejected(body) => {
-            // Refused at once: the client hears the 400 itself, so nothing else remains of it.
-            sched.refused_at_submit(&id, backend);
-            Ok(raw_json(StatusCode::BAD_REQUEST, body))
-        }
-        Forwarded::Failed => {
-            sched.unreserve(&id, backend);
-            sched.broadcast_status();
-            Ok(queued_answer())
-        }
+        // Refused at once: the client hears the 400 itself, so nothing else remains of it.
+        Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
+        Forwarded::Failed => Ok(queued_answer()),
     }
 }
 

@@ -59,7 +59,19 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
         .await;
     match result {
         Ok((status, bytes)) if status == StatusCode::OK => {
-            sched.lock().table.accepted(id, b.name());
+            let (taken, owner) = {
+                let mut s = sched.lock();
+                let taken = s.table.accepted(id, b.name());
+                (taken, s.table.get(id).and_then(|r| r.owner.clone()))
+            };
+            if !taken {
+                // A late yes: the prompt went elsewhere meanwhile. The copy this backend now
+                // holds is nobody's; take it off again (unless the prompt is back there).
+                if owner.as_deref() != Some(b.name()) {
+                    drop_copy(sched, backend, id);
+                }
+                return Forwarded::Failed;
+            }
             sched.persist(&[id]);
             tracing::debug!(prompt = id, backend = b.name(), "dispatched");
             Forwarded::Accepted(bytes)
@@ -76,6 +88,22 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
             Forwarded::Failed
         }
     }
+}
+
+/// Asks `backend` to drop its copy of `id` (delete it from its queue, interrupt it if it
+/// runs), in the background.
+pub fn drop_copy(sched: &Scheduler, backend: usize, id: &str) {
+    let (fleet, id) = (sched.fleet.clone(), id.to_string());
+    tokio::spawn(async move {
+        let b = fleet.get(backend);
+        let one = json!({ "delete": [id] });
+        let _ = fleet.upstream.post_json(&b.config, "/queue", &one).await;
+        let interrupt = json!({ "prompt_id": id });
+        let _ = fleet
+            .upstream
+            .post_json(&b.config, "/interrupt", &interrupt)
+            .await;
+    });
 }
 
 /// Sends queued prompts while slots are free (one [`placing::dispatch_pass`] fills every slot it

@@ -53,6 +53,15 @@ fn running_client(sched: &Scheduler, backend: &str) -> Option<String> {
     owner_client(s.table.get(running), backend).flatten()
 }
 
+/// Whether an event of `r` from `backend` belongs to the run the gate is waiting for. Every run
+/// starts with `execution_start` (ComfyUI's `execution.py`); before it, events from a backend
+/// the prompt was moved away from earlier (its `tried`) are the tail of that earlier copy, which
+/// the gate asked it to drop. From any other backend an event before the start the gate saw
+/// only means it started while nobody listened.
+fn is_fresh(r: &PromptRecord, backend: &str, kind: &str) -> bool {
+    r.started || kind == "execution_start" || !r.tried.iter().any(|t| t == backend)
+}
+
 /// Whether an `execution_error` is an out-of-memory error that another, larger backend could
 /// avoid; if so the prompt is marked to run again there.
 fn oom_retry(sched: &Scheduler, backend: usize, prompt_id: &str, data: &Value) -> bool {
@@ -118,18 +127,18 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
         }
         return;
     };
-    let (owner, started) = {
+    let (owner, fresh) = {
         let s = sched.lock();
         let r = s.table.get(&prompt_id);
-        (owner_client(r, b.name()), r.is_some_and(|r| r.started))
+        (
+            owner_client(r, b.name()),
+            r.is_some_and(|r| is_fresh(r, b.name(), &kind)),
+        )
     };
     let Some(mut client) = owner else {
         return;
     };
-    // Every run starts with `execution_start` (ComfyUI's `execution.py`). Anything else before
-    // it is the tail of an earlier run of the same prompt on this backend (one the gate moved
-    // away and asked it to interrupt), not of the run the gate is waiting for.
-    if !started && kind != "execution_start" {
+    if !fresh {
         tracing::debug!(prompt = %prompt_id, kind, "an earlier run's event, dropped");
         return;
     }
@@ -160,6 +169,8 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
     let state = &mut *s;
     if kind == "execution_start" {
         state.table.started(prompt_id, &name);
+    } else if state.table.get(prompt_id).is_some_and(|r| !r.started) {
+        state.table.started_unseen(prompt_id, &name);
     }
     let Some(r) = state.table.get_mut(prompt_id) else {
         return;
@@ -193,7 +204,11 @@ pub fn route_binary(sched: &Scheduler, backend: usize, frame: &[u8]) {
         Some((meta, _)) => meta
             .get("prompt_id")
             .and_then(Value::as_str)
-            .and_then(|id| owner_client(sched.lock().table.get(id), name))
+            .and_then(|id| {
+                let s = sched.lock();
+                let r = s.table.get(id).filter(|r| is_fresh(r, name, "preview"))?;
+                owner_client(Some(r), name)
+            })
             .flatten(),
         None => running_client(sched, name),
     };
@@ -213,7 +228,8 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
             return;
         };
         let retry = r.retry_after_run;
-        let run = (r.body["prompt"].clone(), r.started_at, r.load_measured_s);
+        let started_at = r.started_at.filter(|_| !r.start_unseen);
+        let run = (r.body["prompt"].clone(), started_at, r.load_measured_s);
         s.table.ran(id, b.name());
         (retry, run)
     };

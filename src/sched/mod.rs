@@ -10,7 +10,8 @@
 //! - [`placing`]: the decision for one pass over the queue and a snapshot of the fleet;
 //! - [`events`]: upstream events routed to the prompt's client, completion;
 //! - [`recovery`]: re-attach after a socket opens or a restart, drain;
-//! - [`watchdog`]: stalls (corroborated), `max_run_time`, backends that went down;
+//! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
+//! - [`stall`]: a silent prompt's backend asked before anything moves;
 //! - [`history`], [`store`]: what survives.
 //!
 //! There is exactly one way for a prompt to end: [`Scheduler::end`], which writes the history
@@ -29,6 +30,7 @@ pub mod prompts;
 pub mod record;
 pub mod recovery;
 pub mod snapshot;
+pub mod stall;
 pub mod store;
 pub mod watchdog;
 
@@ -329,6 +331,7 @@ impl Scheduler {
     /// from the store, and clients hear the new queue length.
     fn forget(&self, id: &str) {
         self.wake();
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = self.store.remove(&[id.to_string()]) {
             tracing::error!(error = %e, "could not forget a prompt");
         }
@@ -337,7 +340,8 @@ impl Scheduler {
 
     /// A prompt the backend refused with a 400 at submit, answered to the client as it came:
     /// it was never admitted, so nothing else remains of it (unless it was already moved on).
-    pub fn refused_at_submit(&self, id: &str, backend: usize) {
+    /// True if it was removed; false if it had moved on meanwhile (then it waits and runs).
+    pub fn refused_at_submit(&self, id: &str, backend: usize) -> bool {
         let name = self.fleet.get(backend).name();
         let removed = {
             let mut s = self.lock();
@@ -346,6 +350,7 @@ impl Scheduler {
         if removed {
             self.forget(id);
         }
+        removed
     }
 
     /// Sending `id` to `backend` failed, nothing applied: back to the head of the queue (if it
@@ -361,27 +366,17 @@ impl Scheduler {
     /// [`Scheduler::requeue`] of those of `ids` that still hold a slot on `backend` (a prompt
     /// that finished or moved meanwhile is not given back twice).
     pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
-        let name = self.fleet.get(backend).name();
-        let still: Vec<String> = {
-            let s = self.lock();
-            ids.iter()
-                .filter(|id| s.table.get(id).is_some_and(|r| r.holds_slot(Some(name))))
-                .cloned()
-                .collect()
-        };
-        self.requeue(&still, failure);
+        self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure);
     }
 
     /// Keeps an ended prompt's entry with its final record; records whose entries were pruned
     /// are forgotten.
     fn keep_history(&self, id: &str, entry: Value) {
-        let dropped = {
-            let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(record) = self.lock().table.get(id).cloned() else {
-                return;
-            };
-            self.history.keep(&record, entry)
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(record) = self.lock().table.get(id).cloned() else {
+            return;
         };
+        let dropped = self.history.keep(&record, entry);
         if dropped.is_empty() {
             return;
         }
@@ -398,6 +393,12 @@ impl Scheduler {
     /// Puts prompts back at the head of the gate queue. `failure` counts the run against
     /// `max_retries`; a prompt out of retries ends failed instead.
     pub fn requeue(&self, ids: &[String], failure: bool) {
+        self.requeue_from(None, ids, failure);
+    }
+
+    /// [`Scheduler::requeue`]; with `from`, only prompts that still hold a slot there, checked
+    /// under the same lock.
+    fn requeue_from(&self, from: Option<&str>, ids: &[String], failure: bool) {
         let mut back = Vec::new();
         let mut out_of_retries = Vec::new();
         {
@@ -406,7 +407,8 @@ impl Scheduler {
                 let Some(r) = s.table.get_mut(id) else {
                     continue;
                 };
-                if r.stage == Stage::Done {
+                let still_there = from.is_none_or(|b| r.holds_slot(Some(b)));
+                if r.stage == Stage::Done || !still_there {
                     continue;
                 }
                 if let Some(o) = r.owner.clone()

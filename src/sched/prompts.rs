@@ -139,15 +139,17 @@ impl PromptTable {
             .is_some_and(|r| r.stage == Stage::Dispatching && r.owner.as_deref() == Some(backend))
     }
 
-    /// Dispatching → OnBackend: `backend` answered 200. Nothing if the prompt is no longer
-    /// being sent there.
-    pub fn accepted(&mut self, id: &str, backend: &str) {
-        if self.is_dispatching_to(id, backend)
-            && let Some(r) = self.records.get_mut(id)
-        {
+    /// Dispatching → OnBackend: `backend` answered 200. False, and nothing changes, if the
+    /// prompt is no longer being sent there.
+    pub fn accepted(&mut self, id: &str, backend: &str) -> bool {
+        if !self.is_dispatching_to(id, backend) {
+            return false;
+        }
+        if let Some(r) = self.records.get_mut(id) {
             r.stage = Stage::OnBackend;
             r.last_event = Some(Instant::now());
         }
+        true
     }
 
     /// Dispatching → Queued at the head: sending it to `backend` failed (nothing was applied
@@ -177,10 +179,19 @@ impl PromptTable {
             return;
         }
         if running {
-            self.started(id, backend);
+            self.started_unseen(id, backend);
         }
         if let Some(r) = self.records.get_mut(id) {
             r.last_event = Some(Instant::now());
+        }
+    }
+
+    /// It runs on `backend`, but the gate did not see it start (see
+    /// [`PromptRecord::start_unseen`]).
+    pub fn started_unseen(&mut self, id: &str, backend: &str) {
+        self.started(id, backend);
+        if let Some(r) = self.records.get_mut(id).filter(|r| r.started) {
+            r.start_unseen = true;
         }
     }
 
@@ -365,13 +376,13 @@ mod tests {
             "only a waiting prompt can be reserved"
         );
         assert_eq!(t.slots_used("g0"), 2);
-        t.accepted("p", "g1");
+        assert!(!t.accepted("p", "g1"));
         assert_eq!(
             t.get("p").unwrap().stage,
             Stage::Dispatching,
             "not its backend"
         );
-        t.accepted("p", "g0");
+        assert!(t.accepted("p", "g0"));
         t.started("p", "g0");
         assert_eq!(t.running_on("g0"), Some("p"));
         assert!(t.ran("p", "g0"));
@@ -399,7 +410,7 @@ mod tests {
         t.enqueue_front(&["p".to_string()]);
         t.reserve("p", "b");
         assert!(!t.unreserve("p", "a"), "a's failure is not b's");
-        t.accepted("p", "a");
+        assert!(!t.accepted("p", "a"));
         assert_eq!((t.slots_used("a"), t.slots_used("b")), (0, 1));
         assert_eq!(t.get("p").unwrap().stage, Stage::Dispatching);
         assert!(t.unreserve("p", "b"));

@@ -67,6 +67,10 @@ pub struct PromptRecord {
     /// `execution_start` seen on the owner.
     #[serde(skip)]
     pub started: bool,
+    /// It started while the gate was not listening (re-attached, or its first event was not
+    /// `execution_start`): `started_at` is when the gate noticed, so the run is not learned from.
+    #[serde(skip)]
+    pub start_unseen: bool,
     #[serde(skip)]
     pub started_at: Option<Instant>,
     /// Last event from the owner for this prompt (stall detection).
@@ -132,6 +136,7 @@ impl PromptRecord {
             oom_retried: false,
             min_vram_total: None,
             started: false,
+            start_unseen: false,
             started_at: None,
             last_event: None,
             reports_progress: false,
@@ -177,6 +182,7 @@ impl PromptRecord {
         self.stage = Stage::Queued;
         self.owner = None;
         self.started = false;
+        self.start_unseen = false;
         self.started_at = None;
         self.last_event = None;
         self.reports_progress = false;

@@ -91,11 +91,15 @@ pub async fn drain(sched: &Arc<Scheduler>, backend: usize) -> Vec<String> {
     let Ok((_, queue)) = upstream.get_json(&b.config, "/queue").await else {
         return Vec::new();
     };
-    let moved: Vec<String> = waiting
-        .into_iter()
-        .filter(|id| !queue_lists(&queue, id))
-        .filter(|id| sched.lock().table.get(id).is_some_and(not_started))
-        .collect();
+    let mut moved = Vec::new();
+    for id in waiting {
+        let gone =
+            !queue_lists(&queue, &id) && sched.lock().table.get(&id).is_some_and(not_started);
+        // Not listed because it ran meanwhile? Its history would say so; then its end is coming.
+        if gone && fetch_history(sched, backend, &id).await.is_none() {
+            moved.push(id);
+        }
+    }
     sched.give_back(backend, &moved, false);
     moved
 }

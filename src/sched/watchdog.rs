@@ -1,15 +1,6 @@
 //! The watchdog, a few times a second: prompts past `max_run_time`, prompts whose backend fell
-//! silent, backends that went down with prompts on them, waiting prompts no live backend can
-//! run, and VRAM peaks to learn.
-//!
-//! Silence is judged on evidence (design §2 "Recovery"; see [`crate::fleet::backend`]): ComfyUI
-//! sends nothing while a node without a progress bar runs (a video encoder, a large VAE decode,
-//! a checkpoint load, a remote API node). A prompt silent past `stall_timeout` is therefore
-//! corroborated before anything moves: its backend's own `/queue` is asked. If the prompt is
-//! listed as running and the node running had not been reporting progress, it is busy, not
-//! stuck, and is given another `stall_timeout` (`max_run_time` still bounds it). A node that was
-//! reporting progress and went silent, a `/queue` that does not answer, or one that no longer
-//! lists the prompt, marks the backend stalled and its prompts move.
+//! silent (judged in [`super::stall`]), backends that went down with prompts on them, waiting
+//! prompts no live backend can run, and VRAM peaks to learn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +9,10 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::prompts::Stage;
-use super::{Failure, Outcome, Scheduler, recovery};
+use super::{Failure, Outcome, Scheduler, stall};
 use crate::config::RunTimeAction;
 use crate::fleet::Health;
 use crate::fleet::picker::profile;
-use crate::fleet::probe::queue_runs;
 
 /// How often the watchdog looks.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -76,11 +66,11 @@ fn check(sched: &Arc<Scheduler>) {
             &id,
             Outcome::Failed(Failure::gate("MaxRunTimeExceeded", message)),
         );
-        stall(sched, owner, "an interrupted prompt did not stop");
+        stall::stall(sched, owner, "an interrupted prompt did not stop");
     }
     for (id, owner) in found.silent {
         let sched = sched.clone();
-        tokio::spawn(async move { corroborate(&sched, &id, owner).await });
+        tokio::spawn(async move { stall::corroborate(&sched, &id, owner).await });
     }
     // A backend that is down gives its prompts back.
     for b in sched.fleet.backends() {
@@ -90,6 +80,7 @@ fn check(sched: &Arc<Scheduler>) {
     }
     end_unplaceable(sched);
     learn_peaks(sched);
+    mark_running(sched);
 }
 
 /// Finds prompts past their deadlines, and silent ones to corroborate.
@@ -100,19 +91,28 @@ fn look(sched: &Scheduler) -> Findings {
     let retry = sched.config.recovery.max_run_time_action == RunTimeAction::Retry;
     let mut found = Findings::default();
     let mut s = sched.lock();
-    let running: Vec<String> = s
+    let accepted: Vec<String> = s
         .table
         .records()
-        .filter(|r| r.stage == Stage::OnBackend && r.started)
+        .filter(|r| r.stage == Stage::OnBackend)
         .map(|r| r.id.clone())
         .collect();
-    for id in running {
+    for id in accepted {
         let Some(r) = s.table.get_mut(&id) else {
             continue;
         };
         let Some(owner) = r.owner.as_deref().and_then(|o| sched.fleet.index_of(o)) else {
             continue;
         };
+        if !r.corroborating && r.last_event.is_some_and(|e| e.elapsed() > stall) {
+            // Silent past stall_timeout (started or not: one the gate never saw start may
+            // have started while nobody listened): its backend is asked.
+            r.corroborating = true;
+            found.silent.push((id.clone(), owner));
+        }
+        if !r.started {
+            continue;
+        }
         if let Some(at) = r.deadline_interrupt {
             if at.elapsed() > grace {
                 found.fail.push((id, owner));
@@ -126,81 +126,9 @@ fn look(sched: &Scheduler) -> Findings {
                 r.attempts += 1;
             }
             found.interrupt.push((id, owner));
-            continue;
-        }
-        if !r.corroborating && r.last_event.is_some_and(|e| e.elapsed() > stall) {
-            r.corroborating = true;
-            found.silent.push((id, owner));
         }
     }
     found
-}
-
-/// A prompt fell silent past `stall_timeout`: asks its backend's `/queue` before judging.
-async fn corroborate(sched: &Arc<Scheduler>, id: &str, owner: usize) {
-    let b = sched.fleet.get(owner).clone();
-    let timeout = sched
-        .config
-        .stall_timeout()
-        .min(sched.config.upstream_timeout());
-    let answer = tokio::time::timeout(timeout, sched.fleet.upstream.get_json(&b.config, "/queue"));
-    let seen = match answer.await {
-        Ok(Ok((status, q))) if status.is_success() && queue_runs(&q, id) => Seen::Running,
-        // Not listed: it may just have finished, its `executing {node: null}` still on its
-        // way; its own history says so.
-        Ok(Ok((status, _))) if status.is_success() => {
-            match recovery::fetch_history(sched, owner, id).await {
-                Some(_) => Seen::Finished,
-                None => Seen::Missing,
-            }
-        }
-        _ => Seen::NoAnswer,
-    };
-    let verdict = {
-        let mut s = sched.lock();
-        let Some(r) = s.table.get_mut(id).filter(|r| r.holds_slot(Some(b.name()))) else {
-            return;
-        };
-        r.corroborating = false;
-        match seen {
-            // Busy in a node without a progress bar, or done with its end on the way: look
-            // again after another stall_timeout.
-            Seen::Running if !r.reports_progress => {
-                r.last_event = Some(Instant::now());
-                None
-            }
-            Seen::Finished => {
-                r.last_event = Some(Instant::now());
-                None
-            }
-            Seen::Running => Some("a node reporting progress fell silent past stall_timeout"),
-            Seen::Missing => Some("the backend no longer lists a prompt it was running"),
-            Seen::NoAnswer => Some("a silent backend did not answer for its running prompt"),
-        }
-    };
-    match verdict {
-        None => tracing::debug!(prompt = id, backend = b.name(), "silent but running: busy"),
-        Some(reason) => stall(sched, owner, reason),
-    }
-}
-
-/// What a silent prompt's backend says of it.
-enum Seen {
-    /// Its `/queue` lists it as running.
-    Running,
-    /// Not listed, but its history has it: it finished.
-    Finished,
-    /// Neither listed nor in its history.
-    Missing,
-    /// `/queue` did not answer in time.
-    NoAnswer,
-}
-
-/// A backend that accepts work but makes no progress: no work until it shows life again (a
-/// prompt event, or a probe that finds its queue idle), and its prompts move.
-fn stall(sched: &Arc<Scheduler>, backend: usize, reason: &str) {
-    sched.fleet.mark_stalled(backend, reason);
-    sched.evacuate(backend, reason);
 }
 
 /// Waiting prompts that no backend that is up can run (every backend with their node classes
@@ -272,5 +200,16 @@ fn learn_peaks(sched: &Scheduler) {
         let shape = profile::profile(prompt).shape;
         let used = t.vram_total.saturating_sub(t.vram_free);
         s.learned.observe_peak(shape, used);
+    }
+}
+
+/// Tells each backend whether a prompt of the gate's runs there (its probe and socket then leave
+/// silence to the stall check).
+fn mark_running(sched: &Scheduler) {
+    let s = sched.lock();
+    for b in sched.fleet.backends() {
+        let runs = s.table.running_on(b.name()).is_some();
+        b.runs_prompt
+            .store(runs, std::sync::atomic::Ordering::SeqCst);
     }
 }
