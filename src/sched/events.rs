@@ -256,3 +256,28 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         sched.end(&id, Outcome::Ran(entry));
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_copys_tail_is_stale_only_where_the_prompt_was_before() {
+        let mut r = PromptRecord::new("p".into(), 1.into(), Default::default(), None, "x".into());
+        r.tried = vec!["a".into()];
+        assert!(
+            !is_fresh(&r, "a", "execution_interrupted"),
+            "a ran the old copy"
+        );
+        assert!(
+            is_fresh(&r, "a", "execution_start"),
+            "a new run starts with it"
+        );
+        assert!(
+            is_fresh(&r, "b", "executing"),
+            "b never had it: it started unobserved"
+        );
+        r.started = true;
+        assert!(is_fresh(&r, "a", "executing"));
+    }
+}
