@@ -4,6 +4,7 @@
 //! its sockets open, a GPU that stalls, a slow card, a health endpoint that fails or answers
 //! late, an out-of-memory error, a WebSocket that drops, and nodes that run long without a word.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -42,7 +43,13 @@ pub enum Fault {
     /// a heavy prompt keeps ComfyUI from answering promptly; every other route, the worker and
     /// the WebSockets carry on as usual. `Clear` answers the probes already waiting.
     SlowProbes { ms: u64 },
-    /// Removes hang, stall, slow, fail-probes, silent, slow-probes and a pending out-of-memory.
+    /// Requests to `path` (as routed, without the `/api` prefix; `/history` covers
+    /// `/history/{id}` too) are handled only after `ms` wall milliseconds, as when a real
+    /// ComfyUI validates a large prompt before queueing it or is busy answering `/history`.
+    /// Other routes, the worker and the sockets carry on. Several paths can be slow at once.
+    SlowRoute { path: String, ms: u64 },
+    /// Removes hang, stall, slow, fail-probes, silent, slow-probes, slow routes and a pending
+    /// out-of-memory.
     Clear,
 }
 
@@ -58,6 +65,8 @@ pub struct Faults {
     silent_ms: AtomicU64,
     /// `SlowProbes`: wall milliseconds before `/system_stats` answers (0 = off).
     slow_probes_ms: AtomicU64,
+    /// `SlowRoute`: path → wall milliseconds before it is handled.
+    slow_routes: Mutex<HashMap<String, u64>>,
 }
 
 impl Default for Faults {
@@ -70,6 +79,7 @@ impl Default for Faults {
             slow_factor: Mutex::new(1.0),
             silent_ms: AtomicU64::new(0),
             slow_probes_ms: AtomicU64::new(0),
+            slow_routes: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -108,6 +118,30 @@ impl Faults {
         (ms > 0).then(|| Duration::from_millis(ms))
     }
 
+    pub fn set_slow_route(&self, path: &str, ms: u64) {
+        let mut routes = self.slow_routes.lock().unwrap_or_else(|e| e.into_inner());
+        if ms == 0 {
+            routes.remove(path);
+        } else {
+            routes.insert(path.to_string(), ms);
+        }
+    }
+
+    /// How long a request to `path` waits before it is handled (`None` = no delay).
+    pub fn route_delay(&self, path: &str) -> Option<Duration> {
+        let routes = self.slow_routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes
+            .iter()
+            .filter(|(p, _)| {
+                path == p.as_str()
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .map(|(_, ms)| Duration::from_millis(*ms))
+            .max()
+    }
+
     /// True while the worker must not make progress.
     pub fn frozen(&self) -> bool {
         self.hang.load(Ordering::SeqCst) || self.stall.load(Ordering::SeqCst)
@@ -121,5 +155,9 @@ impl Faults {
         self.set_slow_factor(1.0);
         self.set_silent(0);
         self.set_slow_probes(0);
+        self.slow_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }

@@ -216,6 +216,7 @@ impl SimHandle {
             }
             Fault::Silent { ms } => faults.set_silent(ms),
             Fault::SlowProbes { ms } => faults.set_slow_probes(ms),
+            Fault::SlowRoute { path, ms } => faults.set_slow_route(&path, ms),
             Fault::Clear => faults.clear(),
         }
     }

@@ -74,6 +74,12 @@ pub async fn handle(
         }
         Err(BodyError::Read(_)) => return status(StatusCode::BAD_REQUEST),
     };
+    if let Some(delay) = inst.faults.route_delay(&path) {
+        tokio::select! {
+            _ = inst.stop.cancelled() => return status(StatusCode::SERVICE_UNAVAILABLE),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
     route(
         &inst,
         &control,
@@ -280,7 +286,7 @@ async fn route(
             let Ok(fault) = serde_json::from_slice::<Fault>(body) else {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|clear\"}" }),
+                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|slow_route|clear\"}" }),
                 );
             };
             let _ = control.send(ControlRequest::Inject(fault));

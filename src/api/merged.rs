@@ -12,6 +12,7 @@ use super::Ctx;
 use crate::protocol::paging::page;
 use crate::sched::history::completion_time;
 use crate::sched::recovery::{restore_entry, restore_item};
+use crate::sched::views::{QueueView, by_number};
 
 /// Node definitions merged across the fleet, cached per fleet generation.
 #[derive(Default)]
@@ -49,31 +50,36 @@ async fn fan_out(ctx: &Ctx, path: &str) -> Vec<(usize, Value)> {
         .collect()
 }
 
-/// `GET /queue`: the gate queue and every backend's queue, pending sorted by number.
+/// `GET /queue`: the gate's prompts as they are at one moment (see `sched::views`), plus items
+/// of prompts sent to a backend directly (not through the gate), each list in number order.
 pub async fn queue(ctx: &Ctx) -> Value {
-    let answers = fan_out(ctx, "/queue").await;
-    let mut running = Vec::new();
-    let mut pending = Vec::new();
-    for (i, mut q) in answers {
+    let view = ctx.sched.queue_view();
+    queue_with_strangers(ctx, view).await
+}
+
+/// `view` with every backend's items for prompts the gate does not know.
+async fn queue_with_strangers(ctx: &Ctx, view: QueueView) -> Value {
+    let QueueView {
+        mut running,
+        mut pending,
+    } = view;
+    for (i, mut q) in fan_out(ctx, "/queue").await {
         for (key, out) in [
             ("queue_running", &mut running),
             ("queue_pending", &mut pending),
         ] {
-            if let Some(items) = q.get_mut(key).and_then(Value::as_array_mut) {
-                for item in items.iter_mut() {
+            let items = q.get_mut(key).and_then(Value::as_array_mut);
+            for item in items.into_iter().flatten() {
+                let known = item[1].as_str().is_some_and(|id| ctx.sched.knows(id));
+                if !known {
                     restore_item(&ctx.sched, i, item);
                     out.push(item.take());
                 }
             }
         }
     }
-    pending.extend(ctx.sched.waiting_items());
-    pending.sort_by(|a, b| {
-        let (x, y) = (a[0].as_f64().unwrap_or(0.0), b[0].as_f64().unwrap_or(0.0));
-        x.partial_cmp(&y)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then_with(|| a[1].as_str().cmp(&b[1].as_str()))
-    });
+    running.sort_by(by_number);
+    pending.sort_by(by_number);
     json!({ "queue_running": running, "queue_pending": pending })
 }
 
@@ -81,7 +87,16 @@ pub async fn queue(ctx: &Ctx) -> Value {
 /// entries for prompts it does not know (sent to a backend directly), ordered by completion
 /// time, then paged with ComfyUI's rules.
 pub async fn history(ctx: &Ctx, max_items: Option<i64>, offset: i64) -> Value {
-    let mut entries: Vec<(i64, String, Arc<Value>)> = ctx.sched.history.all();
+    let entries = with_stranger_history(ctx, ctx.sched.history.all()).await;
+    page_history(entries, max_items, offset)
+}
+
+/// `entries` (the gate's) with backends' entries for prompts the gate does not know, ordered
+/// by completion time.
+async fn with_stranger_history(
+    ctx: &Ctx,
+    mut entries: Vec<(i64, String, Arc<Value>)>,
+) -> Vec<(String, Arc<Value>)> {
     for (i, h) in fan_out(ctx, "/history").await {
         let Value::Object(map) = h else { continue };
         for (id, mut entry) in map {
@@ -94,8 +109,11 @@ pub async fn history(ctx: &Ctx, max_items: Option<i64>, offset: i64) -> Value {
         }
     }
     entries.sort_by_key(|(t, _, _)| *t);
-    let ordered: Vec<(String, Arc<Value>)> =
-        entries.into_iter().map(|(_, id, e)| (id, e)).collect();
+    entries.into_iter().map(|(_, id, e)| (id, e)).collect()
+}
+
+/// A page of `ordered` entries as `GET /history` answers it.
+fn page_history(ordered: Vec<(String, Arc<Value>)>, max_items: Option<i64>, offset: i64) -> Value {
     Value::Object(page(
         ordered.iter().map(|(k, v)| (k, &**v)),
         ordered.len(),
@@ -212,8 +230,10 @@ pub async fn jobs(
     query: Option<&crate::protocol::jobs::JobsQuery>,
     id: Option<&str>,
 ) -> Value {
-    let queue = queue(ctx).await;
-    let history = match history(ctx, None, -1).await {
+    // The gate's queue and history from one moment, so no job is listed twice or missed.
+    let (view, gate_history) = ctx.sched.queue_and_history();
+    let queue = queue_with_strangers(ctx, view).await;
+    let history = match page_history(with_stranger_history(ctx, gate_history).await, None, -1) {
         Value::Object(m) => m,
         _ => Map::new(),
     };

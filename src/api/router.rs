@@ -87,7 +87,7 @@ pub async fn route(
     let id = &identity;
     match (method, path.as_str()) {
         (Method::POST, "/prompt") => admission::submit(&ctx.sched, identity, &body).await,
-        (Method::GET, "/prompt") => ok(ctx.sched.prompt_info()),
+        (Method::GET, "/prompt") => ok(ctx.sched.queue_info()),
         (Method::GET, "/queue") => ok(merged::queue(&ctx).await),
         (Method::POST, "/queue") => control::post_queue(&ctx, id, &body).await,
         (Method::POST, "/interrupt") => control::interrupt(&ctx, id, &body).await,

@@ -26,11 +26,7 @@ where
     let (mut sink, mut stream) = ws.split();
     let sessions = &ctx.sessions;
     let mut reg = sessions.register(&sid);
-    sessions.send_json(
-        &sid,
-        "status",
-        json!({ "status": ctx.sched.queue_info(), "sid": sid }),
-    );
+    ctx.sched.send_status_to(&sid);
     if let Some(node) = ctx.sched.running_node_of(&sid) {
         sessions.send_json(&sid, "executing", json!({ "node": node }));
     }

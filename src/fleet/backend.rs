@@ -20,7 +20,7 @@
 //! refused connection, says it is gone.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -92,8 +92,6 @@ pub struct BackendState {
     pub upstream_client_id: String,
     health: Mutex<HealthCounter>,
     pub telemetry: ArcSwap<Telemetry>,
-    /// `queue_remaining` from this backend's last `status` message.
-    pub queue_remaining: AtomicUsize,
     pub ws_connected: AtomicBool,
     /// When the upstream socket last delivered a frame.
     last_frame: Mutex<Option<Instant>>,
@@ -131,7 +129,6 @@ impl BackendState {
                 fail_streak: 0,
             }),
             telemetry: ArcSwap::from_pointee(Telemetry::default()),
-            queue_remaining: AtomicUsize::new(0),
             ws_connected: AtomicBool::new(false),
             last_frame: Mutex::new(None),
             completed: AtomicU64::new(0),

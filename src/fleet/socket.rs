@@ -112,8 +112,6 @@ pub async fn socket_loop(
                     return;
                 }
                 b.ws_connected.store(false, Ordering::SeqCst);
-                // Its last `status` no longer counts: a backend that went away queues nothing.
-                b.queue_remaining.store(0, Ordering::SeqCst);
                 tracing::info!(backend = b.name(), "upstream socket closed");
                 let _ = events.send(UpstreamEvent::Closed { backend: i }).await;
             }

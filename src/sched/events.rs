@@ -34,7 +34,7 @@ pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<Upstre
             }
             UpstreamEvent::Json { backend, message } => route_json(&sched, backend, message),
             UpstreamEvent::Binary { backend, frame } => route_binary(&sched, backend, &frame),
-            UpstreamEvent::Closed { .. } => sched.broadcast_status(),
+            UpstreamEvent::Closed { .. } => {}
         }
     }
 }
@@ -98,17 +98,8 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
     let kind = v["type"].as_str().unwrap_or("").to_string();
     let b = sched.fleet.get(backend).clone();
     match kind.as_str() {
-        "status" => {
-            let n = v["data"]["status"]["exec_info"]["queue_remaining"]
-                .as_u64()
-                .unwrap_or(0);
-            b.queue_remaining.store(n as usize, Ordering::SeqCst);
-            // The handshake status (it carries the upstream sid) is no queue change.
-            if v["data"].get("sid").is_none() {
-                sched.broadcast_status();
-            }
-            return;
-        }
+        // The gate's own `status` is sent on its own transitions (see `views`).
+        "status" => return,
         "feature_flags" => return,
         _ => {}
     }
@@ -155,6 +146,10 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
         // History first, then the client hears it ended (see `completed`).
         completed(sched, backend, &prompt_id);
         return;
+    }
+    if kind == "execution_start" {
+        // ComfyUI's `PromptQueue.get` sends `status` as the prompt starts running.
+        sched.broadcast_status();
     }
     if let Some(sid) = &client {
         sched.sessions.send_json(sid, &kind, data);

@@ -44,16 +44,14 @@ impl History {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps a finished prompt's entry (memory and disk, with its final record). Returns the ids
+    /// Keeps a finished prompt's entry in memory (the caller holds the scheduler's lock, so the
+    /// entry appears with the prompt's move to `Done`; see `sched::views`). Returns the ids
     /// pruned to stay within the bounds (their records can go too).
-    pub fn keep(&self, record: &PromptRecord, entry: Value) -> Vec<String> {
+    pub fn insert(&self, id: &str, entry: Arc<Value>) -> Vec<String> {
         let finished_at = completion_time(&entry).unwrap_or_else(now_ms);
-        if let Err(e) = self.store.save_history(record, finished_at, &entry) {
-            tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
-        }
         let mut h = self.lock();
-        h.shift_remove(&record.id);
-        h.insert(record.id.clone(), (finished_at, Arc::new(entry)));
+        h.shift_remove(id);
+        h.insert(id.to_string(), (finished_at, entry));
         let mut dropped = Vec::new();
         while let Some((oldest, (t, _))) = h.first() {
             if h.len() > self.max_entries || now_ms() - *t > self.max_age_ms {
@@ -64,6 +62,14 @@ impl History {
             }
         }
         dropped
+    }
+
+    /// Writes a kept entry to disk with its prompt's final record.
+    pub fn save(&self, record: &PromptRecord, entry: &Value) {
+        let finished_at = completion_time(entry).unwrap_or_else(now_ms);
+        if let Err(e) = self.store.save_history(record, finished_at, entry) {
+            tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
+        }
     }
 
     /// Drops an entry (`POST /history` delete).

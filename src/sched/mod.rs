@@ -32,6 +32,7 @@ pub mod recovery;
 pub mod snapshot;
 pub mod stall;
 pub mod store;
+pub mod views;
 pub mod watchdog;
 
 #[cfg(test)]
@@ -166,31 +167,6 @@ impl Scheduler {
         }
     }
 
-    /// `{"exec_info": {"queue_remaining": N}}` over the gate queue and every backend.
-    pub fn queue_info(&self) -> Value {
-        let queued = self.lock().table.queue_len();
-        let on_backends: usize = self
-            .fleet
-            .backends()
-            .iter()
-            .map(|b| b.queue_remaining.load(std::sync::atomic::Ordering::SeqCst))
-            .sum();
-        json!({ "exec_info": { "queue_remaining": queued + on_backends } })
-    }
-
-    /// `queue_remaining` for `GET /prompt`: gate queue plus prompts on backends.
-    pub fn prompt_info(&self) -> Value {
-        let s = self.lock();
-        let n = s.table.queue_len() + s.table.in_flight();
-        json!({ "exec_info": { "queue_remaining": n } })
-    }
-
-    /// The gate-wide `status` broadcast.
-    pub fn broadcast_status(&self) {
-        self.sessions
-            .broadcast_json("status", json!({ "status": self.queue_info() }));
-    }
-
     /// The node now executing for a client's running prompt (the reconnect replay).
     pub fn running_node_of(&self, sid: &str) -> Option<String> {
         self.lock()
@@ -220,24 +196,6 @@ impl Scheduler {
             .records()
             .filter(|r| r.identity == identity && pick(r))
             .map(|r| r.id.clone())
-            .collect()
-    }
-
-    /// The gate queue as ComfyUI's `/queue` pending items, `[number, id, prompt, extra_data,
-    /// outputs]`, the client's view.
-    pub fn waiting_items(&self) -> Vec<Value> {
-        let waiting: Vec<(Arc<Value>, Value)> = self
-            .lock()
-            .table
-            .queued()
-            .map(|r| (r.graph().0.clone(), r.queue_item(Vec::new())))
-            .collect();
-        waiting
-            .into_iter()
-            .map(|(graph, mut item)| {
-                item[4] = json!(recovery::output_nodes_of(self, &graph));
-                item
-            })
             .collect()
     }
 
@@ -271,59 +229,81 @@ impl Scheduler {
     }
 
     /// [`Scheduler::end`] if `guard` accepts the record, checked under the same lock as the
-    /// transition.
+    /// transition. The history entry is kept under that lock too, so the prompt is never in
+    /// neither or both of `/queue` and `/history` (see [`views`]); then its client hears it
+    /// ended as from ComfyUI's `prompt_worker`: `execution_error` (if the gate ended it),
+    /// `status`, `executing` with node `null`.
     fn end_where(&self, id: &str, outcome: Outcome, guard: impl Fn(&PromptRecord) -> bool) {
-        let (client, entry, error) = {
+        let (entry, failure) = match outcome {
+            Outcome::Deleted { from } => return self.delete_where(id, from.as_deref(), guard),
+            Outcome::Ran(entry) => (Some(entry), None),
+            Outcome::Failed(f) => (None, Some(f)),
+        };
+        let writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let (client, error, record, entry, dropped) = {
             let mut s = self.lock();
-            if !s.table.get(id).is_some_and(&guard) {
+            let Some(r) = s
+                .table
+                .get(id)
+                .filter(|r| r.stage != Stage::Done && guard(r))
+            else {
                 return;
+            };
+            let (entry, error) = match (entry, &failure) {
+                (Some(entry), _) => (entry, None),
+                (None, Some(f)) => {
+                    let (entry, error) = failure_entry(r, f);
+                    (entry, Some(error))
+                }
+                (None, None) => return,
+            };
+            let Some(r) = s.table.finish(id) else { return };
+            let (client, record) = (r.client_id.clone(), r.clone());
+            let entry = Arc::new(entry);
+            let dropped = self.history.insert(id, entry.clone());
+            for id in &dropped {
+                s.table.remove(id);
             }
-            match &outcome {
-                Outcome::Deleted { from } => {
-                    let never_ran = s.table.get(id).is_some_and(|r| match from {
+            (client, error, record, entry, dropped)
+        };
+        self.wake();
+        self.history.save(&record, &entry);
+        if !dropped.is_empty()
+            && let Err(e) = self.store.remove(&dropped)
+        {
+            tracing::error!(error = %e, "could not prune history");
+        }
+        drop(writing);
+        if let (Some(sid), Some(error)) = (&client, error) {
+            self.sessions.send_json(sid, "execution_error", error);
+        }
+        self.broadcast_status();
+        if let Some(sid) = client {
+            self.sessions
+                .send_json(&sid, "executing", json!({ "node": null, "prompt_id": id }));
+        }
+    }
+
+    /// A delete of a prompt that never ran (`from` `None`: waiting in the gate queue; `Some`:
+    /// accepted there and not started): it leaves without a history entry, as on ComfyUI.
+    fn delete_where(&self, id: &str, from: Option<&str>, guard: impl Fn(&PromptRecord) -> bool) {
+        let removed = {
+            let mut s = self.lock();
+            let never_ran = s.table.get(id).is_some_and(|r| {
+                guard(r)
+                    && match from {
                         None => r.stage == Stage::Queued,
                         Some(b) => {
                             r.stage == Stage::OnBackend
                                 && !r.started
-                                && r.owner.as_deref() == Some(b.as_str())
+                                && r.owner.as_deref() == Some(b)
                         }
-                    });
-                    if !never_ran {
-                        return;
                     }
-                    s.table.remove(id);
-                    drop(s);
-                    self.forget(id);
-                    return;
-                }
-                Outcome::Ran(entry) => {
-                    let Some(r) = s.table.finish(id) else { return };
-                    (r.client_id.clone(), entry.clone(), None)
-                }
-                Outcome::Failed(f) => {
-                    let Some(r) = s.table.get(id).filter(|r| r.stage != Stage::Done) else {
-                        return;
-                    };
-                    let (entry, error) = failure_entry(r, f);
-                    let client = r.client_id.clone();
-                    s.table.finish(id);
-                    (client, entry, Some(error))
-                }
-            }
+            });
+            never_ran && s.table.remove(id).is_some()
         };
-        self.wake();
-        self.keep_history(id, entry);
-        let gate_ended = error.is_some();
-        if let Some(sid) = client {
-            if let Some(error) = error {
-                self.sessions.send_json(&sid, "execution_error", error);
-            }
-            self.sessions
-                .send_json(&sid, "executing", json!({ "node": null, "prompt_id": id }));
-        }
-        // A run that ended on its backend was already announced by the backend's own `status`.
-        if gate_ended {
-            self.broadcast_status();
+        if removed {
+            self.forget(id);
         }
     }
 
@@ -367,27 +347,6 @@ impl Scheduler {
     /// that finished or moved meanwhile is not given back twice).
     pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
         self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure);
-    }
-
-    /// Keeps an ended prompt's entry with its final record; records whose entries were pruned
-    /// are forgotten.
-    fn keep_history(&self, id: &str, entry: Value) {
-        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(record) = self.lock().table.get(id).cloned() else {
-            return;
-        };
-        let dropped = self.history.keep(&record, entry);
-        if dropped.is_empty() {
-            return;
-        }
-        let mut s = self.lock();
-        for id in &dropped {
-            s.table.remove(id);
-        }
-        drop(s);
-        if let Err(e) = self.store.remove(&dropped) {
-            tracing::error!(error = %e, "could not prune history");
-        }
     }
 
     /// Puts prompts back at the head of the gate queue. `failure` counts the run against
