@@ -82,8 +82,8 @@ async fn a_client_that_reads_history_on_the_first_idle_status_finds_its_prompt()
     }
 }
 
-/// The `status` a client gets on connect counts the prompt running for it, also after the
-/// socket between the gate and that backend dropped and came back mid-run.
+/// The `status` a client gets on connect counts the prompt running for it, also while the
+/// gate's socket to that backend is down mid-run (the backend keeps running it).
 #[tokio::test]
 async fn the_status_on_connect_counts_a_running_prompt() {
     let (a, b) = (sim().await, sim().await);
@@ -94,24 +94,43 @@ async fn the_status_on_connect_counts_a_running_prompt() {
     post_json(
         &base,
         "/prompt",
-        &json!({"prompt": steps(1, 4000), "client_id": "c", "prompt_id": "long"}),
+        &json!({"prompt": steps(1, 10000), "client_id": "c", "prompt_id": "long"}),
     )
     .await;
     first.until_kind("progress").await;
     let mut hello = Ws::connect(&base, Some("c2")).await;
     let status = hello.next().await.expect("a first frame");
     assert_eq!(remaining(&status), Some(1), "{:?}", status.data());
+    // While the fault holds, the backend closes every socket, the gate's too.
     let running = holder(&[&a, &b], "long").await.expect("running somewhere");
     running.inject(Fault::DropWebsockets);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut again = Ws::connect(&base, Some(&format!("c3-{i}"))).await;
+        let status = again.next().await.expect("a first frame");
+        assert_eq!(status.kind(), "status");
+        assert_eq!(remaining(&status), Some(1), "{i}: {:?}", status.data());
+    }
     running.inject(Fault::Clear);
-    // Events flow again once the gate's socket to that backend is back.
-    first.until_kind("progress").await;
-    let mut again = Ws::connect(&base, Some("c3")).await;
-    let status = again.next().await.expect("a first frame");
-    assert_eq!(status.kind(), "status");
-    assert_eq!(remaining(&status), Some(1), "{:?}", status.data());
     post_json(&base, "/interrupt", &json!({})).await;
+}
+
+/// `POST /history {"delete": [id]}` forgets the prompt as ComfyUI does: the entry is gone and
+/// the id may be submitted again.
+#[tokio::test]
+async fn a_deleted_history_entry_frees_its_id() {
+    let (a, b) = (sim().await, sim().await);
+    let gate = gate(&[&a, &b]).await;
+    let base = gate.url();
+    let body = json!({"prompt": steps(3, 10), "prompt_id": "again"});
+    assert_eq!(post_json(&base, "/prompt", &body).await.0, 200);
+    wait_history(&base, "again").await;
+    let (code, _) = post_json(&base, "/history", &json!({"delete": ["again"]})).await;
+    assert_eq!(code, 200);
+    assert!(!in_history(&base, "again").await);
+    let (code, answer) = post_json(&base, "/prompt", &body).await;
+    assert_eq!(code, 200, "{answer}");
+    wait_history(&base, "again").await;
 }
 
 /// Failing input 5: one prompt in the whole fleet, running on a backend that hangs or stalls,
@@ -172,19 +191,20 @@ async fn a_prompt_is_always_in_exactly_one_of_queue_and_history() {
         let mine: Vec<String> = (0..6).map(|i| format!("load-{client}-{i}")).collect();
         ids.extend(mine.clone());
         load.push(tokio::spawn(async move {
-            let mut ws = Ws::connect(&base, Some(&format!("load-{client}"))).await;
+            let sid = format!("load-{client}");
+            let mut ws = Ws::connect(&base, Some(&sid)).await;
             ws.next().await;
             for (i, id) in mine.iter().enumerate() {
-                let n = 250 + 50 * client;
-                let body = json!({"prompt": steps(client * 10 + i as u64, n), "client_id": format!("load-{client}"), "prompt_id": id});
+                let graph = steps(client * 10 + i as u64, 250 + 50 * client);
+                let body = json!({"prompt": graph, "client_id": sid, "prompt_id": id});
                 assert_eq!(post_json(&base, "/prompt", &body).await.0, 200);
             }
-            ws
+            // A client that reads its socket to the end, as real ones do.
+            tokio::spawn(async move { while ws.next().await.is_some() {} });
         }));
     }
-    let mut sockets = Vec::new();
     for l in load {
-        sockets.push(l.await.expect("load client"));
+        l.await.expect("load client");
     }
     // Behind that load, these wait in the gate queue first.
     let watched: Vec<String> = (0..8).map(|i| format!("watched-{i}")).collect();
@@ -210,11 +230,12 @@ async fn a_prompt_is_always_in_exactly_one_of_queue_and_history() {
                     break;
                 }
             }
-            for id in &ids {
-                assert!(
-                    in_history(&base, id).await,
-                    "`status` said 0 before /history had {id}"
-                );
+            // All at once, the last submitted first: the entries written last are the ones a
+            // count running ahead would miss.
+            let reads = ids.iter().rev().map(|id| in_history(&base, id));
+            let found = futures_util::future::join_all(reads).await;
+            for (id, found) in ids.iter().rev().zip(found) {
+                assert!(found, "`status` said 0 before /history had {id}");
             }
         })
     };

@@ -151,7 +151,6 @@ pub async fn post_history(
     let ids = targets(ctx, &data, identity, |r| r.stage == Stage::Done);
     for id in ids {
         let owner = ctx.sched.whereabouts(&id).and_then(|(_, _, owner)| owner);
-        ctx.sched.history.forget(&id);
         let targets: Vec<usize> = match owner.and_then(|o| ctx.fleet.index_of(&o)) {
             Some(o) => vec![o],
             None => ctx.fleet.up(),
@@ -164,6 +163,8 @@ pub async fn post_history(
                 .post_json(&b.config, "/history", &json!({ "delete": [id] }))
                 .await;
         }
+        // After the backends' copies, so none of them shows as a stranger's entry meanwhile.
+        ctx.sched.forget_history(&id);
     }
     Ok(status(StatusCode::OK))
 }

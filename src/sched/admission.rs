@@ -112,6 +112,9 @@ pub async fn submit(
         } else {
             None
         };
+        if direct.is_some() {
+            s.table.await_first_answer(&id);
+        }
         (number, direct)
     };
     // Durable before anyone hears of it: a gate killed from here on still runs it.

@@ -45,39 +45,35 @@ impl History {
     }
 
     /// Keeps a finished prompt's entry in memory (the caller holds the scheduler's lock, so the
-    /// entry appears with the prompt's move to `Done`; see `sched::views`). Returns the ids
-    /// pruned to stay within the bounds (their records can go too).
-    pub fn insert(&self, id: &str, entry: Arc<Value>) -> Vec<String> {
-        let finished_at = completion_time(&entry).unwrap_or_else(now_ms);
+    /// entry appears with the prompt's move to `Done`; see `sched::views`). `finished_at` (ms)
+    /// orders `GET /history`. Returns the ids pruned to stay within the bounds, oldest first,
+    /// never `id` itself (their records can go too).
+    pub fn insert(&self, id: &str, finished_at: i64, entry: Arc<Value>) -> Vec<String> {
         let mut h = self.lock();
         h.shift_remove(id);
         h.insert(id.to_string(), (finished_at, entry));
         let mut dropped = Vec::new();
         while let Some((oldest, (t, _))) = h.first() {
-            if h.len() > self.max_entries || now_ms() - *t > self.max_age_ms {
-                dropped.push(oldest.clone());
-                h.shift_remove_index(0);
-            } else {
+            let over = h.len() > self.max_entries || now_ms() - *t > self.max_age_ms;
+            if !over || oldest == id {
                 break;
             }
+            dropped.push(oldest.clone());
+            h.shift_remove_index(0);
         }
         dropped
     }
 
     /// Writes a kept entry to disk with its prompt's final record.
-    pub fn save(&self, record: &PromptRecord, entry: &Value) {
-        let finished_at = completion_time(entry).unwrap_or_else(now_ms);
+    pub fn save(&self, record: &PromptRecord, finished_at: i64, entry: &Value) {
         if let Err(e) = self.store.save_history(record, finished_at, entry) {
             tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
         }
     }
 
-    /// Drops an entry (`POST /history` delete).
-    pub fn forget(&self, id: &str) {
-        let removed = self.lock().shift_remove(id).is_some();
-        if removed && let Err(e) = self.store.delete_history(id) {
-            tracing::error!(error = %e, "could not delete a history entry");
-        }
+    /// Drops an entry from memory (`POST /history` delete; the caller removes it from disk).
+    pub fn remove(&self, id: &str) {
+        self.lock().shift_remove(id);
     }
 
     /// One entry (shared: entries do not change once kept).

@@ -49,8 +49,9 @@ use crate::config::Config;
 use crate::files::Files;
 use crate::fleet::Fleet;
 use crate::fleet::picker::{self, Picker, stats::Learned};
+use crate::protocol::now_ms;
 use crate::sessions::Sessions;
-use history::History;
+use history::{History, completion_time};
 use outcome::failure_entry;
 pub use outcome::{Failure, Outcome};
 use prompts::{PromptRecord, PromptTable, Stage};
@@ -83,6 +84,8 @@ pub struct Scheduler {
     /// Held while a record is copied and written, so the store always ends with a record's
     /// latest state (two writers could otherwise commit their copies in the other order).
     writes: Mutex<()>,
+    /// Held while a `status` count is taken and sent (see [`views`]).
+    status_order: Mutex<()>,
     pub stop: CancellationToken,
 }
 
@@ -114,6 +117,7 @@ impl Scheduler {
             store,
             wake: Notify::new(),
             writes: Mutex::new(()),
+            status_order: Mutex::new(()),
             stop,
         }
     }
@@ -234,13 +238,13 @@ impl Scheduler {
     /// ended as from ComfyUI's `prompt_worker`: `execution_error` (if the gate ended it),
     /// `status`, `executing` with node `null`.
     fn end_where(&self, id: &str, outcome: Outcome, guard: impl Fn(&PromptRecord) -> bool) {
-        let (entry, failure) = match outcome {
+        let failure = match outcome {
             Outcome::Deleted { from } => return self.delete_where(id, from.as_deref(), guard),
-            Outcome::Ran(entry) => (Some(entry), None),
-            Outcome::Failed(f) => (None, Some(f)),
+            Outcome::Ran(entry) => Err(entry),
+            Outcome::Failed(f) => Ok(f),
         };
         let writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let (client, error, record, entry, dropped) = {
+        let ended = {
             let mut s = self.lock();
             let Some(r) = s
                 .table
@@ -249,38 +253,40 @@ impl Scheduler {
             else {
                 return;
             };
-            let (entry, error) = match (entry, &failure) {
-                (Some(entry), _) => (entry, None),
-                (None, Some(f)) => {
+            let (entry, error) = match &failure {
+                Err(entry) => (entry.clone(), None),
+                Ok(f) => {
                     let (entry, error) = failure_entry(r, f);
                     (entry, Some(error))
                 }
-                (None, None) => return,
             };
-            let Some(r) = s.table.finish(id) else { return };
-            let (client, record) = (r.client_id.clone(), r.clone());
+            let finished_at = completion_time(&entry).unwrap_or_else(now_ms);
             let entry = Arc::new(entry);
-            let dropped = self.history.insert(id, entry.clone());
+            let record = s.table.finish(id).cloned();
+            let dropped = self.history.insert(id, finished_at, entry.clone());
             for id in &dropped {
                 s.table.remove(id);
             }
-            (client, error, record, entry, dropped)
+            record.map(|r| (r, error, finished_at, entry, dropped))
+        };
+        let Some((record, error, finished_at, entry, dropped)) = ended else {
+            return;
         };
         self.wake();
-        self.history.save(&record, &entry);
+        self.history.save(&record, finished_at, &entry);
         if !dropped.is_empty()
             && let Err(e) = self.store.remove(&dropped)
         {
             tracing::error!(error = %e, "could not prune history");
         }
         drop(writing);
-        if let (Some(sid), Some(error)) = (&client, error) {
+        if let (Some(sid), Some(error)) = (&record.client_id, error) {
             self.sessions.send_json(sid, "execution_error", error);
         }
         self.broadcast_status();
-        if let Some(sid) = client {
+        if let Some(sid) = &record.client_id {
             self.sessions
-                .send_json(&sid, "executing", json!({ "node": null, "prompt_id": id }));
+                .send_json(sid, "executing", json!({ "node": null, "prompt_id": id }));
         }
     }
 
@@ -303,19 +309,39 @@ impl Scheduler {
             never_ran && s.table.remove(id).is_some()
         };
         if removed {
-            self.forget(id);
+            self.forget(id, true);
         }
     }
 
     /// A prompt that leaves without a history entry: its slot may have freed, its record goes
     /// from the store, and clients hear the new queue length.
-    fn forget(&self, id: &str) {
+    fn forget(&self, id: &str, was_listed: bool) {
         self.wake();
         let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = self.store.remove(&[id.to_string()]) {
             tracing::error!(error = %e, "could not forget a prompt");
         }
-        self.broadcast_status();
+        drop(_writing);
+        if was_listed {
+            self.broadcast_status();
+        }
+    }
+
+    /// `POST /history` `delete`: the entry and the ended prompt's record go together, under the
+    /// state lock, so the id is unknown again (a backend's entry under it shows, and the id may
+    /// be used again, as on ComfyUI).
+    pub fn forget_history(&self, id: &str) {
+        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut s = self.lock();
+            if s.table.get(id).is_some_and(|r| r.stage == Stage::Done) {
+                s.table.remove(id);
+            }
+            self.history.remove(id);
+        }
+        if let Err(e) = self.store.remove(&[id.to_string()]) {
+            tracing::error!(error = %e, "could not delete a history entry");
+        }
     }
 
     /// A prompt the backend refused with a 400 at submit, answered to the client as it came:
@@ -323,12 +349,14 @@ impl Scheduler {
     /// True if it was removed; false if it had moved on meanwhile (then it waits and runs).
     pub fn refused_at_submit(&self, id: &str, backend: usize) -> bool {
         let name = self.fleet.get(backend).name();
-        let removed = {
+        let (removed, was_listed) = {
             let mut s = self.lock();
-            s.table.is_dispatching_to(id, name) && s.table.remove(id).is_some()
+            let was_listed = s.table.get(id).and_then(|r| s.table.listed(r)).is_some();
+            let removed = s.table.is_dispatching_to(id, name) && s.table.remove(id).is_some();
+            (removed, was_listed)
         };
         if removed {
-            self.forget(id);
+            self.forget(id, was_listed);
         }
         removed
     }

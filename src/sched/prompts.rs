@@ -18,7 +18,7 @@
 //! twice. Ending a prompt (history, persistence, telling its client) is the scheduler's
 //! `end`; this table only records the transition.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
@@ -36,6 +36,21 @@ pub struct PromptTable {
     slots: HashMap<String, usize>,
     /// Backend name → the prompt between `execution_start` and its end there.
     running: HashMap<String, String>,
+    /// Records that are `Done` (kept for their history entries): `remaining` without a scan.
+    ended: usize,
+    /// Prompts forwarded at submit whose backend has not answered yet: not yet listed or
+    /// counted, as ComfyUI lists a prompt only once it validated (a refusal leaves no trace).
+    unanswered: HashSet<String>,
+}
+
+/// Where a prompt stands in `/queue`, by ComfyUI's lists (`PromptQueue.queue` and
+/// `currently_running` in its `execution.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// `queue_pending`: waiting in the gate queue, being sent, or accepted but not started.
+    Pending,
+    /// `queue_running`: started, or ran and its history entry is being collected.
+    Running,
 }
 
 fn key(n: &Number) -> f64 {
@@ -87,11 +102,57 @@ impl PromptTable {
         if let (true, Some(owner)) = (rec.holds_slot(None), rec.owner.clone()) {
             *self.slots.entry(owner).or_default() += 1;
         }
-        self.records.insert(rec.id.clone(), rec);
+        if rec.stage == Stage::Done {
+            self.ended += 1;
+        }
+        if let Some(old) = self.records.insert(rec.id.clone(), rec)
+            && old.stage == Stage::Done
+        {
+            self.ended -= 1;
+        }
+    }
+
+    /// Where `r` is listed in `/queue`; `None` once it has ended (its history entry is kept
+    /// under the same lock) or while its forward at submit awaits the backend's answer.
+    pub fn listed(&self, r: &PromptRecord) -> Option<Listed> {
+        if self.unanswered.contains(&r.id) {
+            return None;
+        }
+        match r.stage {
+            Stage::Queued | Stage::Dispatching => Some(Listed::Pending),
+            Stage::OnBackend if !r.started => Some(Listed::Pending),
+            Stage::OnBackend | Stage::Finishing => Some(Listed::Running),
+            Stage::Done => None,
+        }
+    }
+
+    /// `queue_remaining` as ComfyUI counts it (`get_tasks_remaining`): the prompts listed.
+    pub fn remaining(&self) -> usize {
+        let n = self.records.len() - self.ended - self.unanswered.len();
+        debug_assert_eq!(
+            n,
+            self.records
+                .values()
+                .filter(|r| self.listed(r).is_some())
+                .count()
+        );
+        n
+    }
+
+    /// `id` was just reserved to be forwarded at submit: unlisted until its backend answers.
+    pub fn await_first_answer(&mut self, id: &str) {
+        if self
+            .records
+            .get(id)
+            .is_some_and(|r| r.stage == Stage::Dispatching)
+        {
+            self.unanswered.insert(id.to_string());
+        }
     }
 
     /// Releases the slot `id` holds, if any (the one place slots go down).
     fn release(&mut self, id: &str) {
+        self.unanswered.remove(id);
         let Some(r) = self.records.get(id) else {
             return;
         };
@@ -145,6 +206,7 @@ impl PromptTable {
         if !self.is_dispatching_to(id, backend) {
             return false;
         }
+        self.unanswered.remove(id);
         if let Some(r) = self.records.get_mut(id) {
             r.stage = Stage::OnBackend;
             r.last_event = Some(Instant::now());
@@ -206,6 +268,7 @@ impl PromptTable {
         r.stage = Stage::OnBackend;
         r.started = true;
         r.started_at = Some(Instant::now());
+        self.unanswered.remove(id);
         self.running.insert(backend.to_string(), id.to_string());
     }
 
@@ -236,6 +299,7 @@ impl PromptTable {
         self.unqueue(id);
         let r = self.records.get_mut(id)?;
         r.stage = Stage::Done;
+        self.ended += 1;
         r.retry_after_run = false;
         r.deadline_interrupt = None;
         Some(r)
@@ -246,7 +310,11 @@ impl PromptTable {
     pub fn remove(&mut self, id: &str) -> Option<PromptRecord> {
         self.release(id);
         self.unqueue(id);
-        self.records.remove(id)
+        let r = self.records.remove(id)?;
+        if r.stage == Stage::Done {
+            self.ended -= 1;
+        }
+        Some(r)
     }
 
     /// Back to waiting, at the head of the gate queue (a retry goes first), in number order;

@@ -111,6 +111,9 @@ pub struct PromptRecord {
     /// (every dispatch pass reads both).
     #[serde(skip)]
     graph: OnceLock<(Arc<Value>, Profile)>,
+    /// [`PromptRecord::client_extra_data`], derived once (`/queue` shows it on every read).
+    #[serde(skip)]
+    extra: OnceLock<Arc<Value>>,
 }
 
 impl PromptRecord {
@@ -150,6 +153,7 @@ impl PromptRecord {
             skips: 0,
             unplaceable_since: None,
             graph: OnceLock::new(),
+            extra: OnceLock::new(),
         }
     }
 
@@ -204,6 +208,12 @@ impl PromptRecord {
             self.client_extra_data(),
             outputs
         ])
+    }
+
+    /// [`PromptRecord::client_extra_data`], shared (it never changes once admitted).
+    pub fn client_extra(&self) -> &Arc<Value> {
+        self.extra
+            .get_or_init(|| Arc::new(self.client_extra_data()))
     }
 
     /// `extra_data` as the client would see it on one ComfyUI.

@@ -240,15 +240,6 @@ impl Store {
         txn.commit().map_err(write_err)
     }
 
-    pub fn delete_history(&self, id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
-            h.remove(id).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
-    }
-
     pub fn save_alias(
         &self,
         key: &(String, String, String),

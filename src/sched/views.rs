@@ -11,9 +11,13 @@
 //!   `Queued`, `Dispatching` and `OnBackend` before its start are pending, `OnBackend` after its
 //!   start and `Finishing` are running, and its history entry is kept under the same lock as
 //!   its move to `Done` ([`Scheduler::end`]);
-//! - every `status` is computed from the table and queued to clients under that lock, so a
-//!   count never runs ahead of the history and clients receive counts in the order they were
-//!   taken.
+//! - every `status` count is taken from the table (so it never runs ahead of the history) and
+//!   counts are taken and sent one at a time, so clients receive them in the order taken;
+//! - a prompt forwarded at submit is listed once its backend accepted it, as ComfyUI lists a
+//!   prompt only once it validated (a refusal leaves no trace).
+//!
+//! Prompts sent to a backend directly, not through the gate, are listed in `/queue` (see
+//! `api::merged`) but not counted: the gate hears of them only when asked.
 //!
 //! Backends' own `status` messages are not relayed: their counts say nothing of the gate queue
 //! or of other backends, and a backend sends its final `status` before the gate holds the
@@ -21,30 +25,12 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value, json};
+use serde_json::{Number, Value, json};
 
 use super::Scheduler;
-use super::prompts::{PromptRecord, Stage};
+pub use super::prompts::Listed;
+use super::prompts::PromptTable;
 use super::recovery::output_nodes_of;
-
-/// Where a prompt stands in `/queue`, by ComfyUI's lists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listed {
-    /// `queue_pending`: waiting in the gate queue, being sent, or accepted but not started.
-    Pending,
-    /// `queue_running`: started, or ran and its history entry is being collected.
-    Running,
-}
-
-/// Where `r` is listed in `/queue`; `None` once it has ended (its history entry is kept).
-pub fn listed(r: &PromptRecord) -> Option<Listed> {
-    match r.stage {
-        Stage::Queued | Stage::Dispatching => Some(Listed::Pending),
-        Stage::OnBackend if !r.started => Some(Listed::Pending),
-        Stage::OnBackend | Stage::Finishing => Some(Listed::Running),
-        Stage::Done => None,
-    }
-}
 
 /// The gate's prompts as ComfyUI's `/queue` lists them: items `[number, prompt_id, prompt,
 /// extra_data, outputs_to_execute]`, each list in number order.
@@ -54,14 +40,20 @@ pub struct QueueView {
     pub pending: Vec<Value>,
 }
 
+/// What a queue item is made of, taken under the lock without copying a prompt (prompts and
+/// their `extra_data` can be tens of MB: the item is written out after the lock is released).
+struct ItemParts {
+    list: Listed,
+    number: Number,
+    id: String,
+    graph: Arc<Value>,
+    extra: Arc<Value>,
+}
+
 impl Scheduler {
     /// `queue_remaining` as ComfyUI counts it: the prompts pending or running.
     pub fn queue_remaining(&self) -> usize {
-        self.lock()
-            .table
-            .records()
-            .filter(|r| listed(r).is_some())
-            .count()
+        self.lock().table.remaining()
     }
 
     /// `{"exec_info": {"queue_remaining": N}}`, for `GET /prompt` and `status`.
@@ -69,52 +61,47 @@ impl Scheduler {
         exec_info(self.queue_remaining())
     }
 
-    /// Sends every client `status` with the count as it is now (computed and queued under the
-    /// state lock, so counts reach each client in the order they were taken).
+    /// Sends every client `status` with the count as it is now. Counts are taken and sent one
+    /// at a time (`status_order`), so each client receives them in the order they were taken.
     pub fn broadcast_status(&self) {
-        let s = self.lock();
-        let n = s.table.records().filter(|r| listed(r).is_some()).count();
+        let _order = self.status_order.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.queue_remaining();
         self.sessions
             .broadcast_json("status", json!({ "status": exec_info(n) }));
-        drop(s);
     }
 
-    /// The `status` a client gets on connect (`{"status": …, "sid": sid}`), queued under the
-    /// state lock like every other `status`.
+    /// The `status` a client gets on connect (`{"status": …, "sid": sid}`), in order with every
+    /// other `status`.
     pub fn send_status_to(&self, sid: &str) {
-        let s = self.lock();
-        let n = s.table.records().filter(|r| listed(r).is_some()).count();
+        let _order = self.status_order.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.queue_remaining();
         self.sessions
             .send_json(sid, "status", json!({ "status": exec_info(n), "sid": sid }));
-        drop(s);
     }
 
     /// The gate's prompts in `/queue`, as they are at one moment.
     pub fn queue_view(&self) -> QueueView {
-        let listed_now = {
-            let s = self.lock();
-            listed_items(s.table.records())
-        };
-        self.with_outputs(listed_now)
+        let parts = item_parts(&self.lock().table);
+        self.items(parts)
     }
 
     /// `/queue` and every history entry (`(finished_at_ms, id, entry)`, oldest first) taken at
     /// one moment, so each prompt is in exactly one of them (`/api/jobs` shows both at once).
     pub fn queue_and_history(&self) -> (QueueView, Vec<(i64, String, Arc<Value>)>) {
-        let (listed_now, history) = {
+        let (parts, history) = {
             let s = self.lock();
-            (listed_items(s.table.records()), self.history.all())
+            (item_parts(&s.table), self.history.all())
         };
-        (self.with_outputs(listed_now), history)
+        (self.items(parts), history)
     }
 
-    /// Fills each item's `outputs_to_execute` and sorts each list by number, then id (ComfyUI's
-    /// heap order).
-    fn with_outputs(&self, items: Vec<(Listed, Arc<Value>, Value)>) -> QueueView {
+    /// The queue items, each list sorted by number, then id (ComfyUI's heap order).
+    fn items(&self, parts: Vec<ItemParts>) -> QueueView {
         let mut view = QueueView::default();
-        for (list, graph, mut item) in items {
-            item[4] = json!(output_nodes_of(self, &graph));
-            match list {
+        for p in parts {
+            let outputs = output_nodes_of(self, &p.graph);
+            let item = json!([p.number, p.id, *p.graph, *p.extra, outputs]);
+            match p.list {
                 Listed::Running => view.running.push(item),
                 Listed::Pending => view.pending.push(item),
             }
@@ -130,12 +117,19 @@ fn exec_info(n: usize) -> Value {
     json!({ "exec_info": { "queue_remaining": n } })
 }
 
-/// Each listed record's list, graph and queue item (outputs still empty).
-fn listed_items<'a>(
-    records: impl Iterator<Item = &'a PromptRecord>,
-) -> Vec<(Listed, Arc<Value>, Value)> {
-    records
-        .filter_map(|r| Some((listed(r)?, r.graph().0.clone(), r.queue_item(Vec::new()))))
+/// The parts of every listed prompt's queue item.
+fn item_parts(table: &PromptTable) -> Vec<ItemParts> {
+    table
+        .records()
+        .filter_map(|r| {
+            Some(ItemParts {
+                list: table.listed(r)?,
+                number: r.number.clone(),
+                id: r.id.clone(),
+                graph: r.graph().0.clone(),
+                extra: r.client_extra().clone(),
+            })
+        })
         .collect()
 }
 
