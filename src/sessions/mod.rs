@@ -182,35 +182,42 @@ impl Sessions {
     /// converted to type 1 and held for its `progress` message (see the module docs) to one
     /// that did not; anything else as it is.
     pub fn send_binary(&self, sid: &str, frame: Bytes) {
-        let mut map = self.lock();
-        let Some(s) = map.get_mut(sid) else { return };
-        let legacy_preview = frames::frame_type(&frame)
-            == Some(frames::PREVIEW_IMAGE_WITH_METADATA)
-            && !s.preview_metadata;
-        let mut out = Vec::with_capacity(2);
-        if legacy_preview {
+        let Some(metadata) = self.lock().get(sid).map(|s| s.preview_metadata) else {
+            return;
+        };
+        let is_type4 = frames::frame_type(&frame) == Some(frames::PREVIEW_IMAGE_WITH_METADATA);
+        // The conversion copies the image: done outside the lock (a frame may be many MB).
+        let converted = if is_type4 && !metadata {
             let Some((meta, _)) = frames::decode_preview_with_metadata(&frame) else {
                 return;
             };
             let Some(t1) = frames::type4_to_type1(&frame) else {
                 return;
             };
-            let t1 = Message::binary(t1);
-            match meta.get("prompt_id").and_then(Value::as_str) {
-                Some(prompt_id) => {
-                    out.extend(s.take_held(prompt_id));
-                    s.held.push(HeldPreview {
-                        prompt_id: prompt_id.to_string(),
-                        frame: t1,
-                    });
-                    if s.held.len() > MAX_HELD_PREVIEWS {
-                        out.push(s.held.remove(0).frame);
-                    }
-                }
-                None => out.push(t1),
-            }
+            let prompt_id = meta
+                .get("prompt_id")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            Some((prompt_id, Message::binary(t1)))
         } else {
-            out.push(Message::binary(frame));
+            None
+        };
+        let mut map = self.lock();
+        let Some(s) = map.get_mut(sid) else { return };
+        let mut out = Vec::with_capacity(2);
+        match converted {
+            Some((Some(prompt_id), t1)) => {
+                out.extend(s.take_held(&prompt_id));
+                s.held.push(HeldPreview {
+                    prompt_id,
+                    frame: t1,
+                });
+                if s.held.len() > MAX_HELD_PREVIEWS {
+                    out.push(s.held.remove(0).frame);
+                }
+            }
+            Some((None, t1)) => out.push(t1),
+            None => out.push(Message::binary(frame)),
         }
         for msg in out {
             if !self.offer(s, msg) {
@@ -381,5 +388,21 @@ mod tests {
                 "execution_interrupted"
             ])
         );
+    }
+
+    #[test]
+    fn a_saved_image_is_kept_for_a_client_that_falls_behind() {
+        let sessions = Sessions::default();
+        let mut slow = sessions.register("slow");
+        for _ in 0..PREVIEW_HEADROOM {
+            sessions.send_json("slow", "progress", serde_json::json!({}));
+        }
+        let latent = frames::encode_preview(frames::FORMAT_JPEG, b"\xff\xd8");
+        let saved = frames::encode_preview(frames::FORMAT_PNG, &vec![7u8; 20 << 20]);
+        sessions.send_binary("slow", Bytes::from(latent));
+        sessions.send_binary("slow", Bytes::from(saved.clone()));
+        assert_eq!(sessions.dropped(), (0, 1), "only the latent preview went");
+        let last = std::iter::from_fn(|| slow.outbox.try_recv().ok()).last();
+        assert_eq!(last, Some(Message::binary(saved)), "the 20 MB PNG, whole");
     }
 }
