@@ -137,3 +137,51 @@ async fn frontend_and_unknown_routes_pass_through() {
     let (code, _) = get_json(&gate.url(), "/some_custom_node/route").await;
     assert_eq!(code, 404, "the backend's own answer");
 }
+
+/// The progress kinds and binary frames of a prompt's events, in the order they came.
+fn step_order(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .map(Frame::kind)
+        .filter(|k| k == "progress" || k.starts_with("binary:"))
+        .collect()
+}
+
+/// ComfyUI's progress hook (`main.py::hijack_progress`) sends a client without preview
+/// metadata `progress` and then the step's type 1 preview; a client with metadata gets the
+/// type 4 preview first (`comfy_execution/progress.py`, from `update_progress`), then
+/// `progress`. The gate's upstream socket always negotiates metadata, so it must put each
+/// client's preview on the side ComfyUI would (issue 11, input 4).
+#[tokio::test]
+async fn each_client_gets_previews_in_comfyuis_order_for_its_flags() {
+    let (a, b) = (
+        sim_with(with_previews()).await,
+        sim_with(with_previews()).await,
+    );
+    let gate = gate(&[&a, &b]).await;
+    let base = gate.url();
+    let mut modern = Ws::connect(&base, Some("modern")).await;
+    modern.next().await;
+    modern
+        .send_json(json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}))
+        .await;
+    modern.until_kind("feature_flags").await;
+    let mut legacy = Ws::connect(&base, Some("legacy")).await;
+    legacy.next().await;
+    for (sid, seed) in [("modern", 3), ("legacy", 4)] {
+        let body = json!({"prompt": steps(seed, 3), "client_id": sid, "prompt_id": sid});
+        assert_eq!(post_json(&base, "/prompt", &body).await.0, 200);
+    }
+
+    let step = |first: &str, second: &str| {
+        [first, second]
+            .repeat(3)
+            .into_iter()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let legacy_order = step_order(&legacy.until_done("legacy").await);
+    assert_eq!(legacy_order, step("progress", "binary:1"));
+    let modern_order = step_order(&modern.until_done("modern").await);
+    assert_eq!(modern_order, step("binary:4", "progress"));
+}

@@ -19,6 +19,7 @@ use super::graph::ExecutionList;
 use super::instance::{Instance, lock};
 use super::nodes::find;
 use super::queue::QueueItem;
+use super::socket_nodes;
 use comfy_wire::files::images::Image;
 use comfy_wire::protocol::frames;
 use comfy_wire::protocol::now_ms;
@@ -152,28 +153,34 @@ impl Run<'_> {
         self.send_progress_state();
     }
 
-    /// ComfyUI's progress hook: interrupt check, `progress_state` (+ type 4), `progress`
-    /// (+ type 1).
+    /// ComfyUI's progress hook (`main.py::hijack_progress`): interrupt check, `progress_state`
+    /// (+ type 4 to a client that negotiated metadata), `progress` (+ type 1 to one that did
+    /// not). `preview` is an encoded image and its type 1 format number: latent previews are
+    /// JPEG, `SaveImageWebsocket` sends full-size PNGs through the same hook.
     fn progress_hook(
         &mut self,
         id: &str,
         value: u32,
         max: u32,
-        preview: Option<&Image>,
+        preview: Option<(u32, Vec<u8>)>,
     ) -> Result<(), NodeError> {
         if self.inst.interrupted() {
             return Err(NodeError::Interrupted);
         }
         self.set_progress(id, "running", value as f64, max as f64);
         let metadata = self.inst.hub.supports_preview_metadata(self.target());
-        let jpeg = preview.map(Image::to_jpeg);
-        if let (Some(jpeg), true) = (&jpeg, metadata) {
+        if let (Some((format, image)), true) = (&preview, metadata) {
+            let image_type = if *format == frames::FORMAT_PNG {
+                "image/png"
+            } else {
+                "image/jpeg"
+            };
             let meta = json!({
                 "node_id": id, "prompt_id": self.item.prompt_id, "display_node_id": id,
-                "parent_node_id": null, "real_node_id": id, "image_type": "image/jpeg",
+                "parent_node_id": null, "real_node_id": id, "image_type": image_type,
             });
             self.inst.hub.send_bytes(
-                frames::encode_preview_with_metadata(&meta, jpeg),
+                frames::encode_preview_with_metadata(&meta, image),
                 self.target(),
             );
         }
@@ -182,11 +189,10 @@ impl Run<'_> {
             json!({ "value": value, "max": max, "prompt_id": self.item.prompt_id, "node": id }),
             self.target(),
         );
-        if let (Some(jpeg), false) = (&jpeg, metadata) {
-            self.inst.hub.send_bytes(
-                frames::encode_preview(frames::FORMAT_JPEG, jpeg),
-                self.target(),
-            );
+        if let (Some((format, image)), false) = (&preview, metadata) {
+            self.inst
+                .hub
+                .send_bytes(frames::encode_preview(*format, image), self.target());
         }
         Ok(())
     }
@@ -227,6 +233,11 @@ fn signatures(inst: &Instance, prompt: &Map<String, Value>) -> HashMap<String, u
                     v.to_string().hash(&mut h);
                 }
             }
+        }
+        if node["class_type"] == "SaveImageWebsocket" {
+            // Its `IS_CHANGED` returns `time.time()`: it never comes from the cache.
+            now_ms().hash(&mut h);
+            rand::random::<u64>().hash(&mut h);
         }
         if node["class_type"] == "LoadImage" {
             let name = comfy_wire::protocol::errors::python_str(&node["inputs"]["image"]);
@@ -697,7 +708,10 @@ async fn run_node(
             let result = async {
                 for step in 1..=steps {
                     sleep(step_secs).await?;
-                    run.progress_hook(id, step, steps, preview_img.as_ref())?;
+                    let preview = preview_img
+                        .as_ref()
+                        .map(|i| (frames::FORMAT_JPEG, i.to_jpeg()));
+                    run.progress_hook(id, step, steps, preview)?;
                 }
                 Ok(())
             }
@@ -764,6 +778,45 @@ async fn run_node(
                 })
                 .collect();
             Ok((vec![Val::Image(Arc::new(out))], None))
+        }
+        "ImageAddNoise" => {
+            let Some(Val::Image(images)) = linked(inputs, "image").cloned() else {
+                return Err(missing("image"));
+            };
+            let seed = literal(inputs, "seed").and_then(Value::as_u64).unwrap_or(0);
+            let strength = literal(inputs, "strength")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.5);
+            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
+            let out = images
+                .iter()
+                .enumerate()
+                .map(|(i, img)| img.add_noise(seed.wrapping_add(i as u64), strength))
+                .collect();
+            Ok((vec![Val::Image(Arc::new(out))], None))
+        }
+        "PreviewAny" => {
+            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
+            let text = match inputs.get("source") {
+                Some(Err(literal)) => socket_nodes::preview_any_text(literal),
+                Some(Ok(val)) => val.python_repr(),
+                None => "None".into(),
+            };
+            Ok((vec![], Some(json!({ "text": [text] }))))
+        }
+        "SaveImageWebsocket" => {
+            // Each image goes out as a PNG frame through the progress hook (ComfyUI's
+            // `pbar.update_absolute(step, total, ("PNG", img, None))`, value 0 to total − 1); the
+            // node returns `{}`, so no `executed` and nothing in the history's outputs.
+            let Some(Val::Image(images)) = linked(inputs, "images").cloned() else {
+                return Err(missing("images"));
+            };
+            let total = images.len() as u32;
+            for (step, image) in images.iter().enumerate() {
+                let png = image.to_png(&[], true);
+                run.progress_hook(id, step as u32, total, Some((frames::FORMAT_PNG, png)))?;
+            }
+            Ok((vec![], None))
         }
         "LoadImage" => {
             let name = comfy_wire::protocol::errors::python_str(

@@ -32,6 +32,7 @@ mod instance;
 pub mod nodes;
 pub mod queue;
 mod routes;
+mod socket_nodes;
 mod userdata;
 pub mod validate;
 mod ws;

@@ -173,7 +173,7 @@ fn tip(text: &str) -> Value {
 pub fn catalogue() -> Vec<NodeDef> {
     use ComboSource::*;
     use InputType::*;
-    vec![
+    let mut defs = vec![
         NodeDef {
             class: "KSampler",
             display_name: "KSampler",
@@ -516,7 +516,9 @@ pub fn catalogue() -> Vec<NodeDef> {
             v3: true,
             custom_validated: &[],
         },
-    ]
+    ];
+    defs.extend(super::socket_nodes::defs());
+    defs
 }
 
 /// What a combo input offers on this instance.

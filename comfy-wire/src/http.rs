@@ -205,13 +205,22 @@ where
     response
 }
 
-/// WebSocket limits matching aiohttp's defaults (4 MiB incoming messages), with small buffers:
-/// most sockets are idle clients, and tungstenite's 128 KiB default read buffer would cost that
-/// much per connection (1.3 GB for 10,000 idle clients, measured by `benches/overhead.rs`).
-pub fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+/// The largest message (and frame) a server here, the gate or comfy-sim, takes from one of its
+/// clients: 4 MiB, aiohttp's default `max_msg_size` for `web.WebSocketResponse()`, which
+/// ComfyUI's `server.py` keeps. A client's only message that matters is `feature_flags`.
+/// It bounds what a server receives, never what it sends: tungstenite checks these limits on
+/// reads only, and its write buffer is unbounded by default (`max_write_buffer_size`).
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The configuration of a server's socket to a client: what it receives is bounded by
+/// [`MAX_CLIENT_MESSAGE_BYTES`]; what it sends is not (a backend's `executed` message or a
+/// `SaveImageWebsocket` frame can be hundreds of MB). Buffers are small because most sockets
+/// are idle clients: tungstenite's 128 KiB default read buffer would cost that much per
+/// connection (1.3 GB for 10,000 idle clients, measured by `benches/overhead.rs`).
+pub fn server_websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     let mut cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
-    cfg.max_message_size = Some(4 << 20);
-    cfg.max_frame_size = Some(4 << 20);
+    cfg.max_message_size = Some(MAX_CLIENT_MESSAGE_BYTES);
+    cfg.max_frame_size = Some(MAX_CLIENT_MESSAGE_BYTES);
     cfg.read_buffer_size = 4 << 10;
     cfg.write_buffer_size = 0;
     cfg
@@ -224,7 +233,7 @@ pub async fn server_websocket(
     tokio_tungstenite::WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         tokio_tungstenite::tungstenite::protocol::Role::Server,
-        Some(websocket_config()),
+        Some(server_websocket_config()),
     )
     .await
 }

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::Ctx;
 use crate::http::{Body, serve_comfy_websocket};
-use crate::sessions::SEND_TIMEOUT;
+use crate::sessions::send_timeout;
 
 /// Upgrades a `GET /ws`.
 pub fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
@@ -31,13 +31,14 @@ where
         sessions.send_json(&sid, "executing", json!({ "node": node }));
     }
     let mut first_message = true;
+    let dropped = reg.dropped.clone();
     loop {
         tokio::select! {
-            _ = reg.dropped.cancelled() => break,
-            out = reg.outbox.recv() => {
+            _ = dropped.cancelled() => break,
+            out = reg.next() => {
                 let Some(msg) = out else { break };
                 let closing = matches!(msg, Message::Close(_));
-                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(msg)).await;
+                let sent = tokio::time::timeout(send_timeout(msg.len()), sink.send(msg)).await;
                 if !matches!(sent, Ok(Ok(()))) || closing {
                     break;
                 }

@@ -31,6 +31,20 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Pings per `health.socket_silence_ms` (ComfyUI's aiohttp answers pings itself).
 pub const PINGS_PER_SILENCE: u32 = 3;
 
+/// The configuration of the gate's socket to a backend: no limit on what it receives. A
+/// backend is the operator's own ComfyUI, trusted like the disk it writes outputs to, and it
+/// sends whatever its nodes make: an `executed` message with a long text, a full-size PNG from
+/// `SaveImageWebsocket`, hundreds of MB of video preview. Any cap here would close the socket
+/// on such a message and lose it and every event after it (issue 11). The limit servers keep
+/// ([`crate::http::MAX_CLIENT_MESSAGE_BYTES`]) is for what clients send. The buffers keep
+/// tungstenite's defaults (128 KiB): there is one such socket per backend, and large reads
+/// are common on it.
+pub fn upstream_websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None)
+}
+
 /// What an upstream socket saw, in order per backend (`backend` is the fleet index).
 #[derive(Debug)]
 pub enum UpstreamEvent {
@@ -85,7 +99,7 @@ pub async fn socket_loop(
             CONNECT_TIMEOUT,
             tokio_tungstenite::connect_async_with_config(
                 url,
-                Some(crate::http::websocket_config()),
+                Some(upstream_websocket_config()),
                 false,
             ),
         );

@@ -58,8 +58,16 @@ impl User {
         let client_id = uuid::Uuid::new_v4().simple().to_string();
         let routes = Arc::new(Routes(Mutex::new(None)));
         let url = target.ws_url(&client_id);
-        let opened =
-            tokio::time::timeout(WS_CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url)).await;
+        // Like ComfyUI's clients, it takes messages of any size (tungstenite's defaults refuse
+        // frames over 16 MiB, which a SaveImageWebsocket image or a long text can pass).
+        let any_size = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let opened = tokio::time::timeout(
+            WS_CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(url, Some(any_size), false),
+        )
+        .await;
         let reader = match opened {
             Ok(Ok((stream, _))) => {
                 *routes.0.lock().unwrap() = Some(HashMap::new());

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -33,7 +34,7 @@ pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<Upstre
                 });
             }
             UpstreamEvent::Json { backend, message } => route_json(&sched, backend, message),
-            UpstreamEvent::Binary { backend, frame } => route_binary(&sched, backend, &frame),
+            UpstreamEvent::Binary { backend, frame } => route_binary(&sched, backend, frame),
             UpstreamEvent::Closed { .. } => {}
         }
     }
@@ -193,9 +194,9 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
 }
 
 /// Routes one binary frame from `backend`.
-pub fn route_binary(sched: &Scheduler, backend: usize, frame: &[u8]) {
+pub fn route_binary(sched: &Scheduler, backend: usize, frame: Bytes) {
     let name = sched.fleet.get(backend).name();
-    let client = match frames::decode_preview_with_metadata(frame) {
+    let client = match frames::decode_preview_with_metadata(&frame) {
         Some((meta, _)) => meta
             .get("prompt_id")
             .and_then(Value::as_str)

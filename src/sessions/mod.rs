@@ -1,21 +1,31 @@
 //! Client WebSocket sessions: who is connected under which sid, and the delivery of events to
 //! them. The API layer serves the sockets ([`crate::api`]); the scheduler sends through here.
 //!
-//! Each session has a bounded outbox of [`OUTBOX_CAPACITY`] frames, so a client that does not
-//! read cannot make the gate hold its events without limit, and never slows anyone else (sends
-//! never wait). A client that falls behind loses previews first: once its outbox is half full,
-//! preview frames for it are dropped (the next preview replaces them anyway). If it is full, the
-//! client is disconnected (its socket task is told to close the connection at once, and a frame
-//! its connection does not take within [`SEND_TIMEOUT`] ends it too): ComfyUI's clients reconnect and catch up from `/history` and
-//! `/queue`, which is better than a socket that silently misses a terminal event.
+//! Each session has a bounded outbox, so a client that does not read cannot make the gate hold
+//! its events without limit, and never slows anyone else (sends never wait). A client that
+//! falls behind loses previews first; one that stops reading is disconnected (its socket task
+//! is told to close the connection at once, and a frame its connection does not take in time
+//! ends it too): ComfyUI's clients reconnect and catch up from `/history` and `/queue`, which is
+//! better than a socket that silently misses a terminal event. [`outbox`] has the rules; no
+//! message is refused for its size.
+//!
+//! Messages from one backend reach a client in the order ComfyUI would send them to that
+//! client. The one place that order differs by client is the preview of a progress step: the
+//! gate's upstream socket negotiates metadata, so it gets `progress_state`, the type 4 preview,
+//! then `progress`; ComfyUI sends a client without metadata `progress` and then the type 1
+//! preview (`main.py::hijack_progress`). The converted preview is held until that prompt's
+//! next message and goes out after it if it is the `progress`, before it otherwise.
 //!
 //! Unlike ComfyUI, a reconnecting socket with the same clientId replaces the old one, which is
 //! closed, not orphaned.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod outbox;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc::{self, Receiver, Sender, error::TrySendError};
 use tokio_tungstenite::tungstenite::Message;
@@ -23,22 +33,38 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::frames;
+pub use outbox::{OUTBOX_BYTES, OUTBOX_CAPACITY, PREVIEW_HEADROOM, send_timeout};
 
-/// Frames queued for one client before it counts as not reading.
-pub const OUTBOX_CAPACITY: usize = 1024;
-/// Previews are dropped for a client whose outbox has fewer free places than this.
-pub const PREVIEW_HEADROOM: usize = OUTBOX_CAPACITY / 2;
-/// A frame the client's connection does not take within this long ends the connection.
-pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::protocol::frames;
+use outbox::Verdict;
+
+/// Previews held at once for one client without metadata (one per running prompt in
+/// practice); past this the oldest goes out.
+const MAX_HELD_PREVIEWS: usize = 8;
+
+/// A type 1 preview waiting for its prompt's `progress` message.
+struct HeldPreview {
+    prompt_id: String,
+    frame: Message,
+}
 
 struct Session {
     conn: u64,
     tx: Sender<Message>,
+    /// Bytes in `tx` the socket task has not taken yet (shared with its [`Registration`]).
+    waiting: Arc<AtomicUsize>,
     preview_metadata: bool,
+    held: Vec<HeldPreview>,
     /// Cancelled when the gate drops the client (it stopped reading, or a newer socket took
     /// its sid): its socket task closes the connection.
     dropped: CancellationToken,
+}
+
+impl Session {
+    fn take_held(&mut self, prompt_id: &str) -> Option<Message> {
+        let at = self.held.iter().position(|h| h.prompt_id == prompt_id)?;
+        Some(self.held.remove(at).frame)
+    }
 }
 
 /// One registered socket: its connection number (to unregister only itself), its outbox, and
@@ -46,7 +72,24 @@ struct Session {
 pub struct Registration {
     pub conn: u64,
     pub outbox: Receiver<Message>,
+    /// Bytes waiting in `outbox`; [`Registration::next`] takes each frame off the count.
+    pub waiting: Arc<AtomicUsize>,
     pub dropped: CancellationToken,
+}
+
+impl Registration {
+    /// The next frame to write to the socket (`None` once the session is gone).
+    pub async fn next(&mut self) -> Option<Message> {
+        let msg = self.outbox.recv().await?;
+        let size = msg.len();
+        // Saturating: close frames the gate adds on its own are not counted in.
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(size))
+            });
+        Some(msg)
+    }
 }
 
 /// Connected client sockets by sid.
@@ -70,12 +113,15 @@ impl Sessions {
         let (tx, outbox) = mpsc::channel(OUTBOX_CAPACITY);
         let conn = self.next_conn.fetch_add(1, Ordering::SeqCst);
         let dropped = CancellationToken::new();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let old = self.lock().insert(
             sid.to_string(),
             Session {
                 conn,
                 tx,
+                waiting: waiting.clone(),
                 preview_metadata: false,
+                held: Vec::new(),
                 dropped: dropped.clone(),
             },
         );
@@ -89,6 +135,7 @@ impl Sessions {
         Registration {
             conn,
             outbox,
+            waiting,
             dropped,
         }
     }
@@ -108,32 +155,75 @@ impl Sessions {
         }
     }
 
-    /// Sends a JSON event to one client (dropped if it is not connected, as ComfyUI does).
+    /// Sends a JSON event to one client (dropped if it is not connected, as ComfyUI does),
+    /// with the preview held for its prompt, if any, on the side ComfyUI puts it.
     pub fn send_json(&self, sid: &str, kind: &str, data: Value) {
-        let text = crate::protocol::event(kind, data).to_string();
+        let prompt_id = data
+            .get("prompt_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let event = Message::text(crate::protocol::event(kind, data).to_string());
         let mut map = self.lock();
-        if let Some(s) = map.get(sid)
-            && !self.offer(s, Message::text(text), false)
-        {
-            map.remove(sid);
+        let Some(s) = map.get_mut(sid) else { return };
+        let frames = match prompt_id.and_then(|p| s.take_held(&p)) {
+            Some(preview) if kind == "progress" => [Some(event), Some(preview)],
+            Some(preview) => [Some(preview), Some(event)],
+            None => [Some(event), None],
+        };
+        for msg in frames.into_iter().flatten() {
+            if !self.offer(s, msg) {
+                map.remove(sid);
+                return;
+            }
         }
     }
 
-    /// Sends a preview frame, as type 4 or converted to type 1 per the client's flags.
-    pub fn send_binary(&self, sid: &str, frame: &[u8]) {
+    /// Sends a binary frame: a type 4 preview as it is to a client that negotiated metadata;
+    /// converted to type 1 and held for its `progress` message (see the module docs) to one
+    /// that did not; anything else as it is.
+    pub fn send_binary(&self, sid: &str, frame: Bytes) {
+        let Some(metadata) = self.lock().get(sid).map(|s| s.preview_metadata) else {
+            return;
+        };
+        let is_type4 = frames::frame_type(&frame) == Some(frames::PREVIEW_IMAGE_WITH_METADATA);
+        // The conversion copies the image: done outside the lock (a frame may be many MB).
+        let converted = if is_type4 && !metadata {
+            let Some((meta, _)) = frames::decode_preview_with_metadata(&frame) else {
+                return;
+            };
+            let Some(t1) = frames::type4_to_type1(&frame) else {
+                return;
+            };
+            let prompt_id = meta
+                .get("prompt_id")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            Some((prompt_id, Message::binary(t1)))
+        } else {
+            None
+        };
         let mut map = self.lock();
-        let Some(s) = map.get(sid) else { return };
-        let out = match frames::frame_type(frame) {
-            Some(frames::PREVIEW_IMAGE_WITH_METADATA) if !s.preview_metadata => {
-                match frames::type4_to_type1(frame) {
-                    Some(t1) => t1,
-                    None => return,
+        let Some(s) = map.get_mut(sid) else { return };
+        let mut out = Vec::with_capacity(2);
+        match converted {
+            Some((Some(prompt_id), t1)) => {
+                out.extend(s.take_held(&prompt_id));
+                s.held.push(HeldPreview {
+                    prompt_id,
+                    frame: t1,
+                });
+                if s.held.len() > MAX_HELD_PREVIEWS {
+                    out.push(s.held.remove(0).frame);
                 }
             }
-            _ => frame.to_vec(),
-        };
-        if !self.offer(s, Message::binary(out), true) {
-            map.remove(sid);
+            Some((None, t1)) => out.push(t1),
+            None => out.push(Message::binary(frame)),
+        }
+        for msg in out {
+            if !self.offer(s, msg) {
+                map.remove(sid);
+                return;
+            }
         }
     }
 
@@ -141,21 +231,35 @@ impl Sessions {
     pub fn broadcast_json(&self, kind: &str, data: Value) {
         let text = crate::protocol::event(kind, data).to_string();
         self.lock()
-            .retain(|_, s| self.offer(s, Message::text(text.clone()), false));
+            .retain(|_, s| self.offer(s, Message::text(text.clone())));
     }
 
-    /// Queues one frame by the slow-client policy; false when the client must go (its outbox
-    /// is full, or its socket is gone).
-    fn offer(&self, s: &Session, msg: Message, is_preview: bool) -> bool {
-        if is_preview && s.tx.capacity() <= PREVIEW_HEADROOM {
+    /// Queues one frame by the slow-client policy ([`outbox::verdict`]); false when the client
+    /// must go (it is not reading, or its socket is gone).
+    fn offer(&self, s: &Session, msg: Message) -> bool {
+        let droppable = matches!(&msg, Message::Binary(b) if outbox::is_droppable(b));
+        let size = msg.len();
+        let waiting = s.waiting.load(Ordering::Relaxed);
+        let verdict = outbox::verdict(droppable, s.tx.capacity(), waiting);
+        if verdict == Verdict::Drop {
             self.dropped_previews.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        match s.tx.try_send(msg) {
-            Ok(()) => true,
+        let sent = match verdict {
+            Verdict::Queue => s.tx.try_send(msg),
+            _ => Err(TrySendError::Full(msg)),
+        };
+        match sent {
+            Ok(()) => {
+                s.waiting.fetch_add(size, Ordering::Relaxed);
+                true
+            }
             Err(TrySendError::Full(_)) => {
                 self.dropped_clients.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("a client stopped reading its socket; disconnecting it");
+                tracing::warn!(
+                    waiting,
+                    "a client stopped reading its socket; disconnecting it"
+                );
                 s.dropped.cancel();
                 false
             }
@@ -200,11 +304,11 @@ mod tests {
         let sessions = Sessions::default();
         let mut slow = sessions.register("slow");
         let mut fast = sessions.register("fast");
-        let preview = [0u8, 0, 0, 1, 0, 0, 0, 1, 0xff];
+        let preview = Bytes::from_static(&[0u8, 0, 0, 1, 0, 0, 0, 1, 0xff]);
         for _ in 0..PREVIEW_HEADROOM {
             sessions.send_json("slow", "progress", serde_json::json!({}));
         }
-        sessions.send_binary("slow", &preview);
+        sessions.send_binary("slow", preview);
         assert_eq!(sessions.dropped(), (0, 1), "the preview went first");
         for _ in PREVIEW_HEADROOM..OUTBOX_CAPACITY {
             sessions.send_json("slow", "progress", serde_json::json!({}));
@@ -225,5 +329,80 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, OUTBOX_CAPACITY, "what was queued is still delivered");
+    }
+
+    #[test]
+    fn a_legacy_client_gets_each_preview_after_its_progress() {
+        let sessions = Sessions::default();
+        let mut legacy = sessions.register("legacy");
+        let mut modern = sessions.register("modern");
+        sessions.set_preview_metadata("modern", true);
+        let meta =
+            serde_json::json!({"prompt_id": "p", "node_id": "3", "image_type": "image/jpeg"});
+        let preview = Bytes::from(frames::encode_preview_with_metadata(&meta, b"\xff\xd8"));
+        let step = serde_json::json!({"value": 1, "max": 2, "prompt_id": "p", "node": "3"});
+        for sid in ["legacy", "modern"] {
+            sessions.send_json(sid, "progress_state", serde_json::json!({"prompt_id": "p"}));
+            sessions.send_binary(sid, preview.clone());
+            sessions.send_json(sid, "progress", step.clone());
+            // A preview not followed by its progress goes out before the prompt's next event.
+            sessions.send_binary(sid, preview.clone());
+            sessions.send_json(
+                sid,
+                "execution_interrupted",
+                serde_json::json!({"prompt_id": "p"}),
+            );
+        }
+        let kinds = |reg: &mut Registration| {
+            let mut out = Vec::new();
+            while let Ok(msg) = reg.outbox.try_recv() {
+                out.push(match msg {
+                    Message::Text(t) => serde_json::from_str::<Value>(&t).unwrap()["type"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    Message::Binary(b) => format!("binary:{}", b[3]),
+                    other => format!("{other:?}"),
+                });
+            }
+            out
+        };
+        let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(&mut legacy),
+            want(&[
+                "progress_state",
+                "progress",
+                "binary:1",
+                "binary:1",
+                "execution_interrupted"
+            ])
+        );
+        assert_eq!(
+            kinds(&mut modern),
+            want(&[
+                "progress_state",
+                "binary:4",
+                "progress",
+                "binary:4",
+                "execution_interrupted"
+            ])
+        );
+    }
+
+    #[test]
+    fn a_saved_image_is_kept_for_a_client_that_falls_behind() {
+        let sessions = Sessions::default();
+        let mut slow = sessions.register("slow");
+        for _ in 0..PREVIEW_HEADROOM {
+            sessions.send_json("slow", "progress", serde_json::json!({}));
+        }
+        let latent = frames::encode_preview(frames::FORMAT_JPEG, b"\xff\xd8");
+        let saved = frames::encode_preview(frames::FORMAT_PNG, &vec![7u8; 20 << 20]);
+        sessions.send_binary("slow", Bytes::from(latent));
+        sessions.send_binary("slow", Bytes::from(saved.clone()));
+        assert_eq!(sessions.dropped(), (0, 1), "only the latent preview went");
+        let last = std::iter::from_fn(|| slow.outbox.try_recv().ok()).last();
+        assert_eq!(last, Some(Message::binary(saved)), "the 20 MB PNG, whole");
     }
 }

@@ -170,7 +170,12 @@ impl Ws {
                 .map(|c| format!("?clientId={c}"))
                 .unwrap_or_default()
         );
-        let (stream, _) = tokio_tungstenite::connect_async(url)
+        // ComfyUI's clients (browsers, Python's websocket-client) take messages of any size;
+        // tungstenite's defaults would refuse frames over 16 MiB.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let (stream, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false)
             .await
             .expect("ws connects");
         Ws { stream }

@@ -52,6 +52,36 @@ impl Image {
         Self { width, height, rgb }
     }
 
+    /// ImageAddNoise's stand-in: each channel moves `strength` (0 to 1) of the way towards a
+    /// uniform random value drawn from `seed`. ComfyUI adds clamped Gaussian noise; uniform noise
+    /// makes strength 1 incompressible, so a PNG of it is as large as its raw pixels
+    /// (3 bytes a pixel), which lets a test size a frame by its pixel count.
+    pub fn add_noise(&self, seed: u64, strength: f64) -> Self {
+        let strength = strength.clamp(0.0, 1.0);
+        let mut state = seed;
+        let mut next = || {
+            // splitmix64: deterministic per seed, fast enough for tens of megapixels.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let mut rgb = Vec::with_capacity(self.rgb.len());
+        for chunk in self.rgb.chunks(8) {
+            let noise = next().to_le_bytes();
+            for (v, n) in chunk.iter().zip(noise) {
+                let mixed = *v as f64 + strength * (n as f64 - *v as f64);
+                rgb.push(mixed.round() as u8);
+            }
+        }
+        Self {
+            width: self.width,
+            height: self.height,
+            rgb,
+        }
+    }
+
     pub fn invert(&self) -> Self {
         Self {
             width: self.width,
@@ -204,6 +234,17 @@ mod tests {
         assert_eq!(
             png_text_chunks(&png),
             vec![("prompt".to_string(), "{\"1\":2}".to_string())]
+        );
+    }
+
+    #[test]
+    fn full_strength_noise_does_not_compress() {
+        let noisy = Image::solid(200, 100, 0x808080).add_noise(7, 1.0);
+        assert_eq!(noisy, Image::solid(200, 100, 0x808080).add_noise(7, 1.0));
+        assert!(noisy.to_png(&[], true).len() >= 200 * 100 * 3);
+        assert_eq!(
+            Image::solid(4, 4, 9).add_noise(7, 0.0),
+            Image::solid(4, 4, 9)
         );
     }
 
