@@ -28,9 +28,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc::{self, Receiver, Sender, error::TrySendError};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 pub use outbox::{OUTBOX_BYTES, OUTBOX_CAPACITY, PREVIEW_HEADROOM, send_timeout};
@@ -229,9 +229,10 @@ impl Sessions {
 
     /// Sends a JSON event to every client.
     pub fn broadcast_json(&self, kind: &str, data: Value) {
-        let text = crate::protocol::event(kind, data).to_string();
+        // One buffer shared by every client's frame (a clone is a reference count).
+        let text = Utf8Bytes::from(crate::protocol::event(kind, data).to_string());
         self.lock()
-            .retain(|_, s| self.offer(s, Message::text(text.clone())));
+            .retain(|_, s| self.offer(s, Message::Text(text.clone())));
     }
 
     /// Queues one frame by the slow-client policy ([`outbox::verdict`]); false when the client
