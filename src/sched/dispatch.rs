@@ -43,14 +43,23 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
         body.insert("client_id".into(), json!(b.upstream_client_id));
         body
     };
-    if let Err(e) = sched
+    let mut body = body;
+    match sched
         .files
         .ensure_inputs(&sched.fleet, backend, &body["prompt"])
         .await
     {
-        tracing::warn!(backend = b.name(), error = %e, "could not place uploads on backend");
-        sched.fleet.record_health(backend, false);
-        return Forwarded::Failed;
+        // The forwarded copy names the files as placed there; the record keeps the client's.
+        Ok(rewrites) => {
+            if let Some(prompt) = body.get_mut("prompt") {
+                crate::files::place::apply(prompt, &rewrites);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(backend = b.name(), error = %e, "could not place files on backend");
+            sched.fleet.record_health(backend, false);
+            return Forwarded::Failed;
+        }
     }
     let result = sched
         .fleet

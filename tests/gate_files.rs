@@ -1,0 +1,486 @@
+//! Files through the gate over two comfy-sim backends, as one ComfyUI serves them (issue 11,
+//! inputs 1 and 2): uploads of every type with subfolders, `/view` of each as a file server
+//! (ranges, validators, HEAD) for the gate's own files and for backends' outputs, loaders naming
+//! every annotated form on whichever backend runs them, outputs of one backend loaded on the
+//! other, `/upload/mask` with an original of each type, and names that need escaping.
+
+mod common;
+
+use comfy_sim::SimHandle;
+use comfy_wire::files::images::Image;
+use common::*;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+/// A gate over two sims, with the admin URL for drains.
+struct Fleet {
+    a: SimHandle,
+    b: SimHandle,
+    gate: comfy_gate::GateHandle,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let (a, b) = (sim().await, sim().await);
+        let gate = gate(&[&a, &b]).await;
+        Fleet { a, b, gate }
+    }
+
+    fn base(&self) -> String {
+        self.gate.url()
+    }
+
+    fn sims(&self) -> [&SimHandle; 2] {
+        [&self.a, &self.b]
+    }
+
+    /// Runs `graph` on `on` alone (the other backend drained meanwhile); its history entry.
+    async fn run_on(&self, on: &SimHandle, id: &str, graph: Value) -> Value {
+        let admin = format!("http://{}", self.gate.admin_addr);
+        let other = self
+            .sims()
+            .into_iter()
+            .find(|s| s.addr() != on.addr())
+            .unwrap();
+        let verb = |v: &str| format!("/admin/backends/{}/{v}", other.addr());
+        assert_eq!(post_json(&admin, &verb("drain"), &json!({})).await.0, 200);
+        let before = on.counters().prompts_finished;
+        let (code, r) = post_json(
+            &self.base(),
+            "/prompt",
+            &json!({"prompt": graph, "prompt_id": id}),
+        )
+        .await;
+        assert_eq!(code, 200, "{r}");
+        let h = wait_history(&self.base(), id).await;
+        assert_eq!(post_json(&admin, &verb("undrain"), &json!({})).await.0, 200);
+        let after = on.counters().prompts_finished;
+        assert_eq!(after, before + 1, "{id} ran on the backend chosen for it");
+        h
+    }
+}
+
+/// Uploads `bytes` as `name` with text `fields`; the status and answer.
+async fn upload(
+    base: &str,
+    path: &str,
+    name: &str,
+    bytes: Vec<u8>,
+    fields: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut form = Form::new().part("image", Part::bytes(bytes).file_name(name.to_string()));
+    for (k, v) in fields {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    send_for_json(http().post(format!("{base}{path}")).multipart(form)).await
+}
+
+/// `method /view` with a query and request headers.
+async fn view(
+    base: &str,
+    method: reqwest::Method,
+    query: &[(&str, &str)],
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = http().request(method, format!("{base}/view")).query(query);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("view answers")
+}
+
+async fn view_bytes(base: &str, query: &[(&str, &str)]) -> (u16, Vec<u8>) {
+    let r = view(base, reqwest::Method::GET, query, &[]).await;
+    (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+}
+
+/// LoadImage of `value` saved as-is under `prefix`.
+fn load_and_save(value: &str, prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": value}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}
+    })
+}
+
+/// The pixels of the first image a history entry's node `node` shows, read through the gate.
+async fn output_pixels(base: &str, h: &Value, node: &str) -> Image {
+    let item = &h["outputs"][node]["images"][0];
+    let query = [
+        ("filename", item["filename"].as_str().unwrap()),
+        ("subfolder", item["subfolder"].as_str().unwrap()),
+        ("type", item["type"].as_str().unwrap()),
+    ];
+    let (code, bytes) = view_bytes(base, &query).await;
+    assert_eq!(code, 200, "{item}");
+    Image::from_png(&bytes).expect("a png").0
+}
+
+fn pixels(png: &[u8]) -> Image {
+    Image::from_png(png).expect("a png").0
+}
+
+/// Input 1: a webcam capture (`type=temp`, `subfolder=webcam`) is stored, viewable, and a
+/// LoadImage of `"webcam/<name> [temp]"` runs on either backend with the capture's pixels; the
+/// history shows the prompt the client sent.
+#[tokio::test]
+async fn a_webcam_capture_uploaded_as_temp_loads_on_either_backend() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let shot = png(24, 16, 7);
+    let (code, up) = upload(
+        &base,
+        "/upload/image",
+        "shot.png",
+        shot.clone(),
+        &[("type", "temp"), ("subfolder", "webcam")],
+    )
+    .await;
+    assert_eq!(code, 200, "{up}");
+    assert_eq!(
+        up,
+        json!({"name": "shot.png", "subfolder": "webcam", "type": "temp"})
+    );
+    let q = [
+        ("filename", "shot.png"),
+        ("subfolder", "webcam"),
+        ("type", "temp"),
+    ];
+    assert_eq!(view_bytes(&base, &q).await, (200, shot.clone()));
+    for (i, sim) in f.sims().into_iter().enumerate() {
+        let id = format!("webcam{i}");
+        let graph = load_and_save("webcam/shot.png [temp]", &format!("cam{i}"));
+        let h = f.run_on(sim, &id, graph.clone()).await;
+        assert_eq!(h["status"]["status_str"], "success", "{h}");
+        assert_eq!(h["prompt"][2], graph, "history keeps the client's prompt");
+        assert_eq!(output_pixels(&base, &h, "2").await, pixels(&shot));
+    }
+}
+
+/// Acceptance 2: uploads of type input, temp and output, with and without subfolders, come back
+/// from `/view` and load through every annotated spelling on both backends.
+#[tokio::test]
+async fn uploads_of_every_type_and_subfolder_view_and_load_everywhere() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let mut n = 0;
+    for kind in ["input", "temp", "output"] {
+        for sub in ["", "a/b"] {
+            n += 1;
+            let bytes = png(8, 8, n);
+            let name = format!("file{n}.png");
+            let (code, up) = upload(
+                &base,
+                "/upload/image",
+                &name,
+                bytes.clone(),
+                &[("type", kind), ("subfolder", sub)],
+            )
+            .await;
+            assert_eq!(code, 200, "{up}");
+            assert_eq!(up, json!({"name": name, "subfolder": sub, "type": kind}));
+            let q = [
+                ("filename", name.as_str()),
+                ("subfolder", sub),
+                ("type", kind),
+            ];
+            assert_eq!(
+                view_bytes(&base, &q).await,
+                (200, bytes.clone()),
+                "{kind} {sub}"
+            );
+            let annotated = format!("{name} [{kind}]");
+            let q = [("filename", annotated.as_str()), ("subfolder", sub)];
+            assert_eq!(
+                view_bytes(&base, &q).await.1,
+                bytes,
+                "annotation picks the type"
+            );
+
+            let rel = if sub.is_empty() {
+                name.clone()
+            } else {
+                format!("{sub}/{name}")
+            };
+            let mut spellings = vec![format!("{rel} [{kind}]")];
+            if kind == "input" {
+                spellings.push(rel.clone());
+            }
+            for (j, value) in spellings.iter().enumerate() {
+                for (i, sim) in f.sims().into_iter().enumerate() {
+                    let id = format!("load-{n}-{j}-{i}");
+                    let h = f.run_on(sim, &id, load_and_save(value, &id)).await;
+                    assert_eq!(h["status"]["status_str"], "success", "{value}: {h}");
+                    assert_eq!(output_pixels(&base, &h, "2").await, pixels(&bytes));
+                }
+            }
+        }
+    }
+}
+
+/// The gate's output upload keeps its name; a backend's output of the same name is shown under
+/// the next counter, and each name serves its own bytes.
+#[tokio::test]
+async fn an_output_upload_reserves_its_name_against_backend_outputs() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let mine = png(8, 8, 99);
+    let (code, up) = upload(
+        &base,
+        "/upload/image",
+        "ComfyUI_00001_.png",
+        mine.clone(),
+        &[("type", "output")],
+    )
+    .await;
+    assert_eq!((code, &up["name"]), (200, &json!("ComfyUI_00001_.png")));
+    let h = f.run_on(&f.a, "made", blur_graph(0x00ff00)).await;
+    let item = &h["outputs"]["3"]["images"][0];
+    assert_eq!(item["filename"], "ComfyUI_00002_.png", "{h}");
+    let q = [("filename", "ComfyUI_00001_.png"), ("type", "output")];
+    assert_eq!(view_bytes(&base, &q).await, (200, mine));
+    let made = output_pixels(&base, &h, "3").await;
+    assert_eq!(made.rgb[..3], [0, 255, 0], "the backend's own image");
+}
+
+/// Input 1's class: an output made on one backend (as the gate shows it, renamed when names
+/// collide) loads wherever the prompt runs; the history keeps the client's reference.
+#[tokio::test]
+async fn an_output_made_on_one_backend_loads_on_the_other() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let red = f.run_on(&f.a, "red", blur_graph(0xff0000)).await;
+    let blue = f.run_on(&f.b, "blue", blur_graph(0x0000ff)).await;
+    let red_name = red["outputs"]["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blue_name = blue["outputs"]["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(red_name, "ComfyUI_00001_.png");
+    assert_eq!(
+        blue_name, "ComfyUI_00002_.png",
+        "the gate renames b's collision"
+    );
+    let red_px = output_pixels(&base, &red, "3").await;
+    let blue_px = output_pixels(&base, &blue, "3").await;
+    for (name, px) in [(&red_name, &red_px), (&blue_name, &blue_px)] {
+        for (i, sim) in f.sims().into_iter().enumerate() {
+            let value = format!("{name} [output]");
+            let id = format!("{name}-{i}");
+            let graph = load_and_save(&value, "again");
+            let h = f.run_on(sim, &id, graph.clone()).await;
+            assert_eq!(h["status"]["status_str"], "success", "{value} on {i}: {h}");
+            assert_eq!(h["prompt"][2], graph, "history keeps the client's prompt");
+            assert_eq!(&output_pixels(&base, &h, "2").await, px, "{value} on {i}");
+        }
+    }
+}
+
+/// The headers a file answer carries, for comparing GET with HEAD.
+fn file_headers(r: &reqwest::Response) -> Vec<(String, String)> {
+    [
+        "content-type",
+        "content-length",
+        "content-disposition",
+        "accept-ranges",
+        "etag",
+        "last-modified",
+    ]
+    .iter()
+    .map(|h| {
+        let v = r.headers().get(*h).map(|v| v.to_str().unwrap().to_string());
+        (h.to_string(), v.unwrap_or_else(|| panic!("{h} missing")))
+    })
+    .collect()
+}
+
+/// Input 2, acceptance 3: `/view` through the gate is a file server for its own uploads and for
+/// outputs of either backend: 206 for a range, 416 for an unsatisfiable one, 304 for a matching
+/// validator, HEAD with GET's headers and no body.
+#[tokio::test]
+async fn view_serves_ranges_validators_and_head_for_uploads_and_outputs() {
+    use reqwest::Method;
+    let f = Fleet::start().await;
+    let base = f.base();
+    let bytes = png(32, 32, 3);
+    let (code, _) = upload(&base, "/upload/image", "clip.png", bytes.clone(), &[]).await;
+    assert_eq!(code, 200);
+    let on_a = f.run_on(&f.a, "on-a", blur_graph(0x123456)).await;
+    let on_b = f.run_on(&f.b, "on-b", blur_graph(0x654321)).await;
+    let mut cases = vec![(
+        "upload".to_string(),
+        vec![
+            ("filename", "clip.png".to_string()),
+            ("type", "input".into()),
+        ],
+    )];
+    for (who, h) in [("a", &on_a), ("b", &on_b)] {
+        let item = &h["outputs"]["3"]["images"][0];
+        cases.push((
+            format!("output of {who}"),
+            vec![
+                ("filename", item["filename"].as_str().unwrap().to_string()),
+                ("type", "output".into()),
+            ],
+        ));
+    }
+    for (what, query) in cases {
+        let q: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let whole = view(&base, Method::GET, &q, &[]).await;
+        assert_eq!(whole.status(), 200, "{what}");
+        let headers = file_headers(&whole);
+        let etag = whole.headers()["etag"].to_str().unwrap().to_string();
+        let modified = whole.headers()["last-modified"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body = whole.bytes().await.unwrap();
+        let size = body.len();
+        assert_eq!(headers[1].1, size.to_string(), "{what}");
+
+        let r = view(&base, Method::GET, &q, &[("range", "bytes=0-1")]).await;
+        assert_eq!(r.status(), 206, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes 0-1/{size}").as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), body[..2], "{what}");
+        let r = view(&base, Method::GET, &q, &[("range", "bytes=10-")]).await;
+        assert_eq!(r.status(), 206, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes 10-{}/{size}", size - 1).as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), body[10..], "{what}");
+        let past = format!("bytes={size}-");
+        let r = view(&base, Method::GET, &q, &[("range", &past)]).await;
+        assert_eq!(r.status(), 416, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes */{size}").as_str()
+        );
+
+        let r = view(&base, Method::GET, &q, &[("if-none-match", &etag)]).await;
+        assert_eq!(r.status(), 304, "{what}");
+        assert!(r.bytes().await.unwrap().is_empty());
+        let r = view(&base, Method::GET, &q, &[("if-modified-since", &modified)]).await;
+        assert_eq!(r.status(), 304, "{what}");
+        let r = view(&base, Method::GET, &q, &[("if-none-match", "\"other\"")]).await;
+        assert_eq!(r.status(), 200, "{what}");
+
+        let head = view(&base, Method::HEAD, &q, &[]).await;
+        assert_eq!(head.status(), 200, "{what}");
+        assert_eq!(
+            file_headers(&head),
+            headers,
+            "HEAD has GET's headers: {what}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "{what}");
+        let head = view(&base, Method::HEAD, &q, &[("range", "bytes=0-1")]).await;
+        assert_eq!(head.status(), 206, "{what}");
+    }
+}
+
+/// Acceptance 2: `/upload/mask` composites onto an original of each type, wherever it lives:
+/// the gate's input and temp uploads, and an output of either backend.
+#[tokio::test]
+async fn a_mask_composites_onto_an_original_of_every_type() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let (w, h) = (8, 8);
+    let input = png(w, h, 11);
+    let temp = png(w, h, 12);
+    assert_eq!(
+        upload(&base, "/upload/image", "orig.png", input.clone(), &[])
+            .await
+            .0,
+        200
+    );
+    let fields = [("type", "temp"), ("subfolder", "clip")];
+    assert_eq!(
+        upload(&base, "/upload/image", "orig.png", temp.clone(), &fields)
+            .await
+            .0,
+        200
+    );
+    let made_a = f.run_on(&f.a, "made-a", blur_graph(0xff8800)).await;
+    let made_b = f.run_on(&f.b, "made-b", blur_graph(0x0088ff)).await;
+    let name_of = |h: &Value| h["outputs"]["3"]["images"][0]["filename"].clone();
+    let originals = [
+        (
+            json!({"filename": "orig.png", "subfolder": "", "type": "input"}),
+            pixels(&input),
+        ),
+        (
+            json!({"filename": "orig.png", "subfolder": "clip", "type": "temp"}),
+            pixels(&temp),
+        ),
+        (
+            json!({"filename": name_of(&made_a)}),
+            output_pixels(&base, &made_a, "3").await,
+        ),
+        (
+            json!({"filename": format!("{} [output]", name_of(&made_b).as_str().unwrap())}),
+            output_pixels(&base, &made_b, "3").await,
+        ),
+    ];
+    let (mw, mh) = (64, 64);
+    let alpha: Vec<u8> = (0..mw * mh).map(|i| (i % 251) as u8).collect();
+    let mask = {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, mw, mh);
+        enc.set_color(png::ColorType::Rgba);
+        let mut wr = enc.write_header().unwrap();
+        let rgba: Vec<u8> = alpha.iter().flat_map(|a| [0, 0, 0, *a]).collect();
+        wr.write_image_data(&rgba).unwrap();
+        drop(wr);
+        out
+    };
+    for (i, (reference, original)) in originals.into_iter().enumerate() {
+        let name = format!("mask{i}.png");
+        let (code, up) = upload(
+            &base,
+            "/upload/mask",
+            &name,
+            mask.clone(),
+            &[("original_ref", &reference.to_string())],
+        )
+        .await;
+        assert_eq!(code, 200, "{reference}: {up}");
+        let (code, saved) = view_bytes(
+            &base,
+            &[
+                ("filename", up["name"].as_str().unwrap()),
+                ("type", "input"),
+            ],
+        )
+        .await;
+        assert_eq!(code, 200, "{reference}: the mask was written");
+        let (img, a) = Image::from_png(&saved).unwrap();
+        assert_eq!(img, original, "{reference}: the original's pixels");
+        assert_eq!(a.unwrap()[..5], alpha[..5], "{reference}: the mask's alpha");
+    }
+}
+
+/// Input 1's encoder: a file name with quotes and non-ASCII characters reaches
+/// both backends intact (the gate's multipart to backends escapes it) and loads there.
+#[tokio::test]
+async fn an_upload_named_with_a_quote_and_unicode_loads_on_both_backends() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let name = "it's \"cat\" \u{2603} ü.png";
+    let bytes = png(8, 8, 21);
+    let (code, up) = upload(&base, "/upload/image", name, bytes.clone(), &[]).await;
+    assert_eq!((code, &up["name"]), (200, &json!(name)), "{up}");
+    for (i, sim) in f.sims().into_iter().enumerate() {
+        let id = format!("quoted{i}");
+        let h = f.run_on(sim, &id, load_and_save(name, &id)).await;
+        assert_eq!(h["status"]["status_str"], "success", "{h}");
+        assert_eq!(
+            std::fs::read(sim.base_dir().join("input").join(name)).unwrap(),
+            bytes
+        );
+    }
+}
