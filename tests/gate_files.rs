@@ -484,3 +484,34 @@ async fn an_upload_named_with_a_quote_and_unicode_loads_on_both_backends() {
         );
     }
 }
+
+/// An output the gate never saw (made on a backend directly, or before the gate started) loads
+/// on the other backend too: the gate finds the backend that has it and copies it.
+#[tokio::test]
+async fn an_output_made_behind_the_gates_back_loads_on_the_other_backend() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let (code, r) = post_json(
+        &f.a.url(),
+        "/prompt",
+        &json!({"prompt": blur_graph(0x44aa22)}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let direct = wait_history(&f.a.url(), r["prompt_id"].as_str().unwrap()).await;
+    let name = direct["outputs"]["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, made) = view_bytes(&base, &[("filename", &name), ("type", "output")]).await;
+    assert_eq!(
+        code, 200,
+        "the gate asks the backends for a file it does not know"
+    );
+    let value = format!("{name} [output]");
+    let h = f
+        .run_on(&f.b, "elsewhere", load_and_save(&value, "b"))
+        .await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    assert_eq!(output_pixels(&base, &h, "2").await, pixels(&made));
+}

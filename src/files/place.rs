@@ -9,6 +9,8 @@
 //! - an output or temp file held by the gate or another backend is copied into the backend's
 //!   `input/comfy-gate/` under a name made from its content (so it never overwrites a file of
 //!   the backend's own) and the forwarded prompt names the copy;
+//! - an output or temp file the gate never saw is looked for on the backends (`HEAD /view`)
+//!   and copied from the first that has it, when the backend that runs the prompt lacks it;
 //! - anything else is left to the backend to judge, as ComfyUI would.
 //!
 //! The client's prompt is never changed: [`Files::ensure_inputs`] returns the rewrites for the
@@ -21,7 +23,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::Files;
-use super::resolve::Location;
+use super::resolve::{self, Location};
 use crate::error::GateError;
 use crate::fleet::Fleet;
 use comfy_wire::files::refs::{FileRef, Kind};
@@ -130,6 +132,14 @@ impl Files {
             };
             let at = self.locate(&r);
             let placed = match &at {
+                // An output or temp file the gate never saw (made before it, or not through
+                // it): the backend that has it is asked for.
+                Location::Unknown if r.kind != Kind::Input => {
+                    match self.owner_elsewhere(fleet, backend, &r).await? {
+                        Some(owner) => self.place_copy(fleet, backend, &owner, &r).await?,
+                        None => None,
+                    }
+                }
                 Location::Unknown => None,
                 Location::Gate(path) if r.kind == Kind::Input => {
                     self.place_upload(fleet, backend, &r, path).await?;
@@ -146,6 +156,28 @@ impl Files {
             }
         }
         Ok(rewrites)
+    }
+
+    /// Where an output or temp file unknown to the gate lives when `backend` lacks it: the
+    /// first other backend that is up and has it; `None` when `backend` has it or no one does.
+    async fn owner_elsewhere(
+        &self,
+        fleet: &Fleet,
+        backend: usize,
+        r: &FileRef,
+    ) -> Result<Option<Location>, GateError> {
+        if resolve::exists_on(fleet, backend, r).await? {
+            return Ok(None);
+        }
+        for i in fleet.up().into_iter().filter(|i| *i != backend) {
+            if resolve::exists_on(fleet, i, r).await.unwrap_or(false) {
+                return Ok(Some(Location::Backend {
+                    backend: fleet.get(i).name().to_string(),
+                    real: r.clone(),
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// Copies the gate's input upload `r` (at `path`) to the same place on `backend`, unless
@@ -222,5 +254,53 @@ impl Files {
 
     fn copies_lock(&self) -> std::sync::MutexGuard<'_, super::PlacedCopies> {
         self.copies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_change_only_the_named_inputs() {
+        let mut prompt = serde_json::json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "x.png [output]"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}}
+        });
+        let before = prompt.clone();
+        apply(
+            &mut prompt,
+            &[
+                Rewrite {
+                    node: "1".into(),
+                    input: "image".into(),
+                    value: "comfy-gate/ab-x.png".into(),
+                },
+                Rewrite {
+                    node: "9".into(),
+                    input: "image".into(),
+                    value: "ignored".into(),
+                },
+            ],
+        );
+        assert_eq!(prompt["1"]["inputs"]["image"], "comfy-gate/ab-x.png");
+        assert_eq!(prompt["2"], before["2"]);
+        assert!(prompt.get("9").is_none());
+        let found = string_inputs(&before);
+        assert_eq!(
+            found,
+            [
+                (
+                    "1".to_string(),
+                    "image".to_string(),
+                    "x.png [output]".to_string()
+                ),
+                (
+                    "2".to_string(),
+                    "filename_prefix".to_string(),
+                    "p".to_string()
+                )
+            ]
+        );
     }
 }

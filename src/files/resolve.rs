@@ -75,13 +75,34 @@ impl Files {
     }
 }
 
-/// `GET /view` of `r` on backend `i`; `Ok(None)` for a 404 (or any other refusal).
-pub async fn read_from(fleet: &Fleet, i: usize, r: &FileRef) -> Result<Option<Vec<u8>>, GateError> {
-    let query = form_urlencoded::Serializer::new(String::new())
+/// Whether backend `i` has `r` (`HEAD /view` answered 200).
+pub async fn exists_on(fleet: &Fleet, i: usize, r: &FileRef) -> Result<bool, GateError> {
+    let (code, _, _) = fleet
+        .upstream
+        .call(
+            &fleet.get(i).config,
+            Method::HEAD,
+            &format!("/view?{}", view_query(r)),
+            None,
+            None,
+            None,
+        )
+        .await?;
+    Ok(code == StatusCode::OK)
+}
+
+/// `/view`'s query for `r`.
+fn view_query(r: &FileRef) -> String {
+    form_urlencoded::Serializer::new(String::new())
         .append_pair("filename", &r.name)
         .append_pair("subfolder", &r.subfolder)
         .append_pair("type", r.kind.as_str())
-        .finish();
+        .finish()
+}
+
+/// `GET /view` of `r` on backend `i`; `Ok(None)` for a 404 (or any other refusal).
+pub async fn read_from(fleet: &Fleet, i: usize, r: &FileRef) -> Result<Option<Vec<u8>>, GateError> {
+    let query = view_query(r);
     let (code, _, body) = fleet
         .upstream
         .call(
@@ -94,4 +115,56 @@ pub async fn read_from(fleet: &Fleet, i: usize, r: &FileRef) -> Result<Option<Ve
         )
         .await?;
     Ok((code == StatusCode::OK).then(|| body.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::files::{AliasStore, FileKey};
+
+    struct NoStore;
+    impl AliasStore for NoStore {
+        fn save_alias(&self, _: &FileKey, _: &(String, String)) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn references_resolve_to_the_gate_a_backend_or_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::open(dir.path(), Arc::new(NoStore), Vec::new()).unwrap();
+        let saved = |name: &str, sub: &str, kind: &str| serde_json::json!({"name": name, "subfolder": sub, "type": kind});
+        files.note_upload(&saved("cat.png", "pets", "input"));
+        files.note_upload(&saved("ComfyUI_00001_.png", "", "output"));
+        let mut out = serde_json::json!({"images": [
+            {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}
+        ]});
+        files.alias_outputs("a", &mut out);
+        assert_eq!(out["images"][0]["filename"], "ComfyUI_00002_.png");
+
+        let loc = |v: &str| files.locate(&FileRef::from_loader(v).unwrap());
+        assert_eq!(
+            loc("pets/cat.png"),
+            Location::Gate(files.dirs.input.join("pets").join("cat.png"))
+        );
+        assert_eq!(loc("pets/cat.png [input]"), loc("pets/cat.png"));
+        assert_eq!(
+            loc("ComfyUI_00001_.png [output]"),
+            Location::Gate(files.dirs.output.join("ComfyUI_00001_.png"))
+        );
+        assert_eq!(
+            loc("ComfyUI_00002_.png [output]"),
+            Location::Backend {
+                backend: "a".into(),
+                real: FileRef::new(Kind::Output, "", "ComfyUI_00001_.png"),
+            }
+        );
+        assert_eq!(loc("cat.png"), Location::Unknown);
+        assert_eq!(loc("ComfyUI_00003_.png [output]"), Location::Unknown);
+        assert!(files.uploaded("pets/cat.png [input]"));
+        assert!(files.taken_by_backend(Kind::Output, "", "ComfyUI_00002_.png"));
+        assert!(!files.taken_by_backend(Kind::Output, "", "ComfyUI_00001_.png"));
+    }
 }
