@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 
-use crate::http::{Body, empty_body, full, status};
+use crate::http::{Body, BoxError, empty_body, status};
 
 /// A file's validators, as aiohttp computes them.
 #[derive(Clone, Debug, PartialEq)]
@@ -163,12 +163,10 @@ pub fn serve_file(
     let body = if method == Method::HEAD {
         empty_body()
     } else {
-        let Ok(bytes) = std::fs::read(path) else {
-            return status(StatusCode::NOT_FOUND);
-        };
-        let from = (start as usize).min(bytes.len());
-        let to = (from + count as usize).min(bytes.len());
-        full(bytes[from..to].to_vec())
+        match file_part(path, start, count) {
+            Ok(body) => body,
+            Err(_) => return status(StatusCode::NOT_FOUND),
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = code;
@@ -188,6 +186,21 @@ pub fn serve_file(
         h.insert(header::CONTENT_DISPOSITION, cd);
     }
     resp
+}
+
+/// `count` bytes of the file at `path` from `start`, streamed (a video can be large).
+fn file_part(path: &Path, start: u64, count: u64) -> std::io::Result<Body> {
+    use futures_util::StreamExt;
+    use std::io::{Seek, SeekFrom};
+    use tokio::io::AsyncReadExt;
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(count);
+    let frames = tokio_util::io::ReaderStream::new(reader)
+        .map(|chunk| chunk.map(hyper::body::Frame::data).map_err(BoxError::from));
+    Ok(http_body_util::BodyExt::boxed(
+        http_body_util::StreamBody::new(frames),
+    ))
 }
 
 #[cfg(test)]
