@@ -384,7 +384,7 @@ async fn view_serves_ranges_validators_and_head_for_uploads_and_outputs() {
 }
 
 /// Acceptance 2: `/upload/mask` composites onto an original of each type, wherever it lives:
-/// the gate's input and temp uploads, and an output of either backend.
+/// the gate's input, temp and output uploads, and an output of either backend.
 #[tokio::test]
 async fn a_mask_composites_onto_an_original_of_every_type() {
     let f = Fleet::start().await;
@@ -394,6 +394,14 @@ async fn a_mask_composites_onto_an_original_of_every_type() {
     let temp = png(w, h, 12);
     assert_eq!(
         upload(&base, "/upload/image", "orig.png", input.clone(), &[])
+            .await
+            .0,
+        200
+    );
+    let output = png(w, h, 13);
+    let fields = [("type", "output")];
+    assert_eq!(
+        upload(&base, "/upload/image", "orig.png", output.clone(), &fields)
             .await
             .0,
         200
@@ -417,6 +425,7 @@ async fn a_mask_composites_onto_an_original_of_every_type() {
             json!({"filename": "orig.png", "subfolder": "clip", "type": "temp"}),
             pixels(&temp),
         ),
+        (json!({"filename": "orig.png"}), pixels(&output)),
         (
             json!({"filename": name_of(&made_a)}),
             output_pixels(&base, &made_a, "3").await,

@@ -204,7 +204,8 @@ impl Files {
 
     /// Copies an output or temp file made elsewhere (`at`) into `backend`'s
     /// `input/comfy-gate/`; the loader value naming the copy, or `None` when the file does not
-    /// exist where the gate expected it (the backend then reports it missing, as ComfyUI would).
+    /// exist where the gate expected it or its owner cannot be asked (the backend then reports
+    /// it missing, as ComfyUI would). `Err` only when the copy could not be written there.
     async fn place_copy(
         &self,
         fleet: &Fleet,
@@ -226,8 +227,15 @@ impl Files {
         {
             return Ok(Some(v.clone()));
         }
-        let Some(bytes) = self.read(fleet, at).await? else {
-            return Ok(None);
+        // An owner that cannot be asked is not the target's fault: the prompt goes on naming
+        // the file, and the target reports it missing as ComfyUI would.
+        let bytes = match self.read(fleet, at).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, file = %r.loader_value(), "could not read a file to copy");
+                return Ok(None);
+            }
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
