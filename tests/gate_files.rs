@@ -218,7 +218,8 @@ async fn uploads_of_every_type_and_subfolder_view_and_load_everywhere() {
 }
 
 /// The gate's output upload keeps its name; a backend's output of the same name is shown under
-/// the next counter, and each name serves its own bytes.
+/// the next counter, and each name serves its own bytes; an upload under a name shown for a
+/// backend's output gets ComfyUI's ` (1)` name.
 #[tokio::test]
 async fn an_output_upload_reserves_its_name_against_backend_outputs() {
     let f = Fleet::start().await;
@@ -240,6 +241,21 @@ async fn an_output_upload_reserves_its_name_against_backend_outputs() {
     assert_eq!(view_bytes(&base, &q).await, (200, mine));
     let made = output_pixels(&base, &h, "3").await;
     assert_eq!(made.rgb[..3], [0, 255, 0], "the backend's own image");
+    // And the other way: an upload under a name shown for a backend's file steps over it.
+    let (code, up) = upload(
+        &base,
+        "/upload/image",
+        "ComfyUI_00002_.png",
+        png(8, 8, 98),
+        &[("type", "output")],
+    )
+    .await;
+    assert_eq!((code, &up["name"]), (200, &json!("ComfyUI_00002_ (1).png")));
+    assert_eq!(
+        output_pixels(&base, &h, "3").await,
+        made,
+        "still the backend's"
+    );
 }
 
 /// Input 1's class: an output made on one backend (as the gate shows it, renamed when names
