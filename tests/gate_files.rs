@@ -295,6 +295,21 @@ async fn an_upload_named_with_a_quote_and_unicode_loads_on_both_backends() {
             bytes
         );
     }
+    let r = view(
+        &base,
+        reqwest::Method::GET,
+        &[("filename", name), ("type", "input")],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let disposition = r.headers()["content-disposition"].as_bytes().to_vec();
+    assert_eq!(
+        disposition,
+        format!("filename=\"{name}\"").into_bytes(),
+        "as aiohttp writes it"
+    );
+    assert_eq!(r.bytes().await.unwrap(), bytes);
 }
 
 /// An output the gate never saw (made on a backend directly, or before the gate started) loads

@@ -144,7 +144,8 @@ pub async fn view(
             match fetch_view(ctx, i, &path, method, headers).await {
                 Ok(mut resp) => {
                     if resp.headers().contains_key(header::CONTENT_DISPOSITION)
-                        && let Ok(v) = format!("filename=\"{}\"", r.name).parse()
+                        && let Some(v) =
+                            files::serve::disposition_value(&format!("filename=\"{}\"", r.name))
                     {
                         resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
                     }

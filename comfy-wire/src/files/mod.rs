@@ -189,7 +189,7 @@ pub fn view(
             if let Ok(v) = ctype.parse() {
                 h.insert(header::CONTENT_TYPE, v);
             }
-            if let Ok(v) = disposition.parse() {
+            if let Some(v) = serve::disposition_value(&disposition) {
                 h.insert(header::CONTENT_DISPOSITION, v);
             }
             resp

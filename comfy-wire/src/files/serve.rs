@@ -182,10 +182,16 @@ pub fn serve_file(
     if let Ok(ct) = HeaderValue::from_str(content_type) {
         h.insert(header::CONTENT_TYPE, ct);
     }
-    if let Ok(cd) = HeaderValue::from_str(disposition) {
+    if let Some(cd) = disposition_value(disposition) {
         h.insert(header::CONTENT_DISPOSITION, cd);
     }
     resp
+}
+
+/// A `Content-Disposition` value as aiohttp writes it: the name's UTF-8 bytes as they are
+/// (`HeaderValue::from_str` would refuse anything not ASCII); `None` for a control character.
+pub fn disposition_value(disposition: &str) -> Option<HeaderValue> {
+    HeaderValue::from_bytes(disposition.as_bytes()).ok()
 }
 
 /// `count` bytes of the file at `path` from `start`, streamed (a video can be large).
