@@ -342,3 +342,46 @@ async fn an_output_made_behind_the_gates_back_loads_on_the_other_backend() {
     assert_eq!(h["status"]["status_str"], "success", "{h}");
     assert_eq!(output_pixels(&base, &h, "2").await, pixels(&made));
 }
+
+/// The gate's output uploads and the names they hold outlive a restart of the gate; its temp
+/// uploads do not (ComfyUI empties `temp/` at every start).
+#[tokio::test]
+async fn output_uploads_keep_their_names_across_a_gate_restart() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let sims = [&a, &b];
+    let start = || {
+        let state = state.clone();
+        gate_with(&sims, move |f| f.server.state_dir = Some(state))
+    };
+    let first = start().await;
+    let kept = png(8, 8, 31);
+    let up = |kind: &'static str, bytes: Vec<u8>, base: String| async move {
+        let (code, v) = upload(
+            &base,
+            "/upload/image",
+            "ComfyUI_00001_.png",
+            bytes,
+            &[("type", kind)],
+        )
+        .await;
+        assert_eq!((code, &v["name"]), (200, &json!("ComfyUI_00001_.png")));
+    };
+    up("output", kept.clone(), first.url()).await;
+    up("temp", png(8, 8, 32), first.url()).await;
+    first.shutdown().await;
+
+    let second = start().await;
+    let base = second.url();
+    let q = |kind| [("filename", "ComfyUI_00001_.png"), ("type", kind)];
+    assert_eq!(view_bytes(&base, &q("output")).await, (200, kept));
+    assert_eq!(view_bytes(&base, &q("temp")).await.0, 404);
+    let (code, r) = post_json(&base, "/prompt", &json!({"prompt": blur_graph(0x101010)})).await;
+    assert_eq!(code, 200, "{r}");
+    let h = wait_history(&base, r["prompt_id"].as_str().unwrap()).await;
+    assert_eq!(
+        h["outputs"]["3"]["images"][0]["filename"], "ComfyUI_00002_.png",
+        "the upload still holds its name"
+    );
+}
