@@ -385,3 +385,33 @@ async fn output_uploads_keep_their_names_across_a_gate_restart() {
         "the upload still holds its name"
     );
 }
+
+/// A backend that lost the files the gate placed there (restarted on an empty directory) gets
+/// them again: an upload and a copy of another backend's output.
+#[tokio::test]
+async fn a_backend_that_lost_its_placed_files_gets_them_again() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let bytes = png(8, 8, 41);
+    assert_eq!(
+        upload(&base, "/upload/image", "again.png", bytes.clone(), &[])
+            .await
+            .0,
+        200
+    );
+    let made = f.run_on(&f.b, "made", blur_graph(0x336699)).await;
+    let made_name = made["outputs"]["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let from_b = format!("{made_name} [output]");
+    for round in 0..2 {
+        for (i, value) in ["again.png", from_b.as_str()].into_iter().enumerate() {
+            let id = format!("round{round}-{i}");
+            let h = f.run_on(&f.a, &id, load_and_save(value, &id)).await;
+            assert_eq!(h["status"]["status_str"], "success", "{value}: {h}");
+        }
+        std::fs::remove_dir_all(f.a.base_dir().join("input")).unwrap();
+        std::fs::create_dir_all(f.a.base_dir().join("input")).unwrap();
+    }
+}

@@ -35,9 +35,9 @@ pub trait AliasStore: Send + Sync {
     fn save_alias(&self, shown: &FileKey, target: &(String, String)) -> Result<(), String>;
 }
 
-/// `(target backend, the source: owner and real reference)` → the loader value it was placed
-/// under on the target.
-type PlacedCopies = HashMap<(String, String, FileRef), String>;
+/// `(target backend, the source: owner and real reference)` → the copy placed on the target
+/// and its size.
+type PlacedCopies = HashMap<(String, String, FileRef), (FileRef, u64)>;
 
 /// The gate's files: uploads it keeps, and the one namespace of outputs across backends.
 pub struct Files {

@@ -13,6 +13,9 @@
 //!   and copied from the first that has it, when the backend that runs the prompt lacks it;
 //! - anything else is left to the backend to judge, as ComfyUI would.
 //!
+//! What was placed where is remembered, and checked with a `HEAD /view` before it is relied
+//! on (a backend restarted on an empty directory gets its copies again).
+//!
 //! The client's prompt is never changed: [`Files::ensure_inputs`] returns the rewrites for the
 //! copy that is forwarded.
 
@@ -99,6 +102,17 @@ pub async fn upload_to(
         });
     }
     Ok(())
+}
+
+/// Whether a file placed on backend `i` earlier is still there (the backend may have been
+/// restarted on an empty directory): `HEAD /view` finds it with the placed size.
+async fn still_there(
+    fleet: &Fleet,
+    i: usize,
+    r: &FileRef,
+    bytes: &[u8],
+) -> Result<bool, GateError> {
+    Ok(resolve::size_on(fleet, i, r).await? == Some(bytes.len() as u64))
 }
 
 /// Every string input of a prompt: `(node id, input name, value)`.
@@ -194,7 +208,7 @@ impl Files {
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let key = (fleet.get(backend).name().to_string(), r.rel(), digest);
-        if self.placed_lock().contains(&key) {
+        if self.placed_lock().contains(&key) && still_there(fleet, backend, r, &bytes).await? {
             return Ok(());
         }
         upload_to(fleet, backend, r, bytes).await?;
@@ -220,12 +234,15 @@ impl Files {
         };
         // A backend's outputs do not change: one copy per target. The gate's own files can
         // (an upload with overwrite), so those are compared by content below.
-        if let Some((owner, real)) = &source
-            && let Some(v) = self
-                .copies_lock()
+        let known = source.as_ref().and_then(|(owner, real)| {
+            self.copies_lock()
                 .get(&(target.clone(), owner.clone(), real.clone()))
+                .cloned()
+        });
+        if let Some((copy, size)) = known
+            && resolve::size_on(fleet, backend, &copy).await? == Some(size)
         {
-            return Ok(Some(v.clone()));
+            return Ok(Some(copy.loader_value()));
         }
         // An owner that cannot be asked is not the target's fault: the prompt goes on naming
         // the file, and the target reports it missing as ComfyUI would.
@@ -242,14 +259,17 @@ impl Files {
         let name = source.as_ref().map_or(&r.name, |(_, real)| &real.name);
         let copy = FileRef::new(Kind::Input, COPIES_SUBFOLDER, &format!("{hex}-{name}"));
         let key = (target.clone(), copy.rel(), digest);
-        if !self.placed_lock().contains(&key) {
+        let size = bytes.len() as u64;
+        let placed =
+            self.placed_lock().contains(&key) && still_there(fleet, backend, &copy, &bytes).await?;
+        if !placed {
             upload_to(fleet, backend, &copy, bytes).await?;
             self.placed_lock().insert(key);
         }
         let value = copy.loader_value();
         if let Some((owner, real)) = source {
             self.copies_lock()
-                .insert((target, owner, real), value.clone());
+                .insert((target, owner, real), (copy, size));
         }
         Ok(Some(value))
     }

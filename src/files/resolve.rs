@@ -77,7 +77,13 @@ impl Files {
 
 /// Whether backend `i` has `r` (`HEAD /view` answered 200).
 pub async fn exists_on(fleet: &Fleet, i: usize, r: &FileRef) -> Result<bool, GateError> {
-    let (code, _, _) = fleet
+    Ok(size_on(fleet, i, r).await?.is_some())
+}
+
+/// The size of `r` on backend `i` (`HEAD /view`: its `Content-Length`, 0 when absent), or
+/// `None` when it does not have it.
+pub async fn size_on(fleet: &Fleet, i: usize, r: &FileRef) -> Result<Option<u64>, GateError> {
+    let (code, headers, _) = fleet
         .upstream
         .call(
             &fleet.get(i).config,
@@ -88,7 +94,12 @@ pub async fn exists_on(fleet: &Fleet, i: usize, r: &FileRef) -> Result<bool, Gat
             None,
         )
         .await?;
-    Ok(code == StatusCode::OK)
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((code == StatusCode::OK).then_some(length))
 }
 
 /// `/view`'s query for `r`.
