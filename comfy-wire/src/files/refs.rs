@@ -37,6 +37,7 @@ impl Kind {
         }
     }
 
+    /// The name ComfyUI uses in `type` fields and annotations.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Input => "input",
@@ -99,6 +100,9 @@ fn clean_subfolder(sub: &str) -> Option<String> {
 }
 
 impl FileRef {
+    /// A reference from its parts (leading and trailing `/` of `subfolder` dropped; nothing
+    /// else is checked: parse client input with [`FileRef::from_loader`] or
+    /// [`FileRef::from_view`]).
     pub fn new(kind: Kind, subfolder: &str, name: &str) -> FileRef {
         FileRef {
             kind,
