@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_range_header::SyntacticallyCorrectRange;
 
 use crate::http::{Body, BoxError, empty_body, status};
 
@@ -103,6 +104,10 @@ fn plan(v: &Validators, headers: &HeaderMap) -> Plan {
     let Ok(parsed) = http_range_header::parse_range_header(range) else {
         return Plan::Unsatisfiable;
     };
+    // aiohttp reads `bytes=-0` as the tail from offset -0, that is the whole file, as a 206.
+    if parsed.clone().into_ranges() == [SyntacticallyCorrectRange::FromLast(0)] && v.size > 0 {
+        return Plan::Part(0, v.size - 1);
+    }
     match parsed.validate(v.size).as_deref() {
         Ok([one]) => Plan::Part(*one.start(), *one.end()),
         Ok([]) => Plan::Whole,
@@ -113,7 +118,8 @@ fn plan(v: &Validators, headers: &HeaderMap) -> Plan {
 
 /// Serves the file at `path` for a `method` (GET or HEAD) request with `headers`, with the
 /// semantics in the module docs; 404 with an empty body when it is not a readable file.
-/// `content_type` and `disposition` are set on every answer that carries the file.
+/// `content_type` is set on the answers that carry the file, `disposition` on every answer
+/// (ComfyUI passes it to the `FileResponse` it builds, so 304, 412 and 416 carry it too).
 pub fn serve_file(
     path: &Path,
     method: &Method,
@@ -125,37 +131,63 @@ pub fn serve_file(
         return status(StatusCode::NOT_FOUND);
     };
     let v = Validators::of(&meta);
-    let validators = |resp: &mut Response<Body>| {
-        let h = resp.headers_mut();
-        if let Ok(tag) = HeaderValue::from_str(&v.etag) {
-            h.insert(header::ETAG, tag);
-        }
-        if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(v.last_modified)) {
-            h.insert(header::LAST_MODIFIED, date);
-        }
-    };
-    let (code, range) = match plan(&v, headers) {
+    let mut resp = match plan(&v, headers) {
         Plan::NotModified => {
             let mut resp = status(StatusCode::NOT_MODIFIED);
-            validators(&mut resp);
-            return resp;
+            set_validators(&mut resp, &v);
+            resp
         }
         Plan::PreconditionFailed => {
             let mut resp = status(StatusCode::PRECONDITION_FAILED);
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            return resp;
+            resp
         }
         Plan::Unsatisfiable => {
+            // aiohttp's bare answer has its default content type.
             let mut resp = status(StatusCode::RANGE_NOT_SATISFIABLE);
             if let Ok(cr) = HeaderValue::from_str(&format!("bytes */{}", v.size)) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, cr);
             }
-            return resp;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            resp
         }
-        Plan::Whole => (StatusCode::OK, None),
-        Plan::Part(a, b) => (StatusCode::PARTIAL_CONTENT, Some((a, b))),
+        Plan::Whole => match send(path, method, &v, None, content_type) {
+            Some(resp) => resp,
+            None => return status(StatusCode::NOT_FOUND),
+        },
+        Plan::Part(a, b) => match send(path, method, &v, Some((a, b)), content_type) {
+            Some(resp) => resp,
+            None => return status(StatusCode::NOT_FOUND),
+        },
     };
+    if let Some(cd) = disposition_value(disposition) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, cd);
+    }
+    resp
+}
+
+fn set_validators(resp: &mut Response<Body>, v: &Validators) {
+    let h = resp.headers_mut();
+    if let Ok(tag) = HeaderValue::from_str(&v.etag) {
+        h.insert(header::ETAG, tag);
+    }
+    if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(v.last_modified)) {
+        h.insert(header::LAST_MODIFIED, date);
+    }
+}
+
+/// The 200 (whole) or 206 (`range`, inclusive) answer; `None` when the file cannot be opened.
+fn send(
+    path: &Path,
+    method: &Method,
+    v: &Validators,
+    range: Option<(u64, u64)>,
+    content_type: &str,
+) -> Option<Response<Body>> {
     let (start, count) = match range {
         Some((a, b)) => (a, b - a + 1),
         None => (0, v.size),
@@ -163,14 +195,13 @@ pub fn serve_file(
     let body = if method == Method::HEAD {
         empty_body()
     } else {
-        match file_part(path, start, count) {
-            Ok(body) => body,
-            Err(_) => return status(StatusCode::NOT_FOUND),
-        }
+        file_part(path, start, count).ok()?
     };
     let mut resp = Response::new(body);
-    *resp.status_mut() = code;
-    validators(&mut resp);
+    if range.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    set_validators(&mut resp, v);
     let h = resp.headers_mut();
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
@@ -182,10 +213,7 @@ pub fn serve_file(
     if let Ok(ct) = HeaderValue::from_str(content_type) {
         h.insert(header::CONTENT_TYPE, ct);
     }
-    if let Some(cd) = disposition_value(disposition) {
-        h.insert(header::CONTENT_DISPOSITION, cd);
-    }
-    resp
+    Some(resp)
 }
 
 /// A `Content-Disposition` value as aiohttp writes it: the name's UTF-8 bytes as they are
@@ -241,6 +269,8 @@ mod tests {
         assert_eq!(r("bytes=5-1"), Plan::Unsatisfiable);
         assert_eq!(r("bytes=0-1,5-6"), Plan::Unsatisfiable);
         assert_eq!(r("lines=0-1"), Plan::Unsatisfiable);
+        assert_eq!(r("bytes=-0"), Plan::Part(0, 99));
+        assert_eq!(r("bytes=-999"), Plan::Part(0, 99));
     }
 
     #[test]
