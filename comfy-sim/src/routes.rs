@@ -62,6 +62,10 @@ pub async fn handle(
         return super::ws::handle(inst, req);
     }
     let query = query_pairs(req.uri());
+    // aiohttp answers HEAD on every GET route; `/view` is a file server (ranges, validators).
+    if (method == Method::GET || method == Method::HEAD) && path == "/view" {
+        return files::view(&inst.dirs, &query, &method, req.headers());
+    }
     let content_type = header_str(header::CONTENT_TYPE).unwrap_or("").to_string();
     let limit = inst.config.max_upload_size as usize;
     let body = match read_body(req.into_body(), limit).await {
@@ -196,7 +200,6 @@ async fn route(
                 None => json_resp(StatusCode::NOT_FOUND, &json!({ "error": "Job not found" })),
             }
         }
-        (Method::GET, "/view") => files::view(&inst.dirs, query),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
             let Ok(form) = files::parse_upload_form(content_type, body).await else {
                 return internal_error();

@@ -1,17 +1,49 @@
-//! Files as one ComfyUI would serve them (design §2 "Files follow prompts"): `GET /view` of an
-//! input from the gate's own store, of an output from the backend that produced it (by the
-//! alias index, else asking backends home first), streamed through; uploads stored by the gate
-//! under ComfyUI's collision rules.
+//! Files as one ComfyUI would serve them (design §2 "Files follow prompts"), through the one
+//! resolver (`files::resolve`): `GET`/`HEAD /view` of a file in the gate's store is served by
+//! the gate as aiohttp's `FileResponse` would (ranges, validators); of a backend's file, the
+//! request goes to that backend with the client's `Range` and conditional headers and its
+//! answer (status, `Content-Range`, validators) comes back streamed. Uploads of every type are
+//! stored by the gate under ComfyUI's collision rules; `/upload/mask` finds its original
+//! wherever it lives.
 
-use http::{Method, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode, header};
 use serde_json::Value;
 
 use super::Ctx;
 use crate::error::GateError;
+use crate::files::resolve::{self, Location};
 use crate::http::{Body, status};
-use comfy_wire::files::{self, UploadOutcome};
+use comfy_wire::files::refs::{FileRef, Kind};
+use comfy_wire::files::{self, Original, UploadOutcome};
 
-/// `POST /upload/image` and `/upload/mask` (`mask`): stored by the gate, type `input` only.
+/// Request headers a file server answers by, forwarded to the backend that holds the file.
+const FORWARDED: [header::HeaderName; 6] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+];
+
+/// Response headers of a file answer, passed back to the client.
+const RETURNED: [header::HeaderName; 8] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_DISPOSITION,
+    header::CACHE_CONTROL,
+    header::CONTENT_RANGE,
+    header::ACCEPT_RANGES,
+    header::ETAG,
+    header::LAST_MODIFIED,
+];
+
+/// `POST /upload/image` and `/upload/mask` (`mask`), any type (`input` default, `temp`,
+/// `output`): stored by the gate with ComfyUI's collision rule, stepping over names the alias
+/// index shows for backends' files. A mask's `original_ref` is read wherever it lives (the
+/// gate's store, the owner backend; unknown: the backends are asked, home first). Errors:
+/// 400 for a malformed form, an unknown type or a missing `original_ref` (ComfyUI answers
+/// 500), ComfyUI's own status otherwise.
 pub async fn upload(
     ctx: &Ctx,
     content_type: &str,
@@ -21,12 +53,28 @@ pub async fn upload(
     let form = files::parse_upload_form(content_type, body)
         .await
         .map_err(|e| GateError::BadRequest(format!("malformed multipart body: {e}")))?;
-    if form.kind.as_deref().is_some_and(|k| k != "input") {
-        return Err(GateError::BadRequest(
-            "the gate stores uploads of type `input` only".into(),
-        ));
-    }
-    match files::upload(&ctx.files.dirs, form, mask) {
+    let kind = form.kind.as_deref().unwrap_or("input");
+    let Some(kind) = Kind::parse(kind) else {
+        return Err(GateError::BadRequest(format!(
+            "unknown upload type `{kind}` (input, temp or output)"
+        )));
+    };
+    let original = if mask {
+        let r = match files::original_ref(form.original_ref.as_deref()) {
+            Ok(r) => r,
+            Err(code) if code.is_server_error() => {
+                return Err(GateError::BadRequest(
+                    "`original_ref` must be a JSON object naming a file".into(),
+                ));
+            }
+            Err(code) => return Ok(Err(code)),
+        };
+        Some(Original::Bytes(find_bytes(ctx, &r).await))
+    } else {
+        None
+    };
+    let taken = |sub: &str, name: &str| ctx.files.taken_by_backend(kind, sub, name);
+    match files::upload_with(&ctx.files.dirs, form, original, &taken) {
         UploadOutcome::Saved(v) => {
             ctx.files.note_upload(&v);
             Ok(Ok(v))
@@ -38,81 +86,109 @@ pub async fn upload(
     }
 }
 
-/// `GET /view`: inputs from the gate's store; outputs from the backend that produced them.
-pub async fn view(ctx: &Ctx, query: &[(String, String)]) -> Response<Body> {
-    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
-    let Some(raw_name) = get("filename") else {
-        return status(StatusCode::NOT_FOUND);
-    };
-    let (name, annotated) = match raw_name.rsplit_once(" [") {
-        Some((n, t)) if t.ends_with(']') => {
-            (n.to_string(), Some(t.trim_end_matches(']').to_string()))
+/// The bytes of `r` wherever it lives; `None` when no one has it.
+async fn find_bytes(ctx: &Ctx, r: &FileRef) -> Option<Vec<u8>> {
+    match ctx.files.locate(r) {
+        Location::Unknown => {
+            for i in asking_order(ctx) {
+                if let Ok(Some(bytes)) = resolve::read_from(&ctx.fleet, i, r).await {
+                    return Some(bytes);
+                }
+            }
+            None
         }
-        _ => (raw_name.clone(), None),
-    };
-    let kind = annotated
-        .or_else(|| get("type"))
-        .unwrap_or_else(|| "output".into());
-    if kind == "input" {
-        return files::view(&ctx.files.dirs, query);
+        at => ctx.files.read(&ctx.fleet, &at).await.ok().flatten(),
     }
-    let subfolder = get("subfolder").unwrap_or_default();
-    let (backend, real) = match ctx.files.resolve(&kind, &subfolder, &name) {
-        Some((owner, real)) => match ctx.fleet.index_of(&owner) {
-            Some(i) => (i, real),
-            None => return status(StatusCode::NOT_FOUND),
-        },
-        None => {
-            // Not produced through the gate: ask backends in order (home first).
-            let mut order: Vec<usize> = ctx.fleet.up();
-            order.sort_by_key(|i| (*i != ctx.config.home, *i));
+}
+
+/// Backends that are up, the home backend first.
+fn asking_order(ctx: &Ctx) -> Vec<usize> {
+    let mut order: Vec<usize> = ctx.fleet.up();
+    order.sort_by_key(|i| (*i != ctx.config.home, *i));
+    order
+}
+
+/// `GET` and `HEAD /view`: the reference resolved (ComfyUI's path checks first: 404, 400,
+/// 403); the gate's own files served here, a backend's fetched from it under its real name
+/// with the client's range and validators; a file the gate does not know is asked of the
+/// backends in order (home first).
+pub async fn view(
+    ctx: &Ctx,
+    method: &Method,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+) -> Response<Body> {
+    let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+    let r = match FileRef::from_view(get("filename"), get("subfolder"), get("type")) {
+        Ok(r) => r,
+        Err(code) => return status(code),
+    };
+    match ctx.files.locate(&r) {
+        Location::Gate(_) => files::view(&ctx.files.dirs, query, method, headers),
+        Location::Backend { backend, real } => {
+            let Some(i) = ctx.fleet.index_of(&backend) else {
+                return status(StatusCode::NOT_FOUND);
+            };
+            let mut q = vec![
+                ("filename".to_string(), real.name.clone()),
+                ("subfolder".to_string(), real.subfolder.clone()),
+                ("type".to_string(), real.kind.as_str().to_string()),
+            ];
+            q.extend(
+                query
+                    .iter()
+                    .filter(|(k, _)| k == "preview" || k == "channel")
+                    .cloned(),
+            );
+            let path = format!("/view?{}", encode_query(&q));
+            match fetch_view(ctx, i, &path, method, headers).await {
+                Ok(mut resp) => {
+                    if resp.headers().contains_key(header::CONTENT_DISPOSITION)
+                        && let Some(v) =
+                            files::serve::disposition_value(&format!("filename=\"{}\"", r.name))
+                    {
+                        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+                    }
+                    resp
+                }
+                Err(e) => {
+                    ctx.fleet.record_health(i, false);
+                    e.into_response()
+                }
+            }
+        }
+        Location::Unknown => {
+            let path = format!("/view?{}", encode_query(query));
             let mut found = None;
-            for i in order {
-                let path = format!("/view?{}", encode_query(query));
-                if let Ok(resp) = fetch_view(ctx, i, &path).await {
+            for i in asking_order(ctx) {
+                if let Ok(resp) = fetch_view(ctx, i, &path, method, headers).await {
                     if resp.status() != StatusCode::NOT_FOUND {
                         return resp;
                     }
                     found = Some(resp.status());
                 }
             }
-            return status(found.unwrap_or(StatusCode::NOT_FOUND));
-        }
-    };
-    let mut q: Vec<(String, String)> = query.to_vec();
-    for (k, v) in q.iter_mut() {
-        if k == "filename" {
-            *v = real.clone();
-        }
-        if k == "type" {
-            *v = kind.clone();
-        }
-    }
-    if !q.iter().any(|(k, _)| k == "type") {
-        q.push(("type".into(), kind));
-    }
-    let path = format!("/view?{}", encode_query(&q));
-    match fetch_view(ctx, backend, &path).await {
-        Ok(mut resp) => {
-            if let Ok(v) = format!("filename=\"{name}\"").parse() {
-                resp.headers_mut()
-                    .insert(http::header::CONTENT_DISPOSITION, v);
-            }
-            resp
-        }
-        Err(e) => {
-            ctx.fleet.record_health(backend, false);
-            e.into_response()
+            status(found.unwrap_or(StatusCode::NOT_FOUND))
         }
     }
 }
 
-/// `GET path` on a backend, its body streamed through (files can be large), with the
-/// headers a client of `/view` needs.
-async fn fetch_view(ctx: &Ctx, backend: usize, path: &str) -> Result<Response<Body>, GateError> {
-    let req = http::Request::builder()
-        .method(Method::GET)
-        .uri(path)
+/// `method path` on a backend with the client's file-serving headers; its answer streamed
+/// through (files can be large) with the headers a client of `/view` needs.
+async fn fetch_view(
+    ctx: &Ctx,
+    backend: usize,
+    path: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, GateError> {
+    let mut req = http::Request::builder().method(method.clone()).uri(path);
+    for name in FORWARDED {
+        for v in headers.get_all(&name) {
+            req = req.header(&name, v.clone());
+        }
+    }
+    let req = req
         .body(crate::http::empty_body())
         .map_err(|e| GateError::BadRequest(e.to_string()))?;
     let upstream = ctx
@@ -125,12 +201,7 @@ async fn fetch_view(ctx: &Ctx, backend: usize, path: &str) -> Result<Response<Bo
         http_body_util::BodyExt::map_err(body, Into::into),
     ));
     *resp.status_mut() = parts.status;
-    for name in [
-        http::header::CONTENT_TYPE,
-        http::header::CONTENT_LENGTH,
-        http::header::CONTENT_DISPOSITION,
-        http::header::CACHE_CONTROL,
-    ] {
+    for name in RETURNED {
         if let Some(v) = parts.headers.get(&name) {
             resp.headers_mut().insert(name, v.clone());
         }

@@ -30,6 +30,10 @@ pub fn owns(method: &Method, path: &str) -> bool {
     if method == Method::GET && path == "/ws" {
         return true;
     }
+    // aiohttp answers HEAD on every GET route; on a file route it takes the same path.
+    if method == Method::HEAD && path == "/view" {
+        return true;
+    }
     let exact = matches!(
         (method, path),
         (
@@ -76,6 +80,9 @@ pub async fn route(
         return Ok(super::ws::handle(ctx, req));
     }
     let query = query_pairs(req.uri());
+    if (method == Method::GET || method == Method::HEAD) && path == "/view" {
+        return Ok(files::view(&ctx, &method, req.headers(), &query).await);
+    }
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -120,7 +127,6 @@ pub async fn route(
             let id = percent_decode(&p["/api/jobs/".len()..]);
             Ok(one_job(merged::jobs(&ctx, None, Some(&id)).await))
         }
-        (Method::GET, "/view") => Ok(files::view(&ctx, &query).await),
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
             match files::upload(&ctx, &content_type, &body, path == "/upload/mask").await? {
                 Ok(v) => ok(v),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::protocol::errors;
+use comfy_wire::files::refs::{FileRef, Kind};
 
 /// One backend's capabilities.
 #[derive(Debug, Default)]
@@ -63,7 +64,10 @@ impl Capabilities {
                             .filter_map(|o| o.as_str().map(str::to_string))
                             .collect(),
                     );
-                    if spec[1]["image_upload"].as_bool().unwrap_or(false) {
+                    let upload = ["image_upload", "audio_upload", "video_upload"]
+                        .iter()
+                        .any(|k| spec[1][*k].as_bool().unwrap_or(false));
+                    if upload {
                         caps.upload_inputs.insert(key.clone());
                     }
                     caps.configs.insert(key, spec.clone());
@@ -78,6 +82,13 @@ impl Capabilities {
         self.output_classes.contains(class)
     }
 
+    /// Whether any file input lists `name` (a plain input file this backend holds).
+    fn listed(&self, name: &str) -> bool {
+        self.upload_inputs
+            .iter()
+            .any(|k| self.combos.get(k).is_some_and(|o| o.contains(name)))
+    }
+
     /// Adds sizes from an `/experiment/models/{folder}` answer.
     pub fn add_model_sizes(&mut self, listing: &Value) {
         for m in listing.as_array().into_iter().flatten() {
@@ -88,8 +99,21 @@ impl Capabilities {
     }
 
     /// The first thing this backend lacks for `prompt`; `uploaded` says whether the gate holds
-    /// an upload of that name (it will place it).
+    /// an input upload of that loader value (it will place it).
+    ///
+    /// A file input (`image_upload` and the like) takes any reference ComfyUI's loaders open
+    /// (`folder_paths.get_annotated_filepath`; LoadImage's `VALIDATE_INPUTS` replaces the list
+    /// check): only a plain top-level input name is checked against the list here. A subfolder
+    /// or an ` [output]`/` [temp]` reference is the gate's to place when it knows the file
+    /// (`files::place`), and else the backend's to judge.
     pub fn missing(&self, prompt: &Value, uploaded: &dyn Fn(&str) -> bool) -> Option<Missing> {
+        let file_ok = |v: &str| match FileRef::from_loader(v) {
+            Some(r) if r.kind == Kind::Input && r.subfolder.is_empty() => {
+                uploaded(v) || self.listed(&r.name)
+            }
+            Some(_) => true,
+            None => false,
+        };
         for (node, def) in prompt.as_object().into_iter().flatten() {
             let class = def["class_type"].as_str().unwrap_or("");
             if !self.classes.contains(class) {
@@ -104,7 +128,7 @@ impl Capabilities {
                 let Some(options) = self.combos.get(&key) else {
                     continue;
                 };
-                if options.contains(v) || (self.upload_inputs.contains(&key) && uploaded(v)) {
+                if options.contains(v) || (self.upload_inputs.contains(&key) && file_ok(v)) {
                     continue;
                 }
                 return Some(Missing::Value {
@@ -219,5 +243,16 @@ mod tests {
             None,
             "the gate places uploads"
         );
+        for accepted in [
+            "x.png [input]",
+            "webcam/shot.png [temp]",
+            "ComfyUI_00002_.png [output]",
+            "sub/any.png",
+        ] {
+            let p = json!({"2": {"class_type": "LoadImage", "inputs": {"image": accepted}}});
+            assert_eq!(caps.missing(&p, &none), None, "{accepted}");
+        }
+        let climbs = json!({"2": {"class_type": "LoadImage", "inputs": {"image": "../x.png"}}});
+        assert!(caps.missing(&climbs, &none).is_some());
     }
 }

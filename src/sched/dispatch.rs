@@ -26,13 +26,14 @@ pub enum Forwarded {
     Failed,
 }
 
-/// Sends a reserved prompt (`Dispatching` on `backend`) there: uploads it names first, then
+/// Sends a reserved prompt (`Dispatching` on `backend`) there: the files it names first
+/// (`Files::ensure_inputs`, whose rewrites change only the forwarded copy), then
 /// `POST /prompt` with the gate's id, number and upstream clientId. On a 200 the prompt is
 /// `OnBackend` (if it is still this backend's); otherwise the caller decides (the slot is
 /// still held).
 pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
     let b = sched.fleet.get(backend).clone();
-    let body = {
+    let mut body = {
         let s = sched.lock();
         let Some(r) = s.table.get(id) else {
             return Forwarded::Failed;
@@ -43,14 +44,22 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
         body.insert("client_id".into(), json!(b.upstream_client_id));
         body
     };
-    if let Err(e) = sched
+    match sched
         .files
         .ensure_inputs(&sched.fleet, backend, &body["prompt"])
         .await
     {
-        tracing::warn!(backend = b.name(), error = %e, "could not place uploads on backend");
-        sched.fleet.record_health(backend, false);
-        return Forwarded::Failed;
+        // The forwarded copy names the files as placed there; the record keeps the client's.
+        Ok(rewrites) => {
+            if let Some(prompt) = body.get_mut("prompt") {
+                crate::files::place::apply(prompt, &rewrites);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(backend = b.name(), error = %e, "could not place files on backend");
+            sched.fleet.record_health(backend, false);
+            return Forwarded::Failed;
+        }
     }
     let result = sched
         .fleet

@@ -131,6 +131,13 @@ pub fn restore_item(sched: &Scheduler, backend: usize, item: &mut Value) {
     if let (Some(r), Some(slot)) = (rec, item.get_mut(0)) {
         *slot = json!(r.number);
     }
+    // The backend ran a copy whose file references may name files placed there for it
+    // (`files::place`); the entry shows the prompt the client sent.
+    if let (Some(r), Some(slot)) = (rec, item.get_mut(2))
+        && let Some(prompt) = r.body.get("prompt")
+    {
+        *slot = prompt.clone();
+    }
 }
 
 /// A backend's history entry as the client sees it.

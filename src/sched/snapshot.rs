@@ -56,11 +56,12 @@ pub struct FleetView {
 }
 
 impl FleetView {
-    /// Whether the gate holds an upload of that name (a ` [input]` suffix is ignored; a name
-    /// that climbs out of the input directory never counts).
+    /// Whether the gate holds an input upload of that loader value (`name`, `sub/name`,
+    /// `name [input]`; a name that climbs out of the input directory never counts).
     pub fn uploaded(&self, name: &str) -> bool {
-        let plain = name.strip_suffix(" [input]").unwrap_or(name);
-        !plain.contains("..") && self.uploads.contains(plain)
+        comfy_wire::files::refs::FileRef::from_loader(name).is_some_and(|r| {
+            r.kind == comfy_wire::files::refs::Kind::Input && self.uploads.contains(&r.rel())
+        })
     }
 
     /// Whether backend `b` has every node class and file `prompt` names (unknown

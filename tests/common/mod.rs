@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_nvml;
+pub mod files;
 
 use std::time::Duration;
 

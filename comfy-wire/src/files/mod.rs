@@ -3,10 +3,12 @@
 //! collision rules. The gate keeps uploads by the same rules, so a client sees one ComfyUI.
 
 pub mod images;
+pub mod refs;
+pub mod serve;
 
 use std::path::{Component, Path, PathBuf};
 
-use http::{Response, StatusCode, header};
+use http::{HeaderMap, Method, Response, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 use crate::files::images::Image;
@@ -49,19 +51,11 @@ impl Dirs {
         }
     }
 
-    /// `annotated_filepath`: strips a ` [output]`/` [input]`/` [temp]` suffix.
+    /// `annotated_filepath`: strips a ` [output]`/` [input]`/` [temp]` suffix
+    /// ([`refs::split_annotation`]) and names its directory.
     pub fn annotated<'a>(&self, name: &'a str) -> (&'a str, Option<&Path>) {
-        for (suffix, kind) in [
-            ("[output]", "output"),
-            ("[input]", "input"),
-            ("[temp]", "temp"),
-        ] {
-            if name.ends_with(suffix) {
-                let cut = name.len().saturating_sub(suffix.len() + 1);
-                return (&name[..cut], self.by_type(kind));
-            }
-        }
-        (name, None)
+        let (name, kind) = refs::split_annotation(name);
+        (name, kind.and_then(|k| self.by_type(k.as_str())))
     }
 
     /// `get_annotated_filepath` with the input directory as default.
@@ -161,59 +155,45 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// `GET /view` (reference §4.11).
-pub fn view(dirs: &Dirs, query: &[(String, String)]) -> Response<Body> {
+/// `GET /view` and `HEAD /view` (reference §4.11, `server.py::view_image`): the path checks of
+/// [`refs::FileRef::from_view`]; `preview`/`channel` re-encode an image (a whole body); else the
+/// file as aiohttp's `FileResponse` serves it ([`serve::serve_file`]: ranges, validators, HEAD).
+pub fn view(
+    dirs: &Dirs,
+    query: &[(String, String)],
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response<Body> {
     let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
-    let Some(raw_name) = get("filename") else {
-        return status(StatusCode::NOT_FOUND);
+    let reference = match refs::FileRef::from_view(get("filename"), get("subfolder"), get("type")) {
+        Ok(r) => r,
+        Err(code) => return status(code),
     };
-    let (name, annotated_dir) = dirs.annotated(raw_name);
-    if name.is_empty() {
+    let Some(base) = dirs.by_type(reference.kind.as_str()) else {
         return status(StatusCode::BAD_REQUEST);
-    }
-    if name.starts_with('/') || name.contains("..") {
-        return status(StatusCode::BAD_REQUEST);
-    }
-    let base = match annotated_dir {
-        Some(d) => d.to_path_buf(),
-        None => match dirs.by_type(get("type").unwrap_or("output")) {
-            Some(d) => d.to_path_buf(),
-            None => return status(StatusCode::BAD_REQUEST),
-        },
     };
-    let mut dir = base.clone();
-    if let Some(sub) = get("subfolder") {
-        let joined = normalize(&base.join(sub));
-        if !joined.starts_with(&base) {
-            return status(StatusCode::FORBIDDEN);
-        }
-        dir = joined;
-    }
-    let basename = Path::new(name)
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let file = dir.join(&basename);
+    let basename = reference.name.clone();
+    let file = base.join(&reference.subfolder).join(&basename);
     if !file.is_file() {
         return status(StatusCode::NOT_FOUND);
     }
-    let Ok(bytes) = std::fs::read(&file) else {
-        return status(StatusCode::NOT_FOUND);
-    };
     let disposition = format!("filename=\"{basename}\"");
-    let respond = |body: Vec<u8>, ctype: &str| {
-        let mut resp = Response::new(full(body));
-        let h = resp.headers_mut();
-        if let Ok(v) = ctype.parse() {
-            h.insert(header::CONTENT_TYPE, v);
-        }
-        if let Ok(v) = disposition.parse() {
-            h.insert(header::CONTENT_DISPOSITION, v);
-        }
-        resp
-    };
     let channel = get("channel").unwrap_or("rgba");
     if get("preview").is_some() || channel == "rgb" || channel == "a" {
+        let Ok(bytes) = std::fs::read(&file) else {
+            return status(StatusCode::NOT_FOUND);
+        };
+        let respond = |body: Vec<u8>, ctype: &str| {
+            let mut resp = Response::new(full(body));
+            let h = resp.headers_mut();
+            if let Ok(v) = ctype.parse() {
+                h.insert(header::CONTENT_TYPE, v);
+            }
+            if let Some(v) = serve::disposition_value(&disposition) {
+                h.insert(header::CONTENT_DISPOSITION, v);
+            }
+            resp
+        };
         let Ok((img, alpha)) = Image::from_png(&bytes) else {
             return crate::http::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -234,21 +214,34 @@ pub fn view(dirs: &Dirs, query: &[(String, String)]) -> Response<Body> {
         };
         return respond(mask.to_png(&[], true), "image/png");
     }
-    let mut ctype = mime_guess::from_path(&basename)
+    serve::serve_file(
+        &file,
+        method,
+        headers,
+        &content_type(&basename),
+        &disposition,
+    )
+}
+
+/// `/view`'s `Content-Type`: guessed from the extension, `application/octet-stream` when unknown
+/// and for types a browser would run (`text/html`, `application/xhtml+xml`, `text/javascript`,
+/// `text/css`).
+pub fn content_type(name: &str) -> String {
+    let ctype = mime_guess::from_path(name)
         .first_raw()
-        .unwrap_or("application/octet-stream")
-        .to_string();
+        .unwrap_or("application/octet-stream");
     if [
         "text/html",
         "application/xhtml+xml",
         "text/javascript",
         "text/css",
     ]
-    .contains(&ctype.as_str())
+    .contains(&ctype)
     {
-        ctype = "application/octet-stream".into();
+        "application/octet-stream".into()
+    } else {
+        ctype.to_string()
     }
-    respond(bytes, &ctype)
 }
 
 /// The fields of an upload form.
@@ -267,8 +260,30 @@ pub enum UploadOutcome {
     Status(StatusCode),
 }
 
-/// `image_upload` with ComfyUI's collision rule; `mask` composites onto `original_ref`.
+/// Where a mask upload's original comes from.
+pub enum Original {
+    /// Read from these directories by the form's `original_ref` (ComfyUI itself).
+    InDirs,
+    /// Already read by the caller (the gate, from whichever backend holds it); `None` when it
+    /// does not exist.
+    Bytes(Option<Vec<u8>>),
+}
+
+/// `image_upload` with ComfyUI's collision rule; `mask` composites onto `original_ref`
+/// (`server.py::upload_image` and `upload_mask`).
 pub fn upload(dirs: &Dirs, form: UploadForm, mask: bool) -> UploadOutcome {
+    upload_with(dirs, form, mask.then_some(Original::InDirs), &|_, _| false)
+}
+
+/// [`upload`], with the original of a mask given (`mask`), and `taken(subfolder, name)` naming
+/// files that exist elsewhere under this name (the gate: a backend's output shown under it),
+/// which the collision rule steps over as it steps over an existing file of other content.
+pub fn upload_with(
+    dirs: &Dirs,
+    form: UploadForm,
+    mask: Option<Original>,
+    taken: &dyn Fn(&str, &str) -> bool,
+) -> UploadOutcome {
     let kind = form.kind.clone().unwrap_or_else(|| "input".to_string());
     let Some(base) = dirs.by_type(&kind).map(Path::to_path_buf) else {
         return UploadOutcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
@@ -290,14 +305,16 @@ pub fn upload(dirs: &Dirs, form: UploadForm, mask: bool) -> UploadOutcome {
     }
     let overwrite = matches!(form.overwrite.as_deref(), Some("true") | Some("1"));
     let (stem, ext) = split_ext(&filename);
+    let sub_key = subfolder.trim_matches('/').to_string();
     let mut name = filename.clone();
     let mut path = target;
     let mut duplicate = false;
     if !overwrite {
         let mut i = 1;
-        while path.exists() {
-            if std::fs::read(&path)
-                .is_ok_and(|existing| Sha256::digest(&existing) == Sha256::digest(&data))
+        while path.exists() || taken(&sub_key, &name) {
+            if path.exists()
+                && std::fs::read(&path)
+                    .is_ok_and(|existing| Sha256::digest(&existing) == Sha256::digest(&data))
             {
                 duplicate = true;
                 break;
@@ -308,20 +325,58 @@ pub fn upload(dirs: &Dirs, form: UploadForm, mask: bool) -> UploadOutcome {
         }
     }
     if !duplicate {
-        let bytes = if mask {
-            match composite_mask(dirs, form.original_ref.as_deref(), &data) {
-                Ok(Some(b)) => b,
-                Ok(None) => return saved(&name, &subfolder, &kind),
-                Err(code) => return UploadOutcome::Status(code),
+        let bytes = match mask {
+            Some(original) => {
+                let original = match original {
+                    Original::Bytes(b) => b,
+                    Original::InDirs => match original_bytes(dirs, form.original_ref.as_deref()) {
+                        Ok(b) => b,
+                        Err(code) => return UploadOutcome::Status(code),
+                    },
+                };
+                let Some(original) = original else {
+                    return saved(&name, &subfolder, &kind);
+                };
+                match composite_mask(&original, &data) {
+                    Ok(b) => b,
+                    Err(code) => return UploadOutcome::Status(code),
+                }
             }
-        } else {
-            data
+            None => data,
         };
         if std::fs::write(&path, bytes).is_err() {
             return UploadOutcome::Status(StatusCode::INTERNAL_SERVER_ERROR);
         }
     }
     saved(&name, &subfolder, &kind)
+}
+
+/// `/upload/mask`'s `original_ref` (a JSON string `{"filename", "subfolder"?, "type"?}`, type
+/// `output` by default) as a reference. Errors as ComfyUI answers: 500 when absent or not JSON,
+/// 400 for a bad filename or type, 403 for a subfolder outside the directory.
+pub fn original_ref(raw: Option<&str>) -> Result<refs::FileRef, StatusCode> {
+    let raw = raw.ok_or(StatusCode::INTERNAL_SERVER_ERROR)?;
+    let v: serde_json::Value =
+        serde_json::from_str(raw).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let filename = v["filename"].as_str().ok_or(StatusCode::BAD_REQUEST)?;
+    refs::FileRef::from_view(Some(filename), v["subfolder"].as_str(), v["type"].as_str()).map_err(
+        |code| {
+            if code == StatusCode::NOT_FOUND {
+                StatusCode::BAD_REQUEST
+            } else {
+                code
+            }
+        },
+    )
+}
+
+/// The bytes of a mask's original in `dirs`; `Ok(None)` when it does not exist.
+fn original_bytes(dirs: &Dirs, raw: Option<&str>) -> Result<Option<Vec<u8>>, StatusCode> {
+    let r = original_ref(raw)?;
+    let Some(base) = dirs.by_type(r.kind.as_str()) else {
+        return Err(StatusCode::BAD_REQUEST);
+    };
+    Ok(std::fs::read(base.join(&r.subfolder).join(&r.name)).ok())
 }
 
 fn saved(name: &str, subfolder: &str, kind: &str) -> UploadOutcome {
@@ -335,43 +390,11 @@ fn split_ext(name: &str) -> (String, String) {
     }
 }
 
-/// The mask upload: the original's RGB with the uploaded image's alpha. `Ok(None)` when the
-/// original does not exist (ComfyUI then writes nothing but still answers 200).
-fn composite_mask(
-    dirs: &Dirs,
-    original_ref: Option<&str>,
-    data: &[u8],
-) -> Result<Option<Vec<u8>>, StatusCode> {
-    let Some(raw) = original_ref else {
-        return Err(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let reference: serde_json::Value =
-        serde_json::from_str(raw).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let fname = reference["filename"].as_str().unwrap_or("");
-    let (fname, annotated_dir) = dirs.annotated(fname);
-    if fname.is_empty() || fname.starts_with('/') || fname.contains("..") {
-        return Err(StatusCode::BAD_REQUEST);
-    }
-    let mut dir = match annotated_dir {
-        Some(d) => d.to_path_buf(),
-        None => dirs
-            .by_type(reference["type"].as_str().unwrap_or("output"))
-            .ok_or(StatusCode::BAD_REQUEST)?
-            .to_path_buf(),
-    };
-    if let Some(sub) = reference["subfolder"].as_str().filter(|s| !s.is_empty()) {
-        let joined = normalize(&dir.join(sub));
-        if !joined.starts_with(&dir) {
-            return Err(StatusCode::FORBIDDEN);
-        }
-        dir = joined;
-    }
-    let original = match std::fs::read(dir.join(fname)) {
-        Ok(b) => b,
-        Err(_) => return Ok(None),
-    };
-    let (orig, _) = Image::from_png(&original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
-    let text = images::png_text_chunks(&original);
+/// The mask upload: the original's RGB (and its PNG text chunks) with the uploaded image's
+/// alpha, as a PNG.
+fn composite_mask(original: &[u8], data: &[u8]) -> Result<Vec<u8>, StatusCode> {
+    let (orig, _) = Image::from_png(original).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let text = images::png_text_chunks(original);
     let (mask_img, mask_alpha) =
         Image::from_png(data).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     let alpha =
@@ -395,7 +418,7 @@ fn composite_mask(
         w.write_image_data(&rgba)
             .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// Parses a `multipart/form-data` upload body into its fields.

@@ -1,0 +1,113 @@
+//! `/view` through the gate as a file server (issue 11, input 2; acceptance 3), over two
+//! comfy-sim backends: ranges, validators and HEAD, for the gate's own uploads and for outputs
+//! of either backend.
+
+mod common;
+
+use common::files::*;
+use common::*;
+
+/// The headers a file answer carries, for comparing GET with HEAD.
+fn file_headers(r: &reqwest::Response) -> Vec<(String, String)> {
+    [
+        "content-type",
+        "content-length",
+        "content-disposition",
+        "accept-ranges",
+        "etag",
+        "last-modified",
+    ]
+    .iter()
+    .map(|h| {
+        let v = r.headers().get(*h).map(|v| v.to_str().unwrap().to_string());
+        (h.to_string(), v.unwrap_or_else(|| panic!("{h} missing")))
+    })
+    .collect()
+}
+
+/// Input 2, acceptance 3: `/view` through the gate is a file server for its own uploads and for
+/// outputs of either backend: 206 for a range, 416 for an unsatisfiable one, 304 for a matching
+/// validator, HEAD with GET's headers and no body.
+#[tokio::test]
+async fn view_serves_ranges_validators_and_head_for_uploads_and_outputs() {
+    use reqwest::Method;
+    let f = Fleet::start().await;
+    let base = f.base();
+    let bytes = png(32, 32, 3);
+    let (code, _) = upload(&base, "/upload/image", "clip.png", bytes.clone(), &[]).await;
+    assert_eq!(code, 200);
+    let on_a = f.run_on(&f.a, "on-a", blur_graph(0x123456)).await;
+    let on_b = f.run_on(&f.b, "on-b", blur_graph(0x654321)).await;
+    let mut cases = vec![(
+        "upload".to_string(),
+        vec![
+            ("filename", "clip.png".to_string()),
+            ("type", "input".into()),
+        ],
+    )];
+    for (who, h) in [("a", &on_a), ("b", &on_b)] {
+        let item = &h["outputs"]["3"]["images"][0];
+        cases.push((
+            format!("output of {who}"),
+            vec![
+                ("filename", item["filename"].as_str().unwrap().to_string()),
+                ("type", "output".into()),
+            ],
+        ));
+    }
+    for (what, query) in cases {
+        let q: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let whole = view(&base, Method::GET, &q, &[]).await;
+        assert_eq!(whole.status(), 200, "{what}");
+        let headers = file_headers(&whole);
+        let etag = whole.headers()["etag"].to_str().unwrap().to_string();
+        let modified = whole.headers()["last-modified"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body = whole.bytes().await.unwrap();
+        let size = body.len();
+        assert_eq!(headers[1].1, size.to_string(), "{what}");
+
+        let r = view(&base, Method::GET, &q, &[("range", "bytes=0-1")]).await;
+        assert_eq!(r.status(), 206, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes 0-1/{size}").as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), body[..2], "{what}");
+        let r = view(&base, Method::GET, &q, &[("range", "bytes=10-")]).await;
+        assert_eq!(r.status(), 206, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes 10-{}/{size}", size - 1).as_str()
+        );
+        assert_eq!(r.bytes().await.unwrap(), body[10..], "{what}");
+        let past = format!("bytes={size}-");
+        let r = view(&base, Method::GET, &q, &[("range", &past)]).await;
+        assert_eq!(r.status(), 416, "{what}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes */{size}").as_str()
+        );
+
+        let r = view(&base, Method::GET, &q, &[("if-none-match", &etag)]).await;
+        assert_eq!(r.status(), 304, "{what}");
+        assert!(r.bytes().await.unwrap().is_empty());
+        let r = view(&base, Method::GET, &q, &[("if-modified-since", &modified)]).await;
+        assert_eq!(r.status(), 304, "{what}");
+        let r = view(&base, Method::GET, &q, &[("if-none-match", "\"other\"")]).await;
+        assert_eq!(r.status(), 200, "{what}");
+
+        let head = view(&base, Method::HEAD, &q, &[]).await;
+        assert_eq!(head.status(), 200, "{what}");
+        assert_eq!(
+            file_headers(&head),
+            headers,
+            "HEAD has GET's headers: {what}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "{what}");
+        let head = view(&base, Method::HEAD, &q, &[("range", "bytes=0-1")]).await;
+        assert_eq!(head.status(), 206, "{what}");
+    }
+}
