@@ -78,6 +78,21 @@ async fn capability_routing_and_refusal() {
             .contains("only_a.safetensors"),
         "the fleet's files: {e}"
     );
+    // Only an output node's own errors go in the top-level details (ComfyUI 0.8.0 transcript).
+    assert_eq!(body["error"]["details"], "", "{body}");
+
+    // A loader's file is judged by its own VALIDATE_INPUTS, not the list.
+    let load = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "missing.png"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+    });
+    let (code, body) = post_json(&base, "/prompt", &json!({"prompt": load})).await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        body["node_errors"]["1"]["errors"][0],
+        json!({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+               "details": "image - Invalid image file: missing.png", "extra_info": {"input_name": "image"}})
+    );
 
     let mut g = txt2img(1, SD15);
     g["10"] = json!({"class_type": "SuperResolutionNode", "inputs": {}});

@@ -186,7 +186,14 @@ pub fn refusal(
                 .find_map(|c| c.configs.get(&key))
                 .cloned()
                 .unwrap_or(Value::Null);
-            let item = errors::value_not_in_list(&input, &json!(value), &options, config);
+            let item = match upload_kind(&config) {
+                // A loader's own `VALIDATE_INPUTS` judges its file (the list check is skipped).
+                Some(kind) => errors::custom_validation_failed(
+                    &input,
+                    &format!("Invalid {kind} file: {value}"),
+                ),
+                None => errors::value_not_in_list(&input, &json!(value), &options, config),
+            };
             let outputs: Vec<&String> = prompt
                 .as_object()
                 .into_iter()
@@ -197,15 +204,35 @@ pub fn refusal(
                 })
                 .map(|(id, _)| id)
                 .collect();
-            let details = format!(
-                "{}: {}",
-                item["message"].as_str().unwrap_or(""),
-                item["details"].as_str().unwrap_or("")
-            );
+            // ComfyUI joins only the output nodes' own errors; a node upstream of every output
+            // leaves the top-level details empty (`execution.py::validate_prompt`).
+            let details = if outputs.contains(&&node) {
+                format!(
+                    "{}: {}",
+                    item["message"].as_str().unwrap_or(""),
+                    item["details"].as_str().unwrap_or("")
+                )
+            } else {
+                String::new()
+            };
             let node_errors = json!({ node: { "errors": [item], "dependent_outputs": outputs, "class_type": class } });
             Some(errors::outputs_failed(&details, node_errors))
         }
     }
+}
+
+/// The kind of file a loader input takes (`image`, `audio`, `video`), from its `input_config`
+/// flags (`image_upload` …), as its `VALIDATE_INPUTS` names it (`nodes.py` LoadImage,
+/// `comfy_extras/nodes_audio.py`, `comfy_extras/nodes_video.py`).
+fn upload_kind(config: &Value) -> Option<&'static str> {
+    [
+        ("image_upload", "image"),
+        ("audio_upload", "audio"),
+        ("video_upload", "video"),
+    ]
+    .into_iter()
+    .find(|(flag, _)| config[1][*flag].as_bool().unwrap_or(false))
+    .map(|(_, kind)| kind)
 }
 
 #[cfg(test)]

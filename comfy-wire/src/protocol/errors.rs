@@ -73,6 +73,18 @@ pub fn outputs_failed(details: &str, node_errors: Value) -> Value {
     )
 }
 
+/// `custom_validation_failed`: a node's `VALIDATE_INPUTS` returned `reason` for `input`
+/// (ComfyUI's `execution.py::validate_inputs`: details `"{input} - {reason}"`), e.g. LoadImage's
+/// `"Invalid image file: x.png"` (`nodes.py`).
+pub fn custom_validation_failed(input: &str, reason: &str) -> Value {
+    error_item(
+        "custom_validation_failed",
+        "Custom validation failed for node",
+        &format!("{input} - {reason}"),
+        json!({ "input_name": input }),
+    )
+}
+
 /// `value_not_in_list` for a combo input; lists longer than 20 are summarised as ComfyUI does.
 pub fn value_not_in_list(input: &str, value: &Value, options: &[String], config: Value) -> Value {
     let (list_info, input_config) = if options.len() > 20 {
