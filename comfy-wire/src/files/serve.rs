@@ -118,8 +118,8 @@ fn plan(v: &Validators, headers: &HeaderMap) -> Plan {
 
 /// Serves the file at `path` for a `method` (GET or HEAD) request with `headers`, with the
 /// semantics in the module docs; 404 with an empty body when it is not a readable file.
-/// `content_type` is set on the answers that carry the file, `disposition` on every answer
-/// (ComfyUI passes it to the `FileResponse` it builds, so 304, 412 and 416 carry it too).
+/// `content_type` and `disposition` are set on every answer (ComfyUI passes both to the
+/// `FileResponse` it builds, so 304, 412 and 416 carry them too).
 pub fn serve_file(
     path: &Path,
     method: &Method,
@@ -144,26 +144,26 @@ pub fn serve_file(
             resp
         }
         Plan::Unsatisfiable => {
-            // aiohttp's bare answer has its default content type.
             let mut resp = status(StatusCode::RANGE_NOT_SATISFIABLE);
             if let Ok(cr) = HeaderValue::from_str(&format!("bytes */{}", v.size)) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, cr);
             }
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
             resp
         }
-        Plan::Whole => match send(path, method, &v, None, content_type) {
+        Plan::Whole => match send(path, method, &v, None) {
             Some(resp) => resp,
             None => return status(StatusCode::NOT_FOUND),
         },
-        Plan::Part(a, b) => match send(path, method, &v, Some((a, b)), content_type) {
+        Plan::Part(a, b) => match send(path, method, &v, Some((a, b))) {
             Some(resp) => resp,
             None => return status(StatusCode::NOT_FOUND),
         },
     };
+    // ComfyUI hands both headers to its `FileResponse`, so every answer carries them, 304, 412
+    // and 416 included (ComfyUI 0.8.0 transcript, `tests/fixtures/comfyui-0.8.0/view.json`).
+    if let Ok(ct) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
     if let Some(cd) = disposition_value(disposition) {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, cd);
     }
@@ -186,7 +186,6 @@ fn send(
     method: &Method,
     v: &Validators,
     range: Option<(u64, u64)>,
-    content_type: &str,
 ) -> Option<Response<Body>> {
     let (start, count) = match range {
         Some((a, b)) => (a, b - a + 1),
@@ -209,9 +208,6 @@ fn send(
         && let Ok(cr) = HeaderValue::from_str(&format!("bytes {a}-{b}/{}", v.size))
     {
         h.insert(header::CONTENT_RANGE, cr);
-    }
-    if let Ok(ct) = HeaderValue::from_str(content_type) {
-        h.insert(header::CONTENT_TYPE, ct);
     }
     Some(resp)
 }
