@@ -140,11 +140,7 @@ pub async fn submit(
         tokio::spawn(async move {
             let answer = forward(&sched, &id, backend).await;
             match &answer {
-                Forwarded::Accepted(_) => {
-                    // ComfyUI's `PromptQueue.put` sends `status` once the prompt is queued.
-                    sched.broadcast_status();
-                    Some(answer)
-                }
+                Forwarded::Accepted(_) => Some(answer),
                 Forwarded::Rejected(_) => sched.refused_at_submit(&id, backend).then_some(answer),
                 Forwarded::Failed => {
                     sched.unreserve(&id, backend);

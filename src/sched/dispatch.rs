@@ -68,11 +68,20 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
         .await;
     match result {
         Ok((status, bytes)) if status == StatusCode::OK => {
-            let (taken, owner) = {
+            let (taken, owner, put_unsent) = {
                 let mut s = sched.lock();
+                let put_unsent = s.table.is_unanswered(id);
                 let taken = s.table.accepted(id, b.name());
-                (taken, s.table.get(id).and_then(|r| r.owner.clone()))
+                (
+                    taken,
+                    s.table.get(id).and_then(|r| r.owner.clone()),
+                    put_unsent,
+                )
             };
+            if taken && put_unsent {
+                // Forwarded at submit, now listed: ComfyUI's `PromptQueue.put` sends `status`.
+                sched.broadcast_status();
+            }
             if !taken {
                 // A late yes: the prompt went elsewhere meanwhile. The copy this backend now
                 // holds is nobody's; take it off again (unless the prompt is back there).

@@ -142,11 +142,17 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
     if kind == "execution_error" && oom_retry(sched, backend, &prompt_id, &data) {
         client = None;
     }
+    // A prompt forwarded at submit may start before its backend's answer arrives: then it was
+    // not yet counted, and its `PromptQueue.put` status is due first.
+    let put_unsent = sched.lock().table.is_unanswered(&prompt_id);
     note_event(sched, backend, &prompt_id, &kind, &data);
     if kind == "executing" && data.get("node").is_some_and(Value::is_null) {
         // History first, then the client hears it ended (see `completed`).
         completed(sched, backend, &prompt_id);
         return;
+    }
+    if put_unsent {
+        sched.broadcast_status();
     }
     if kind == "execution_start" {
         // ComfyUI's `PromptQueue.get` sends `status` as the prompt starts running.

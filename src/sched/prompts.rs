@@ -139,6 +139,11 @@ impl PromptTable {
         n
     }
 
+    /// Whether `id` was forwarded at submit and is not yet listed (see [`PromptTable::listed`]).
+    pub fn is_unanswered(&self, id: &str) -> bool {
+        self.unanswered.contains(id)
+    }
+
     /// `id` was just reserved to be forwarded at submit: unlisted until its backend answers.
     pub fn await_first_answer(&mut self, id: &str) {
         if self
@@ -200,9 +205,17 @@ impl PromptTable {
             .is_some_and(|r| r.stage == Stage::Dispatching && r.owner.as_deref() == Some(backend))
     }
 
-    /// Dispatching → OnBackend: `backend` answered 200. False, and nothing changes, if the
-    /// prompt is no longer being sent there.
+    /// Dispatching → OnBackend: `backend` answered 200. True also when it started there before
+    /// the answer came (its events came first); false, and nothing changes, if the prompt is no
+    /// longer being sent there.
     pub fn accepted(&mut self, id: &str, backend: &str) -> bool {
+        let started_there = self.records.get(id).is_some_and(|r| {
+            r.stage == Stage::OnBackend && r.started && r.owner.as_deref() == Some(backend)
+        });
+        if started_there {
+            // Its events came before the answer: it is the backend's already.
+            return true;
+        }
         if !self.is_dispatching_to(id, backend) {
             return false;
         }
