@@ -95,6 +95,16 @@ async fn capability_routing_and_refusal() {
     );
 
     let mut g = txt2img(1, SD15);
+    g["1"] = json!({"inputs": {}});
+    let (code, body) = post_json(&base, "/prompt", &json!({"prompt": g})).await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        body["error"]["message"],
+        "Cannot execute because a node is missing the class_type property.",
+        "{body}"
+    );
+
+    let mut g = txt2img(1, SD15);
     g["10"] = json!({"class_type": "SuperResolutionNode", "inputs": {}});
     let (code, body) = post_json(&base, "/prompt", &json!({"prompt": g})).await;
     assert_eq!(code, 400);

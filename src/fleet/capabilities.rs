@@ -31,6 +31,10 @@ pub struct Capabilities {
 /// Why a backend cannot run a prompt.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Missing {
+    /// A node without `class_type` (ComfyUI checks this before anything else).
+    ClassType {
+        node: String,
+    },
     Class {
         node: String,
         class: String,
@@ -114,7 +118,11 @@ impl Capabilities {
             Some(_) => true,
             None => false,
         };
-        for (node, def) in prompt.as_object().into_iter().flatten() {
+        let nodes = prompt.as_object().into_iter().flatten();
+        if let Some((node, _)) = nodes.clone().find(|(_, d)| d.get("class_type").is_none()) {
+            return Some(Missing::ClassType { node: node.clone() });
+        }
+        for (node, def) in nodes {
             let class = def["class_type"].as_str().unwrap_or("");
             if !self.classes.contains(class) {
                 return Some(Missing::Class {
@@ -164,6 +172,7 @@ pub fn refusal(
         }
     }
     match first? {
+        Missing::ClassType { node } => Some(errors::missing_class_type(&node)),
         Missing::Class { node, class } => Some(errors::unknown_class(&node, &class)),
         Missing::Value {
             node,
