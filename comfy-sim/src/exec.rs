@@ -751,8 +751,17 @@ async fn run_node(
             let Some(Val::Image(images)) = linked(inputs, "image") else {
                 return Err(missing("image"));
             };
-            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
             let radius = int(inputs, "blur_radius", 1).clamp(0, 31) as u32;
+            let mut seconds = cost::TRIVIAL_NODE_SECONDS;
+            if class == "ImageBlur" {
+                let megapixels: f64 = images
+                    .iter()
+                    .map(|i| f64::from(i.width) * f64::from(i.height) / 1e6)
+                    .sum();
+                let taps = f64::from(2 * radius + 1).powi(2);
+                seconds += megapixels * taps * cost::BLUR_SECONDS_PER_MEGAPIXEL_TAP / speed;
+            }
+            sleep(seconds).await?;
             let out = images
                 .iter()
                 .map(|i| {
