@@ -14,12 +14,16 @@ const VOCABULARY: &[&str] = &["type", "status", "status_str", "mediaType"];
 
 /// Values that depend on the machine, not the protocol: ComfyUI's command line, and the device
 /// kind (the transcripts come from a CPU; a GPU reports `cuda` and an index). Only their
-/// presence is compared. (A Python traceback's length depends on code paths: see
-/// [`compare`].)
+/// presence is compared. (A Python traceback's length depends on code paths, and a gate lists
+/// one device per backend: see [`compare`].)
 fn machine_dependent(path: &str) -> bool {
     path.ends_with(".system.argv")
         || (path.contains(".devices[") && (path.ends_with(".type") || path.ends_with(".index")))
 }
+
+/// The prefix of keys the gate adds to ComfyUI's answers (documented in docs/gate.md, e.g.
+/// the backend of each `/system_stats` device); clients ignore keys they do not know.
+const GATE_EXTENSION: &str = "comfy_gate_";
 
 /// Values bound during one replay: placeholder name → the value this run saw.
 #[derive(Default)]
@@ -147,8 +151,10 @@ pub fn kind(v: &Value) -> &'static str {
 }
 
 /// Differences between the recorded value `want` and the actual `got`, each naming its JSON
-/// path: types, key sets (actual keys normalised with `b`), array lengths (an empty recorded
-/// array says nothing of its elements and accepts any), placeholders and vocabulary strings.
+/// path: types, key sets (actual keys normalised with `b`; the gate's `comfy_gate_*` additions
+/// allowed), array lengths (an empty recorded array says nothing of its elements and accepts
+/// any; a traceback or device list may have any length, each item shaped like the first
+/// recorded), placeholders and vocabulary strings.
 pub fn compare(want: &Value, got: &Value, b: &Bindings, path: &str, out: &mut Vec<String>) {
     let key = path.rsplit('.').next().unwrap_or("");
     if machine_dependent(path) {
@@ -160,7 +166,10 @@ pub fn compare(want: &Value, got: &Value, b: &Bindings, path: &str, out: &mut Ve
                 g.iter().map(|(k, v)| (b.normalise(k), v)).collect();
             let mut missing: Vec<&String> =
                 w.keys().filter(|k| !got_keys.contains_key(*k)).collect();
-            let mut extra: Vec<&String> = got_keys.keys().filter(|k| !w.contains_key(*k)).collect();
+            let mut extra: Vec<&String> = got_keys
+                .keys()
+                .filter(|k| !w.contains_key(*k) && !k.starts_with(GATE_EXTENSION))
+                .collect();
             missing.sort();
             extra.sort();
             if !missing.is_empty() || !extra.is_empty() {
@@ -178,7 +187,7 @@ pub fn compare(want: &Value, got: &Value, b: &Bindings, path: &str, out: &mut Ve
             if w.is_empty() {
                 return;
             }
-            if key == "traceback" {
+            if key == "traceback" || key == "devices" {
                 for (i, gv) in g.iter().enumerate() {
                     compare(&w[0], gv, b, &format!("{path}[{i}]"), out);
                 }
