@@ -43,6 +43,8 @@ enum Val {
     },
     Image(Arc<Vec<Image>>),
     Mask,
+    /// A `STRING` output (StringConcatenate).
+    Text(Arc<String>),
 }
 
 impl Val {
@@ -57,6 +59,7 @@ impl Val {
             Val::Conditioning(_) => "[[tensor(...), {'pooled_output': tensor(...)}]]".into(),
             Val::Latent { .. } => "{'samples': tensor(...)}".into(),
             Val::Image(_) | Val::Mask => "tensor(...)".into(),
+            Val::Text(t) => t.to_string(),
         }
     }
 }
@@ -133,9 +136,10 @@ impl Run<'_> {
         );
     }
 
-    fn set_progress(&mut self, id: &str, state: &'static str, value: f64, max: f64) {
-        self.progress
-            .insert(id.to_string(), (state, json!(value), json!(max)));
+    /// `start_progress` (floats 0.0 / 1.0) or `update_progress` (the hook's own numbers:
+    /// integers from a ProgressBar), as ComfyUI's registry keeps them.
+    fn set_progress(&mut self, id: &str, state: &'static str, value: Value, max: Value) {
+        self.progress.insert(id.to_string(), (state, value, max));
         self.send_progress_state();
     }
 
@@ -164,16 +168,24 @@ impl Run<'_> {
         if self.inst.interrupted() {
             return Err(NodeError::Interrupted);
         }
-        self.set_progress(id, "running", value as f64, max as f64);
+        self.set_progress(id, "running", json!(value), json!(max));
+        let preview = preview.map(|img| (frames::FORMAT_JPEG, "image/jpeg", img.to_jpeg()));
+        self.send_progress(id, value, max, preview);
+        Ok(())
+    }
+
+    /// `progress`, with a binary preview (format, mime type, bytes): before `progress` as a
+    /// type 4 frame with metadata for clients that negotiated `supports_preview_metadata`,
+    /// after it as a type 1 frame for the others (ComfyUI's order).
+    fn send_progress(&self, id: &str, value: u32, max: u32, preview: Option<(u32, &str, Vec<u8>)>) {
         let metadata = self.inst.hub.supports_preview_metadata(self.target());
-        let jpeg = preview.map(Image::to_jpeg);
-        if let (Some(jpeg), true) = (&jpeg, metadata) {
+        if let (Some((_, mime, bytes)), true) = (&preview, metadata) {
             let meta = json!({
                 "node_id": id, "prompt_id": self.item.prompt_id, "display_node_id": id,
-                "parent_node_id": null, "real_node_id": id, "image_type": "image/jpeg",
+                "parent_node_id": null, "real_node_id": id, "image_type": mime,
             });
             self.inst.hub.send_bytes(
-                frames::encode_preview_with_metadata(&meta, jpeg),
+                frames::encode_preview_with_metadata(&meta, bytes),
                 self.target(),
             );
         }
@@ -182,13 +194,11 @@ impl Run<'_> {
             json!({ "value": value, "max": max, "prompt_id": self.item.prompt_id, "node": id }),
             self.target(),
         );
-        if let (Some(jpeg), false) = (&jpeg, metadata) {
-            self.inst.hub.send_bytes(
-                frames::encode_preview(frames::FORMAT_JPEG, jpeg),
-                self.target(),
-            );
+        if let (Some((format, _, bytes)), false) = (&preview, metadata) {
+            self.inst
+                .hub
+                .send_bytes(frames::encode_preview(*format, bytes), self.target());
         }
-        Ok(())
     }
 }
 
@@ -227,6 +237,11 @@ fn signatures(inst: &Instance, prompt: &Map<String, Value>) -> HashMap<String, u
                     v.to_string().hash(&mut h);
                 }
             }
+        }
+        if let Some(class) = node["class_type"].as_str()
+            && crate::utility_nodes::NEVER_CACHED.contains(&class)
+        {
+            rand::random::<u64>().hash(&mut h);
         }
         if node["class_type"] == "LoadImage" {
             let name = comfy_wire::protocol::errors::python_str(&node["inputs"]["image"]);
@@ -373,7 +388,7 @@ async fn execute(inst: &Instance, cache: &mut OutputCache, item: &QueueItem) -> 
             list.complete(&id);
             continue;
         }
-        run.set_progress(&id, "running", 0.0, 1.0);
+        run.set_progress(&id, "running", json!(0.0), json!(1.0));
         if run.client_id.is_some() {
             lock(&inst.exec).last_node_id = Some(id.clone());
             inst.hub.send_json(
@@ -846,6 +861,45 @@ async fn run_node(
                 counter += 1;
             }
             Ok((vec![], Some(json!({ "images": results }))))
+        }
+        "StringConcatenate" => {
+            let text = |name: &str| match linked(inputs, name) {
+                Some(Val::Text(t)) => t.to_string(),
+                Some(other) => other.python_repr(),
+                None => literal(inputs, name)
+                    .map(comfy_wire::protocol::errors::python_str)
+                    .unwrap_or_default(),
+            };
+            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
+            let joined = [text("string_a"), text("string_b")].join(&text("delimiter"));
+            Ok((vec![Val::Text(Arc::new(joined))], None))
+        }
+        "PreviewAny" => {
+            let shown = match linked(inputs, "source") {
+                Some(val) => val.python_repr(),
+                None => literal(inputs, "source")
+                    .map(comfy_wire::protocol::errors::python_str)
+                    .unwrap_or_default(),
+            };
+            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
+            Ok((vec![], Some(json!({ "text": [shown] }))))
+        }
+        "SaveImageWebsocket" => {
+            let Some(Val::Image(images)) = linked(inputs, "images").cloned() else {
+                return Err(missing("images"));
+            };
+            // ComfyUI's ProgressBar.update_absolute(step, total, ("PNG", image, None)).
+            for (step, image) in images.iter().enumerate() {
+                if inst.interrupted() {
+                    return Err(NodeError::Interrupted);
+                }
+                sleep(cost::TRIVIAL_NODE_SECONDS).await?;
+                run.set_progress(id, "running", json!(step), json!(images.len()));
+                let png = image.to_png(&[], true);
+                let preview = Some((frames::FORMAT_PNG, "image/png", png));
+                run.send_progress(id, step as u32, images.len() as u32, preview);
+            }
+            Ok((vec![], None))
         }
         other => Err(NodeError::Failed {
             exception_type: "KeyError".into(),

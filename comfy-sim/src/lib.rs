@@ -33,6 +33,7 @@ pub mod nodes;
 pub mod queue;
 mod routes;
 mod userdata;
+mod utility_nodes;
 pub mod validate;
 mod ws;
 
