@@ -76,6 +76,8 @@ flows! {
     large_executed;
     /// The first `status` with queue_remaining 0 comes after the history entry exists.
     history_at_final_status;
+    /// A client connecting while a prompt runs is told queue_remaining 1.
+    status_on_connect_while_running;
     /// Every kind of invalid prompt: 400 with `error` and `node_errors`.
     validation_errors;
     /// /queue, GET /prompt, /history paging with max_items and offset, /history/{id}.

@@ -25,6 +25,10 @@ fn machine_dependent(path: &str) -> bool {
 /// the backend of each `/system_stats` device); clients ignore keys they do not know.
 const GATE_EXTENSION: &str = "comfy_gate_";
 
+/// Counts a client acts on, compared exactly: the recorded flows make them deterministic (a
+/// `status` says how many prompts wait or run at that point of the flow).
+const COUNTS: &[&str] = &["queue_remaining"];
+
 /// Values bound during one replay: placeholder name → the value this run saw.
 #[derive(Default)]
 pub struct Bindings {
@@ -154,7 +158,7 @@ pub fn kind(v: &Value) -> &'static str {
 /// path: types, key sets (actual keys normalised with `b`; the gate's `comfy_gate_*` additions
 /// allowed), array lengths (an empty recorded array says nothing of its elements and accepts
 /// any; a traceback or device list may have any length, each item shaped like the first
-/// recorded), placeholders and vocabulary strings.
+/// recorded), placeholders, vocabulary strings and counts.
 pub fn compare(want: &Value, got: &Value, b: &Bindings, path: &str, out: &mut Vec<String>) {
     let key = path.rsplit('.').next().unwrap_or("");
     if machine_dependent(path) {
@@ -210,6 +214,9 @@ pub fn compare(want: &Value, got: &Value, b: &Bindings, path: &str, out: &mut Ve
             if (placeholder || VOCABULARY.contains(&key)) && *w != g {
                 out.push(format!("{path}: {g:?}, ComfyUI had {w:?}"));
             }
+        }
+        (Value::Number(w), Value::Number(g)) if COUNTS.contains(&key) && w != g => {
+            out.push(format!("{path}: {g}, ComfyUI had {w}"));
         }
         _ if kind(want) != kind(got) => out.push(format!(
             "{path}: {} {}, ComfyUI had {} {}",
