@@ -23,6 +23,8 @@ use comfy_wire::files::images::Image;
 use comfy_wire::protocol::frames;
 use comfy_wire::protocol::now_ms;
 
+mod utility;
+
 /// A value flowing between simulated nodes.
 #[derive(Clone, Debug)]
 enum Val {
@@ -862,44 +864,8 @@ async fn run_node(
             }
             Ok((vec![], Some(json!({ "images": results }))))
         }
-        "StringConcatenate" => {
-            let text = |name: &str| match linked(inputs, name) {
-                Some(Val::Text(t)) => t.to_string(),
-                Some(other) => other.python_repr(),
-                None => literal(inputs, name)
-                    .map(comfy_wire::protocol::errors::python_str)
-                    .unwrap_or_default(),
-            };
-            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
-            let joined = [text("string_a"), text("string_b")].join(&text("delimiter"));
-            Ok((vec![Val::Text(Arc::new(joined))], None))
-        }
-        "PreviewAny" => {
-            let shown = match linked(inputs, "source") {
-                Some(val) => val.python_repr(),
-                None => literal(inputs, "source")
-                    .map(comfy_wire::protocol::errors::python_str)
-                    .unwrap_or_default(),
-            };
-            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
-            Ok((vec![], Some(json!({ "text": [shown] }))))
-        }
-        "SaveImageWebsocket" => {
-            let Some(Val::Image(images)) = linked(inputs, "images").cloned() else {
-                return Err(missing("images"));
-            };
-            // ComfyUI's ProgressBar.update_absolute(step, total, ("PNG", image, None)).
-            for (step, image) in images.iter().enumerate() {
-                if inst.interrupted() {
-                    return Err(NodeError::Interrupted);
-                }
-                sleep(cost::TRIVIAL_NODE_SECONDS).await?;
-                run.set_progress(id, "running", json!(step), json!(images.len()));
-                let png = image.to_png(&[], true);
-                let preview = Some((frames::FORMAT_PNG, "image/png", png));
-                run.send_progress(id, step as u32, images.len() as u32, preview);
-            }
-            Ok((vec![], None))
+        "StringConcatenate" | "PreviewAny" | "SaveImageWebsocket" => {
+            utility::run_node(run, id, class, inputs).await
         }
         other => Err(NodeError::Failed {
             exception_type: "KeyError".into(),
