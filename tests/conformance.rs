@@ -60,7 +60,19 @@ macro_rules! flows {
                 super::gate_answers_like_comfyui(stringify!($flow)).await;
             }
         }
-    )*};
+    )*
+        /// The flows with a test here.
+        const COVERED: &[&str] = &[$(stringify!($flow)),*];
+    };
+}
+
+/// Every transcript under `tests/fixtures/comfyui-<version>/` has its pair of tests, and every
+/// test its transcript.
+#[test]
+fn every_recorded_flow_is_replayed() {
+    let mut covered: Vec<String> = COVERED.iter().map(|s| s.to_string()).collect();
+    covered.sort();
+    assert_eq!(replay::flows(), covered);
 }
 
 flows! {

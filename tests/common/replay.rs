@@ -15,12 +15,29 @@ use crate::shape::{Bindings, brief, compare};
 /// The ComfyUI version whose transcripts the conformance tests hold comfy-sim and the gate to.
 pub const COMFYUI_VERSION: &str = "0.8.0";
 
+fn fixture_dir() -> String {
+    format!(
+        "{}/tests/fixtures/comfyui-{COMFYUI_VERSION}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// The names of every recorded flow, sorted.
+pub fn flows() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
+        .expect("fixture directory")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".json").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// The transcript of `flow`, checked to name the recorded version.
 pub fn load(flow: &str) -> Value {
-    let path = format!(
-        "{}/tests/fixtures/comfyui-{COMFYUI_VERSION}/{flow}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/{flow}.json", fixture_dir());
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let doc: Value = serde_json::from_str(&text).expect("transcript is JSON");
     assert_eq!(doc["comfyui_version"], COMFYUI_VERSION, "{path}");
