@@ -719,6 +719,9 @@ async fn object_info_and_models() {
         "ImageBlur",
         "ImageInvert",
         "LoraLoader",
+        "StringConcatenate",
+        "PreviewAny",
+        "SaveImageWebsocket",
     ];
     expected.sort_unstable();
     assert_eq!(classes, expected);
