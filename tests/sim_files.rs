@@ -720,6 +720,7 @@ async fn object_info_and_models() {
         "ImageInvert",
         "LoraLoader",
         "ImageAddNoise",
+        "StringConcatenate",
         "PreviewAny",
         "SaveImageWebsocket",
     ];

@@ -11,6 +11,10 @@ pub const VAE_SECONDS_PER_MEGAPIXEL: f64 = 0.05;
 pub const TEXT_ENCODE_SECONDS: f64 = 0.02;
 /// Nodes that do next to nothing (empty latents, image ops on small images).
 pub const TRIVIAL_NODE_SECONDS: f64 = 0.005;
+/// ImageBlur per megapixel per image per kernel tap: ComfyUI's blur is a full 2-D convolution
+/// with a (2r+1)² kernel, so a 2048² blur of radius 31 takes seconds (as on ComfyUI on CPU) while
+/// small blurs stay trivial.
+pub const BLUR_SECONDS_PER_MEGAPIXEL_TAP: f64 = 1e-4;
 /// Activation memory while sampling, per megapixel per image, in GB.
 pub const SAMPLING_GB_PER_MEGAPIXEL: f64 = 1.2;
 /// Largest image batch the sim will materialise (pixels); more fails as out of memory.

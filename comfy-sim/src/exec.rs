@@ -19,10 +19,11 @@ use super::graph::ExecutionList;
 use super::instance::{Instance, lock};
 use super::nodes::find;
 use super::queue::QueueItem;
-use super::socket_nodes;
 use comfy_wire::files::images::Image;
 use comfy_wire::protocol::frames;
 use comfy_wire::protocol::now_ms;
+
+mod utility;
 
 /// A value flowing between simulated nodes.
 #[derive(Clone, Debug)]
@@ -44,6 +45,8 @@ enum Val {
     },
     Image(Arc<Vec<Image>>),
     Mask,
+    /// A `STRING` output (StringConcatenate).
+    Text(Arc<String>),
 }
 
 impl Val {
@@ -58,6 +61,7 @@ impl Val {
             Val::Conditioning(_) => "[[tensor(...), {'pooled_output': tensor(...)}]]".into(),
             Val::Latent { .. } => "{'samples': tensor(...)}".into(),
             Val::Image(_) | Val::Mask => "tensor(...)".into(),
+            Val::Text(t) => t.to_string(),
         }
     }
 }
@@ -134,9 +138,10 @@ impl Run<'_> {
         );
     }
 
-    fn set_progress(&mut self, id: &str, state: &'static str, value: f64, max: f64) {
-        self.progress
-            .insert(id.to_string(), (state, json!(value), json!(max)));
+    /// `start_progress` (floats 0.0 / 1.0) or `update_progress` (the hook's own numbers:
+    /// integers from a ProgressBar), as ComfyUI's registry keeps them.
+    fn set_progress(&mut self, id: &str, state: &'static str, value: Value, max: Value) {
+        self.progress.insert(id.to_string(), (state, value, max));
         self.send_progress_state();
     }
 
@@ -167,20 +172,31 @@ impl Run<'_> {
         if self.inst.interrupted() {
             return Err(NodeError::Interrupted);
         }
-        self.set_progress(id, "running", value as f64, max as f64);
-        let metadata = self.inst.hub.supports_preview_metadata(self.target());
-        if let (Some((format, image)), true) = (&preview, metadata) {
-            let image_type = if *format == frames::FORMAT_PNG {
+        self.set_progress(id, "running", json!(value), json!(max));
+        let preview = preview.map(|(format, bytes)| {
+            let mime = if format == frames::FORMAT_PNG {
                 "image/png"
             } else {
                 "image/jpeg"
             };
+            (format, mime, bytes)
+        });
+        self.send_progress(id, value, max, preview);
+        Ok(())
+    }
+
+    /// `progress`, with a binary preview (format, mime type, bytes): before `progress` as a
+    /// type 4 frame with metadata for clients that negotiated `supports_preview_metadata`,
+    /// after it as a type 1 frame for the others (ComfyUI's order).
+    fn send_progress(&self, id: &str, value: u32, max: u32, preview: Option<(u32, &str, Vec<u8>)>) {
+        let metadata = self.inst.hub.supports_preview_metadata(self.target());
+        if let (Some((_, mime, bytes)), true) = (&preview, metadata) {
             let meta = json!({
                 "node_id": id, "prompt_id": self.item.prompt_id, "display_node_id": id,
-                "parent_node_id": null, "real_node_id": id, "image_type": image_type,
+                "parent_node_id": null, "real_node_id": id, "image_type": mime,
             });
             self.inst.hub.send_bytes(
-                frames::encode_preview_with_metadata(&meta, image),
+                frames::encode_preview_with_metadata(&meta, bytes),
                 self.target(),
             );
         }
@@ -189,12 +205,11 @@ impl Run<'_> {
             json!({ "value": value, "max": max, "prompt_id": self.item.prompt_id, "node": id }),
             self.target(),
         );
-        if let (Some((format, image)), false) = (&preview, metadata) {
+        if let (Some((format, _, bytes)), false) = (&preview, metadata) {
             self.inst
                 .hub
-                .send_bytes(frames::encode_preview(*format, image), self.target());
+                .send_bytes(frames::encode_preview(*format, bytes), self.target());
         }
-        Ok(())
     }
 }
 
@@ -234,9 +249,9 @@ fn signatures(inst: &Instance, prompt: &Map<String, Value>) -> HashMap<String, u
                 }
             }
         }
-        if node["class_type"] == "SaveImageWebsocket" {
-            // Its `IS_CHANGED` returns `time.time()`: it never comes from the cache.
-            now_ms().hash(&mut h);
+        if let Some(class) = node["class_type"].as_str()
+            && crate::utility_nodes::NEVER_CACHED.contains(&class)
+        {
             rand::random::<u64>().hash(&mut h);
         }
         if node["class_type"] == "LoadImage" {
@@ -384,7 +399,7 @@ async fn execute(inst: &Instance, cache: &mut OutputCache, item: &QueueItem) -> 
             list.complete(&id);
             continue;
         }
-        run.set_progress(&id, "running", 0.0, 1.0);
+        run.set_progress(&id, "running", json!(0.0), json!(1.0));
         if run.client_id.is_some() {
             lock(&inst.exec).last_node_id = Some(id.clone());
             inst.hub.send_json(
@@ -765,8 +780,17 @@ async fn run_node(
             let Some(Val::Image(images)) = linked(inputs, "image") else {
                 return Err(missing("image"));
             };
-            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
             let radius = int(inputs, "blur_radius", 1).clamp(0, 31) as u32;
+            let mut seconds = cost::TRIVIAL_NODE_SECONDS;
+            if class == "ImageBlur" {
+                let megapixels: f64 = images
+                    .iter()
+                    .map(|i| f64::from(i.width) * f64::from(i.height) / 1e6)
+                    .sum();
+                let taps = f64::from(2 * radius + 1).powi(2);
+                seconds += megapixels * taps * cost::BLUR_SECONDS_PER_MEGAPIXEL_TAP / speed;
+            }
+            sleep(seconds).await?;
             let out = images
                 .iter()
                 .map(|i| {
@@ -794,29 +818,6 @@ async fn run_node(
                 .map(|(i, img)| img.add_noise(seed.wrapping_add(i as u64), strength))
                 .collect();
             Ok((vec![Val::Image(Arc::new(out))], None))
-        }
-        "PreviewAny" => {
-            sleep(cost::TRIVIAL_NODE_SECONDS).await?;
-            let text = match inputs.get("source") {
-                Some(Err(literal)) => socket_nodes::preview_any_text(literal),
-                Some(Ok(val)) => val.python_repr(),
-                None => "None".into(),
-            };
-            Ok((vec![], Some(json!({ "text": [text] }))))
-        }
-        "SaveImageWebsocket" => {
-            // Each image goes out as a PNG frame through the progress hook (ComfyUI's
-            // `pbar.update_absolute(step, total, ("PNG", img, None))`, value 0 to total − 1); the
-            // node returns `{}`, so no `executed` and nothing in the history's outputs.
-            let Some(Val::Image(images)) = linked(inputs, "images").cloned() else {
-                return Err(missing("images"));
-            };
-            let total = images.len() as u32;
-            for (step, image) in images.iter().enumerate() {
-                let png = image.to_png(&[], true);
-                run.progress_hook(id, step as u32, total, Some((frames::FORMAT_PNG, png)))?;
-            }
-            Ok((vec![], None))
         }
         "LoadImage" => {
             let name = comfy_wire::protocol::errors::python_str(
@@ -890,6 +891,9 @@ async fn run_node(
                 counter += 1;
             }
             Ok((vec![], Some(json!({ "images": results }))))
+        }
+        "StringConcatenate" | "PreviewAny" | "SaveImageWebsocket" => {
+            utility::run_node(run, id, class, inputs).await
         }
         other => Err(NodeError::Failed {
             exception_type: "KeyError".into(),

@@ -32,8 +32,8 @@ mod instance;
 pub mod nodes;
 pub mod queue;
 mod routes;
-mod socket_nodes;
 mod userdata;
+mod utility_nodes;
 pub mod validate;
 mod ws;
 

@@ -517,7 +517,7 @@ pub fn catalogue() -> Vec<NodeDef> {
             custom_validated: &[],
         },
     ];
-    defs.extend(super::socket_nodes::defs());
+    defs.extend(super::utility_nodes::defs());
     defs
 }
 
@@ -594,7 +594,7 @@ pub fn object_info(def: &NodeDef, config: &SimConfig, input_images: &[String]) -
             "output_tooltips": vec![Value::Null; def.outputs.len()],
             "output_matchtypes": null,
             "name": def.class,
-            "display_name": null,
+            "display_name": v3_display_name(def),
             "description": def.description,
             "python_module": def.python_module,
             "category": def.category,
@@ -621,6 +621,16 @@ pub fn object_info(def: &NodeDef, config: &SimConfig, input_images: &[String]) -
         info["output_tooltips"] = json!(tips);
     }
     info
+}
+
+/// A V3 schema's display name: null when the schema sets none (the sim's table then repeats
+/// the class name).
+fn v3_display_name(def: &NodeDef) -> Value {
+    if def.display_name == def.class {
+        Value::Null
+    } else {
+        json!(def.display_name)
+    }
 }
 
 /// Looks up a class by name.

@@ -288,19 +288,14 @@ fn userdata_file(
         }
     };
     match (method, dest) {
-        (&Method::GET, None) => match std::fs::read(&path) {
-            Ok(bytes) if path.is_file() => {
-                let mut resp = Response::new(comfy_wire::http::full(bytes));
-                let ctype = mime_guess::from_path(&path)
-                    .first_raw()
-                    .unwrap_or("application/octet-stream");
-                if let Ok(v) = ctype.parse() {
-                    resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
-                }
-                resp
-            }
-            _ => status(StatusCode::NOT_FOUND),
-        },
+        // ComfyUI answers with aiohttp's `FileResponse` (validators, `Accept-Ranges`).
+        (&Method::GET, None) => {
+            let ctype = mime_guess::from_path(&path)
+                .first_raw()
+                .unwrap_or("application/octet-stream");
+            let no_conditions = http::HeaderMap::new();
+            comfy_wire::files::serve::serve_file(&path, method, &no_conditions, ctype, None)
+        }
         (&Method::POST, None) => {
             if !overwrite && path.exists() {
                 return text(StatusCode::CONFLICT, "File already exists");

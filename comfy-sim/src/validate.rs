@@ -295,11 +295,13 @@ fn input_config(input: &InputDef, ctx: &ValidationContext) -> Value {
     json!([ty, input.options.clone().unwrap_or_else(|| json!({}))])
 }
 
+/// ComfyUI's `validate_node_input`: equal type names or `*` on either side; a combo (whose
+/// type is its list of options) accepts only `*`.
 fn types_match(received: &str, expected: &str, ty: &InputType) -> bool {
-    if !matches!(ty, InputType::Link(_)) {
-        return false;
+    if received == "*" {
+        return true;
     }
-    received == "*" || expected == "*" || received == expected
+    !matches!(ty, InputType::Combo(_)) && (expected == "*" || received == expected)
 }
 
 fn py_num(v: f64, ty: &InputType) -> String {

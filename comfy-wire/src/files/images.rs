@@ -206,6 +206,22 @@ impl Image {
     }
 }
 
+impl Image {
+    /// A WebP of the image (lossless: the sim's and the gate's `/view?preview=webp` carry
+    /// ComfyUI's format and content type, not its lossy quality setting).
+    pub fn to_webp(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let enc = image_webp::WebPEncoder::new(&mut out);
+        let _ = enc.encode(
+            &self.rgb,
+            self.width,
+            self.height,
+            image_webp::ColorType::Rgb8,
+        );
+        out
+    }
+}
+
 /// Reads the `tEXt` chunks of a PNG (for tests and the gate's checks).
 pub fn png_text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
     let decoder = png::Decoder::new(Cursor::new(bytes));

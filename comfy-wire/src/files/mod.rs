@@ -200,8 +200,15 @@ pub fn view(
                 "500 Internal Server Error\n\nServer got itself in trouble",
             );
         };
-        if get("preview").is_some() {
-            return respond(img.to_jpeg(), "image/jpeg");
+        // `preview=<format>[;<quality>]`: jpeg or webp; anything else, or an alpha channel
+        // asked for, is webp (ComfyUI's `server.py` `view_image`).
+        if let Some(preview) = get("preview") {
+            let format = preview.split(';').next().unwrap_or("");
+            return if format == "jpeg" && !channel.contains('a') {
+                respond(img.to_jpeg(), "image/jpeg")
+            } else {
+                respond(img.to_webp(), "image/webp")
+            };
         }
         if channel == "rgb" {
             return respond(img.to_png(&[], true), "image/png");
@@ -219,7 +226,7 @@ pub fn view(
         method,
         headers,
         &content_type(&basename),
-        &disposition,
+        Some(&disposition),
     )
 }
 

@@ -118,14 +118,15 @@ fn plan(v: &Validators, headers: &HeaderMap) -> Plan {
 
 /// Serves the file at `path` for a `method` (GET or HEAD) request with `headers`, with the
 /// semantics in the module docs; 404 with an empty body when it is not a readable file.
-/// `content_type` and `disposition` are set on every answer (ComfyUI passes both to the
-/// `FileResponse` it builds, so 304, 412 and 416 carry them too).
+/// `content_type` and `disposition` (when given: `/view` sets one, `/userdata/{file}` does not)
+/// are set on every answer (ComfyUI passes both to the `FileResponse` it builds, so 304, 412
+/// and 416 carry them too).
 pub fn serve_file(
     path: &Path,
     method: &Method,
     headers: &HeaderMap,
     content_type: &str,
-    disposition: &str,
+    disposition: Option<&str>,
 ) -> Response<Body> {
     let Some(meta) = std::fs::metadata(path).ok().filter(|m| m.is_file()) else {
         return status(StatusCode::NOT_FOUND);
@@ -164,7 +165,7 @@ pub fn serve_file(
     if let Ok(ct) = HeaderValue::from_str(content_type) {
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    if let Some(cd) = disposition_value(disposition) {
+    if let Some(cd) = disposition.and_then(disposition_value) {
         resp.headers_mut().insert(header::CONTENT_DISPOSITION, cd);
     }
     resp
