@@ -111,3 +111,57 @@ async fn view_serves_ranges_validators_and_head_for_uploads_and_outputs() {
         assert_eq!(head.status(), 206, "{what}");
     }
 }
+
+/// A backslash is an ordinary character in a subfolder, never a separator: `..\..\..` names no
+/// directory, so no file outside the gate's (or a sim's) store can be read through `/view`, a
+/// mask's `original_ref` or a loader, at any depth and for every type.
+#[tokio::test]
+async fn a_backslash_subfolder_reads_nothing_outside_the_store() {
+    let secret_name = format!("secret-{}.txt", uuid::Uuid::new_v4().simple());
+    let secret = std::env::temp_dir().join(&secret_name);
+    std::fs::write(&secret, b"not for clients").unwrap();
+    let (a, b) = (sim().await, sim().await);
+    let gate = gate(&[&a, &b]).await;
+    for base in [gate.url(), a.url()] {
+        let mut subs: Vec<String> = (2..=8).map(|d| vec![".."; d].join("\\")).collect();
+        subs.push("a\\..\\..\\..\\..".into());
+        for sub in subs {
+            for kind in ["output", "temp", "input"] {
+                let query = [
+                    ("filename", secret_name.as_str()),
+                    ("subfolder", sub.as_str()),
+                    ("type", kind),
+                ];
+                let r = http()
+                    .get(format!("{base}/view"))
+                    .query(&query)
+                    .send()
+                    .await
+                    .unwrap();
+                let code = r.status().as_u16();
+                let body = r.bytes().await.unwrap();
+                assert!(
+                    code == 404 && body.is_empty(),
+                    "{base} {kind} {sub}: {code} {body:?}"
+                );
+            }
+            let original =
+                serde_json::json!({"filename": secret_name, "subfolder": sub, "type": "output"});
+            let form = reqwest::multipart::Form::new()
+                .part(
+                    "image",
+                    reqwest::multipart::Part::bytes(png(8, 8, 1)).file_name("m.png"),
+                )
+                .text("original_ref", original.to_string());
+            let r = http()
+                .post(format!("{base}/upload/mask"))
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            let answer = r.text().await.unwrap();
+            assert!(!answer.contains("not for clients"), "{answer}");
+        }
+    }
+    std::fs::remove_file(secret).unwrap();
+}

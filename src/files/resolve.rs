@@ -30,11 +30,7 @@ pub enum Location {
 impl Files {
     /// Where `r` lives (see [`Location`]).
     pub fn locate(&self, r: &FileRef) -> Location {
-        let gate_path = || {
-            self.dirs
-                .by_type(r.kind.as_str())
-                .map(|d| d.join(&r.subfolder).join(&r.name))
-        };
+        let gate_path = || self.dirs.path_of(r);
         if r.kind == Kind::Input {
             return match gate_path() {
                 Some(p) if self.uploads.load().contains(&r.rel()) => Location::Gate(p),

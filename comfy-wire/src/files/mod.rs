@@ -51,6 +51,20 @@ impl Dirs {
         }
     }
 
+    /// The path of `r` in its type's directory; `None` for an unknown type or a path that would
+    /// leave that directory (checked on the joined path, whatever the reference's parser
+    /// let through).
+    pub fn path_of(&self, r: &refs::FileRef) -> Option<PathBuf> {
+        let base = self.by_type(r.kind.as_str())?;
+        let path = base.join(&r.subfolder).join(&r.name);
+        let inside = normalize(&path).starts_with(normalize(base))
+            && !r.name.is_empty()
+            && !r.name.contains(['/', '\0'])
+            && r.name != ".."
+            && r.name != ".";
+        inside.then_some(path)
+    }
+
     /// `annotated_filepath`: strips a ` [output]`/` [input]`/` [temp]` suffix
     /// ([`refs::split_annotation`]) and names its directory.
     pub fn annotated<'a>(&self, name: &'a str) -> (&'a str, Option<&Path>) {
@@ -169,11 +183,10 @@ pub fn view(
         Ok(r) => r,
         Err(code) => return status(code),
     };
-    let Some(base) = dirs.by_type(reference.kind.as_str()) else {
-        return status(StatusCode::BAD_REQUEST);
+    let Some(file) = dirs.path_of(&reference) else {
+        return status(StatusCode::FORBIDDEN);
     };
     let basename = reference.name.clone();
-    let file = base.join(&reference.subfolder).join(&basename);
     if !file.is_file() {
         return status(StatusCode::NOT_FOUND);
     }
@@ -380,10 +393,8 @@ pub fn original_ref(raw: Option<&str>) -> Result<refs::FileRef, StatusCode> {
 /// The bytes of a mask's original in `dirs`; `Ok(None)` when it does not exist.
 fn original_bytes(dirs: &Dirs, raw: Option<&str>) -> Result<Option<Vec<u8>>, StatusCode> {
     let r = original_ref(raw)?;
-    let Some(base) = dirs.by_type(r.kind.as_str()) else {
-        return Err(StatusCode::BAD_REQUEST);
-    };
-    Ok(std::fs::read(base.join(&r.subfolder).join(&r.name)).ok())
+    let path = dirs.path_of(&r).ok_or(StatusCode::BAD_REQUEST)?;
+    Ok(std::fs::read(path).ok())
 }
 
 fn saved(name: &str, subfolder: &str, kind: &str) -> UploadOutcome {

@@ -83,20 +83,17 @@ pub struct FileRef {
 }
 
 /// A subfolder as a relative path with `/` separators, or `None` if it leaves its directory
-/// (ComfyUI joins it to the directory and checks the common path).
+/// (ComfyUI joins it to the directory and checks the common path). A `\\` is an ordinary
+/// character, as on the POSIX hosts ComfyUI and the gate run on: it is never turned into a
+/// separator after the check (that would let `..\\..` escape).
 fn clean_subfolder(sub: &str) -> Option<String> {
-    if Path::new(sub).is_absolute() {
+    if Path::new(sub).is_absolute() || sub.contains('\0') {
         return None;
     }
     let root = Path::new("/dir");
     let norm = normalize(&root.join(sub));
     let rel = norm.strip_prefix(root).ok()?;
-    Some(
-        rel.to_string_lossy()
-            .replace('\\', "/")
-            .trim_matches('/')
-            .to_string(),
-    )
+    Some(rel.to_str()?.trim_matches('/').to_string())
 }
 
 impl FileRef {
