@@ -415,3 +415,48 @@ async fn a_backend_that_lost_its_placed_files_gets_them_again() {
         std::fs::create_dir_all(f.a.base_dir().join("input")).unwrap();
     }
 }
+
+/// A file the gate cannot copy is never forwarded under its shown name: with b's output shown
+/// as `ComfyUI_00002_.png` and a holding another file of that real name, a prompt loading it
+/// while b is gone fails with a clear error instead of running on a's file.
+#[tokio::test]
+async fn an_output_whose_owner_is_gone_fails_instead_of_loading_another_file() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    f.run_on(&f.a, "red", blur_graph(0xff0000)).await;
+    let blue = f.run_on(&f.b, "blue", blur_graph(0x0000ff)).await;
+    let green = f.run_on(&f.a, "green", blur_graph(0x00ff00)).await;
+    assert_eq!(
+        blue["outputs"]["3"]["images"][0]["filename"],
+        "ComfyUI_00002_.png"
+    );
+    assert_eq!(
+        green["outputs"]["3"]["images"][0]["filename"],
+        "ComfyUI_00003_.png"
+    );
+    f.b.inject(comfy_sim::Fault::Crash {
+        restart_after_ms: None,
+    });
+    let graph = load_and_save("ComfyUI_00002_.png [output]", "again");
+    let (code, _) = post_json(
+        &base,
+        "/prompt",
+        &json!({"prompt": graph, "prompt_id": "lost"}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let h = wait_history(&base, "lost").await;
+    assert_eq!(h["status"]["status_str"], "error", "{h}");
+    let error = &h["status"]["messages"].as_array().unwrap().last().unwrap()[1];
+    assert_eq!(
+        error["exception_type"], "comfy_gate.FileNotPlaced",
+        "{error}"
+    );
+    assert!(
+        error["exception_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ComfyUI_00002_.png [output] is not available"),
+        "{error}"
+    );
+}

@@ -96,10 +96,13 @@ pub async fn upload_to(
         )
         .await?;
     if !code.is_success() {
-        return Err(GateError::Backend {
-            backend: b.name().to_string(),
-            message: format!("upload of {} answered {code}", target.rel()),
-        });
+        // The backend answered, and will not take this file (too large, a name it cannot
+        // write): the prompt cannot run there, but the backend is not down.
+        return Err(GateError::BadRequest(format!(
+            "backend {} refused the file {}: {code}",
+            b.name(),
+            target.rel()
+        )));
     }
     Ok(())
 }
@@ -217,9 +220,9 @@ impl Files {
     }
 
     /// Copies an output or temp file made elsewhere (`at`) into `backend`'s
-    /// `input/comfy-gate/`; the loader value naming the copy, or `None` when the file does not
-    /// exist where the gate expected it or its owner cannot be asked (the backend then reports
-    /// it missing, as ComfyUI would). `Err` only when the copy could not be written there.
+    /// `input/comfy-gate/`; the loader value naming the copy. `Err(BadRequest)` when the file cannot be had (gone, or its owner cannot be asked) or the
+    /// target refused it: the prompt's error, never a reason to forward the shown name; other
+    /// errors when the target could not be reached.
     async fn place_copy(
         &self,
         fleet: &Fleet,
@@ -244,15 +247,16 @@ impl Files {
         {
             return Ok(Some(copy.loader_value()));
         }
-        // An owner that cannot be asked is not the target's fault: the prompt goes on naming
-        // the file, and the target reports it missing as ComfyUI would.
+        // A file the gate cannot copy is never forwarded under its shown name: the target may
+        // hold another file of that name (outputs collide across backends). An owner that
+        // cannot be asked is not the target's fault either, so this is the prompt's error.
+        let unavailable = |why: String| {
+            GateError::BadRequest(format!("{} is not available: {why}", r.loader_value()))
+        };
         let bytes = match self.read(fleet, at).await {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                tracing::warn!(error = %e, file = %r.loader_value(), "could not read a file to copy");
-                return Ok(None);
-            }
+            Ok(None) => return Err(unavailable("it no longer exists where it was made".into())),
+            Err(e) => return Err(unavailable(e.to_string())),
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{Failure, Scheduler, placing};
+use super::{Failure, Outcome, Scheduler, placing};
+use crate::error::GateError;
 
 /// The dispatcher also looks at the queue this often without being woken (aging, telemetry
 /// that changed without an event).
@@ -54,6 +55,13 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
             if let Some(prompt) = body.get_mut("prompt") {
                 crate::files::place::apply(prompt, &rewrites);
             }
+        }
+        // A file that cannot be had or that the backend will not take: the prompt's error (a
+        // retry would meet it again), not the backend's.
+        Err(GateError::BadRequest(message)) => {
+            tracing::warn!(prompt = id, backend = b.name(), %message, "a file could not be placed");
+            sched.end(id, Outcome::Failed(Failure::gate("FileNotPlaced", message)));
+            return Forwarded::Failed;
         }
         Err(e) => {
             tracing::warn!(backend = b.name(), error = %e, "could not place files on backend");
