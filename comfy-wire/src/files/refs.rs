@@ -111,10 +111,12 @@ impl FileRef {
     /// A loader value (`"photo.png"`, `"webcam/shot.png [temp]"`, `"ComfyUI_00002_.png
     /// [output]"`): type `input` unless annotated, the part before the last `/` is the
     /// subfolder. `None` for a value that cannot name a file in a directory: empty, a leading
-    /// `/`, a `..` anywhere (ComfyUI's `/view` rule; the gate never places such a file).
+    /// `/`, a `.` or `..` path component, a `\\` or NUL (the gate never places such a file;
+    /// `photo..png` is an ordinary name, as LoadImage takes it).
     pub fn from_loader(value: &str) -> Option<FileRef> {
         let (path, kind) = split_annotation(value);
-        if path.is_empty() || path.starts_with('/') || path.contains("..") || path.contains('\\') {
+        let parent = path.split('/').any(|c| c == ".." || c == ".");
+        if path.is_empty() || path.starts_with('/') || parent || path.contains(['\\', '\0']) {
             return None;
         }
         let (sub, name) = path.rsplit_once('/').unwrap_or(("", path));
@@ -192,9 +194,18 @@ mod tests {
             FileRef::from_loader("cat.png [input]").unwrap().rel(),
             "cat.png"
         );
-        for bad in ["", "../x.png", "/etc/passwd", "a/../../x.png", " [temp]"] {
+        for bad in [
+            "",
+            "../x.png",
+            "/etc/passwd",
+            "a/../../x.png",
+            " [temp]",
+            "a\\..\\x.png",
+        ] {
             assert_eq!(FileRef::from_loader(bad), None, "{bad:?}");
         }
+        let dots = FileRef::from_loader("photo..png").unwrap();
+        assert_eq!(dots.rel(), "photo..png", "an ordinary name");
     }
 
     #[test]
