@@ -460,3 +460,44 @@ async fn an_output_whose_owner_is_gone_fails_instead_of_loading_another_file() {
         "{error}"
     );
 }
+
+/// An input overwritten with new content and then back with the first reaches the backend each
+/// time: the gate compares with what it placed there last, not with every version ever placed.
+#[tokio::test]
+async fn an_upload_overwritten_back_to_its_first_content_is_placed_again() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let solid = |c: u8| Image {
+        width: 8,
+        height: 8,
+        rgb: vec![c; 8 * 8 * 3],
+    };
+    // Two contents of the same size (a size check alone cannot tell them apart).
+    let first = solid(40);
+    let png_first = first.to_png(&[], true);
+    let second = (41..=255)
+        .map(solid)
+        .find(|i| i.to_png(&[], true).len() == png_first.len())
+        .expect("another colour with a PNG of the same size");
+    let png_second = second.to_png(&[], true);
+    for (round, (png, want)) in [
+        (&png_first, &first),
+        (&png_second, &second),
+        (&png_first, &first),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fields = [("overwrite", "true")];
+        let (code, _) = upload(&base, "/upload/image", "same.png", png.clone(), &fields).await;
+        assert_eq!(code, 200);
+        let id = format!("round-{round}");
+        let h = f.run_on(&f.a, &id, load_and_save("same.png", "same")).await;
+        assert_eq!(h["status"]["status_str"], "success", "{h}");
+        let got = output_pixels(&base, &h, "2").await;
+        assert_eq!(
+            got.rgb, want.rgb,
+            "round {round} loaded the upload it had then"
+        );
+    }
+}

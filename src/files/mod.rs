@@ -39,14 +39,20 @@ pub trait AliasStore: Send + Sync {
 /// and its size.
 type PlacedCopies = HashMap<(String, String, FileRef), (FileRef, u64)>;
 
+/// Held while one file is placed on one backend.
+type PlacementSlot = Arc<tokio::sync::Mutex<()>>;
+
 /// The gate's files: uploads it keeps, and the one namespace of outputs across backends.
 pub struct Files {
     index: Mutex<AliasIndex>,
     store: Arc<dyn AliasStore>,
     /// The gate's own store, laid out as ComfyUI's (`input/`, `output/`, `temp/`).
     pub dirs: Dirs,
-    /// `(backend name, relative path, sha256)` of input uploads already copied.
-    placed: Mutex<HashSet<(String, String, [u8; 32])>>,
+    /// `(backend name, relative path)` → sha256 of the content last placed there.
+    placed: Mutex<HashMap<(String, String), [u8; 32]>>,
+    /// One placement at a time per `(backend name, relative path)`: two prompts naming the same
+    /// new file must not both write it (the second write truncates it under the first's run).
+    placing: Mutex<HashMap<(String, String), PlacementSlot>>,
     /// Output and temp files copied to a backend that did not make them.
     copies: Mutex<PlacedCopies>,
     /// Names of the input uploads held (`cat.png`, `sub/cat.png`): read from the directory once
@@ -89,7 +95,8 @@ impl Files {
             index: Mutex::new(index),
             store,
             dirs,
-            placed: Mutex::new(HashSet::new()),
+            placed: Mutex::new(HashMap::new()),
+            placing: Mutex::new(HashMap::new()),
             copies: Mutex::new(HashMap::new()),
             uploads: ArcSwap::from_pointee(uploads),
         })

@@ -209,13 +209,34 @@ impl Files {
         let Ok(bytes) = std::fs::read(path) else {
             return Ok(());
         };
+        self.place_once(fleet, backend, r, bytes).await
+    }
+
+    /// Writes `bytes` as `r` on `backend` unless this content is the last placed there and still
+    /// is; one placement at a time per file and backend.
+    async fn place_once(
+        &self,
+        fleet: &Fleet,
+        backend: usize,
+        r: &FileRef,
+        bytes: Vec<u8>,
+    ) -> Result<(), GateError> {
+        let key = (fleet.get(backend).name().to_string(), r.rel());
+        let slot = self
+            .placing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = slot.lock().await;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        let key = (fleet.get(backend).name().to_string(), r.rel(), digest);
-        if self.placed_lock().contains(&key) && still_there(fleet, backend, r, &bytes).await? {
+        let last = self.placed_lock().get(&key).copied();
+        if last == Some(digest) && still_there(fleet, backend, r, &bytes).await? {
             return Ok(());
         }
         upload_to(fleet, backend, r, bytes).await?;
-        self.placed_lock().insert(key);
+        self.placed_lock().insert(key, digest);
         Ok(())
     }
 
@@ -262,14 +283,8 @@ impl Files {
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let name = source.as_ref().map_or(&r.name, |(_, real)| &real.name);
         let copy = FileRef::new(Kind::Input, COPIES_SUBFOLDER, &format!("{hex}-{name}"));
-        let key = (target.clone(), copy.rel(), digest);
         let size = bytes.len() as u64;
-        let placed =
-            self.placed_lock().contains(&key) && still_there(fleet, backend, &copy, &bytes).await?;
-        if !placed {
-            upload_to(fleet, backend, &copy, bytes).await?;
-            self.placed_lock().insert(key);
-        }
+        self.place_once(fleet, backend, &copy, bytes).await?;
         let value = copy.loader_value();
         if let Some((owner, real)) = source {
             self.copies_lock()
@@ -280,7 +295,7 @@ impl Files {
 
     fn placed_lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, String, [u8; 32])>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), [u8; 32]>> {
         self.placed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
