@@ -501,3 +501,20 @@ async fn an_upload_overwritten_back_to_its_first_content_is_placed_again() {
         );
     }
 }
+
+/// An upload's subfolder is kept as loaders and `/view` spell it: `./webcam` is `webcam`.
+#[tokio::test]
+async fn an_upload_into_a_dotted_subfolder_loads_by_its_plain_path() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let fields = [("subfolder", "./webcam")];
+    let (code, _) = upload(&base, "/upload/image", "dot.png", png(8, 8, 5), &fields).await;
+    assert_eq!(code, 200);
+    for (i, sim) in f.sims().into_iter().enumerate() {
+        let id = format!("dot-{i}");
+        let h = f
+            .run_on(sim, &id, load_and_save("webcam/dot.png", "dot"))
+            .await;
+        assert_eq!(h["status"]["status_str"], "success", "{h}");
+    }
+}

@@ -179,7 +179,14 @@ impl Files {
         ) else {
             return;
         };
-        let r = FileRef::new(kind, saved["subfolder"].as_str().unwrap_or(""), name);
+        // The subfolder as `/view` and loaders will spell it (`./webcam` is `webcam`).
+        let Ok(r) = FileRef::from_view(
+            Some(name),
+            Some(saved["subfolder"].as_str().unwrap_or("")),
+            Some(kind.as_str()),
+        ) else {
+            return;
+        };
         if kind != Kind::Input {
             let key = r.key();
             self.index().reserve(key.clone());

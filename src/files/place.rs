@@ -282,6 +282,11 @@ impl Files {
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let name = source.as_ref().map_or(&r.name, |(_, real)| &real.name);
+        if name.chars().any(char::is_control) {
+            // It would go into a multipart header; ComfyUI on POSIX writes such names, the gate
+            // does not copy them.
+            return Err(unavailable("its name has control characters".into()));
+        }
         let copy = FileRef::new(Kind::Input, COPIES_SUBFOLDER, &format!("{hex}-{name}"));
         let size = bytes.len() as u64;
         self.place_once(fleet, backend, &copy, bytes).await?;
