@@ -5,23 +5,11 @@
 
 mod common;
 
+use common::files::view;
 use common::*;
 use reqwest::Method;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
-
-async fn view(
-    base: &str,
-    method: Method,
-    query: &[(&str, &str)],
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
-    let mut req = http().request(method, format!("{base}/view")).query(query);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().await.expect("view answers")
-}
 
 async fn upload(base: &str, name: &str, bytes: Vec<u8>, fields: &[(&str, &str)]) -> Value {
     let mut form = Form::new().part("image", Part::bytes(bytes).file_name(name.to_string()));
