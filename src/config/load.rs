@@ -107,7 +107,7 @@ type ErrorAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, &str, String) -> Confi
 
 /// The numeric fields' bounds: `(field, message)` for the first one out of bounds.
 fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
-    let rules: [(bool, &'static str, &str); 7] = [
+    let rules: [(bool, &'static str, &str); 8] = [
         (
             raw.scheduler.max_inflight == 0,
             "scheduler.max_inflight",
@@ -142,6 +142,11 @@ fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
             raw.server.max_body_bytes == 0,
             "server.max_body_bytes",
             "must be positive",
+        ),
+        (
+            !(raw.placement.vram_margin.is_finite() && raw.placement.vram_margin >= 1.0),
+            "placement.vram_margin",
+            "must be a number of at least 1",
         ),
     ];
     match rules.iter().find(|(bad, _, _)| *bad) {

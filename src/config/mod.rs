@@ -159,6 +159,12 @@ pub struct PlacementConfig {
     pub max_wait_ms: u64,
     /// A VRAM reading older than this (ms) counts as no headroom. Default 10000.
     pub stale_after_ms: u64,
+    /// How far a prompt's predicted VRAM need may exceed the largest GPU and still be tried
+    /// there (the prediction is a heuristic; ComfyUI reports out of memory if it does not fit),
+    /// as a factor of that GPU's total. Beyond it the prompt can never run: refused at submit
+    /// when every backend is up, else ended after `recovery.unplaceable_timeout_ms`. Default 1.5
+    /// (at least 1).
+    pub vram_margin: f64,
 }
 
 impl Default for PlacementConfig {
@@ -169,6 +175,7 @@ impl Default for PlacementConfig {
             max_skips: 8,
             max_wait_ms: 60_000,
             stale_after_ms: 10_000,
+            vram_margin: 1.5,
         }
     }
 }

@@ -12,8 +12,9 @@ use serde_json::{Map, Value, json};
 
 use super::dispatch::{Forwarded, forward};
 use super::prompts::PromptRecord;
-use super::{Scheduler, placing};
+use super::{Scheduler, fit, placing};
 use crate::error::GateError;
+use crate::fleet::picker::profile;
 use crate::http::{Body, json as json_resp};
 use crate::protocol::errors;
 
@@ -52,6 +53,9 @@ fn parse(sched: &Scheduler, body: &[u8]) -> Result<Result<Submission, Value>, Ga
     {
         return Ok(Err(refusal));
     }
+    if let Some(refusal) = never_fits(sched, &data["prompt"]) {
+        return Ok(Err(refusal));
+    }
     if data.get("extra_data").is_some_and(|e| !e.is_object()) {
         return Err(GateError::BadRequest(
             "`extra_data` must be an object".into(),
@@ -70,6 +74,25 @@ fn parse(sched: &Scheduler, body: &[u8]) -> Result<Result<Submission, Value>, Ga
         number: data.remove("number"),
         body: data,
     }))
+}
+
+/// ComfyUI's 400 shape for a prompt no card can ever hold (see [`fit`]), when the fleet cannot
+/// grow: every configured backend is up. With one down, the prompt waits, and the watchdog ends
+/// it if nothing that is up can take it for `recovery.unplaceable_timeout_ms`.
+fn never_fits(sched: &Scheduler, prompt: &Value) -> Option<Value> {
+    let up = sched.fleet.up();
+    if up.len() < sched.fleet.backends().len() {
+        return None;
+    }
+    let uploaded = |n: &str| sched.files.uploaded(n);
+    let runnable: Vec<usize> = up
+        .into_iter()
+        .filter(|&b| sched.fleet.can_run(b, prompt, &uploaded))
+        .collect();
+    match fit::fleet_fit(sched, &profile::profile(prompt), &runnable) {
+        fit::VramFit::Never { need, largest } => Some(fit::never_fits_body(need, largest)),
+        _ => None,
+    }
 }
 
 /// `POST /prompt` from `identity` (who asked: scopes interrupt and clear).

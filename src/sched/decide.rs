@@ -31,7 +31,7 @@ pub use super::snapshot::{BackendView, FleetView, Owned, Waiting};
 pub const SCAN: usize = 64;
 
 /// The reordering bounds (`[placement]` in the configuration).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rules {
     /// Waiting prompts one step looks at, from the head of the queue. Default [`SCAN`].
     pub scan: usize,
@@ -41,6 +41,9 @@ pub struct Rules {
     pub max_skips: u32,
     /// A prompt waiting this many milliseconds no longer waits or yields.
     pub max_wait_ms: u64,
+    /// `placement.vram_margin`: how far a predicted need may exceed the largest card and still
+    /// be tried there (see [`super::fit`]).
+    pub vram_margin: f64,
 }
 
 impl From<&PlacementConfig> for Rules {
@@ -50,6 +53,7 @@ impl From<&PlacementConfig> for Rules {
             affinity_window: p.affinity_window,
             max_skips: p.max_skips,
             max_wait_ms: p.max_wait_ms,
+            vram_margin: p.vram_margin,
         }
     }
 }
@@ -150,8 +154,9 @@ impl State<'_> {
             let w = &self.waiting[i];
             let aged =
                 self.skips[i] >= self.rules.max_skips || w.waited_ms >= self.rules.max_wait_ms;
-            let prep =
-                self.preps[i].get_or_insert_with(|| Prep::new(w, self.pass.fleet, self.learned));
+            let prep = self.preps[i].get_or_insert_with(|| {
+                Prep::new(w, self.pass.fleet, self.learned, self.rules.vram_margin)
+            });
             let placement = choose(
                 w,
                 prep,

@@ -22,6 +22,7 @@ pub mod admission;
 pub mod decide;
 pub mod dispatch;
 pub mod events;
+pub mod fit;
 pub mod history;
 pub mod outcome;
 pub mod outlook;

@@ -8,6 +8,7 @@ use crate::fleet::picker::profile::{self, Profile};
 use crate::fleet::picker::stats::Learned;
 use crate::fleet::picker::{Candidate, Choice, Need, Picker};
 
+use super::fit::{VramFit, vram_fit};
 use super::snapshot::{FleetView, Owned, Waiting};
 
 /// What a backend has to do before a new prompt could start there, as the gate expects it.
@@ -99,18 +100,27 @@ pub struct Prep {
 }
 
 impl Prep {
-    pub fn new(w: &Waiting, fleet: &FleetView, learned: &Learned) -> Self {
+    /// `margin`: `placement.vram_margin` (a need over every card but within it is tried on the
+    /// largest, see [`super::fit`]).
+    pub fn new(w: &Waiting, fleet: &FleetView, learned: &Learned, margin: f64) -> Self {
         let ckpt_bytes = w
             .profile
             .checkpoint
             .as_deref()
             .and_then(|c| fleet.ckpt_bytes(c));
-        let need = Need {
+        let mut need = Need {
             vram_bytes: profile::vram_need(&w.profile, ckpt_bytes, learned.peak(w.profile.shape)),
         };
-        let runnable = (0..fleet.backends.len())
+        let runnable: Vec<bool> = (0..fleet.backends.len())
             .map(|b| fleet.can_run(b, &w.prompt))
             .collect();
+        let totals: Vec<u64> = (0..fleet.backends.len())
+            .filter(|&b| runnable[b])
+            .map(|b| fleet.backends[b].vram_total)
+            .collect();
+        if let VramFit::Stretch { largest } = vram_fit(need.vram_bytes, &totals, margin) {
+            need.vram_bytes = largest;
+        }
         Self {
             need,
             ckpt_bytes,

@@ -9,10 +9,10 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::prompts::Stage;
-use super::{Failure, Outcome, Scheduler, stall};
+use super::{Failure, Outcome, Scheduler, fit, stall};
 use crate::config::RunTimeAction;
 use crate::fleet::Health;
-use crate::fleet::picker::profile;
+use crate::fleet::picker::profile::{self, Profile};
 
 /// How often the watchdog looks.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -132,15 +132,19 @@ fn look(sched: &Scheduler) -> Findings {
 }
 
 /// Waiting prompts that no backend that is up can run (every backend with their node classes
-/// and model files is down) end failed once that has been so for
+/// and model files is down, or every such card is too small: [`fit`]) end failed once that has
+/// been so for
 /// `recovery.unplaceable_timeout_ms`; one that becomes runnable again starts the count anew.
 fn end_unplaceable(sched: &Scheduler) {
     let limit = Duration::from_millis(sched.config.recovery.unplaceable_timeout_ms);
-    let graphs: Vec<(String, Arc<serde_json::Value>)> = {
+    let graphs: Vec<(String, Arc<serde_json::Value>, Profile)> = {
         let s = sched.lock();
         s.table
             .queued()
-            .map(|r| (r.id.clone(), r.graph().0.clone()))
+            .map(|r| {
+                let (graph, profile) = r.graph();
+                (r.id.clone(), graph.clone(), profile.clone())
+            })
             .collect()
     };
     let uploaded = |n: &str| sched.files.uploaded(n);
@@ -148,9 +152,18 @@ fn end_unplaceable(sched: &Scheduler) {
     let up = fleet.up();
     let stranded: Vec<(String, bool)> = graphs
         .into_iter()
-        .map(|(id, prompt)| {
-            let runnable = up.iter().any(|&b| fleet.can_run(b, &prompt, &uploaded));
-            (id, runnable)
+        .map(|(id, prompt, profile)| {
+            let able: Vec<usize> = up
+                .iter()
+                .copied()
+                .filter(|&b| fleet.can_run(b, &prompt, &uploaded))
+                .collect();
+            // A card too small for it (beyond the margin) is no place for it either.
+            let fits = !matches!(
+                fit::fleet_fit(sched, &profile, &able),
+                fit::VramFit::Never { .. }
+            );
+            (id, !able.is_empty() && fits)
         })
         .collect();
     let mut expired = Vec::new();
@@ -174,7 +187,7 @@ fn end_unplaceable(sched: &Scheduler) {
     }
     for id in expired {
         let message = format!(
-            "no backend that can run the prompt was up for unplaceable_timeout_ms ({} ms)",
+            "no backend that can run the prompt (its nodes, its files, its VRAM) was up for unplaceable_timeout_ms ({} ms)",
             limit.as_millis()
         );
         sched.end(&id, Outcome::Failed(Failure::gate("NoBackend", message)));
