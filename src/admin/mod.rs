@@ -1,5 +1,6 @@
 //! The admin listener (localhost by default): `/healthz` (the process is up), `/readyz` (some
-//! backend can take work), `/admin/backends`, `/admin/decisions`, and backend drain:
+//! backend can take work), `/admin/backends`, `/admin/decisions`, `/admin/records` (how many of
+//! each kind of record the gate holds, in memory and in its store), and backend drain:
 //! `POST /admin/backends/{name}/drain` (no new prompts; running ones finish there; prompts
 //! waiting in its queue move back to the gate queue) and `POST /admin/backends/{name}/undrain`.
 
@@ -39,6 +40,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             };
             json_resp(code, &json!({ "ready": ready, "backends": backends }))
         }
+        "/admin/records" => json_resp(StatusCode::OK, &admin.sched.records()),
         "/admin/decisions" => json_resp(
             StatusCode::OK,
             &json!({ "decisions": admin.sched.recent_decisions() }),

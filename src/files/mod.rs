@@ -102,6 +102,11 @@ impl Files {
         })
     }
 
+    /// How many shown names the alias index holds, and how many input uploads are kept.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.index().by_alias.len(), self.uploads.load().len())
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, AliasIndex> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }

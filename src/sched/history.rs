@@ -81,6 +81,16 @@ impl History {
         self.lock().get(id).map(|(_, e)| e.clone())
     }
 
+    /// How many entries are kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Every entry as `(finished_at_ms, id, entry)`, oldest first.
     pub fn all(&self) -> Vec<(i64, String, Arc<Value>)> {
         self.lock()

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
 
 use super::prompts::PromptRecord;
@@ -203,6 +203,19 @@ impl Store {
             }
         }
         txn.commit().map_err(write_err)
+    }
+
+    /// How many entries each table holds: `(prompts, history, aliases)` (for `/admin/records`).
+    pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let read = self.db.begin_read().map_err(write_err)?;
+        let count = |t: TableDefinition<&str, &[u8]>| -> Result<u64, StoreError> {
+            match read.open_table(t) {
+                Ok(t) => t.len().map_err(write_err),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(write_err(e)),
+            }
+        };
+        Ok((count(PROMPTS)?, count(HISTORY)?, count(ALIASES)?))
     }
 
     pub fn remove(&self, ids: &[String]) -> Result<(), StoreError> {

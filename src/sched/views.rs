@@ -56,6 +56,29 @@ impl Scheduler {
         self.lock().table.remaining()
     }
 
+    /// What the gate holds, for `/admin/records`: prompt records (in memory and in the store),
+    /// history entries, file aliases, input uploads, client sessions, placement decisions.
+    pub fn records(&self) -> Value {
+        let (prompts, decisions) = {
+            let s = self.lock();
+            (s.table.records().count(), s.decisions.len())
+        };
+        let (aliases, uploads) = self.files.counts();
+        let stored = match self.store().counts() {
+            Ok((p, h, a)) => json!({ "prompts": p, "history": h, "aliases": a }),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        json!({
+            "prompts": prompts,
+            "history": self.history.len(),
+            "aliases": aliases,
+            "uploads": uploads,
+            "sessions": self.sessions.len(),
+            "decisions": decisions,
+            "store": stored,
+        })
+    }
+
     /// `{"exec_info": {"queue_remaining": N}}`, for `GET /prompt` and `status`.
     pub fn queue_info(&self) -> Value {
         exec_info(self.queue_remaining())
