@@ -73,7 +73,13 @@ async fn executed_message_of(len: usize) {
     let mut g = steps(7, STEPS);
     g["1"] = json!({"class_type": "PreviewAny", "inputs": {"source": text}});
     let body = json!({"prompt": g, "client_id": "reader", "prompt_id": "big"});
-    let (status, answer) = post_json(&base, "/prompt", &body).await;
+    // A body of up to 50 MB is parsed, stored and forwarded before the answer: on a loaded
+    // 2-core machine in a debug build that can outlast the usual patience.
+    let patient = reqwest::Client::builder()
+        .timeout(6 * PATIENCE)
+        .build()
+        .expect("client");
+    let (status, answer) = send_for_json(patient.post(format!("{base}/prompt")).json(&body)).await;
     assert_eq!(status, 200, "{answer}");
     let bystanders = start_bystanders(&base).await;
 

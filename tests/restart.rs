@@ -288,3 +288,73 @@ async fn bad_state_stores_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// Frames on `ws` until `executing {node: null}` for `id`, failing if none comes in PATIENCE.
+async fn ending_of(ws: &mut Ws, id: &str) -> Vec<String> {
+    let mut kinds = Vec::new();
+    loop {
+        let f = ws.next().await.expect("the socket stays open");
+        kinds.push(f.kind());
+        if f.kind() == "executing" && f.data()["node"].is_null() && f.data()["prompt_id"] == id {
+            return kinds;
+        }
+    }
+}
+
+/// Issue 12, input 4: a client following over `/ws` whose prompt ended while it was away (its
+/// socket dropped; then the gate itself was SIGKILLed and restarted) hears the ending when it
+/// reconnects with its `clientId`: `status`, then `execution_success` and `executing` null.
+#[tokio::test]
+async fn a_client_that_was_away_hears_how_its_prompt_ended() {
+    let a = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a], 2000);
+    let gate = start_gate(&config).await;
+
+    // Away while the gate stays up.
+    let mut ws = Ws::connect(&gate.url, Some("away")).await;
+    ws.next().await;
+    let body = json!({"prompt": steps(1, 300), "client_id": "away", "prompt_id": "p-away"});
+    assert_eq!(post_json(&gate.url, "/prompt", &body).await.0, 200);
+    ws.until_kind("execution_start").await;
+    drop(ws);
+    wait_success(&gate.url, "p-away").await;
+    let mut back = Ws::connect(&gate.url, Some("away")).await;
+    let kinds = ending_of(&mut back, "p-away").await;
+    assert_eq!(
+        kinds,
+        ["status", "execution_success", "executing"],
+        "{kinds:?}"
+    );
+    drop(back);
+
+    // Away because the gate died; it finds the prompt finished when it comes back.
+    let mut gate = gate;
+    let mut ws = Ws::connect(&gate.url, Some("away")).await;
+    ws.next().await;
+    let body = json!({"prompt": steps(2, 1500), "client_id": "away", "prompt_id": "p-kill"});
+    assert_eq!(post_json(&gate.url, "/prompt", &body).await.0, 200);
+    ws.until_kind("execution_start").await;
+    gate.child.start_kill().unwrap();
+    gate.child.wait().await.unwrap();
+    drop(ws);
+    let deadline = Instant::now() + PATIENCE;
+    while get_json(&a.url(), "/history/p-kill")
+        .await
+        .1
+        .get("p-kill")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the backend finishes it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gate = start_gate(&config).await;
+    wait_success(&gate.url, "p-kill").await;
+    let mut back = Ws::connect(&gate.url, Some("away")).await;
+    let kinds = ending_of(&mut back, "p-kill").await;
+    assert_eq!(
+        kinds,
+        ["status", "execution_success", "executing"],
+        "{kinds:?}"
+    );
+}

@@ -27,6 +27,8 @@ where
     let sessions = &ctx.sessions;
     let mut reg = sessions.register(&sid);
     ctx.sched.send_status_to(&sid);
+    // The endings it missed while away, then where its running prompt is (as ComfyUI does).
+    sessions.replay_missed(&sid);
     if let Some(node) = ctx.sched.running_node_of(&sid) {
         sessions.send_json(&sid, "executing", json!({ "node": node }));
     }

@@ -159,6 +159,11 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
         sched.broadcast_status();
     }
     if let Some(sid) = &client {
+        if crate::sessions::missed::is_terminal(&kind, &data)
+            && let Some(r) = sched.lock().table.get_mut(&prompt_id)
+        {
+            r.terminal_sent = true;
+        }
         sched.sessions.send_json(sid, &kind, data);
     }
 }

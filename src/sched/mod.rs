@@ -281,8 +281,16 @@ impl Scheduler {
             tracing::error!(error = %e, "could not prune history");
         }
         drop(writing);
-        if let (Some(sid), Some(error)) = (&record.client_id, error) {
-            self.sessions.send_json(sid, "execution_error", error);
+        if let (Some(sid), Some(error)) = (&record.client_id, &error) {
+            self.sessions
+                .send_json(sid, "execution_error", error.clone());
+        }
+        if let (Some(sid), None, false) = (&record.client_id, &error, record.terminal_sent) {
+            // It ended while the gate was not listening (found finished on reconnect): its
+            // client still hears how, from the entry.
+            if let Some((kind, data)) = outcome::terminal_of(&entry) {
+                self.sessions.send_json(sid, &kind, data);
+            }
         }
         self.broadcast_status();
         if let Some(sid) = &record.client_id {

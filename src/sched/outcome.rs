@@ -70,3 +70,20 @@ pub(super) fn failure_entry(r: &PromptRecord, f: &Failure) -> (Value, Value) {
     });
     (entry, error)
 }
+
+/// The terminal event a history entry records (`execution_success`, `execution_error` or
+/// `execution_interrupted`, the last of its status messages): `(kind, data)`.
+pub(super) fn terminal_of(entry: &Value) -> Option<(String, Value)> {
+    entry["status"]["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find_map(|m| {
+            let kind = m[0].as_str()?;
+            matches!(
+                kind,
+                "execution_success" | "execution_error" | "execution_interrupted"
+            )
+            .then(|| (kind.to_string(), m[1].clone()))
+        })
+}

@@ -83,6 +83,11 @@ pub struct PromptRecord {
     /// A stall check is asking the owner's `/queue` about it.
     #[serde(skip)]
     pub corroborating: bool,
+    /// Its backend's terminal event (`execution_success`, `_error`, `_interrupted`) was relayed
+    /// to its client; if not (the gate was down when it ended), `end` sends the one in its
+    /// history entry.
+    #[serde(skip)]
+    pub terminal_sent: bool,
     /// Last `executing` node, for the reconnect replay.
     #[serde(skip)]
     pub last_node: Option<String>,
@@ -145,6 +150,7 @@ impl PromptRecord {
             reports_progress: false,
             corroborating: false,
             last_node: None,
+            terminal_sent: false,
             retry_after_run: false,
             deadline_interrupt: None,
             log: RunLog::default(),
@@ -192,6 +198,7 @@ impl PromptRecord {
         self.reports_progress = false;
         self.corroborating = false;
         self.last_node = None;
+        self.terminal_sent = false;
         self.retry_after_run = false;
         self.deadline_interrupt = None;
         self.log = RunLog::default();

@@ -74,6 +74,7 @@ impl Scheduler {
             "aliases": aliases,
             "uploads": uploads,
             "sessions": self.sessions.len(),
+            "missed_endings_clients": self.sessions.missed_clients(),
             "decisions": decisions,
             "store": stored,
         })

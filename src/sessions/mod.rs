@@ -19,6 +19,7 @@
 //! Unlike ComfyUI, a reconnecting socket with the same clientId replaces the old one, which is
 //! closed, not orphaned.
 
+pub mod missed;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -101,6 +102,8 @@ pub struct Sessions {
     dropped_clients: AtomicU64,
     /// Preview frames dropped for clients that fell behind, since start.
     dropped_previews: AtomicU64,
+    /// Terminal events of clients that were not connected, for when they come back.
+    missed: missed::Missed,
 }
 
 impl Sessions {
@@ -155,16 +158,25 @@ impl Sessions {
         }
     }
 
-    /// Sends a JSON event to one client (dropped if it is not connected, as ComfyUI does),
-    /// with the preview held for its prompt, if any, on the side ComfyUI puts it.
+    /// Sends a JSON event to one client, with the preview held for its prompt, if any, on the
+    /// side ComfyUI puts it. A client that is not connected does not get it, as on ComfyUI,
+    /// except a terminal event, kept for its return ([`missed`]).
     pub fn send_json(&self, sid: &str, kind: &str, data: Value) {
         let prompt_id = data
             .get("prompt_id")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let event = Message::text(crate::protocol::event(kind, data).to_string());
+        let terminal = missed::is_terminal(kind, &data);
+        let text = crate::protocol::event(kind, data).to_string();
         let mut map = self.lock();
-        let Some(s) = map.get_mut(sid) else { return };
+        let Some(s) = map.get_mut(sid) else {
+            drop(map);
+            if terminal {
+                self.missed.keep(sid, text);
+            }
+            return;
+        };
+        let event = Message::text(text);
         let frames = match prompt_id.and_then(|p| s.take_held(&p)) {
             Some(preview) if kind == "progress" => [Some(event), Some(preview)],
             Some(preview) => [Some(preview), Some(event)],
@@ -176,6 +188,27 @@ impl Sessions {
                 return;
             }
         }
+    }
+
+    /// Sends `sid` the terminal events it missed while it was away (see [`missed`]), in order.
+    pub fn replay_missed(&self, sid: &str) {
+        let texts = self.missed.take(sid);
+        if texts.is_empty() {
+            return;
+        }
+        let mut map = self.lock();
+        let Some(s) = map.get_mut(sid) else { return };
+        for text in texts {
+            if !self.offer(s, Message::text(text)) {
+                map.remove(sid);
+                return;
+            }
+        }
+    }
+
+    /// Clients with terminal events kept for their return.
+    pub fn missed_clients(&self) -> usize {
+        self.missed.clients()
     }
 
     /// Sends a binary frame: a type 4 preview as it is to a client that negotiated metadata;
