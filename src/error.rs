@@ -30,9 +30,13 @@ pub enum GateError {
     /// The gate cannot keep its promise right now (its state store failed).
     #[error("comfy-gate cannot accept work right now: {0}")]
     Unavailable(String),
-    /// A backend failed (connection refused, reset, timeout).
+    /// A backend failed after a connection was made (reset, closed, timeout, a bad answer):
+    /// the request may have been applied.
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },
+    /// No connection to the backend could be made (refused, unreachable): nothing was sent.
+    #[error("backend {backend} unreachable: {message}")]
+    Unreachable { backend: String, message: String },
 }
 
 impl GateError {
@@ -40,7 +44,10 @@ impl GateError {
     pub fn retry_safe(&self) -> bool {
         matches!(
             self,
-            GateError::NoBackend | GateError::Unavailable(_) | GateError::Backend { .. }
+            GateError::NoBackend
+                | GateError::Unavailable(_)
+                | GateError::Backend { .. }
+                | GateError::Unreachable { .. }
         )
     }
 
@@ -52,7 +59,7 @@ impl GateError {
             GateError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
             GateError::NoBackend | GateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            GateError::Backend { .. } => StatusCode::BAD_GATEWAY,
+            GateError::Backend { .. } | GateError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -66,6 +73,7 @@ impl GateError {
             GateError::NoBackend => "no_backend",
             GateError::Unavailable(_) => "unavailable",
             GateError::Backend { .. } => "backend_error",
+            GateError::Unreachable { .. } => "backend_unreachable",
         }
     }
 

@@ -77,6 +77,10 @@ impl Upstream {
         let fut = self.client.request(req);
         match tokio::time::timeout(timeout.unwrap_or(self.timeout), fut).await {
             Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.is_connect() => Err(GateError::Unreachable {
+                backend: backend.name.clone(),
+                message: e.to_string(),
+            }),
             Ok(Err(e)) => Err(Self::err(backend, e)),
             Err(_) => Err(Self::err(backend, "timed out")),
         }
