@@ -33,6 +33,11 @@ pub enum GateError {
     /// A backend failed (connection refused, reset, timeout).
     #[error("backend {backend}: {message}")]
     Backend { backend: String, message: String },
+    /// The gate's own handling of the request failed (a panic caught at the edge, logged there
+    /// with its message; the client is not told the gate's internals). Not retry-safe: the gate
+    /// cannot tell how far the request got.
+    #[error("internal error in comfy-gate")]
+    Internal,
 }
 
 impl GateError {
@@ -53,6 +58,7 @@ impl GateError {
             GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
             GateError::NoBackend | GateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GateError::Backend { .. } => StatusCode::BAD_GATEWAY,
+            GateError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -66,6 +72,7 @@ impl GateError {
             GateError::NoBackend => "no_backend",
             GateError::Unavailable(_) => "unavailable",
             GateError::Backend { .. } => "backend_error",
+            GateError::Internal => "internal_error",
         }
     }
 

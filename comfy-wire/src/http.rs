@@ -334,3 +334,15 @@ pub async fn serve<H, F>(
         let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
     }
 }
+
+/// The message of a caught panic (`panic!("…")` carries a `&str` or a `String`; anything else
+/// is named as such).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
