@@ -128,6 +128,10 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    // A declared length past the limit is refused at once, not after waiting for the bytes.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge { limit });
+    }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) => {
