@@ -182,7 +182,19 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         sched,
         fleet: fleet.clone(),
     });
-    let admin_handler = Arc::new(move |req, _info| admin::handle(admin.clone(), req));
+    let admin_handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
+        use futures_util::FutureExt;
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        std::panic::AssertUnwindSafe(admin::handle(admin.clone(), req))
+            .catch_unwind()
+            .map(move |done| {
+                done.unwrap_or_else(|payload| {
+                    let message = http::panic_message(payload.as_ref());
+                    tracing::error!(%method, %path, panic = %message, "admin request panicked; answered 500");
+                    error::GateError::Internal.into_response()
+                })
+            })
+    });
     tasks.push(tokio::spawn(http::serve(
         admin_listener,
         admin_handler,

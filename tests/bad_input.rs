@@ -13,6 +13,7 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 /// An innocent client: a prompt submitted with its clientId and followed over its socket to
 /// `execution_success` and `executing {node: null}`, then found in the history.
@@ -457,6 +458,18 @@ async fn huge_and_deeply_nested_bodies_are_refused() {
         let (s, answer) = post_raw_body(&base, "/prompt", in_graph.into_bytes()).await;
         eprintln!("deep 100 in graph -> {s} {answer}");
         assert_eq!(s, 400, "{answer}");
+
+        // The same nesting as a client's WebSocket message is ignored; the socket stays open.
+        let mut ws = Ws::connect(&base, Some("deep-socket")).await;
+        ws.send_raw(Message::text(deep(100_000))).await;
+        ws.send_raw(Message::text(deep_obj(100_000))).await;
+        loop {
+            match ws.next_within(Duration::from_millis(500)).await {
+                Err(()) => break,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the gate closed the socket"),
+            }
+        }
     })
     .await;
     gate.shutdown().await;
