@@ -37,6 +37,11 @@ pub enum GateError {
     /// No connection to the backend could be made (refused, unreachable): nothing was sent.
     #[error("backend {backend} unreachable: {message}")]
     Unreachable { backend: String, message: String },
+    /// The gate's own handling of the request failed (a panic caught at the edge, logged there
+    /// with its message; the client is not told the gate's internals). Not retry-safe: the gate
+    /// cannot tell how far the request got.
+    #[error("internal error in comfy-gate")]
+    Internal,
 }
 
 impl GateError {
@@ -60,6 +65,7 @@ impl GateError {
             GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
             GateError::NoBackend | GateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GateError::Backend { .. } | GateError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            GateError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -74,6 +80,7 @@ impl GateError {
             GateError::Unavailable(_) => "unavailable",
             GateError::Backend { .. } => "backend_error",
             GateError::Unreachable { .. } => "backend_unreachable",
+            GateError::Internal => "internal_error",
         }
     }
 

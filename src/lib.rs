@@ -122,20 +122,43 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     let mut tasks = Vec::new();
     let (events_tx, events_rx) = mpsc::channel(fleet::socket::EVENTS_CAPACITY);
     for b in fleet.backends() {
-        let (f, s) = (fleet.clone(), stop.clone());
-        tasks.push(tokio::spawn(fleet::probe::probe_loop(f, b.index, s)));
+        let (f, s, i) = (fleet.clone(), stop.clone(), b.index);
+        tasks.push(tokio::spawn(supervise(
+            "probe loop",
+            stop.clone(),
+            move || fleet::probe::probe_loop(f.clone(), i, s.clone()),
+        )));
         let (f, s, tx) = (fleet.clone(), stop.clone(), events_tx.clone());
-        tasks.push(tokio::spawn(fleet::socket::socket_loop(f, b.index, tx, s)));
+        tasks.push(tokio::spawn(supervise(
+            "socket loop",
+            stop.clone(),
+            move || fleet::socket::socket_loop(f.clone(), i, tx.clone(), s.clone()),
+        )));
     }
     drop(events_tx);
-    tasks.push(tokio::spawn(sched::events::event_loop(
-        sched.clone(),
-        events_rx,
+    // The receiver outlives a panicked event loop: the restarted one reads on from it.
+    let events_rx = Arc::new(tokio::sync::Mutex::new(events_rx));
+    let sc = sched.clone();
+    tasks.push(tokio::spawn(supervise(
+        "event loop",
+        stop.clone(),
+        move || {
+            let (sched, events) = (sc.clone(), events_rx.clone());
+            async move { sched::events::event_loop(sched, &mut *events.lock().await).await }
+        },
     )));
-    tasks.push(tokio::spawn(sched::dispatch::dispatcher_loop(
-        sched.clone(),
+    let sc = sched.clone();
+    tasks.push(tokio::spawn(supervise(
+        "dispatcher loop",
+        stop.clone(),
+        move || sched::dispatch::dispatcher_loop(sc.clone()),
     )));
-    tasks.push(tokio::spawn(sched::watchdog::watchdog_loop(sched.clone())));
+    let sc = sched.clone();
+    tasks.push(tokio::spawn(supervise(
+        "watchdog loop",
+        stop.clone(),
+        move || sched::watchdog::watchdog_loop(sc.clone()),
+    )));
     let ctx = Arc::new(api::Ctx {
         config: config.clone(),
         sched: sched.clone(),
@@ -159,7 +182,19 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         sched,
         fleet: fleet.clone(),
     });
-    let admin_handler = Arc::new(move |req, _info| admin::handle(admin.clone(), req));
+    let admin_handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
+        use futures_util::FutureExt;
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        std::panic::AssertUnwindSafe(admin::handle(admin.clone(), req))
+            .catch_unwind()
+            .map(move |done| {
+                done.unwrap_or_else(|payload| {
+                    let message = http::panic_message(payload.as_ref());
+                    tracing::error!(%method, %path, panic = %message, "admin request panicked; answered 500");
+                    error::GateError::Internal.into_response()
+                })
+            })
+    });
     tasks.push(tokio::spawn(http::serve(
         admin_listener,
         admin_handler,
@@ -175,6 +210,38 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         stop,
         tasks,
     })
+}
+
+/// Pause before a loop that panicked runs again: one that panics on every turn logs once a
+/// second instead of spinning.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs one of the gate's background loops, and runs it again if it panics. A panic there is a
+/// bug, but stopping would be worse: without its dispatcher, event loop, watchdog, probes or
+/// upstream sockets the gate would go on accepting prompts and never run or end them, a
+/// silent outage. Restarting is safe because each loop keeps its state in the scheduler and
+/// fleet, whose locks shrug off poisoning (the event loop's receiver outlives it too); the
+/// one item being handled when it panicked is lost, and the watchdog and recovery end what it
+/// left half done. Each panic is logged at error level with the loop's name and message.
+async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use futures_util::FutureExt;
+    loop {
+        match std::panic::AssertUnwindSafe(start()).catch_unwind().await {
+            Ok(()) => return,
+            Err(payload) => {
+                let message = http::panic_message(payload.as_ref());
+                tracing::error!(task = name, panic = %message, "background loop panicked; restarting it");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RESTART_PAUSE) => {}
+        }
+    }
 }
 
 /// The prompt table as the store left it: waiting prompts queued again; a prompt on a backend
@@ -213,4 +280,37 @@ fn restore_table(
         );
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    /// A loop that panics is run again (after the pause) until it returns on its own.
+    #[tokio::test]
+    async fn a_panicking_loop_is_restarted_until_it_returns() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        super::supervise("test loop", CancellationToken::new(), move || {
+            let runs = counted.clone();
+            async move {
+                if runs.fetch_add(1, Ordering::SeqCst) < 2 {
+                    panic!("boom");
+                }
+            }
+        })
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    /// A stop while it waits to restart ends the supervisor.
+    #[tokio::test]
+    async fn a_stop_ends_the_restarts() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        super::supervise("test loop", stop, || async { panic!("always") }).await;
+    }
 }

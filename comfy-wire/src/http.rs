@@ -128,6 +128,10 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    // A declared length past the limit is refused at once, not after waiting for the bytes.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge { limit });
+    }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) => {
@@ -332,5 +336,17 @@ pub async fn serve<H, F>(
     drop(listener);
     if let Some(drain) = options.drain {
         let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    }
+}
+
+/// The message of a caught panic (`panic!("…")` carries a `&str` or a `String`; anything else
+/// is named as such).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
     }
 }

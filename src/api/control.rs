@@ -41,7 +41,13 @@ pub async fn interrupt(
     identity: &str,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
-    let data: Value = serde_json::from_slice(body).unwrap_or(json!({}));
+    // No body at all is the caller's running prompts (older clients post none); a body that is
+    // not JSON is refused, never read as "interrupt everything I run".
+    let data: Value = if body.trim_ascii().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| GateError::BadJson(e.to_string()))?
+    };
     let named = data
         .get("prompt_id")
         .filter(|v| truthy(Some(v)))

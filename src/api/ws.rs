@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -34,7 +34,9 @@ where
     }
     let mut first_message = true;
     let dropped = reg.dropped.clone();
-    loop {
+    // A panic in this socket's loop (a bug) ends this socket only, and never skips the
+    // unregister below: a session left registered would collect its client's events forever.
+    let session = std::panic::AssertUnwindSafe(async { loop {
         tokio::select! {
             _ = dropped.cancelled() => break,
             out = reg.next() => {
@@ -59,6 +61,12 @@ where
                 Some(Ok(_)) => {}
             },
         }
+    }})
+    .catch_unwind()
+    .await;
+    if let Err(payload) = session {
+        let message = crate::http::panic_message(payload.as_ref());
+        tracing::error!(sid, panic = %message, "client socket loop panicked; closing it");
     }
     sessions.unregister(&sid, reg.conn);
 }

@@ -58,6 +58,10 @@ pub struct ServerConfig {
     /// Where the durable state (queue, owners, history, uploads) lives; `--state-dir` overrides
     /// it. Default: `$STATE_DIRECTORY` (set by systemd) if set, else `./comfy-gate-state`.
     pub state_dir: Option<PathBuf>,
+    /// Test-only faults: when true, a client request carrying the header
+    /// `x-comfy-gate-test-fault: panic` panics in the gate's handling of it (tests/panics.rs
+    /// shows the panic is contained). Never enable it in production. Default false.
+    pub test_faults: bool,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             upstream_timeout_ms: 60_000,
             state_dir: None,
+            test_faults: false,
         }
     }
 }

@@ -8,8 +8,10 @@ pub mod identity;
 pub mod origin;
 pub mod proxy;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -18,11 +20,24 @@ use crate::error::GateError;
 use crate::http::{Body, ConnInfo, status};
 use proxy::Target;
 
-/// Serves one client request.
+/// The header that injects a fault when `server.test_faults` is on (tests only).
+pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
+
+/// Serves one client request. A panic anywhere in its handling (up to the response head) is
+/// the seat belt's to catch: logged with the request and answered 500 in the gate's error
+/// shape, so the connection, its other requests and every other client go on. The shared
+/// state survives it: the gate's locks shrug off poisoning. A panic while a body streams out
+/// (after the head) ends that one connection only: hyper's connection task is a task of its own.
 pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
-    match route(ctx, req, info).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(),
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    match AssertUnwindSafe(route(ctx, req, info)).catch_unwind().await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(),
+        Err(payload) => {
+            let message = crate::http::panic_message(payload.as_ref());
+            tracing::error!(%method, %path, panic = %message, "request handling panicked; answered 500");
+            GateError::Internal.into_response()
+        }
     }
 }
 
@@ -41,6 +56,14 @@ async fn route(
     req: Request<Incoming>,
     info: ConnInfo,
 ) -> Result<Response<Body>, GateError> {
+    if ctx.config.server.test_faults
+        && req
+            .headers()
+            .get(TEST_FAULT_HEADER)
+            .is_some_and(|v| v == "panic")
+    {
+        panic!("test fault: {} {}", req.method(), req.uri().path());
+    }
     if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req) {
         return Err(GateError::ForbiddenOrigin);
     }

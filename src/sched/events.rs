@@ -20,7 +20,7 @@ use crate::fleet::socket::UpstreamEvent;
 use crate::protocol::frames;
 
 /// Routes upstream events until the fleet's sockets are gone.
-pub async fn event_loop(sched: Arc<Scheduler>, mut events: mpsc::Receiver<UpstreamEvent>) {
+pub async fn event_loop(sched: Arc<Scheduler>, events: &mut mpsc::Receiver<UpstreamEvent>) {
     while let Some(event) = events.recv().await {
         match event {
             UpstreamEvent::Opened {

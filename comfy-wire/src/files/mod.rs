@@ -153,16 +153,20 @@ fn is_image_name(name: &str) -> bool {
 }
 
 /// Lexical normalisation (`os.path.normpath`): drops `.`, resolves `..` against what precedes.
+/// A `..` that has nothing to cancel is kept (`../..` stays `../..`, it must not cancel the
+/// `..` before it); at the root it stays at the root.
 pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                Some(Component::RootDir) | Some(Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -467,6 +471,16 @@ pub async fn parse_upload_form(content_type: &str, body: &[u8]) -> Result<Upload
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn normalize_keeps_every_unmatched_parent() {
+        let n = |p: &str| super::normalize(std::path::Path::new(p));
+        assert_eq!(n("../.."), std::path::PathBuf::from("../.."));
+        assert_eq!(n("a/../../b"), std::path::PathBuf::from("../b"));
+        assert_eq!(n("a/./b/../c"), std::path::PathBuf::from("a/c"));
+        assert_eq!(n("/a/../.."), std::path::PathBuf::from("/"));
+        assert_eq!(n("/base/in/../.."), std::path::PathBuf::from("/"));
+    }
+
     use super::*;
 
     #[test]
