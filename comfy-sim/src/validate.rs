@@ -151,11 +151,16 @@ pub fn validate_prompt(
     })
 }
 
-/// Python's recursion limit, in `validate_inputs` frames (the output's frame is 1): ComfyUI
-/// 0.8.0 on CPython 3.11 raised `RecursionError` when it came to validate the node 973 links
-/// from the output on a chain of ImageBlur / ImageInvert (980 on ImageInvert alone; the exact
-/// frame depends on what each node's validation calls).
-const MAX_DEPTH: usize = 972;
+/// Python's recursion limit, in `validate_inputs` frames (the output's frame is 1), as ComfyUI
+/// 0.8.0 on CPython 3.11 showed it on chains of ImageBlur / ImageInvert ending in a SaveImage:
+/// a frame at depth 978 cannot start (the longest chain accepted has its first node at depth
+/// 977), and the `RecursionError` climbs back up while each handler, calling
+/// `traceback.format_tb`, raises again, until the frame at depth 972 records it against the
+/// node it links to (always the node at depth 973, whatever the chain's length). On
+/// ImageInvert alone both depths are 7 deeper; the exact frame depends on what each node's
+/// validation calls, so one calibration stands for all.
+const RAISE_DEPTH: usize = 978;
+const CATCH_DEPTH: usize = 972;
 
 /// What CPython says when the limit is hit.
 const RECURSION: &str = "maximum recursion depth exceeded while calling a Python object";
@@ -184,8 +189,8 @@ enum Step {
 
 /// `validate_inputs(prompt, id, validated)`: ComfyUI's depth-first recursion, emulated
 /// iteratively, with its answers at Python's recursion limit: the call that would go deeper
-/// raises `RecursionError`, which the caller records against the node it was linking to; the
-/// frames it unwinds through then overwrite the entries of every node still on the stack, so
+/// raises `RecursionError`, which the frame at [`CATCH_DEPTH`] records against the node it was
+/// linking to; the frames it unwinds through then overwrite the entries of every node still on the stack, so
 /// a cycle ends with every node on it invalid and no reason of its own.
 fn validate_inputs(
     prompt: &mut Map<String, Value>,
@@ -218,7 +223,9 @@ fn validate_inputs(
             }
         }
         match step(prompt, top, ctx) {
-            Step::Call(_) if stack.len() >= MAX_DEPTH => {
+            Step::Call(_) if stack.len() + 1 >= RAISE_DEPTH => {
+                // The frames whose handlers raise again end without an entry.
+                stack.truncate(CATCH_DEPTH);
                 returned = Some(Err(PyException {
                     kind: "RecursionError",
                     message: RECURSION.into(),
