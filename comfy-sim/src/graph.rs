@@ -181,4 +181,85 @@ mod tests {
         }
         assert_eq!(order, ["4", "5", "7", "6", "3", "8", "9"]);
     }
+
+    /// The ranked ready set picks what ComfyUI's pass over every pending node picks: checked
+    /// against that pass (the sim's former `stage`) on pseudo-random graphs.
+    #[test]
+    fn ranked_ready_set_picks_as_a_full_pass_does() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20 {
+            let n = 60;
+            let mut prompt = Map::new();
+            for i in 0..n {
+                let mut inputs = Map::new();
+                for k in 0..rand(4) {
+                    if i > 0 {
+                        inputs.insert(format!("in{k}"), json!([rand(i).to_string(), 0]));
+                    }
+                }
+                let class = if rand(4) == 0 { "Out" } else { "Mid" };
+                prompt.insert(
+                    i.to_string(),
+                    json!({"class_type": class, "inputs": inputs}),
+                );
+            }
+            let is_output = |c: &str| c == "Out";
+            let outputs: Vec<String> = prompt
+                .iter()
+                .filter(|(_, v)| v["class_type"] == "Out")
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut list = ExecutionList::new(&prompt, &is_output);
+            for o in &outputs {
+                list.add_node(o, &|_| false);
+            }
+            // The former pass: pending in order added, blocking edges as built.
+            let mut pending: Vec<String> = {
+                let mut v: Vec<(&usize, &String)> =
+                    list.added.iter().map(|(k, o)| (o, k)).collect();
+                v.sort();
+                v.into_iter().map(|(_, k)| k.clone()).collect()
+            };
+            let mut counts = list.block_count.clone();
+            let mut blocking = list.blocking.clone();
+            let out = |id: &str| prompt[id]["class_type"] == "Out";
+            let mut order = Vec::new();
+            while let Some(id) = list.stage() {
+                list.complete(&id);
+                order.push(id);
+            }
+            let mut expected = Vec::new();
+            loop {
+                let ready: Vec<&String> = pending.iter().filter(|id| counts[*id] == 0).collect();
+                let blocked = |id: &str| blocking.get(id).into_iter().flat_map(|m| m.keys());
+                let Some(next) = ready
+                    .iter()
+                    .find(|id| out(id))
+                    .or_else(|| ready.iter().find(|id| blocked(id).any(|b| out(b))))
+                    .or_else(|| {
+                        ready
+                            .iter()
+                            .find(|id| blocked(id).any(|b| blocked(b).any(|c| out(c))))
+                    })
+                    .or(ready.first())
+                    .map(|id| id.to_string())
+                else {
+                    break;
+                };
+                pending.retain(|p| *p != next);
+                for to in blocking.remove(&next).unwrap_or_default().keys() {
+                    *counts.get_mut(to).unwrap() -= 1;
+                }
+                expected.push(next);
+            }
+            assert_eq!(order, expected);
+            assert_eq!(order.len(), list.added.len());
+        }
+    }
 }
