@@ -110,6 +110,8 @@ flows! {
     status_on_connect_while_running;
     /// Every kind of invalid prompt: 400 with `error` and `node_errors`.
     validation_errors;
+    /// A cycle an output needs: 400 naming no node; a cycle no output reaches: the prompt runs.
+    graph_cycles;
     /// /queue, GET /prompt, /history paging with max_items and offset, /history/{id}.
     queue_and_history;
     /// /api/jobs with filters and paging, /api/jobs/{id}.

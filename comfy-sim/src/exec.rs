@@ -116,7 +116,12 @@ impl Run<'_> {
         }
     }
 
+    /// ComfyUI sends every started node's state on each change (a message grows with the
+    /// prompt); it is built only when some socket will receive it.
     fn send_progress_state(&self) {
+        if !self.inst.hub.has_listener(self.target()) {
+            return;
+        }
         let nodes: Map<String, Value> = self
             .progress
             .iter()
@@ -217,58 +222,87 @@ fn is_link(v: &Value) -> bool {
     matches!(v, Value::Array(a) if a.len() == 2 && a[0].is_string() && a[1].is_number())
 }
 
-/// Input signatures per node (class, literal inputs, linked signatures, LoadImage's file hash).
+/// Input signatures per node (class, literal inputs, linked signatures, LoadImage's file hash),
+/// computed depth-first without recursion: each node once, after the nodes it links to. A link
+/// back into the path being walked (a cycle, which validation keeps from running) is hashed by
+/// the id it names.
 fn signatures(inst: &Instance, prompt: &Map<String, Value>) -> HashMap<String, u64> {
-    fn sig(
-        inst: &Instance,
-        prompt: &Map<String, Value>,
-        id: &str,
-        memo: &mut HashMap<String, u64>,
-        depth: usize,
-    ) -> u64 {
-        if let Some(s) = memo.get(id) {
-            return *s;
-        }
-        let mut h = DefaultHasher::new();
-        let node = &prompt[id];
-        node["class_type"].to_string().hash(&mut h);
-        if let Some(inputs) = node["inputs"].as_object() {
-            let mut names: Vec<&String> = inputs.keys().collect();
-            names.sort();
-            for name in names {
-                name.hash(&mut h);
-                let v = &inputs[name];
-                if is_link(v) && depth < 256 {
-                    let from = v[0].as_str().unwrap_or("");
-                    if prompt.contains_key(from) {
-                        sig(inst, prompt, from, memo, depth + 1).hash(&mut h);
-                    }
-                    v[1].to_string().hash(&mut h);
-                } else {
-                    v.to_string().hash(&mut h);
+    let links = |id: &str| -> Vec<&str> {
+        prompt[id]["inputs"]
+            .as_object()
+            .into_iter()
+            .flat_map(|inputs| inputs.values())
+            .filter(|v| is_link(v))
+            .filter_map(|v| v[0].as_str())
+            .filter(|from| prompt.contains_key(*from))
+            .collect()
+    };
+    let mut memo: HashMap<String, u64> = HashMap::with_capacity(prompt.len());
+    let mut walking: HashSet<&str> = HashSet::new();
+    for root in prompt.keys() {
+        let mut stack: Vec<(&str, bool)> = vec![(root.as_str(), false)];
+        while let Some((id, inputs_done)) = stack.pop() {
+            if inputs_done {
+                walking.remove(id);
+                let s = signature(inst, prompt, id, &memo);
+                memo.insert(id.to_string(), s);
+                continue;
+            }
+            if memo.contains_key(id) || walking.contains(id) {
+                continue;
+            }
+            walking.insert(id);
+            stack.push((id, true));
+            for from in links(id) {
+                if !memo.contains_key(from) && !walking.contains(from) {
+                    stack.push((from, false));
                 }
             }
         }
-        if let Some(class) = node["class_type"].as_str()
-            && crate::utility_nodes::NEVER_CACHED.contains(&class)
-        {
-            rand::random::<u64>().hash(&mut h);
-        }
-        if node["class_type"] == "LoadImage" {
-            let name = comfy_wire::protocol::errors::python_str(&node["inputs"]["image"]);
-            if let Ok(bytes) = std::fs::read(inst.dirs.annotated_path(&name)) {
-                bytes.hash(&mut h);
-            }
-        }
-        let s = h.finish();
-        memo.insert(id.to_string(), s);
-        s
-    }
-    let mut memo = HashMap::new();
-    for id in prompt.keys() {
-        sig(inst, prompt, id, &mut memo, 0);
     }
     memo
+}
+
+/// One node's signature, given those of the nodes it links to.
+fn signature(
+    inst: &Instance,
+    prompt: &Map<String, Value>,
+    id: &str,
+    memo: &HashMap<String, u64>,
+) -> u64 {
+    let mut h = DefaultHasher::new();
+    let node = &prompt[id];
+    node["class_type"].to_string().hash(&mut h);
+    if let Some(inputs) = node["inputs"].as_object() {
+        let mut names: Vec<&String> = inputs.keys().collect();
+        names.sort();
+        for name in names {
+            name.hash(&mut h);
+            let v = &inputs[name];
+            if is_link(v) {
+                let from = v[0].as_str().unwrap_or("");
+                match memo.get(from) {
+                    Some(s) => s.hash(&mut h),
+                    None => from.hash(&mut h),
+                }
+                v[1].to_string().hash(&mut h);
+            } else {
+                v.to_string().hash(&mut h);
+            }
+        }
+    }
+    if let Some(class) = node["class_type"].as_str()
+        && crate::utility_nodes::NEVER_CACHED.contains(&class)
+    {
+        rand::random::<u64>().hash(&mut h);
+    }
+    if node["class_type"] == "LoadImage" {
+        let name = comfy_wire::protocol::errors::python_str(&node["inputs"]["image"]);
+        if let Ok(bytes) = std::fs::read(inst.dirs.annotated_path(&name)) {
+            bytes.hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// Runs the worker until the instance dies.
@@ -380,6 +414,8 @@ async fn execute(inst: &Instance, cache: &mut OutputCache, item: &QueueItem) -> 
     let mut success = true;
 
     while let Some(id) = list.stage() {
+        // Other requests are answered between nodes, however many nodes there are.
+        tokio::task::yield_now().await;
         let class = prompt[&id]["class_type"].as_str().unwrap_or("").to_string();
         let sig = sigs[&id];
         if let Some(hit) = cache.entries.get(&sig).cloned() {

@@ -4,17 +4,23 @@
 //! nodes, output nodes go first, then nodes feeding an output, then those two steps away, then
 //! the earliest added. Reproducing it keeps the sim's `executing` order equal to ComfyUI's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use indexmap::{IndexMap, IndexSet};
+use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
 pub struct ExecutionList<'a> {
     prompt: &'a Map<String, Value>,
     is_output_class: &'a (dyn Fn(&str) -> bool + Sync),
-    pending: IndexSet<String>,
+    pending: HashSet<String>,
+    /// When each node was added: ComfyUI's `pendingNodes` order, which breaks ties.
+    added: HashMap<String, usize>,
     block_count: HashMap<String, usize>,
     blocking: HashMap<String, IndexMap<String, ()>>,
+    /// The ready nodes (pending, nothing blocking them) by (rank, order added), built on the
+    /// first `stage` and kept up to date by `complete`, so that picking the next node costs a
+    /// lookup, not a pass over every pending node (10,000 output nodes stay linear).
+    ready: Option<BTreeSet<(u8, usize, String)>>,
 }
 
 fn link_source(v: &Value) -> Option<&str> {
@@ -32,13 +38,16 @@ impl<'a> ExecutionList<'a> {
         Self {
             prompt,
             is_output_class,
-            pending: IndexSet::new(),
+            pending: HashSet::new(),
+            added: HashMap::new(),
             block_count: HashMap::new(),
             blocking: HashMap::new(),
+            ready: None,
         }
     }
 
     pub fn add_node(&mut self, id: &str, is_cached: &dyn Fn(&str) -> bool) {
+        self.ready = None;
         let mut stack = vec![id.to_string()];
         let mut links = Vec::new();
         while let Some(u) = stack.pop() {
@@ -46,6 +55,8 @@ impl<'a> ExecutionList<'a> {
                 continue;
             }
             self.pending.insert(u.clone());
+            let order = self.added.len();
+            self.added.entry(u.clone()).or_insert(order);
             self.block_count.insert(u.clone(), 0);
             self.blocking.insert(u.clone(), IndexMap::new());
             if let Some(inputs) = self.prompt[&u]["inputs"].as_object() {
@@ -63,7 +74,6 @@ impl<'a> ExecutionList<'a> {
             if is_cached(&from) || !self.prompt.contains_key(&from) {
                 continue;
             }
-            self.add_node(&from, is_cached);
             let blocked = self.blocking.entry(from).or_default();
             if !blocked.contains_key(&to) {
                 blocked.insert(to.clone(), ());
@@ -78,39 +88,66 @@ impl<'a> ExecutionList<'a> {
             .is_some_and(|c| (self.is_output_class)(c))
     }
 
-    /// The next node to run, or `None` when nothing is left (or only a cycle).
-    pub fn stage(&self) -> Option<String> {
-        let ready: Vec<&String> = self
-            .pending
-            .iter()
-            .filter(|id| self.block_count.get(*id) == Some(&0))
-            .collect();
+    /// ComfyUI's `ux_friendly_pick_node`: an output node first, then a node feeding an output,
+    /// then one two steps from an output, then the earliest added. A node's rank cannot change
+    /// while it waits: what it blocks is released only when it completes.
+    fn rank(&self, id: &str) -> u8 {
         let blocked = |id: &str| self.blocking.get(id).into_iter().flat_map(|m| m.keys());
-        ready
-            .iter()
-            .find(|id| self.is_output(id))
-            .or_else(|| {
-                ready
-                    .iter()
-                    .find(|id| blocked(id).any(|b| self.is_output(b)))
-            })
-            .or_else(|| {
-                ready
-                    .iter()
-                    .find(|id| blocked(id).any(|b| blocked(b).any(|c| self.is_output(c))))
-            })
-            .or(ready.first())
-            .map(|id| id.to_string())
+        if self.is_output(id) {
+            0
+        } else if blocked(id).any(|b| self.is_output(b)) {
+            1
+        } else if blocked(id).any(|b| blocked(b).any(|c| self.is_output(c))) {
+            2
+        } else {
+            3
+        }
+    }
+
+    fn ready_key(&self, id: &str) -> (u8, usize, String) {
+        (self.rank(id), self.added[id], id.to_string())
+    }
+
+    /// The next node to run, or `None` when nothing is left (or only a cycle).
+    pub fn stage(&mut self) -> Option<String> {
+        if self.ready.is_none() {
+            let ready = self
+                .pending
+                .iter()
+                .filter(|id| self.block_count.get(*id) == Some(&0))
+                .map(|id| self.ready_key(id))
+                .collect();
+            self.ready = Some(ready);
+        }
+        self.ready
+            .as_ref()
+            .and_then(|r| r.first())
+            .map(|(_, _, id)| id.clone())
     }
 
     pub fn complete(&mut self, id: &str) {
-        self.pending.shift_remove(id);
-        if let Some(blocked) = self.blocking.remove(id) {
-            for to in blocked.keys() {
-                if let Some(c) = self.block_count.get_mut(to) {
-                    *c = c.saturating_sub(1);
+        if !self.pending.remove(id) {
+            return;
+        }
+        if let (Some(ready), Some(&order)) = (self.ready.as_mut(), self.added.get(id)) {
+            // Its rank is one of four.
+            (0..4).any(|rank| ready.remove(&(rank, order, id.to_string())));
+        }
+        let Some(blocked) = self.blocking.remove(id) else {
+            return;
+        };
+        let mut now_ready = Vec::new();
+        for to in blocked.keys() {
+            if let Some(c) = self.block_count.get_mut(to) {
+                *c = c.saturating_sub(1);
+                if *c == 0 && self.pending.contains(to) {
+                    now_ready.push(to.clone());
                 }
             }
+        }
+        let keys: Vec<_> = now_ready.iter().map(|to| self.ready_key(to)).collect();
+        if let Some(ready) = self.ready.as_mut() {
+            ready.extend(keys);
         }
     }
 }
@@ -143,5 +180,86 @@ mod tests {
             order.push(id);
         }
         assert_eq!(order, ["4", "5", "7", "6", "3", "8", "9"]);
+    }
+
+    /// The ranked ready set picks what ComfyUI's pass over every pending node picks: checked
+    /// against that pass (the sim's former `stage`) on pseudo-random graphs.
+    #[test]
+    fn ranked_ready_set_picks_as_a_full_pass_does() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20 {
+            let n = 60;
+            let mut prompt = Map::new();
+            for i in 0..n {
+                let mut inputs = Map::new();
+                for k in 0..rand(4) {
+                    if i > 0 {
+                        inputs.insert(format!("in{k}"), json!([rand(i).to_string(), 0]));
+                    }
+                }
+                let class = if rand(4) == 0 { "Out" } else { "Mid" };
+                prompt.insert(
+                    i.to_string(),
+                    json!({"class_type": class, "inputs": inputs}),
+                );
+            }
+            let is_output = |c: &str| c == "Out";
+            let outputs: Vec<String> = prompt
+                .iter()
+                .filter(|(_, v)| v["class_type"] == "Out")
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut list = ExecutionList::new(&prompt, &is_output);
+            for o in &outputs {
+                list.add_node(o, &|_| false);
+            }
+            // The former pass: pending in order added, blocking edges as built.
+            let mut pending: Vec<String> = {
+                let mut v: Vec<(&usize, &String)> =
+                    list.added.iter().map(|(k, o)| (o, k)).collect();
+                v.sort();
+                v.into_iter().map(|(_, k)| k.clone()).collect()
+            };
+            let mut counts = list.block_count.clone();
+            let mut blocking = list.blocking.clone();
+            let out = |id: &str| prompt[id]["class_type"] == "Out";
+            let mut order = Vec::new();
+            while let Some(id) = list.stage() {
+                list.complete(&id);
+                order.push(id);
+            }
+            let mut expected = Vec::new();
+            loop {
+                let ready: Vec<&String> = pending.iter().filter(|id| counts[*id] == 0).collect();
+                let blocked = |id: &str| blocking.get(id).into_iter().flat_map(|m| m.keys());
+                let Some(next) = ready
+                    .iter()
+                    .find(|id| out(id))
+                    .or_else(|| ready.iter().find(|id| blocked(id).any(|b| out(b))))
+                    .or_else(|| {
+                        ready
+                            .iter()
+                            .find(|id| blocked(id).any(|b| blocked(b).any(|c| out(c))))
+                    })
+                    .or(ready.first())
+                    .map(|id| id.to_string())
+                else {
+                    break;
+                };
+                pending.retain(|p| *p != next);
+                for to in blocking.remove(&next).unwrap_or_default().keys() {
+                    *counts.get_mut(to).unwrap() -= 1;
+                }
+                expected.push(next);
+            }
+            assert_eq!(order, expected);
+            assert_eq!(order.len(), list.added.len());
+        }
     }
 }

@@ -78,6 +78,15 @@ impl Hub {
     }
 
     /// ComfyUI's `send_json`: to `sid`, or to everyone when `sid` is `None`.
+    /// Whether a message to `sid` (`None`: every socket) would reach anyone.
+    pub fn has_listener(&self, sid: Option<&str>) -> bool {
+        let sessions = self.lock();
+        match sid {
+            None => !sessions.is_empty(),
+            Some(sid) => sessions.contains_key(sid),
+        }
+    }
+
     pub fn send_json(&self, kind: &str, data: Value, sid: Option<&str>) {
         let text = comfy_wire::protocol::event(kind, data).to_string();
         self.send(Message::text(text), sid);

@@ -55,21 +55,41 @@ fn rel(path: &Path, base: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn walk(dir: &Path, recurse: bool, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
+/// The entries of `dir`, sorted; none if it cannot be read.
+fn sorted_entries(dir: &Path) -> std::vec::IntoIter<PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            if recurse {
-                walk(&p, recurse, out);
-            }
-        } else {
-            out.push(p);
+    entries.into_iter()
+}
+
+/// Visits `dir` depth-first in sorted order (a directory's content right after it), on an
+/// explicit stack: a client can nest user directories as deep as the file system allows.
+fn visit(dir: &Path, recurse: bool, mut each: impl FnMut(&Path, bool)) {
+    let mut stack = vec![sorted_entries(dir)];
+    while let Some(entries) = stack.last_mut() {
+        let Some(p) = entries.next() else {
+            stack.pop();
+            continue;
+        };
+        let is_dir = p.is_dir();
+        each(&p, is_dir);
+        if is_dir && recurse {
+            stack.push(sorted_entries(&p));
         }
     }
+}
+
+fn walk(dir: &Path, recurse: bool, out: &mut Vec<PathBuf>) {
+    visit(dir, recurse, |p, is_dir| {
+        if !is_dir {
+            out.push(p.to_path_buf());
+        }
+    });
 }
 
 /// Routes under `/userdata`, `/v2/userdata`, `/settings` and `/users`; `None` if not one of them.
@@ -168,28 +188,19 @@ pub async fn handle(
             }
             let mut dirs = Vec::new();
             let mut files = Vec::new();
-            fn collect(dir: &Path, root: &Path, dirs: &mut Vec<Value>, files: &mut Vec<Value>) {
-                let Ok(rd) = std::fs::read_dir(dir) else {
-                    return;
-                };
-                let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
-                entries.sort();
-                for p in entries {
-                    let name = p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let path = rel(&p, root);
-                    if p.is_dir() {
-                        dirs.push(json!({ "name": name, "path": path, "type": "directory" }));
-                        collect(&p, root, dirs, files);
-                    } else {
-                        let info = file_info(&p, root);
-                        files.push(json!({ "name": name, "path": path, "type": "file", "size": info["size"], "modified": info["modified"] }));
-                    }
+            visit(&start, true, |p, is_dir| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let path = rel(p, &root);
+                if is_dir {
+                    dirs.push(json!({ "name": name, "path": path, "type": "directory" }));
+                } else {
+                    let info = file_info(p, &root);
+                    files.push(json!({ "name": name, "path": path, "type": "file", "size": info["size"], "modified": info["modified"] }));
                 }
-            }
-            collect(&start, &root, &mut dirs, &mut files);
+            });
             dirs.extend(files);
             Some(json_resp(StatusCode::OK, &Value::Array(dirs)))
         }

@@ -4,6 +4,8 @@
 //! same prompt can be valid on one backend and fail with `value_not_in_list` on another: that
 //! is what the gate's capability routing has to reckon with.
 
+use std::collections::BTreeSet;
+
 use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 
@@ -25,8 +27,40 @@ pub struct Validated {
     pub node_errors: Value,
 }
 
-/// (valid, reasons) per validated node id, in validation order.
-type Memo = IndexMap<String, (bool, Vec<Value>)>;
+/// ComfyUI's `validated`: (valid, reasons) per validated node id, in validation order, with
+/// the positions of the entries that have reasons (what `node_errors` reports), so that each
+/// failed output costs what it reports, not a pass over every validated node.
+#[derive(Default)]
+struct Memo {
+    entries: IndexMap<String, (bool, Vec<Value>)>,
+    with_reasons: BTreeSet<usize>,
+}
+
+impl Memo {
+    fn get(&self, id: &str) -> Option<&(bool, Vec<Value>)> {
+        self.entries.get(id)
+    }
+
+    /// `validated[id] = result`: a new id goes last, a known one keeps its place.
+    fn insert(&mut self, id: String, result: (bool, Vec<Value>)) {
+        let reported = !result.0 && !result.1.is_empty();
+        let (at, _) = self.entries.insert_full(id, result);
+        if reported {
+            self.with_reasons.insert(at);
+        } else {
+            self.with_reasons.remove(&at);
+        }
+    }
+
+    /// The entries `node_errors` reports (invalid, with reasons), in validation order.
+    fn reported(&self) -> impl Iterator<Item = (&String, &Vec<Value>)> {
+        self.with_reasons.iter().filter_map(|&at| {
+            self.entries
+                .get_index(at)
+                .map(|(id, (_, reasons))| (id, reasons))
+        })
+    }
+}
 
 /// Python-style exception raised during validation.
 struct PyException {
@@ -57,7 +91,7 @@ pub fn validate_prompt(
     if outputs.is_empty() {
         return Err(errors::no_outputs());
     }
-    let mut memo = Memo::new();
+    let mut memo = Memo::default();
     let mut good = Vec::new();
     let mut failures: Vec<(String, Vec<Value>)> = Vec::new();
     let mut node_errors = Map::new();
@@ -80,10 +114,7 @@ pub fn validate_prompt(
             continue;
         }
         failures.push((o.clone(), reasons));
-        for (node_id, (ok, reasons)) in &memo {
-            if *ok || reasons.is_empty() {
-                continue;
-            }
+        for (node_id, reasons) in memo.reported() {
             let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
                 let class = prompt
                     .get(node_id)
@@ -120,6 +151,47 @@ pub fn validate_prompt(
     })
 }
 
+/// Python's recursion limit, in `validate_inputs` frames (the output's frame is 1), as ComfyUI
+/// 0.8.0 on CPython 3.11 showed it on chains of ImageBlur / ImageInvert ending in a SaveImage:
+/// a frame at depth 978 cannot start (the longest chain accepted has its first node at depth
+/// 977), and the `RecursionError` climbs back up while each handler, calling
+/// `traceback.format_tb`, raises again, until the frame at depth 972 records it against the
+/// node it links to (always the node at depth 973, whatever the chain's length). On
+/// ImageInvert alone both depths are 7 deeper; the exact frame depends on what each node's
+/// validation calls, so one calibration stands for all.
+const RAISE_DEPTH: usize = 978;
+const CATCH_DEPTH: usize = 972;
+
+/// What CPython says when the limit is hit.
+const RECURSION: &str = "maximum recursion depth exceeded while calling a Python object";
+
+/// One `validate_inputs` call of ComfyUI's recursion, kept on an explicit stack so that no
+/// graph (a cycle, a chain of any length) can overflow the sim's own stack.
+struct Frame<'d> {
+    id: String,
+    def: &'d NodeDef,
+    /// The next input of `def.inputs` to look at.
+    next: usize,
+    errors: Vec<Value>,
+    valid: bool,
+    custom_inputs: Vec<(&'static str, Value)>,
+    /// The linked input whose source is being validated: (input name, input_config, link).
+    waiting: Option<(&'static str, Value, Value)>,
+}
+
+/// Where a frame stopped.
+enum Step {
+    /// It links to `from`, which has to be validated first.
+    Call(String),
+    /// It returned (or raised).
+    Done(Result<(bool, Vec<Value>), PyException>),
+}
+
+/// `validate_inputs(prompt, id, validated)`: ComfyUI's depth-first recursion, emulated
+/// iteratively, with its answers at Python's recursion limit: the call that would go deeper
+/// raises `RecursionError`, which the frame at [`CATCH_DEPTH`] records against the node it was
+/// linking to; the frames it unwinds through then overwrite the entries of every node still on the stack, so
+/// a cycle ends with every node on it invalid and no reason of its own.
 fn validate_inputs(
     prompt: &mut Map<String, Value>,
     id: &str,
@@ -129,14 +201,78 @@ fn validate_inputs(
     if let Some(done) = memo.get(id) {
         return Ok(done.clone());
     }
-    let class = python_str(&prompt[id]["class_type"]);
-    let def = find(ctx.defs, &class).expect("classes were checked before");
-    let mut errors = Vec::new();
-    let mut valid = true;
-    let mut custom_inputs: Vec<(&str, Value)> = Vec::new();
+    let mut stack = vec![Frame::new(prompt, id, ctx)];
+    let mut returned: Option<Result<(bool, Vec<Value>), PyException>> = None;
+    loop {
+        let top = stack.last_mut().expect("the stack ends only by returning");
+        if let Some(result) = returned.take() {
+            let (name, config, link) = top.waiting.take().expect("a call was made");
+            match result {
+                Ok((false, _)) => top.valid = false,
+                Ok(_) => {}
+                Err(ex) => {
+                    top.valid = false;
+                    let reasons = vec![error_item(
+                        "exception_during_inner_validation",
+                        "Exception when validating inner node",
+                        &ex.message,
+                        json!({ "input_name": name, "input_config": config, "exception_message": ex.message, "exception_type": ex.kind, "traceback": [], "linked_node": link }),
+                    )];
+                    memo.insert(python_str(&link[0]), (false, reasons));
+                }
+            }
+        }
+        match step(prompt, top, ctx) {
+            Step::Call(_) if stack.len() + 1 >= RAISE_DEPTH => {
+                // The frames whose handlers raise again end without an entry.
+                stack.truncate(CATCH_DEPTH);
+                returned = Some(Err(PyException {
+                    kind: "RecursionError",
+                    message: RECURSION.into(),
+                }));
+            }
+            Step::Call(from) => match memo.get(&from) {
+                Some(done) => returned = Some(Ok(done.clone())),
+                None => stack.push(Frame::new(prompt, &from, ctx)),
+            },
+            Step::Done(result) => {
+                let frame = stack.pop().expect("a frame ran");
+                if let Ok(r) = &result {
+                    memo.insert(frame.id, r.clone());
+                }
+                if stack.is_empty() {
+                    return result;
+                }
+                returned = Some(result);
+            }
+        }
+    }
+}
 
-    for input in &def.inputs {
-        let value = prompt[id]
+impl<'d> Frame<'d> {
+    fn new(prompt: &Map<String, Value>, id: &str, ctx: &ValidationContext<'d>) -> Self {
+        let class = python_str(&prompt[id]["class_type"]);
+        Frame {
+            id: id.to_string(),
+            def: find(ctx.defs, &class).expect("classes were checked before"),
+            next: 0,
+            errors: Vec::new(),
+            valid: true,
+            custom_inputs: Vec::new(),
+            waiting: None,
+        }
+    }
+}
+
+/// Runs one frame of `validate_inputs` from its next input until it links to another node
+/// (the caller validates that one and resumes the frame) or returns.
+fn step(prompt: &mut Map<String, Value>, frame: &mut Frame, ctx: &ValidationContext) -> Step {
+    let def = frame.def;
+    let id = frame.id.clone();
+    let errors = &mut frame.errors;
+    while let Some(input) = def.inputs.get(frame.next) {
+        frame.next += 1;
+        let value = prompt[&id]
             .get("inputs")
             .and_then(|i| i.get(input.name))
             .cloned();
@@ -164,24 +300,28 @@ fn validate_inputs(
             }
             let from = python_str(&link[0]);
             let Some(from_node) = prompt.get(&from) else {
-                return Err(PyException {
+                return Step::Done(Err(PyException {
                     kind: "KeyError",
                     message: format!("'{from}'"),
-                });
+                }));
             };
             let from_class = python_str(&from_node["class_type"]);
             let from_def = find(ctx.defs, &from_class).expect("classes were checked before");
-            let slot = link[1].as_i64().ok_or_else(|| PyException {
-                kind: "TypeError",
-                message: "tuple indices must be integers or slices, not str".into(),
-            })?;
-            let received = usize::try_from(slot)
+            let Some(slot) = link[1].as_i64() else {
+                return Step::Done(Err(PyException {
+                    kind: "TypeError",
+                    message: "tuple indices must be integers or slices, not str".into(),
+                }));
+            };
+            let Some(received) = usize::try_from(slot)
                 .ok()
                 .and_then(|s| from_def.outputs.get(s))
-                .ok_or_else(|| PyException {
+            else {
+                return Step::Done(Err(PyException {
                     kind: "IndexError",
                     message: "tuple index out of range".into(),
-                })?;
+                }));
+            };
             let expected = input.ty.name();
             if !types_match(received, expected, &input.ty) {
                 errors.push(error_item(
@@ -195,21 +335,8 @@ fn validate_inputs(
                 ));
                 continue;
             }
-            match validate_inputs(prompt, &from, memo, ctx) {
-                Ok((false, _)) => valid = false,
-                Ok(_) => {}
-                Err(ex) => {
-                    valid = false;
-                    let reasons = vec![error_item(
-                        "exception_during_inner_validation",
-                        "Exception when validating inner node",
-                        &ex.message,
-                        json!({ "input_name": input.name, "input_config": config, "exception_message": ex.message, "exception_type": ex.kind, "traceback": [], "linked_node": val }),
-                    )];
-                    memo.insert(from.clone(), (false, reasons));
-                }
-            }
-            continue;
+            frame.waiting = Some((input.name, config, val));
+            return Step::Call(from);
         }
         if let Some(inner) = val.get("__value__").cloned() {
             val = inner;
@@ -227,14 +354,14 @@ fn validate_inputs(
             }
         }
         if let Some(inputs) = prompt
-            .get_mut(id)
+            .get_mut(&id)
             .and_then(|n| n.get_mut("inputs"))
             .and_then(Value::as_object_mut)
         {
             inputs.insert(input.name.to_string(), val.clone());
         }
         if def.custom_validated.contains(&input.name) {
-            custom_inputs.push((input.name, val));
+            frame.custom_inputs.push((input.name, val));
             continue;
         }
         if let Some(n) = val.as_f64() {
@@ -269,7 +396,7 @@ fn validate_inputs(
     }
 
     // LoadImage's VALIDATE_INPUTS: the file must exist on this instance.
-    for (name, val) in custom_inputs {
+    for (name, val) in std::mem::take(&mut frame.custom_inputs) {
         let file = python_str(&val);
         if !(ctx.input_file_exists)(&file) {
             errors.push(error_item(
@@ -280,10 +407,8 @@ fn validate_inputs(
             ));
         }
     }
-
-    let result = (errors.is_empty() && valid, errors);
-    memo.insert(id.to_string(), result.clone());
-    Ok(result)
+    let errors = std::mem::take(errors);
+    Step::Done(Ok((errors.is_empty() && frame.valid, errors)))
 }
 
 /// `input_config` as ComfyUI reports it: `(type, options)`.
