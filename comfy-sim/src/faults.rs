@@ -48,8 +48,17 @@ pub enum Fault {
     /// ComfyUI validates a large prompt before queueing it or is busy answering `/history`.
     /// Other routes, the worker and the sockets carry on. Several paths can be slow at once.
     SlowRoute { path: String, ms: u64 },
-    /// Removes hang, stall, slow, fail-probes, silent, slow-probes, slow routes and a pending
-    /// out-of-memory.
+    /// The process dies (as `Crash`, with its restart) on receiving a `POST /prompt` whose body
+    /// contains `marker`, before answering it: a prompt that kills ComfyUI while it validates
+    /// (a graph that overflows its stack, a custom node that segfaults). Stays set across the
+    /// restart, so the same prompt kills it again.
+    PoisonPrompt {
+        marker: String,
+        #[serde(default)]
+        restart_after_ms: Option<u64>,
+    },
+    /// Removes hang, stall, slow, fail-probes, silent, slow-probes, slow routes, the poison
+    /// marker and a pending out-of-memory.
     Clear,
 }
 
@@ -67,6 +76,8 @@ pub struct Faults {
     slow_probes_ms: AtomicU64,
     /// `SlowRoute`: path → wall milliseconds before it is handled.
     slow_routes: Mutex<HashMap<String, u64>>,
+    /// `PoisonPrompt`: the marker and the restart delay.
+    poison: Mutex<Option<(String, Option<u64>)>>,
 }
 
 impl Default for Faults {
@@ -80,6 +91,7 @@ impl Default for Faults {
             silent_ms: AtomicU64::new(0),
             slow_probes_ms: AtomicU64::new(0),
             slow_routes: Mutex::new(HashMap::new()),
+            poison: Mutex::new(None),
         }
     }
 }
@@ -142,6 +154,27 @@ impl Faults {
             .max()
     }
 
+    pub fn set_poison(&self, marker: String, restart_after_ms: Option<u64>) {
+        *self.poison.lock().unwrap_or_else(|e| e.into_inner()) = Some((marker, restart_after_ms));
+    }
+
+    /// The poison marker and its restart delay, if set.
+    pub fn poison(&self) -> Option<(String, Option<u64>)> {
+        self.poison
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The restart delay of the crash `body` (a `POST /prompt` body) triggers, if it carries the
+    /// poison marker: `Some(None)` dies for good.
+    pub fn poisoned(&self, body: &[u8]) -> Option<Option<u64>> {
+        let poison = self.poison.lock().unwrap_or_else(|e| e.into_inner());
+        let (marker, restart) = poison.as_ref()?;
+        let hit = !marker.is_empty() && body.windows(marker.len()).any(|w| w == marker.as_bytes());
+        hit.then_some(*restart)
+    }
+
     /// True while the worker must not make progress.
     pub fn frozen(&self) -> bool {
         self.hang.load(Ordering::SeqCst) || self.stall.load(Ordering::SeqCst)
@@ -159,5 +192,6 @@ impl Faults {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        *self.poison.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

@@ -218,6 +218,10 @@ impl SimHandle {
             Fault::Silent { ms } => faults.set_silent(ms),
             Fault::SlowProbes { ms } => faults.set_slow_probes(ms),
             Fault::SlowRoute { path, ms } => faults.set_slow_route(&path, ms),
+            Fault::PoisonPrompt {
+                marker,
+                restart_after_ms,
+            } => faults.set_poison(marker, restart_after_ms),
             Fault::Clear => faults.clear(),
         }
     }
@@ -230,12 +234,17 @@ impl SimHandle {
     }
 
     /// Starts a fresh process on the same address and directories (as after a restart of
-    /// ComfyUI: empty queue and history, `temp/` wiped, faults cleared). No-op if running.
+    /// ComfyUI: empty queue and history, `temp/` wiped, faults cleared but a poison prompt,
+    /// which kills the new process too). No-op if running.
     pub async fn restart(&self) -> std::io::Result<()> {
         if self.is_running() {
             return Ok(());
         }
+        let poison = self.shared.faults.poison();
         self.shared.faults.clear();
+        if let Some((marker, restart_after_ms)) = poison {
+            self.shared.faults.set_poison(marker, restart_after_ms);
+        }
         let mut last_err = None;
         for _ in 0..100 {
             match TcpListener::bind(self.shared.addr).await {

@@ -78,6 +78,15 @@ pub async fn handle(
         }
         Err(BodyError::Read(_)) => return status(StatusCode::BAD_REQUEST),
     };
+    if method == Method::POST
+        && path == "/prompt"
+        && let Some(restart_after_ms) = inst.faults.poisoned(&body)
+    {
+        // Dies before answering: the crash drops this connection with the others, so the
+        // client never gets an answer.
+        let _ = control.send(ControlRequest::Inject(Fault::Crash { restart_after_ms }));
+        return std::future::pending().await;
+    }
     if let Some(delay) = inst.faults.route_delay(&path) {
         tokio::select! {
             _ = inst.stop.cancelled() => return status(StatusCode::SERVICE_UNAVAILABLE),
@@ -289,7 +298,7 @@ async fn route(
             let Ok(fault) = serde_json::from_slice::<Fault>(body) else {
                 return json_resp(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|slow_route|clear\"}" }),
+                    &json!({ "error": "expected {\"kind\": \"crash|hang|stall|slow|fail_probes|oom_next|drop_websockets|silent|slow_probes|slow_route|poison_prompt|clear\"}" }),
                 );
             };
             let _ = control.send(ControlRequest::Inject(fault));

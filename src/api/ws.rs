@@ -42,8 +42,19 @@ where
             out = reg.next() => {
                 let Some(msg) = out else { break };
                 let closing = matches!(msg, Message::Close(_));
+                let text = match &msg {
+                    Message::Text(t) => Some(t.clone()),
+                    _ => None,
+                };
                 let sent = tokio::time::timeout(send_timeout(msg.len()), sink.send(msg)).await;
-                if !matches!(sent, Ok(Ok(()))) || closing {
+                if !matches!(sent, Ok(Ok(()))) {
+                    // Not delivered: an ending in it is kept for the client's return.
+                    if let Some(text) = text {
+                        sessions.keep_if_terminal(&sid, text.as_str());
+                    }
+                    break;
+                }
+                if closing {
                     break;
                 }
             }
@@ -69,4 +80,10 @@ where
         tracing::error!(sid, panic = %message, "client socket loop panicked; closing it");
     }
     sessions.unregister(&sid, reg.conn);
+    // What was queued and never written: endings in it wait for the client's return.
+    while let Some(msg) = reg.try_next() {
+        if let Message::Text(text) = msg {
+            sessions.keep_if_terminal(&sid, text.as_str());
+        }
+    }
 }

@@ -192,6 +192,10 @@ pub struct RecoveryConfig {
     /// Times a prompt is re-run after its backend failed, before it is reported failed.
     /// Default 2.
     pub max_retries: u32,
+    /// A prompt whose dispatch or run coincided with this many backend failures, on different
+    /// backends, is quarantined: ended with `execution_error` (`comfy_gate.Quarantined`), never
+    /// sent again. Default 2; 0 never quarantines.
+    pub quarantine_after: u32,
     /// A running prompt with no event for this long marks its backend stalled (its prompts
     /// move elsewhere), in ms. Default 120000.
     pub stall_timeout_ms: u64,
@@ -225,6 +229,7 @@ impl Default for RecoveryConfig {
     fn default() -> Self {
         Self {
             max_retries: 2,
+            quarantine_after: 2,
             stall_timeout_ms: 120_000,
             max_run_time_s: 1800,
             max_run_time_action: RunTimeAction::Fail,

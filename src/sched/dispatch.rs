@@ -108,9 +108,17 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
             sched.fleet.record_health(backend, false);
             Forwarded::Failed
         }
-        Err(e) => {
+        Err(e @ GateError::Unreachable { .. }) => {
             tracing::warn!(error = %e, "forwarding a prompt failed");
             sched.fleet.record_health(backend, false);
+            Forwarded::Failed
+        }
+        Err(e) => {
+            // Sent, and the connection broke before an answer: the backend may have died on
+            // this very prompt (see `quarantine`).
+            tracing::warn!(prompt = id, error = %e, "forwarding a prompt failed mid-request");
+            sched.fleet.record_health(backend, false);
+            sched.suspect_dispatch(id, backend);
             Forwarded::Failed
         }
     }

@@ -28,6 +28,7 @@ pub mod outcome;
 pub mod outlook;
 pub mod placing;
 pub mod prompts;
+pub mod quarantine;
 pub mod record;
 pub mod recovery;
 pub mod snapshot;
@@ -39,7 +40,7 @@ pub mod watchdog;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
@@ -68,6 +69,8 @@ pub struct SchedState {
     pub learned: Learned,
     /// The most recent placement decisions, newest last.
     pub decisions: VecDeque<Value>,
+    /// Backend name → when its failure was blamed on a dispatch (see [`quarantine`]).
+    pub blamed: HashMap<String, tokio::time::Instant>,
 }
 
 /// The scheduler component.
@@ -113,6 +116,7 @@ impl Scheduler {
                 table,
                 learned: Learned::default(),
                 decisions: VecDeque::new(),
+                blamed: HashMap::new(),
             }),
             history,
             store,
@@ -397,8 +401,11 @@ impl Scheduler {
     fn requeue_from(&self, from: Option<&str>, ids: &[String], failure: bool) {
         let mut back = Vec::new();
         let mut out_of_retries = Vec::new();
+        let mut quarantined = Vec::new();
         {
             let mut s = self.lock();
+            // A failure a dispatch broke is that prompt's alone (see `quarantine`).
+            let explained = from.is_some_and(|b| quarantine::explained(&s, b));
             for id in ids {
                 let Some(r) = s.table.get_mut(id) else {
                     continue;
@@ -407,16 +414,30 @@ impl Scheduler {
                 if r.stage == Stage::Done || !still_there {
                     continue;
                 }
-                if let Some(o) = r.owner.clone()
+                let owner = r.owner.clone();
+                if let Some(o) = owner.clone()
                     && !r.tried.contains(&o)
                 {
                     r.tried.push(o);
                 }
-                if failure {
+                // Only a prompt running there when it failed is charged (and suspected); one
+                // that merely waited in its queue runs again for free.
+                let charged = failure && r.started && !explained;
+                if charged {
                     r.attempts += 1;
                 }
-                if r.attempts > self.config.recovery.max_retries {
-                    out_of_retries.push((id.clone(), r.attempts, r.owner.clone()));
+                let attempts = r.attempts;
+                let out_of_retries_now = attempts > self.config.recovery.max_retries;
+                if let (true, Some(o)) = (charged, owner.as_deref()) {
+                    let after = self.config.recovery.quarantine_after;
+                    let suspected = quarantine::suspect(&mut s, id, o, after);
+                    if let (Some(on), false) = (suspected, out_of_retries_now) {
+                        quarantined.push((id.clone(), on));
+                        continue;
+                    }
+                }
+                if out_of_retries_now {
+                    out_of_retries.push((id.clone(), attempts, owner));
                 } else {
                     back.push(id.clone());
                 }
@@ -425,6 +446,9 @@ impl Scheduler {
         }
         let refs: Vec<&str> = back.iter().map(String::as_str).collect();
         self.persist(&refs);
+        for (id, on) in quarantined {
+            self.quarantine(&id, &on);
+        }
         for (id, attempts, owner) in out_of_retries {
             let message = format!(
                 "the prompt was lost {attempts} times to failed backends (last: {}); max_retries is {}",

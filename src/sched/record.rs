@@ -58,6 +58,10 @@ pub struct PromptRecord {
     /// Names of the backends it was sent to before (a retry prefers others).
     #[serde(default)]
     pub tried: Vec<String>,
+    /// Backends (by name) that failed while sending it or running it: its suspicion count
+    /// (`recovery.quarantine_after`).
+    #[serde(default)]
+    pub suspected_on: Vec<String>,
     /// The one out-of-memory retry was used.
     #[serde(default)]
     pub oom_retried: bool,
@@ -141,6 +145,7 @@ impl PromptRecord {
             create_time: crate::protocol::now_ms(),
             attempts: 0,
             tried: Vec::new(),
+            suspected_on: Vec::new(),
             oom_retried: false,
             min_vram_total: None,
             started: false,

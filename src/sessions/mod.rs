@@ -79,6 +79,11 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// A frame still queued, without waiting (what is left once the socket is gone).
+    pub fn try_next(&mut self) -> Option<Message> {
+        self.outbox.try_recv().ok()
+    }
+
     /// The next frame to write to the socket (`None` once the session is gone).
     pub async fn next(&mut self) -> Option<Message> {
         let msg = self.outbox.recv().await?;
@@ -203,6 +208,17 @@ impl Sessions {
                 map.remove(sid);
                 return;
             }
+        }
+    }
+
+    /// Keeps `text` (an event message that was not delivered to `sid`) for the client's return
+    /// if it is a terminal event.
+    pub fn keep_if_terminal(&self, sid: &str, text: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        if missed::is_terminal(v["type"].as_str().unwrap_or(""), &v["data"]) {
+            self.missed.keep(sid, text.to_string());
         }
     }
 
