@@ -91,7 +91,10 @@ impl Instance {
     ) -> Self {
         Self {
             config,
-            defs: catalogue(),
+            defs: catalogue()
+                .into_iter()
+                .chain(super::utility_nodes::defs())
+                .collect(),
             dirs,
             faults,
             stats,

@@ -169,11 +169,12 @@ fn tip(text: &str) -> Value {
     json!({ "tooltip": text })
 }
 
-/// Every node class comfy-sim provides, in `/object_info` order.
+/// The core node classes, in `/object_info` order (the utility nodes of
+/// [`crate::utility_nodes`] follow them; `Instance` puts the two together).
 pub fn catalogue() -> Vec<NodeDef> {
     use ComboSource::*;
     use InputType::*;
-    let mut defs = vec![
+    vec![
         NodeDef {
             class: "KSampler",
             display_name: "KSampler",
@@ -516,9 +517,7 @@ pub fn catalogue() -> Vec<NodeDef> {
             v3: true,
             custom_validated: &[],
         },
-    ];
-    defs.extend(super::utility_nodes::defs());
-    defs
+    ]
 }
 
 /// What a combo input offers on this instance.
