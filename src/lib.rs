@@ -103,6 +103,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         &state_dir,
         store.clone(),
         loaded.aliases,
+        config.recovery.max_output_names,
     )?);
     let sessions = Arc::new(Sessions::default());
     let table = restore_table(&fleet, loaded.counter, loaded.records);

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use toml::Spanned;
 
-use super::{Backend, BackendConfig, Config, FileConfig, GpuSelector};
+use super::{Backend, BackendConfig, Config, Edge, FileConfig, GpuSelector};
 
 /// A configuration error: where it is and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,9 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
     };
     check_limits(&raw).map_err(|(field, message)| err(None, field, message))?;
     let (backends, home) = check_backends(&raw, &err)?;
+    let edge = check_edge(&raw, &err)?;
     Ok(Config {
+        edge,
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,
@@ -206,6 +208,30 @@ fn check_backends(
         return Err(err(None, "backend", message));
     }
     Ok((backends, home))
+}
+
+/// `[edge]`: each trusted proxy a CIDR or a single address (`/32` or `/128`).
+fn check_edge(raw: &FileConfig, err: &ErrorAt<'_>) -> Result<Edge, ConfigError> {
+    let mut trusted = Vec::new();
+    for (i, spanned) in raw.edge.trusted_proxies.iter().enumerate() {
+        let entry = spanned.get_ref().trim();
+        let net = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                let message = format!("`{entry}` is neither a CIDR (10.0.0.0/8) nor an address");
+                err(
+                    Some(spanned.span()),
+                    &format!("edge.trusted_proxies[{i}]"),
+                    message,
+                )
+            })?;
+        trusted.push(net);
+    }
+    Ok(Edge {
+        trusted_proxies: trusted,
+        real_ip_header: raw.edge.real_ip_header,
+    })
 }
 
 /// Reads and validates a file.

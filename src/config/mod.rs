@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub placement: PlacementConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub edge: EdgeConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -77,6 +79,38 @@ impl Default for ServerConfig {
             test_faults: false,
         }
     }
+}
+
+/// `[edge]`: who the client is when the gate sits behind other proxies
+/// ([`crate::edge::forwarded`], nginx's `set_real_ip_from` / `real_ip_header`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Peers whose forwarding header is believed: CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or
+    /// single addresses. Default none (every client is its peer address; headers ignored).
+    pub trusted_proxies: Vec<toml::Spanned<String>>,
+    /// The header those peers name the client in: `"X-Forwarded-For"` (default) or
+    /// `"Forwarded"` (RFC 7239). Only this one is read.
+    pub real_ip_header: RealIpHeader,
+}
+
+/// Which header names the client (`[edge] real_ip_header`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum RealIpHeader {
+    /// `X-Forwarded-For` (nginx's usual `real_ip_header X-Forwarded-For`). The default.
+    #[default]
+    #[serde(rename = "X-Forwarded-For", alias = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`, its `for=` parameters.
+    #[serde(rename = "Forwarded", alias = "forwarded")]
+    Forwarded,
+}
+
+/// `[edge]`, validated.
+#[derive(Clone, Debug, Default)]
+pub struct Edge {
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub real_ip_header: RealIpHeader,
 }
 
 /// `[scheduler]`: the gate queue.
@@ -215,6 +249,10 @@ pub struct RecoveryConfig {
     pub history_max_entries: usize,
     /// Finished history entries older than this are dropped, in hours. Default 168 (7 days).
     pub history_max_age_hours: u64,
+    /// Names shown for backends' output and temp files kept at most (each is freed with the
+    /// history entry that lists it; this bounds those made for entries the gate only relays
+    /// from a backend). Beyond it the oldest are forgotten. Default 200000 (about 40 MB).
+    pub max_output_names: usize,
 }
 
 /// See [`RecoveryConfig::max_run_time_action`].
@@ -237,6 +275,7 @@ impl Default for RecoveryConfig {
             unplaceable_timeout_ms: 300_000,
             history_max_entries: 10_000,
             history_max_age_hours: 168,
+            max_output_names: 200_000,
         }
     }
 }
@@ -271,6 +310,7 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     pub placement: PlacementConfig,
     pub telemetry: TelemetryConfig,
+    pub edge: Edge,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,
@@ -367,5 +407,28 @@ mod tests {
         let text = "[placement]\npolicy = \"fastest\"\n[[backend]]\nurl = \"http://a:1\"\n";
         let e = parse(text, "p.toml").unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (2, "policy"), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_or_addresses() {
+        let text = "[edge]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\nreal_ip_header = \"Forwarded\"\n[[backend]]\nurl = \"http://a:1\"\n";
+        let c = parse(text, "p.toml").unwrap();
+        let shown: Vec<String> = c
+            .edge
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+        assert_eq!(c.edge.real_ip_header, RealIpHeader::Forwarded);
+        let default = parse("[[backend]]\nurl = \"http://a:1\"\n", "p.toml").unwrap();
+        assert!(default.edge.trusted_proxies.is_empty());
+        let text = "[edge]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n[[backend]]\nurl = \"http://a:1\"\n";
+        let e = parse(text, "p.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (4, "edge.trusted_proxies[1]"),
+            "{e}"
+        );
     }
 }

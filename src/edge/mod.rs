@@ -3,6 +3,7 @@
 //! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). Auth, rate
 //! limits and the access log will live here too.
 
+pub mod forwarded;
 pub mod headers;
 pub mod identity;
 pub mod origin;
@@ -79,6 +80,13 @@ async fn route(
     if !router::owns(req.method(), &path) {
         return proxy::passthrough(&ctx.fleet, Target::Any { home }, limit, req).await;
     }
-    let who = identity::identity(&req, &info);
+    let edge = &ctx.config.edge;
+    let client = forwarded::client_addr(
+        info.peer.ip(),
+        req.headers(),
+        &edge.trusted_proxies,
+        edge.real_ip_header,
+    );
+    let who = identity::identity(&req, client);
     router::route(ctx, req, who).await
 }

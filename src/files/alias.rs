@@ -5,7 +5,7 @@
 //! itself (an upload of type output or temp) reserves its name the same way, under the owner
 //! [`GATE_OWNER`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::FileKey;
 
@@ -13,11 +13,23 @@ use super::FileKey;
 /// cannot contain a NUL).
 pub const GATE_OWNER: &str = "\0gate";
 
-/// Shown name ↔ (owner, real name).
-#[derive(Default)]
+/// Shown name ↔ (owner, real name), with at most `cap` names of backends' files: beyond it the
+/// oldest are forgotten (see [`AliasIndex::alias`]).
 pub(super) struct AliasIndex {
     by_real: HashMap<(String, FileKey), String>,
     pub(super) by_alias: HashMap<FileKey, (String, String)>,
+    /// Names of backends' files in the order they were given (may hold names since forgotten:
+    /// skipped when met, and compacted away when they outnumber the live ones).
+    order: VecDeque<FileKey>,
+    /// How many entries of `by_alias` name a backend's file (the rest are the gate's own).
+    backend_names: usize,
+    cap: usize,
+}
+
+impl Default for AliasIndex {
+    fn default() -> Self {
+        Self::with_cap(usize::MAX)
+    }
 }
 
 /// The next name in ComfyUI's `<prefix>_<counter>_.<ext>` sequence, or `name (n).ext`.
@@ -39,19 +51,74 @@ fn bump(name: &str, n: u32) -> String {
 }
 
 impl AliasIndex {
-    pub(super) fn insert(&mut self, shown: FileKey, backend: String, real: String) {
-        let (kind, sub, name) = shown.clone();
-        self.by_real
-            .insert((backend.clone(), (kind, sub, real.clone())), name);
-        self.by_alias.insert(shown, (backend, real));
+    /// An empty index keeping at most `cap` names of backends' files.
+    pub(super) fn with_cap(cap: usize) -> Self {
+        Self {
+            by_real: HashMap::new(),
+            by_alias: HashMap::new(),
+            order: VecDeque::new(),
+            backend_names: 0,
+            cap,
+        }
     }
 
-    /// The shown name of a backend's file; `Some(new)` when it was just assigned.
-    pub(super) fn alias(&mut self, backend: &str, key: FileKey) -> (String, bool) {
-        if let Some(a) = self.by_real.get(&(backend.to_string(), key.clone())) {
-            return (a.clone(), false);
+    /// Sets `shown` → `(owner, real)`, replacing what it named. Returns the names forgotten to
+    /// stay within the cap.
+    pub(super) fn insert(&mut self, shown: FileKey, owner: String, real: String) -> Vec<FileKey> {
+        self.unset(&shown);
+        let (kind, sub, name) = shown.clone();
+        self.by_real
+            .insert((owner.clone(), (kind, sub, real.clone())), name);
+        if owner != GATE_OWNER {
+            self.backend_names += 1;
+            self.order.push_back(shown.clone());
         }
-        let (kind, sub, name) = key.clone();
+        self.by_alias.insert(shown, (owner, real));
+        self.over_cap()
+    }
+
+    /// Removes `shown` from both maps; what it named.
+    fn unset(&mut self, shown: &FileKey) -> Option<(String, String)> {
+        let (owner, real) = self.by_alias.remove(shown)?;
+        let (kind, sub, _) = shown.clone();
+        self.by_real
+            .remove(&(owner.clone(), (kind, sub, real.clone())));
+        if owner != GATE_OWNER {
+            self.backend_names -= 1;
+        }
+        Some((owner, real))
+    }
+
+    /// Forgets the oldest names of backends' files beyond the cap.
+    fn over_cap(&mut self) -> Vec<FileKey> {
+        let mut forgotten = Vec::new();
+        while self.backend_names > self.cap {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if self.held_by_backend(&oldest) {
+                self.unset(&oldest);
+                forgotten.push(oldest);
+            }
+        }
+        if self.order.len() > 2 * self.backend_names + 1024 {
+            let live: Vec<FileKey> = self
+                .order
+                .drain(..)
+                .filter(|k| self.by_alias.get(k).is_some_and(|(o, _)| o != GATE_OWNER))
+                .collect();
+            self.order = live.into();
+        }
+        forgotten
+    }
+
+    /// The shown name of a backend's file, whether it was just assigned, and the names
+    /// forgotten to make room for it.
+    pub(super) fn alias(&mut self, backend: &str, key: FileKey) -> (String, bool, Vec<FileKey>) {
+        if let Some(a) = self.by_real.get(&(backend.to_string(), key.clone())) {
+            return (a.clone(), false, Vec::new());
+        }
+        let (kind, sub, name) = key;
         let mut shown = name.clone();
         let mut n = 0;
         while self
@@ -61,23 +128,29 @@ impl AliasIndex {
             n += 1;
             shown = bump(&name, n);
         }
-        self.by_alias
-            .insert((kind, sub, shown.clone()), (backend.to_string(), name));
-        self.by_real
-            .insert((backend.to_string(), key), shown.clone());
-        (shown, true)
+        let forgotten = self.insert((kind, sub, shown.clone()), backend.to_string(), name);
+        (shown, true, forgotten)
     }
-}
 
-impl AliasIndex {
     /// The gate's own file `shown` takes its name (an upload stored under it, possibly over a
     /// backend file shown under that name, as an overwrite on one ComfyUI would).
     pub(super) fn reserve(&mut self, shown: FileKey) {
-        if let Some(old) = self.by_alias.get(&shown).cloned() {
-            let (kind, sub, _) = shown.clone();
-            self.by_real.remove(&(old.0, (kind, sub, old.1)));
+        let real = shown.2.clone();
+        self.insert(shown, GATE_OWNER.to_string(), real);
+    }
+
+    /// Forgets the backend file shown as `shown` (the gate's own files keep their names: they
+    /// are owned by the upload store). Returns its owner and real name when it was held.
+    pub(super) fn forget(&mut self, shown: &FileKey) -> Option<(String, String)> {
+        if !self.held_by_backend(shown) {
+            return None;
         }
-        self.insert(shown.clone(), GATE_OWNER.to_string(), shown.2);
+        self.unset(shown)
+    }
+
+    /// How many names the index holds for backends' files and for the gate's own.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        (self.backend_names, self.by_alias.len() - self.backend_names)
     }
 
     /// Whether `shown` names a backend's file (not the gate's).
@@ -110,6 +183,36 @@ mod tests {
         assert_eq!(
             idx.by_alias[&key("ComfyUI_00003_.png")],
             ("a".into(), "ComfyUI_00002_.png".into())
+        );
+    }
+
+    #[test]
+    fn beyond_the_cap_the_oldest_backend_names_go_and_the_gates_own_stay() {
+        let mut idx = AliasIndex::with_cap(3);
+        let key = |n: &str| ("output".to_string(), String::new(), n.to_string());
+        idx.reserve(key("mine.png"));
+        let mut forgotten = Vec::new();
+        for i in 0..5 {
+            forgotten.extend(idx.alias("a", key(&format!("{i}.png"))).2);
+        }
+        assert_eq!(forgotten, vec![key("0.png"), key("1.png")]);
+        assert_eq!(idx.counts(), (3, 1));
+        assert!(idx.by_alias.contains_key(&key("mine.png")));
+        assert_eq!(idx.forget(&key("mine.png")), None, "the gate's own stay");
+        assert_eq!(
+            idx.forget(&key("4.png")),
+            Some(("a".into(), "4.png".into()))
+        );
+        assert_eq!(idx.counts(), (2, 1));
+        // A forgotten name is free again, and the real file gets a name anew.
+        assert_eq!(idx.alias("a", key("4.png")).0, "4.png");
+        for i in 0..5000 {
+            idx.alias("b", key(&format!("b{i}.png")));
+            idx.forget(&key(&format!("b{i}.png")));
+        }
+        assert!(
+            idx.order.len() < 2 * 3 + 1024 + 2,
+            "the order queue stays bounded"
         );
     }
 }

@@ -33,6 +33,8 @@ pub type FileKey = (String, String, String);
 /// backend (by configured name, or [`GATE_OWNER`]) and real name behind it.
 pub trait AliasStore: Send + Sync {
     fn save_alias(&self, shown: &FileKey, target: &(String, String)) -> Result<(), String>;
+    /// Removes shown names (absent ones are no error).
+    fn remove_aliases(&self, shown: &[FileKey]) -> Result<(), String>;
 }
 
 /// `(target backend, the source: owner and real reference)` → the copy placed on the target
@@ -79,15 +81,24 @@ fn walk(root: &Path, dir: &Path, out: &mut HashSet<String>) {
 impl Files {
     /// Opens the upload store under `state_dir` with the alias index a restart loaded
     /// (`(shown, (owner, real name))`; the gate's own output and temp uploads are in it).
+    /// At most `max_output_names` names of backends' files are kept
+    /// (`recovery.max_output_names`; the oldest go first).
     pub fn open(
         state_dir: &Path,
         store: Arc<dyn AliasStore>,
         aliases: Vec<(FileKey, (String, String))>,
+        max_output_names: usize,
     ) -> std::io::Result<Self> {
         let dirs = Dirs::create(&state_dir.join("files"))?;
-        let mut index = AliasIndex::default();
+        let mut index = AliasIndex::with_cap(max_output_names);
+        let mut over = Vec::new();
         for (shown, (backend, real)) in aliases {
-            index.insert(shown, backend, real);
+            over.extend(index.insert(shown, backend, real));
+        }
+        if !over.is_empty()
+            && let Err(e) = store.remove_aliases(&over)
+        {
+            tracing::error!(error = %e, "could not forget file aliases");
         }
         let mut uploads = HashSet::new();
         walk(&dirs.input, &dirs.input, &mut uploads);
@@ -102,13 +113,66 @@ impl Files {
         })
     }
 
-    /// How many shown names the alias index holds, and how many input uploads are kept.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.index().by_alias.len(), self.uploads.load().len())
+    /// What the gate holds about files, for `/admin/records`: `backend_aliases` (names shown
+    /// for backends' outputs; owned by the history entries that list them), `gate_aliases`
+    /// (output and temp uploads; owned by the upload store), `uploads` (input uploads),
+    /// `copies` (files copied to a backend that did not make them; go with their source's
+    /// name) and `placed` (uploads placed on backends).
+    pub fn counts(&self) -> serde_json::Value {
+        let (backend_aliases, gate_aliases) = self.index().counts();
+        serde_json::json!({
+            "backend_aliases": backend_aliases,
+            "gate_aliases": gate_aliases,
+            "uploads": self.uploads.load().len(),
+            "copies": self.copies.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            "placed": self.placed.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        })
+    }
+
+    /// A history entry was deleted or aged out: the names its outputs (backend files, any
+    /// type but `input`) were shown under are forgotten, in memory and in the store, with
+    /// the copies made of them. The files stay on their backends, as ComfyUI keeps an output
+    /// whose history entry is gone; a later `/view` of the forgotten name finds the file
+    /// again only where that real name exists, and a new output may take the name.
+    pub fn forget_outputs(&self, entry: &Value) {
+        let mut shown = Vec::new();
+        collect_file_items(&entry["outputs"], &mut shown);
+        let mut forgotten = Vec::new();
+        {
+            let mut index = self.index();
+            for key in shown {
+                if let Some(target) = index.forget(&key) {
+                    forgotten.push((key, target));
+                }
+            }
+        }
+        if forgotten.is_empty() {
+            return;
+        }
+        {
+            let mut copies = self.copies.lock().unwrap_or_else(|e| e.into_inner());
+            for ((kind, sub, _), (owner, real)) in &forgotten {
+                let Some(kind) = Kind::parse(kind) else {
+                    continue;
+                };
+                let source = FileRef::new(kind, sub, real);
+                copies.retain(|(_, o, r), _| !(o == owner && *r == source));
+            }
+        }
+        let keys: Vec<FileKey> = forgotten.into_iter().map(|(k, _)| k).collect();
+        self.unpersist_aliases(&keys);
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, AliasIndex> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unpersist_aliases(&self, shown: &[FileKey]) {
+        if !shown.is_empty()
+            && let Err(e) = self.store.remove_aliases(shown)
+        {
+            tracing::error!(error = %e, "could not forget file aliases");
+        }
     }
 
     fn persist_alias(&self, shown: &FileKey, target: (String, String)) {
@@ -133,11 +197,12 @@ impl Files {
                             .to_string(),
                         map["filename"].as_str().unwrap_or("").to_string(),
                     );
-                    let (shown, new) = self.index().alias(backend, key.clone());
+                    let (shown, new, forgotten) = self.index().alias(backend, key.clone());
                     if new {
                         let shown_key = (key.0, key.1, shown.clone());
                         self.persist_alias(&shown_key, (backend.to_string(), key.2));
                     }
+                    self.unpersist_aliases(&forgotten);
                     map.insert("filename".into(), Value::String(shown));
                     return;
                 }
@@ -204,5 +269,33 @@ impl Files {
             next.insert(rel.clone());
             next
         });
+    }
+}
+
+/// The `(type, subfolder, filename)` of every file item (`{"filename", "type", …}`, type not
+/// `input`) in a history entry's `outputs`, at any depth.
+fn collect_file_items(value: &Value, out: &mut Vec<FileKey>) {
+    match value {
+        Value::Object(map) => {
+            if let (Some(name), Some(kind)) = (
+                map.get("filename").and_then(Value::as_str),
+                map.get("type").and_then(Value::as_str),
+            ) {
+                if kind != "input" {
+                    let sub = map.get("subfolder").and_then(Value::as_str).unwrap_or("");
+                    out.push((kind.to_string(), sub.to_string(), name.to_string()));
+                }
+                return;
+            }
+            for v in map.values() {
+                collect_file_items(v, out);
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                collect_file_items(v, out);
+            }
+        }
+        _ => {}
     }
 }

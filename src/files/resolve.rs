@@ -136,12 +136,15 @@ mod tests {
         fn save_alias(&self, _: &FileKey, _: &(String, String)) -> Result<(), String> {
             Ok(())
         }
+        fn remove_aliases(&self, _: &[FileKey]) -> Result<(), String> {
+            Ok(())
+        }
     }
 
     #[test]
     fn references_resolve_to_the_gate_a_backend_or_nobody() {
         let dir = tempfile::tempdir().unwrap();
-        let files = Files::open(dir.path(), Arc::new(NoStore), Vec::new()).unwrap();
+        let files = Files::open(dir.path(), Arc::new(NoStore), Vec::new(), usize::MAX).unwrap();
         let saved = |name: &str, sub: &str, kind: &str| serde_json::json!({"name": name, "subfolder": sub, "type": kind});
         files.note_upload(&saved("cat.png", "pets", "input"));
         files.note_upload(&saved("ComfyUI_00001_.png", "", "output"));

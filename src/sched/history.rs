@@ -46,9 +46,15 @@ impl History {
 
     /// Keeps a finished prompt's entry in memory (the caller holds the scheduler's lock, so the
     /// entry appears with the prompt's move to `Done`; see `sched::views`). `finished_at` (ms)
-    /// orders `GET /history`. Returns the ids pruned to stay within the bounds, oldest first,
-    /// never `id` itself (their records can go too).
-    pub fn insert(&self, id: &str, finished_at: i64, entry: Arc<Value>) -> Vec<String> {
+    /// orders `GET /history`. Returns the entries pruned to stay within the bounds, oldest
+    /// first, never `id` itself (their records, and the names their outputs were shown under,
+    /// can go too).
+    pub fn insert(
+        &self,
+        id: &str,
+        finished_at: i64,
+        entry: Arc<Value>,
+    ) -> Vec<(String, Arc<Value>)> {
         let mut h = self.lock();
         h.shift_remove(id);
         h.insert(id.to_string(), (finished_at, entry));
@@ -58,8 +64,9 @@ impl History {
             if !over || oldest == id {
                 break;
             }
-            dropped.push(oldest.clone());
-            h.shift_remove_index(0);
+            if let Some((oldest, (_, entry))) = h.shift_remove_index(0) {
+                dropped.push((oldest, entry));
+            }
         }
         dropped
     }
@@ -71,9 +78,10 @@ impl History {
         }
     }
 
-    /// Drops an entry from memory (`POST /history` delete; the caller removes it from disk).
-    pub fn remove(&self, id: &str) {
-        self.lock().shift_remove(id);
+    /// Drops an entry from memory (`POST /history` delete; the caller removes it from disk),
+    /// returning it.
+    pub fn remove(&self, id: &str) -> Option<Arc<Value>> {
+        self.lock().shift_remove(id).map(|(_, entry)| entry)
     }
 
     /// One entry (shared: entries do not change once kept).

@@ -269,7 +269,7 @@ impl Scheduler {
             let entry = Arc::new(entry);
             let record = s.table.finish(id).cloned();
             let dropped = self.history.insert(id, finished_at, entry.clone());
-            for id in &dropped {
+            for (id, _) in &dropped {
                 s.table.remove(id);
             }
             record.map(|r| (r, error, finished_at, entry, dropped))
@@ -279,10 +279,14 @@ impl Scheduler {
         };
         self.wake();
         self.history.save(&record, finished_at, &entry);
-        if !dropped.is_empty()
-            && let Err(e) = self.store.remove(&dropped)
-        {
-            tracing::error!(error = %e, "could not prune history");
+        if !dropped.is_empty() {
+            let ids: Vec<String> = dropped.iter().map(|(id, _)| id.clone()).collect();
+            if let Err(e) = self.store.remove(&ids) {
+                tracing::error!(error = %e, "could not prune history");
+            }
+            for (_, entry) in &dropped {
+                self.files.forget_outputs(entry);
+            }
         }
         drop(writing);
         if let (Some(sid), Some(error)) = (&record.client_id, &error) {
@@ -342,18 +346,22 @@ impl Scheduler {
 
     /// `POST /history` `delete`: the entry and the ended prompt's record go together, under the
     /// state lock, so the id is unknown again (a backend's entry under it shows, and the id may
-    /// be used again, as on ComfyUI).
+    /// be used again, as on ComfyUI). The names its outputs were shown under go too
+    /// ([`Files::forget_outputs`]).
     pub fn forget_history(&self, id: &str) {
         let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        {
+        let entry = {
             let mut s = self.lock();
             if s.table.get(id).is_some_and(|r| r.stage == Stage::Done) {
                 s.table.remove(id);
             }
-            self.history.remove(id);
-        }
+            self.history.remove(id)
+        };
         if let Err(e) = self.store.remove(&[id.to_string()]) {
             tracing::error!(error = %e, "could not delete a history entry");
+        }
+        if let Some(entry) = entry {
+            self.files.forget_outputs(&entry);
         }
     }
 

@@ -268,6 +268,19 @@ impl Store {
         txn.commit().map_err(write_err)
     }
 
+    /// Removes shown names from the alias table, in one transaction.
+    pub fn remove_aliases(&self, keys: &[(String, String, String)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut a = txn.open_table(ALIASES).map_err(write_err)?;
+            for key in keys {
+                let k = serde_json::to_string(key).map_err(write_err)?;
+                a.remove(k.as_str()).map_err(write_err)?;
+            }
+        }
+        txn.commit().map_err(write_err)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -280,6 +293,10 @@ impl crate::files::AliasStore for Store {
         target: &(String, String),
     ) -> Result<(), String> {
         Store::save_alias(self, shown, target).map_err(|e| e.to_string())
+    }
+
+    fn remove_aliases(&self, shown: &[crate::files::FileKey]) -> Result<(), String> {
+        Store::remove_aliases(self, shown).map_err(|e| e.to_string())
     }
 }
 

@@ -63,7 +63,7 @@ impl Scheduler {
             let s = self.lock();
             (s.table.records().count(), s.decisions.len())
         };
-        let (aliases, uploads) = self.files.counts();
+        let files = self.files.counts();
         let stored = match self.store().counts() {
             Ok((p, h, a)) => json!({ "prompts": p, "history": h, "aliases": a }),
             Err(e) => json!({ "error": e.to_string() }),
@@ -71,8 +71,7 @@ impl Scheduler {
         json!({
             "prompts": prompts,
             "history": self.history.len(),
-            "aliases": aliases,
-            "uploads": uploads,
+            "files": files,
             "sessions": self.sessions.len(),
             "missed_endings_clients": self.sessions.missed_clients(),
             "decisions": decisions,
