@@ -152,6 +152,27 @@ impl<'a> ExecutionList<'a> {
     }
 }
 
+/// The order in which the nodes `outputs` need would run, nothing cached: the dry run of
+/// [`ExecutionList`] (stage, complete, repeat). Nodes caught in a cycle never become ready and
+/// are left out. Linear in the graph's size, whatever its depth or shape; the sim's validator
+/// fuzz target (`fuzz/`) runs it on every graph the validator accepts.
+pub fn execution_order(
+    prompt: &Map<String, Value>,
+    outputs: &[String],
+    is_output_class: &(dyn Fn(&str) -> bool + Sync),
+) -> Vec<String> {
+    let mut list = ExecutionList::new(prompt, is_output_class);
+    for o in outputs {
+        list.add_node(o, &|_| false);
+    }
+    let mut order = Vec::new();
+    while let Some(id) = list.stage() {
+        list.complete(&id);
+        order.push(id);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::SimConfig;
 use super::faults::Faults;
 use super::hub::Hub;
-use super::nodes::{NodeDef, catalogue};
+use super::nodes::NodeDef;
 use super::queue::PromptQueue;
 use comfy_wire::files::Dirs;
 
@@ -91,10 +91,7 @@ impl Instance {
     ) -> Self {
         Self {
             config,
-            defs: catalogue()
-                .into_iter()
-                .chain(super::utility_nodes::defs())
-                .collect(),
+            defs: super::node_catalogue(),
             dirs,
             faults,
             stats,

@@ -52,8 +52,18 @@ use comfy_wire::files::Dirs;
 pub use config::{ModelFile, SimConfig};
 pub use faults::Fault;
 use faults::Faults;
+pub use graph::execution_order;
 pub use instance::SimStats;
 use instance::{Instance, lock};
+
+/// Every node class a sim instance offers: the core catalogue ([`nodes::catalogue`]) and the
+/// model-free utility nodes, in `/object_info` order.
+pub fn node_catalogue() -> Vec<nodes::NodeDef> {
+    nodes::catalogue()
+        .into_iter()
+        .chain(utility_nodes::defs())
+        .collect()
+}
 
 /// Requests the HTTP side sends to the owner of the instance (a crash must outlive the request).
 pub(crate) enum ControlRequest {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::instance::{Instance, lock};
@@ -64,9 +64,7 @@ async fn serve_socket<S>(
             incoming = stream.next() => {
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        let Ok(data) = serde_json::from_str::<Value>(&text) else { continue };
-                        if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
-                            let flags = data.get("data").cloned().unwrap_or_else(|| json!({}));
+                        if let Some(flags) = comfy_wire::protocol::client_feature_flags(&text, first_message) {
                             inst.hub.set_feature_flags(&sid, flags);
                             inst.hub.send_json("feature_flags", inst.features(), Some(&sid));
                         }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Ctx;
 use crate::http::{Body, serve_comfy_websocket};
+use crate::protocol::client_feature_flags;
 use crate::sessions::send_timeout;
 
 /// Upgrades a `GET /ws`.
@@ -36,43 +37,44 @@ where
     let dropped = reg.dropped.clone();
     // A panic in this socket's loop (a bug) ends this socket only, and never skips the
     // unregister below: a session left registered would collect its client's events forever.
-    let session = std::panic::AssertUnwindSafe(async { loop {
-        tokio::select! {
-            _ = dropped.cancelled() => break,
-            out = reg.next() => {
-                let Some(msg) = out else { break };
-                let closing = matches!(msg, Message::Close(_));
-                let text = match &msg {
-                    Message::Text(t) => Some(t.clone()),
-                    _ => None,
-                };
-                let sent = tokio::time::timeout(send_timeout(msg.len()), sink.send(msg)).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    // Not delivered: an ending in it is kept for the client's return.
-                    if let Some(text) = text {
-                        sessions.keep_if_terminal(&sid, text.as_str());
+    let session = std::panic::AssertUnwindSafe(async {
+        loop {
+            tokio::select! {
+                _ = dropped.cancelled() => break,
+                out = reg.next() => {
+                    let Some(msg) = out else { break };
+                    let closing = matches!(msg, Message::Close(_));
+                    let text = match &msg {
+                        Message::Text(t) => Some(t.clone()),
+                        _ => None,
+                    };
+                    let sent = tokio::time::timeout(send_timeout(msg.len()), sink.send(msg)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        // Not delivered: an ending in it is kept for the client's return.
+                        if let Some(text) = text {
+                            sessions.keep_if_terminal(&sid, text.as_str());
+                        }
+                        break;
                     }
-                    break;
+                    if closing {
+                        break;
+                    }
                 }
-                if closing {
-                    break;
-                }
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        if let Some(flags) = client_feature_flags(&text, first_message) {
+                            let on = flags["supports_preview_metadata"].as_bool().unwrap_or(false);
+                            sessions.set_preview_metadata(&sid, on);
+                            sessions.send_json(&sid, "feature_flags", ctx.features());
+                        }
+                        first_message = false;
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
             }
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    let Ok(data) = serde_json::from_str::<Value>(&text) else { continue };
-                    if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
-                        let on = data["data"]["supports_preview_metadata"].as_bool().unwrap_or(false);
-                        sessions.set_preview_metadata(&sid, on);
-                        sessions.send_json(&sid, "feature_flags", ctx.features());
-                    }
-                    first_message = false;
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
         }
-    }})
+    })
     .catch_unwind()
     .await;
     if let Err(payload) = session {

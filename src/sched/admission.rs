@@ -19,17 +19,28 @@ use crate::http::{Body, json as json_resp};
 use crate::protocol::errors;
 
 /// A parsed `POST /prompt` body: what the gate takes out of it, and the rest kept verbatim.
-struct Submission {
-    id: String,
-    client_id: Option<String>,
-    front: bool,
-    number: Option<Value>,
-    body: Map<String, Value>,
+pub struct Submission {
+    /// `prompt_id` (as Python's `str()` spells it), or a fresh uuid4.
+    pub id: String,
+    /// `client_id`, as Python's `str()` spells it.
+    pub client_id: Option<String>,
+    /// `front`, read with Python's truthiness for bools and null.
+    pub front: bool,
+    /// `number`, as sent.
+    pub number: Option<Value>,
+    /// The rest of the body (`prompt`, `extra_data`, …), unchanged.
+    pub body: Map<String, Value>,
 }
 
 /// Parses and checks a `POST /prompt` body (ComfyUI's `server.py` `post_prompt` rules): `Ok(Err)`
-/// is ComfyUI's own 400 answer.
-fn parse(sched: &Scheduler, body: &[u8]) -> Result<Result<Submission, Value>, GateError> {
+/// is ComfyUI's own 400 answer, either for the body's shape or from `refuse`, the fleet's
+/// verdict on the `prompt` object (a node class or file no backend has, a prompt no card
+/// holds). `Err` is the gate's own 4xx for a body ComfyUI would fail on with a 500.
+/// Client bytes reach it unchecked: it is a fuzz target (`fuzz/`).
+pub fn parse(
+    body: &[u8],
+    refuse: &dyn Fn(&Value) -> Option<Value>,
+) -> Result<Result<Submission, Value>, GateError> {
     let mut data: Map<String, Value> = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -47,13 +58,7 @@ fn parse(sched: &Scheduler, body: &[u8]) -> Result<Result<Submission, Value>, Ga
             "`prompt` must be an object of nodes".into(),
         ));
     }
-    if let Some(refusal) = sched
-        .fleet
-        .refusal(&data["prompt"], &|n| sched.files.uploaded(n))
-    {
-        return Ok(Err(refusal));
-    }
-    if let Some(refusal) = never_fits(sched, &data["prompt"]) {
+    if let Some(refusal) = refuse(&data["prompt"]) {
         return Ok(Err(refusal));
     }
     if data.get("extra_data").is_some_and(|e| !e.is_object()) {
@@ -101,7 +106,13 @@ pub async fn submit(
     identity: String,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
-    let sub = match parse(sched, body)? {
+    let refuse = |prompt: &Value| {
+        sched
+            .fleet
+            .refusal(prompt, &|n| sched.files.uploaded(n))
+            .or_else(|| never_fits(sched, prompt))
+    };
+    let sub = match parse(body, &refuse)? {
         Ok(sub) => sub,
         Err(answer) => return Ok(json_resp(StatusCode::BAD_REQUEST, &answer)),
     };

@@ -158,11 +158,14 @@ impl FileRef {
         }
     }
 
-    /// As a loader value: `rel`, annotated unless the type is `input`.
+    /// As a loader value: `rel`, annotated unless the type is `input` (and then too when the
+    /// name itself ends in an annotation, `x [output]`: ComfyUI strips one suffix, so the value
+    /// reads back as the same file).
     pub fn loader_value(&self) -> String {
+        let rel = self.rel();
         match self.kind {
-            Kind::Input => self.rel(),
-            k => format!("{} [{k}]", self.rel()),
+            Kind::Input if split_annotation(&rel).1.is_none() => rel,
+            k => format!("{rel} [{k}]"),
         }
     }
 
