@@ -14,6 +14,7 @@
 //! whose name contains WORD. Run without `--bench` (as `cargo test --all-targets` does), it only
 //! says how to run it.
 
+#[allow(dead_code)]
 mod support;
 
 use std::time::Duration;

@@ -91,7 +91,7 @@ pub struct Ctx {
 /// comfy-sim on a runtime of its own (two worker threads, as the gate gets), so it does not
 /// share threads with the load generator: direct, nginx and the gate then see the same
 /// topology (load generator → [proxy] → sim), each process or runtime scheduled by the OS.
-fn sim_on_own_runtime(cfg: SimConfig) -> SimHandle {
+pub fn sim_on_own_runtime(cfg: SimConfig) -> SimHandle {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -249,7 +249,7 @@ fn noise_png(width: u32, height: u32) -> Vec<u8> {
 
 /// `target/release/comfy-gate`: cargo's path for benches, else next to this executable, else
 /// built now.
-fn gate_binary() -> PathBuf {
+pub fn gate_binary() -> PathBuf {
     if let Some(p) = option_env!("CARGO_BIN_EXE_comfy-gate").map(PathBuf::from)
         && p.exists()
     {
@@ -278,31 +278,49 @@ fn gate_binary() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // The gate as a process
 
-/// A `comfy-gate run` child process with a temporary state dir; killed on drop.
+/// A `comfy-gate run` child process; killed (SIGKILL) on drop.
 pub struct GateProcess {
     child: Child,
     pub addr: SocketAddr,
-    _state: tempfile::TempDir,
+    pub admin: SocketAddr,
+    _state: Option<tempfile::TempDir>,
 }
 
 impl GateProcess {
+    /// The gate in front of one backend, on a temporary state dir.
     pub async fn start(bin: &Path, backend: &str) -> GateProcess {
         let state = tempfile::Builder::new()
             .prefix("comfy-gate-bench-")
             .tempdir()
             .expect("state dir");
-        let mut child = Command::new(bin)
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--backend",
-                backend,
-                "--state-dir",
-            ])
-            .arg(state.path())
+        let mut gate = Self::start_fleet(bin, &[backend.to_string()], state.path(), &[]).await;
+        gate._state = Some(state);
+        gate
+    }
+
+    /// The gate in front of `backends`, on `state` (kept: a gate started again on it resumes
+    /// the work), with `extra` arguments to `comfy-gate run` (`--config FILE`).
+    pub async fn start_fleet(
+        bin: &Path,
+        backends: &[String],
+        state: &Path,
+        extra: &[&str],
+    ) -> GateProcess {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]);
+        for b in backends {
+            cmd.args(["--backend", b]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .arg("--state-dir")
+            .arg(state)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -341,7 +359,8 @@ impl GateProcess {
         GateProcess {
             child,
             addr,
-            _state: state,
+            admin,
+            _state: None,
         }
     }
 
@@ -355,10 +374,25 @@ impl GateProcess {
 
     /// VmRSS in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// VmHWM (the peak resident set so far) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let text =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         text.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
