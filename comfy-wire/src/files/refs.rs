@@ -184,6 +184,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_loader_value_reads_back_as_the_same_file() {
+        // An input named like an annotated value keeps its own annotation (the file_refs fuzz
+        // target checks this round trip on every input).
+        for r in [
+            FileRef::new(Kind::Input, "", "x [output]"),
+            FileRef::new(Kind::Input, "sub", "y.png"),
+            FileRef::new(Kind::Output, "", "z [temp]"),
+            FileRef::new(Kind::Temp, "a/b", "w.png"),
+        ] {
+            assert_eq!(
+                FileRef::from_loader(&r.loader_value()),
+                Some(r.clone()),
+                "{r:?}"
+            );
+        }
+        assert_eq!(
+            FileRef::new(Kind::Input, "", "x [output]").loader_value(),
+            "x [output] [input]"
+        );
+        assert_eq!(
+            FileRef::new(Kind::Input, "", "y.png").loader_value(),
+            "y.png"
+        );
+    }
+
+    #[test]
     fn loader_values_as_comfyui_reads_them() {
         let r = FileRef::from_loader("webcam/shot.png [temp]").unwrap();
         assert_eq!(r, FileRef::new(Kind::Temp, "webcam", "shot.png"));
