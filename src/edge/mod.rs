@@ -65,7 +65,7 @@ async fn route(
     {
         panic!("test fault: {} {}", req.method(), req.uri().path());
     }
-    if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req) {
+    if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req).await {
         return Err(GateError::ForbiddenOrigin);
     }
     if req.method() == Method::OPTIONS {

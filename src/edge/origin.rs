@@ -1,21 +1,113 @@
 //! The origin policy (design §2 "Origin"): ComfyUI's same-origin rule, applied against the
 //! gate's own Host (the backends never see the browser's `Origin`), plus the operator's
 //! `server.allowed_origins`.
+//!
+//! ComfyUI resolves a `Host` that is a name to learn whether it is loopback, on every request
+//! that carries an `Origin`. Done inline that is a blocking resolver call per request on the
+//! gate's few runtime threads, with the name chosen by the client: one client sending random
+//! names would stall everyone. So names are resolved off the runtime (`tokio::net::lookup_host`),
+//! at most [`LOOKUPS_AT_ONCE`] at a time, each given [`LOOKUP_TIMEOUT`], and remembered for
+//! [`REMEMBER_FOR`] in a bounded cache. A name that cannot be resolved in time, or while the
+//! lookups are all busy, counts as not loopback, as a resolution error does in ComfyUI.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use http::{Request, header};
+use tokio::sync::Semaphore;
 
-use crate::protocol::origin::{is_loopback, same_origin_allows};
+use crate::protocol::origin::{host_name, same_origin_allows};
+
+/// Resolver lookups in flight at once.
+pub const LOOKUPS_AT_ONCE: usize = 4;
+/// Time one lookup is given.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an answer is kept.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
+/// Names remembered at most (the cache is emptied when full).
+const REMEMBERED_NAMES: usize = 1024;
 
 /// Whether a request may proceed: its `Origin` is listed in `allowed`, or ComfyUI's rule
 /// (`server.py` `create_origin_only_middleware`: a loopback Host must match its Origin) lets it.
-pub fn origin_allowed<B>(allowed: &[String], req: &Request<B>) -> bool {
+pub async fn origin_allowed<B>(allowed: &[String], req: &Request<B>) -> bool {
     let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
-    if let Some(origin) = h(header::ORIGIN)
-        && allowed.iter().any(|o| o == origin)
-    {
+    let (host, origin) = (h(header::HOST), h(header::ORIGIN));
+    let Some(origin) = origin else {
+        return true;
+    };
+    if allowed.iter().any(|o| o == origin) {
         return true;
     }
-    same_origin_allows(h(header::HOST), h(header::ORIGIN), is_loopback)
+    let loopback = match host.and_then(host_name) {
+        Some(name) => is_loopback(&name).await,
+        None => false,
+    };
+    same_origin_allows(host, Some(origin), |_| loopback)
+}
+
+/// ComfyUI's `is_loopback`: a literal address is checked directly; `localhost` and names under
+/// it are loopback (RFC 6761 §6.3); other names are resolved (IPv4 results first) and count as
+/// loopback when every address seen before the first non-loopback one is.
+pub async fn is_loopback(name: &str) -> bool {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return ip.is_loopback();
+    }
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    let cache = remembered();
+    if let Some(&(answer, at)) = lock(cache).get(name)
+        && at.elapsed() < REMEMBER_FOR
+    {
+        return answer;
+    }
+    let Ok(_permit) = lookups().try_acquire() else {
+        return false;
+    };
+    let answer =
+        match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((name, 0))).await {
+            Ok(Ok(addrs)) => {
+                let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+                ips.sort_by_key(IpAddr::is_ipv6);
+                loopback_prefix(&ips)
+            }
+            _ => false,
+        };
+    let mut names = lock(cache);
+    if names.len() >= REMEMBERED_NAMES {
+        names.clear();
+    }
+    names.insert(name.to_string(), (answer, Instant::now()));
+    answer
+}
+
+/// ComfyUI's loop: loopback when the addresses before the first non-loopback one are all
+/// loopback and there is at least one.
+fn loopback_prefix(ips: &[IpAddr]) -> bool {
+    let mut loopback = false;
+    for ip in ips {
+        if !ip.is_loopback() {
+            return loopback;
+        }
+        loopback = true;
+    }
+    loopback
+}
+
+fn remembered() -> &'static Mutex<HashMap<String, (bool, Instant)>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, (bool, Instant)>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn lookups() -> &'static Semaphore {
+    static LOOKUPS: Semaphore = Semaphore::const_new(LOOKUPS_AT_ONCE);
+    &LOOKUPS
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -30,18 +122,39 @@ mod tests {
         b.body(()).unwrap()
     }
 
-    #[test]
-    fn a_listed_origin_passes_and_a_foreign_one_to_loopback_does_not() {
+    #[tokio::test]
+    async fn a_listed_origin_passes_and_a_foreign_one_to_loopback_does_not() {
         let allowed = vec!["https://studio.example".to_string()];
         let foreign = req("127.0.0.1:8188", Some("https://evil.example"));
-        assert!(!origin_allowed(&allowed, &foreign));
+        assert!(!origin_allowed(&allowed, &foreign).await);
         let listed = req("127.0.0.1:8188", Some("https://studio.example"));
-        assert!(origin_allowed(&allowed, &listed));
+        assert!(origin_allowed(&allowed, &listed).await);
         assert!(
-            origin_allowed(&[], &req("127.0.0.1:8188", None)),
+            origin_allowed(&[], &req("127.0.0.1:8188", None)).await,
             "no Origin: not a browser"
         );
         let same = req("127.0.0.1:8188", Some("http://127.0.0.1:8188"));
-        assert!(origin_allowed(&[], &same));
+        assert!(origin_allowed(&[], &same).await);
+        let named = req("localhost:8188", Some("https://evil.example"));
+        assert!(!origin_allowed(&[], &named).await, "localhost is loopback");
+    }
+
+    #[tokio::test]
+    async fn names_are_resolved_once_and_remembered() {
+        assert!(is_loopback("::1").await && is_loopback("app.localhost").await);
+        assert!(!is_loopback("192.0.2.1").await);
+        // A name that does not resolve (.invalid, RFC 6761 §6.4): not loopback, and the answer
+        // is remembered.
+        assert!(!is_loopback("gate-test.invalid").await);
+        assert!(lock(remembered()).contains_key("gate-test.invalid"));
+    }
+
+    #[test]
+    fn comfyui_counts_the_loopback_addresses_before_the_first_other_one() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(loopback_prefix(&[ip("127.0.0.1"), ip("::1")]));
+        assert!(loopback_prefix(&[ip("127.0.0.1"), ip("10.0.0.1")]));
+        assert!(!loopback_prefix(&[ip("10.0.0.1"), ip("127.0.0.1")]));
+        assert!(!loopback_prefix(&[]));
     }
 }

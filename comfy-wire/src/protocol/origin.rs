@@ -65,6 +65,12 @@ pub fn is_loopback(host: &str) -> bool {
     loopback
 }
 
+/// The host name a `Host` header names (lowercase, brackets and port dropped), which is what
+/// [`same_origin_allows`] asks `loopback` about; `None` when there is none.
+pub fn host_name(host: &str) -> Option<String> {
+    split_host_port(&host.to_ascii_lowercase()).0
+}
+
 /// Whether ComfyUI would let a request with these `Host` and `Origin` headers through.
 /// `loopback` decides whether a hostname is loopback (normally [`is_loopback`]).
 pub fn same_origin_allows(
