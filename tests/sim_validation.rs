@@ -160,6 +160,20 @@ async fn link_errors_and_type_conversion() {
         "exception_during_validation"
     );
 
+    // A link whose node id is not a string: ComfyUI's prompt keys are strings, so
+    // `prompt[1]` and `prompt[None]` raise KeyError, even when a node "1" exists.
+    for (from, shown) in [(json!(1), "1"), (json!(null), "None")] {
+        let mut g = blur_graph(0);
+        g["2"]["inputs"]["image"] = json!([from, 0]);
+        let (code, body) = submit(&sim.url(), json!({"prompt": g})).await;
+        assert_eq!(code, 400, "{body}");
+        // Raised while SaveImage's input validated ImageBlur: charged to ImageBlur.
+        let e = node_error(&body, "2");
+        assert_eq!(e["type"], "exception_during_inner_validation", "{body}");
+        assert_eq!(e["extra_info"]["exception_message"], shown);
+        assert_eq!(e["extra_info"]["exception_type"], "KeyError");
+    }
+
     let mut g = txt2img(1, SDXL);
     g["8"]["inputs"]["samples"] = json!(["4", 0]);
     let (_, body) = submit(&sim.url(), json!({"prompt": g})).await;

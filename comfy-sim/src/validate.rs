@@ -298,11 +298,18 @@ fn step(prompt: &mut Map<String, Value>, frame: &mut Frame, ctx: &ValidationCont
                 ));
                 continue;
             }
+            // The prompt's keys are strings: `prompt[5]` or `prompt[None]` is a KeyError, as is
+            // an id no node has (`str(KeyError(5))` is `5`, of a string `'5'`).
             let from = python_str(&link[0]);
-            let Some(from_node) = prompt.get(&from) else {
+            let Some(from_node) = link[0].as_str().and_then(|id| prompt.get(id)) else {
+                let message = if link[0].is_string() {
+                    format!("'{from}'")
+                } else {
+                    from
+                };
                 return Step::Done(Err(PyException {
                     kind: "KeyError",
-                    message: format!("'{from}'"),
+                    message,
                 }));
             };
             let from_class = python_str(&from_node["class_type"]);
