@@ -184,6 +184,20 @@ async fn an_output_made_on_one_backend_loads_on_the_other() {
             assert_eq!(&output_pixels(&base, &h, "2").await, px, "{value} on {i}");
         }
     }
+    // The copies made for the other backend, and the names, go with the history (issue 12).
+    let admin = format!("http://{}", f.gate.admin_addr);
+    let (_, held) = get_json(&admin, "/admin/records").await;
+    assert_eq!(held["files"]["copies"], 2, "one copy each way: {held}");
+    assert_eq!(
+        post_json(&base, "/history", &json!({"clear": true}))
+            .await
+            .0,
+        200
+    );
+    let (_, left) = get_json(&admin, "/admin/records").await;
+    assert_eq!(left["files"]["copies"], 0, "{left}");
+    assert_eq!(left["files"]["backend_aliases"], 0, "{left}");
+    assert_eq!(left["store"]["aliases"], 0, "{left}");
 }
 
 /// Acceptance 2: `/upload/mask` composites onto an original of each type, wherever it lives:
