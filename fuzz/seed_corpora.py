@@ -108,7 +108,18 @@ for head in [
 ]:
     put("client_headers", head)
 
+for header in [
+    b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 8188\r\nGET / HTTP/1.1\r\n\r\n",
+    b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 8188\r\n",
+    b"PROXY UNKNOWN\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x10\xc6\x33\x64\x07\x0a\x00\x00\x01\x9c\x40\x1f\xfc\x04\x00\x01\x00GET /",
+    b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + bytes(range(16)) + bytes(range(16)) + b"\x9c\x40\x1f\xfc",
+]:
+    put("proxy_header", header)
+
 put("config_file", open(os.path.join(ROOT, "proxy.toml")).read())
 put("config_file", '[[backends]]\nurl = "http://127.0.0.1:8188"\n[placement]\npolicy = "most_free_vram"\n')
 put("config_file", '[[backends]]\nname = "a"\nurl = "ftp://x"\ngpu = "uuid:GPU-1"\n[[backends]]\nname = "a"\n')
 put("config_file", "[server]\nlisten = 5\n[recovery]\nmax_retries = -1\n")
+put("config_file", '[edge]\ntrusted_proxies = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]\nreal_ip_header = "Forwarded"\nproxy_protocol = true\n[[backends]]\nurl = "http://a:1"\n')

@@ -169,9 +169,19 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         merged: Default::default(),
     });
     let handler = Arc::new(move |req, info| edge::handle(ctx.clone(), req, info));
-    let options = http::ServeOptions {
+    let admin_options = http::ServeOptions {
         header_read_timeout: config.header_read_timeout(),
         drain: Some(config.drain_timeout()),
+        proxy_protocol: None,
+    };
+    let options = http::ServeOptions {
+        proxy_protocol: config.edge.proxy_protocol.then(|| {
+            let trusted = config.edge.trusted_proxies.clone();
+            let trust: http::TrustedPeer =
+                Arc::new(move |ip| edge::forwarded::is_trusted(&trusted, ip));
+            trust
+        }),
+        ..admin_options.clone()
     };
     tasks.push(tokio::spawn(http::serve(
         listener,
@@ -199,7 +209,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     tasks.push(tokio::spawn(http::serve(
         admin_listener,
         admin_handler,
-        options,
+        admin_options,
         stop.clone(),
     )));
     tracing::info!(%addr, %admin_addr, backends = fleet.backends().len(), state = %store.path().display(), "comfy-gate listening");

@@ -1,12 +1,14 @@
 //! The client's address behind trusted proxies (`[edge] trusted_proxies`, `real_ip_header`):
 //! it keys the identity of a caller that sends no key or user, which scopes an id-less
 //! `POST /queue {"clear": true}` to the caller's own waiting prompts. Two clients behind one
-//! proxy (one peer address) are told apart by the header the proxy appends; a spoofed header
-//! from a peer that is not trusted changes nothing.
+//! proxy (one peer address) are told apart by the header the proxy appends, or by the PROXY
+//! protocol header a TCP load balancer opens each connection with; a spoofed header from a peer
+//! that is not trusted changes nothing.
 mod common;
 
 use common::*;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn queued(base: &str) -> Vec<String> {
     let (_, q) = get_json(base, "/queue").await;
@@ -136,4 +138,117 @@ async fn a_spoofed_x_forwarded_for_from_an_untrusted_peer_changes_nothing() {
     )
     .await;
     assert_eq!(left, ["busy"]);
+}
+
+/// One HTTP/1.1 request on a connection of its own that starts with `proxy_header`: the
+/// response's status, or `None` when the gate closed the connection without answering.
+async fn post_after_proxy_header(
+    addr: std::net::SocketAddr,
+    proxy_header: &[u8],
+    path: &str,
+    body: &Value,
+) -> Option<u16> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(&[proxy_header, head.as_bytes(), body.as_bytes()].concat())
+        .await
+        .ok()?;
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// As [`clear_from_behind_a_proxy`], through a listener that takes the PROXY protocol: `a` and
+/// `b` are the client addresses their connections' headers name.
+async fn clear_behind_proxy_protocol(trusted: &str, a: &[u8], b: &[u8]) -> Vec<String> {
+    let sim = sim().await;
+    let trusted = trusted.to_string();
+    let gate = gate_with(&[&sim], move |f| {
+        f.backends[0].max_inflight = Some(1);
+        f.edge.proxy_protocol = true;
+        f.edge.trusted_proxies = vec![toml::Spanned::new(0..0, trusted)];
+    })
+    .await;
+    let addr = gate.addr;
+    let submit = |id: &str, g: Value| json!({"prompt": g, "prompt_id": id});
+    let own = b"PROXY UNKNOWN\r\n";
+    let post = |header: &[u8], path: &'static str, body: Value| {
+        let header = header.to_vec();
+        async move { post_after_proxy_header(addr, &header, path, &body).await }
+    };
+    assert_eq!(
+        post(own, "/prompt", submit("busy", steps(1, 10_000))).await,
+        Some(200)
+    );
+    assert_eq!(
+        post(a, "/prompt", submit("a-waits", blur_graph(1))).await,
+        Some(200)
+    );
+    assert_eq!(
+        post(b, "/prompt", submit("b-waits", blur_graph(2))).await,
+        Some(200)
+    );
+    assert_eq!(post(b, "/queue", json!({"clear": true})).await, Some(200));
+    // The admin listener and a request without the header.
+    let (code, _) = get_json(&format!("http://{}", gate.admin_addr), "/admin/records").await;
+    assert_eq!(code, 200, "the admin listener takes no PROXY header");
+    assert_eq!(
+        post_after_proxy_header(addr, b"", "/prompt", &submit("x", blur_graph(3))).await,
+        None,
+        "a connection without the header is closed unanswered"
+    );
+    let left = queued_via_proxy(addr).await;
+    post(own, "/interrupt", json!({"prompt_id": "busy"})).await;
+    left
+}
+
+/// `/queue`'s prompt ids, asked over a connection that starts with `PROXY UNKNOWN`.
+async fn queued_via_proxy(addr: std::net::SocketAddr) -> Vec<String> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "PROXY UNKNOWN\r\nGET /queue HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let q: Value = serde_json::from_str(body.trim()).unwrap_or(Value::Null);
+    ["queue_running", "queue_pending"]
+        .iter()
+        .filter_map(|k| q[*k].as_array())
+        .flatten()
+        .filter_map(|i| i[1].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn clients_behind_a_trusted_proxy_protocol_balancer_are_told_apart() {
+    let left = clear_behind_proxy_protocol(
+        "127.0.0.0/8",
+        b"PROXY TCP4 198.51.100.1 127.0.0.1 40001 8188\r\n",
+        b"PROXY TCP6 2001:db8::2 ::1 40002 8188\r\n",
+    )
+    .await;
+    assert_eq!(left, ["busy", "a-waits"], "b cleared only its own");
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_from_an_untrusted_peer_is_ignored() {
+    let left = clear_behind_proxy_protocol(
+        "10.0.0.0/8",
+        b"PROXY TCP4 198.51.100.1 127.0.0.1 40001 8188\r\n",
+        b"PROXY TCP4 198.51.100.2 127.0.0.1 40002 8188\r\n",
+    )
+    .await;
+    assert_eq!(
+        left,
+        ["busy"],
+        "one identity, the peer's: the clear took both"
+    );
 }

@@ -250,13 +250,32 @@ pub struct ConnInfo {
 }
 
 /// Timeouts and limits of the accept loop.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Time a client gets to send a complete request head (slowloris guard).
     pub header_read_timeout: Duration,
     /// On stop: `None` drops every connection at once (a crash); `Some(d)` stops accepting and
     /// lets in-flight requests finish for up to `d` (a graceful shutdown).
     pub drain: Option<Duration>,
+    /// `Some(trusted)`: every connection starts with a PROXY protocol header
+    /// ([`crate::proxy_protocol`]; one missing, malformed or not complete within
+    /// `header_read_timeout` closes the connection). The client it names becomes the
+    /// connection's peer when `trusted(tcp peer)`; from any other peer it is read and ignored.
+    /// Default `None`.
+    pub proxy_protocol: Option<TrustedPeer>,
+}
+
+/// Whether a TCP peer's PROXY protocol header is believed.
+pub type TrustedPeer = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("drain", &self.drain)
+            .field("proxy_protocol", &self.proxy_protocol.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServeOptions {
@@ -264,6 +283,34 @@ impl Default for ServeOptions {
         Self {
             header_read_timeout: Duration::from_secs(30),
             drain: None,
+            proxy_protocol: None,
+        }
+    }
+}
+
+/// The connection's peer as its PROXY header names it (see [`ServeOptions::proxy_protocol`]);
+/// `None` when the connection is to be closed.
+async fn proxied_peer(
+    stream: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+    trusted: &TrustedPeer,
+    within: Duration,
+) -> Option<SocketAddr> {
+    use crate::proxy_protocol::{ProxyHeader, read_header};
+    match tokio::time::timeout(within, read_header(stream)).await {
+        Ok(Ok(ProxyHeader::Client(client))) if trusted(peer.ip()) => Some(client),
+        Ok(Ok(ProxyHeader::Client(client))) => {
+            tracing::debug!(%peer, %client, "PROXY header from a peer not trusted; ignored");
+            Some(peer)
+        }
+        Ok(Ok(ProxyHeader::Own)) => Some(peer),
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %err, "PROXY header refused; connection closed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no PROXY header in time; connection closed");
+            None
         }
     }
 }
@@ -304,34 +351,43 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let info = ConnInfo { peer, local };
-        let service = hyper::service::service_fn(move |req| {
-            let fut = handler(req, info);
-            async move { Ok::<_, Infallible>(fut.await) }
+        let builder = builder.clone();
+        let watcher = options.drain.map(|_| graceful.watcher());
+        let (proxy, within, stop) = (
+            options.proxy_protocol.clone(),
+            options.header_read_timeout,
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let peer = match &proxy {
+                Some(trusted) => {
+                    let Some(p) = proxied_peer(&mut stream, peer, trusted, within).await else {
+                        return;
+                    };
+                    p
+                }
+                None => peer,
+            };
+            let info = ConnInfo { peer, local };
+            let service = hyper::service::service_fn(move |req| {
+                let fut = handler(req, info);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let ended = match watcher {
+                Some(watcher) => watcher.watch(conn).await,
+                None => tokio::select! {
+                    _ = stop.cancelled() => Ok(()),
+                    res = conn => res,
+                },
+            };
+            if let Err(err) = ended {
+                tracing::trace!(%err, "connection ended with an error");
+            }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        if options.drain.is_some() {
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(err) = conn.await {
-                    tracing::trace!(%err, "connection ended with an error");
-                }
-            });
-        } else {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    res = conn => {
-                        if let Err(err) = res {
-                            tracing::trace!(%err, "connection ended with an error");
-                        }
-                    }
-                }
-            });
-        }
     }
     drop(listener);
     if let Some(drain) = options.drain {

@@ -13,3 +13,4 @@
 pub mod files;
 pub mod http;
 pub mod protocol;
+pub mod proxy_protocol;

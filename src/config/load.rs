@@ -231,6 +231,7 @@ fn check_edge(raw: &FileConfig, err: &ErrorAt<'_>) -> Result<Edge, ConfigError> 
     Ok(Edge {
         trusted_proxies: trusted,
         real_ip_header: raw.edge.real_ip_header,
+        proxy_protocol: raw.edge.proxy_protocol,
     })
 }
 

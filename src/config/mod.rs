@@ -92,6 +92,10 @@ pub struct EdgeConfig {
     /// The header those peers name the client in: `"X-Forwarded-For"` (default) or
     /// `"Forwarded"` (RFC 7239). Only this one is read.
     pub real_ip_header: RealIpHeader,
+    /// Every connection to the client listener starts with a PROXY protocol header (v1 or v2,
+    /// HAProxy's `send-proxy`, AWS NLB), whose client address is the peer when the connection
+    /// comes from a trusted proxy. A connection without one is closed. Default false.
+    pub proxy_protocol: bool,
 }
 
 /// Which header names the client (`[edge] real_ip_header`).
@@ -111,6 +115,7 @@ pub enum RealIpHeader {
 pub struct Edge {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub real_ip_header: RealIpHeader,
+    pub proxy_protocol: bool,
 }
 
 /// `[scheduler]`: the gate queue.

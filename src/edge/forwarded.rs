@@ -65,7 +65,7 @@ pub fn client_addr(
     trusted: &[IpNet],
     header: RealIpHeader,
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&canonical(*ip)));
+    let is_trusted = |ip: &IpAddr| is_trusted(trusted, *ip);
     if !is_trusted(&peer) {
         return peer;
     }
@@ -78,6 +78,11 @@ pub fn client_addr(
         }
     }
     client
+}
+
+/// Whether `ip` (an IPv4-mapped IPv6 address as the IPv4 address it is) is in `trusted`.
+pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
+    trusted.iter().any(|net| net.contains(&canonical(ip)))
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, what a dual-stack listener reports) as the
