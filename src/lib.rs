@@ -107,6 +107,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     )?);
     let sessions = Arc::new(Sessions::default());
     let table = restore_table(&fleet, loaded.counter, loaded.records);
+    files.hold_kept_history(loaded.history.iter().map(|(_, _, entry)| entry));
     let history = sched::history::History::new(store.clone(), loaded.history, &config.recovery);
     let sched = Arc::new(Scheduler::new(
         config.clone(),

@@ -89,3 +89,44 @@ async fn entries_aged_out_of_the_history_take_their_records_and_names_with_them(
     assert_eq!(code, 200);
     assert_nothing_left(&records(&gate).await);
 }
+
+#[tokio::test]
+async fn a_name_two_entries_list_stays_until_the_last_goes() {
+    // ComfyUI lists a cached output again in the entry of every prompt that reuses it.
+    let a = sim().await;
+    let gate = gate(&[&a]).await;
+    let base = gate.url();
+    let graph = blur_graph(0x123456);
+    for id in ["first", "again"] {
+        let body = json!({"prompt": graph, "prompt_id": id});
+        assert_eq!(post_json(&base, "/prompt", &body).await.0, 200);
+        wait_history(&base, id).await;
+    }
+    let name = |h: &Value| h["outputs"]["3"]["images"][0]["filename"].clone();
+    let (first, again) = (
+        wait_history(&base, "first").await,
+        wait_history(&base, "again").await,
+    );
+    assert_eq!(
+        name(&first),
+        name(&again),
+        "the cached output is listed twice"
+    );
+    let view = format!(
+        "/view?filename={}&type=output",
+        name(&first).as_str().unwrap()
+    );
+    assert_eq!(records(&gate).await["files"]["backend_aliases"], 1);
+
+    post_json(&base, "/history", &json!({"delete": ["first"]})).await;
+    assert_eq!(
+        records(&gate).await["files"]["backend_aliases"],
+        1,
+        "\"again\" still lists it"
+    );
+    let shown = http().get(format!("{base}{view}")).send().await.unwrap();
+    assert_eq!(shown.status(), 200);
+
+    post_json(&base, "/history", &json!({"delete": ["again"]})).await;
+    assert_nothing_left(&records(&gate).await);
+}

@@ -361,12 +361,15 @@ pub async fn serve<H, F>(
         tokio::spawn(async move {
             let mut stream = stream;
             let peer = match &proxy {
-                Some(trusted) => {
-                    let Some(p) = proxied_peer(&mut stream, peer, trusted, within).await else {
-                        return;
-                    };
-                    p
-                }
+                // A stop (drain or crash) ends a connection still owing its header at once.
+                Some(trusted) => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    p = proxied_peer(&mut stream, peer, trusted, within) => match p {
+                        Some(p) => p,
+                        None => return,
+                    },
+                },
                 None => peer,
             };
             let info = ConnInfo { peer, local };
@@ -380,6 +383,7 @@ pub async fn serve<H, F>(
             let ended = match watcher {
                 Some(watcher) => watcher.watch(conn).await,
                 None => tokio::select! {
+                    biased;
                     _ = stop.cancelled() => Ok(()),
                     res = conn => res,
                 },

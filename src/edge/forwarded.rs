@@ -21,7 +21,9 @@ use ipnet::IpNet;
 pub use crate::config::RealIpHeader;
 
 /// The addresses a request passed through, client first, as `header` lists them. A hop that
-/// names no address (`unknown`, `_hidden`, garbage) is `None`.
+/// names no address (`unknown`, `_hidden`, garbage) is `None`; so is a whole `Forwarded` line
+/// that does not follow RFC 7239's grammar (an unclosed quote must not swallow the elements a
+/// proxy appended after it).
 pub fn hops(headers: &HeaderMap, header: RealIpHeader) -> Vec<Option<IpAddr>> {
     let name = match header {
         RealIpHeader::XForwardedFor => "x-forwarded-for",
@@ -29,30 +31,88 @@ pub fn hops(headers: &HeaderMap, header: RealIpHeader) -> Vec<Option<IpAddr>> {
     };
     let mut out = Vec::new();
     for value in headers.get_all(name) {
-        let Ok(value) = value.to_str() else {
-            // Not visible ASCII: one hop nobody can read.
-            out.push(None);
-            continue;
-        };
         match header {
             RealIpHeader::XForwardedFor => {
-                out.extend(value.split(',').map(|item| address(item.trim())));
-            }
-            RealIpHeader::Forwarded => {
-                out.extend(split_outside_quotes(value, ',').into_iter().map(|element| {
-                    split_outside_quotes(element, ';')
-                        .into_iter()
-                        .find_map(|pair| {
-                            let (key, value) = pair.split_once('=')?;
-                            key.trim()
-                                .eq_ignore_ascii_case("for")
-                                .then(|| address(&unquote(value.trim())))
-                        })?
+                // Item by item: one unreadable item does not hide the others.
+                out.extend(value.as_bytes().split(|&b| b == b',').map(|item| {
+                    std::str::from_utf8(item)
+                        .ok()
+                        .and_then(|item| address(item.trim()))
                 }));
             }
+            RealIpHeader::Forwarded => match value.to_str().ok().and_then(forwarded_line) {
+                Some(hops) => out.extend(hops),
+                None => out.push(None),
+            },
         }
     }
     out
+}
+
+/// One `Forwarded` line (RFC 7239 §4: `forwarded-element *( OWS "," OWS forwarded-element )`,
+/// each element `pair *( ";" pair )`, each pair `token "=" ( token / quoted-string )`): the
+/// `for=` address of each element, `None` for an element without one or with it twice. `None`
+/// for a line that does not parse.
+fn forwarded_line(line: &str) -> Option<Vec<Option<IpAddr>>> {
+    let mut hops = Vec::new();
+    let mut rest = line.trim_start_matches([' ', '\t']);
+    loop {
+        // Empty list elements are allowed (RFC 9110 §5.6.1).
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            return Some(hops);
+        }
+        let mut found: Option<Option<IpAddr>> = None;
+        let mut repeated = false;
+        loop {
+            let key_len = rest.find(|c: char| !is_tchar(c)).unwrap_or(rest.len());
+            let key = &rest[..key_len];
+            rest = rest[key_len..].strip_prefix('=')?;
+            if key.is_empty() {
+                return None;
+            }
+            let value;
+            (value, rest) = token_or_quoted(rest)?;
+            if key.eq_ignore_ascii_case("for") {
+                repeated |= found.is_some();
+                found = Some(address(&value));
+            }
+            match rest.chars().next() {
+                Some(';') => rest = &rest[1..],
+                _ => break,
+            }
+        }
+        hops.push(if repeated { None } else { found.flatten() });
+        rest = rest.trim_start_matches([' ', '\t']);
+        match rest.chars().next() {
+            None => return Some(hops),
+            Some(',') => {}
+            Some(_) => return None,
+        }
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// A token or a quoted-string (escapes undone) at the start of `s`, and what follows it.
+fn token_or_quoted(s: &str) -> Option<(String, &str)> {
+    let Some(quoted) = s.strip_prefix('"') else {
+        let len = s.find(|c: char| !is_tchar(c)).unwrap_or(s.len());
+        return (len > 0).then(|| (s[..len].to_string(), &s[len..]));
+    };
+    let mut out = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &quoted[i + 1..])),
+            '\\' => out.push(chars.next()?.1),
+            c => out.push(c),
+        }
+    }
+    None
 }
 
 /// The client's address: `peer` unless it is in `trusted`; then the hops of `header`, right to
@@ -105,45 +165,6 @@ fn address(item: &str) -> Option<IpAddr> {
     }
     let inner = item.strip_prefix('[')?.strip_suffix(']')?;
     inner.parse::<IpAddr>().ok().map(canonical)
-}
-
-/// `s` split at `sep`, except inside a quoted-string (RFC 9110 §5.6.4, with `\` escapes).
-fn split_outside_quotes(s: &str, sep: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, c) in s.char_indices() {
-        if escaped {
-            escaped = false;
-        } else if quoted && c == '\\' {
-            escaped = true;
-        } else if c == '"' {
-            quoted = !quoted;
-        } else if c == sep && !quoted {
-            parts.push(&s[start..i]);
-            start = i + c.len_utf8();
-        }
-    }
-    parts.push(&s[start..]);
-    parts
-}
-
-/// A token or a quoted-string's content (escapes undone).
-fn unquote(v: &str) -> String {
-    let Some(inner) = v.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
-        return v.to_string();
-    };
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                out.push(next);
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -271,6 +292,53 @@ mod tests {
         assert_eq!(hops(&h, FWD), vec![None, Some(ip("192.0.2.1"))]);
         let h = headers(&[("forwarded", r#"proto=http"#)]);
         assert_eq!(hops(&h, FWD), vec![None]);
+    }
+
+    #[test]
+    fn a_client_cannot_hide_a_proxys_element_in_an_unclosed_quote() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // The proxy appended its element to the client's line: the line is malformed, so the
+        // walk stops at the proxy that reported it, never at the client's claim.
+        let h = headers(&[("forwarded", r#"for=6.6.6.6;x=", for=198.51.100.9"#)]);
+        assert_eq!(hops(&h, FWD), vec![None]);
+        assert_eq!(
+            client_addr(ip("10.1.1.1"), &h, &trusted, FWD),
+            ip("10.1.1.1")
+        );
+        for bad in [
+            r#"for=1.2.3.4 for=5.6.7.8"#,
+            "for",
+            "=x",
+            "for=\"",
+            "for=1.2.3.4;",
+        ] {
+            let h = headers(&[("forwarded", bad)]);
+            assert_eq!(hops(&h, FWD), vec![None], "{bad}");
+        }
+        // A parameter twice in one element names nobody.
+        let h = headers(&[("forwarded", "for=6.6.6.6;for=198.51.100.9")]);
+        assert_eq!(hops(&h, FWD), vec![None]);
+        // Empty list elements are fine.
+        let h = headers(&[("forwarded", " , for=192.0.2.1 ,, for=192.0.2.2 ")]);
+        assert_eq!(
+            hops(&h, FWD),
+            vec![Some(ip("192.0.2.1")), Some(ip("192.0.2.2"))]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_x_forwarded_for_item_hides_only_itself() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.9").unwrap(),
+        );
+        assert_eq!(hops(&h, XFF), vec![None, Some(ip("198.51.100.9"))]);
+        assert_eq!(
+            client_addr(ip("10.1.1.1"), &h, &trusted, XFF),
+            ip("198.51.100.9")
+        );
     }
 
     #[test]

@@ -5,14 +5,16 @@
 //! ComfyUI resolves a `Host` that is a name to learn whether it is loopback, on every request
 //! that carries an `Origin`. Done inline that is a blocking resolver call per request on the
 //! gate's few runtime threads, with the name chosen by the client: one client sending random
-//! names would stall everyone. So names are resolved off the runtime (`tokio::net::lookup_host`),
-//! at most [`LOOKUPS_AT_ONCE`] at a time, each given [`LOOKUP_TIMEOUT`], and remembered for
-//! [`REMEMBER_FOR`] in a bounded cache. A name that cannot be resolved in time, or while the
-//! lookups are all busy, counts as not loopback, as a resolution error does in ComfyUI.
+//! names would stall everyone. So names are resolved on the blocking pool, at most
+//! [`LOOKUPS_AT_ONCE`] at a time (a slot is held until its resolver call returns), each waited
+//! for [`LOOKUP_TIMEOUT`], and the answers remembered for [`REMEMBER_FOR`] in a bounded cache. A
+//! resolution error is not loopback, as in ComfyUI; a name that cannot be asked now (all slots
+//! busy) or answered in time counts as loopback, not remembered: the request's Origin must then
+//! match its Host (failing closed, so a slow resolver cannot open the cross-site door).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Mutex, OnceLock};
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{Request, header};
@@ -63,18 +65,27 @@ pub async fn is_loopback(name: &str) -> bool {
     {
         return answer;
     }
-    let Ok(_permit) = lookups().try_acquire() else {
-        return false;
+    // Busy or slow: loopback, so the Origin must match the Host (fail closed; not remembered).
+    let Ok(permit) = lookups().clone().try_acquire_owned() else {
+        return true;
     };
-    let answer =
-        match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((name, 0))).await {
-            Ok(Ok(addrs)) => {
-                let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-                ips.sort_by_key(IpAddr::is_ipv6);
-                loopback_prefix(&ips)
-            }
-            _ => false,
-        };
+    let asked = name.to_string();
+    let lookup = tokio::task::spawn_blocking(move || {
+        // The slot is held until the resolver call returns, however long the wait for it.
+        let _permit = permit;
+        (asked.as_str(), 0)
+            .to_socket_addrs()
+            .map(|a| a.map(|a| a.ip()).collect::<Vec<_>>())
+    });
+    let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(Ok(mut ips))) => {
+            ips.sort_by_key(IpAddr::is_ipv6);
+            loopback_prefix(&ips)
+        }
+        // A resolution error is not loopback, as in ComfyUI.
+        Ok(Ok(Err(_))) => false,
+        Ok(Err(_)) | Err(_) => return true,
+    };
     let mut names = lock(cache);
     if names.len() >= REMEMBERED_NAMES {
         names.clear();
@@ -101,9 +112,9 @@ fn remembered() -> &'static Mutex<HashMap<String, (bool, Instant)>> {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn lookups() -> &'static Semaphore {
-    static LOOKUPS: Semaphore = Semaphore::const_new(LOOKUPS_AT_ONCE);
-    &LOOKUPS
+fn lookups() -> &'static Arc<Semaphore> {
+    static LOOKUPS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    LOOKUPS.get_or_init(|| Arc::new(Semaphore::new(LOOKUPS_AT_ONCE)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

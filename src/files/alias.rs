@@ -13,14 +13,22 @@ use super::FileKey;
 /// cannot contain a NUL).
 pub const GATE_OWNER: &str = "\0gate";
 
-/// Shown name ↔ (owner, real name), with at most `cap` names of backends' files: beyond it the
-/// oldest are forgotten (see [`AliasIndex::alias`]).
+/// Shown name ↔ (owner, real name). A backend file's name is owned by the kept history entries
+/// that list it ([`AliasIndex::list`], counted: ComfyUI repeats a cached output in every later
+/// entry that reuses it) and goes when the last of them does. Names no kept entry lists (made
+/// while relaying a backend's own entries) are at most `cap`: beyond it the oldest go.
 pub(super) struct AliasIndex {
     by_real: HashMap<(String, FileKey), String>,
     pub(super) by_alias: HashMap<FileKey, (String, String)>,
-    /// Names of backends' files in the order they were given (may hold names since forgotten:
-    /// skipped when met, and compacted away when they outnumber the live ones).
-    order: VecDeque<FileKey>,
+    /// The sequence number each backend file's name was given under.
+    given: HashMap<FileKey, u64>,
+    /// Backend files' names in the order they were given, with their sequence numbers (an entry
+    /// whose number is no longer the name's is stale: skipped when met, compacted away when
+    /// stale entries outnumber the live ones).
+    order: VecDeque<(u64, FileKey)>,
+    next_seq: u64,
+    /// How many kept history entries list each name.
+    listed: HashMap<FileKey, u32>,
     /// How many entries of `by_alias` name a backend's file (the rest are the gate's own).
     backend_names: usize,
     cap: usize,
@@ -56,7 +64,10 @@ impl AliasIndex {
         Self {
             by_real: HashMap::new(),
             by_alias: HashMap::new(),
+            given: HashMap::new(),
             order: VecDeque::new(),
+            next_seq: 0,
+            listed: HashMap::new(),
             backend_names: 0,
             cap,
         }
@@ -71,7 +82,9 @@ impl AliasIndex {
             .insert((owner.clone(), (kind, sub, real.clone())), name);
         if owner != GATE_OWNER {
             self.backend_names += 1;
-            self.order.push_back(shown.clone());
+            self.next_seq += 1;
+            self.given.insert(shown.clone(), self.next_seq);
+            self.order.push_back((self.next_seq, shown.clone()));
         }
         self.by_alias.insert(shown, (owner, real));
         self.over_cap()
@@ -85,31 +98,71 @@ impl AliasIndex {
             .remove(&(owner.clone(), (kind, sub, real.clone())));
         if owner != GATE_OWNER {
             self.backend_names -= 1;
+            self.given.remove(shown);
         }
         Some((owner, real))
     }
 
-    /// Forgets the oldest names of backends' files beyond the cap.
+    /// Forgets the oldest names of backends' files beyond the cap, passing over those a kept
+    /// history entry lists (bounded by the history's own bound).
     fn over_cap(&mut self) -> Vec<FileKey> {
         let mut forgotten = Vec::new();
-        while self.backend_names > self.cap {
-            let Some(oldest) = self.order.pop_front() else {
+        let mut kept = Vec::new();
+        let mut budget = self.order.len();
+        while self.backend_names > self.cap && budget > 0 {
+            budget -= 1;
+            let Some((seq, oldest)) = self.order.pop_front() else {
                 break;
             };
-            if self.held_by_backend(&oldest) {
-                self.unset(&oldest);
-                forgotten.push(oldest);
+            if self.given.get(&oldest) != Some(&seq) {
+                continue;
             }
+            if self.listed.contains_key(&oldest) {
+                kept.push((seq, oldest));
+                continue;
+            }
+            self.unset(&oldest);
+            forgotten.push(oldest);
+        }
+        for entry in kept.into_iter().rev() {
+            self.order.push_front(entry);
         }
         if self.order.len() > 2 * self.backend_names + 1024 {
-            let live: Vec<FileKey> = self
-                .order
-                .drain(..)
-                .filter(|k| self.by_alias.get(k).is_some_and(|(o, _)| o != GATE_OWNER))
-                .collect();
-            self.order = live.into();
+            let given = &self.given;
+            self.order.retain(|(seq, k)| given.get(k) == Some(seq));
         }
         forgotten
+    }
+
+    /// Sets the cap without applying it (see [`AliasIndex::enforce_cap`]).
+    pub(super) fn set_cap(&mut self, cap: usize) {
+        self.cap = cap;
+    }
+
+    /// Applies the cap now: the names forgotten.
+    pub(super) fn enforce_cap(&mut self) -> Vec<FileKey> {
+        self.over_cap()
+    }
+
+    /// A kept history entry lists `shown` (a backend file's name): it stays while one does.
+    pub(super) fn list(&mut self, shown: &FileKey) {
+        if self.held_by_backend(shown) {
+            *self.listed.entry(shown.clone()).or_default() += 1;
+        }
+    }
+
+    /// A history entry that listed `shown` is gone: whether no kept entry lists it now.
+    pub(super) fn unlist(&mut self, shown: &FileKey) -> bool {
+        match self.listed.get_mut(shown) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.listed.remove(shown);
+                true
+            }
+        }
     }
 
     /// The shown name of a backend's file, whether it was just assigned, and the names

@@ -90,16 +90,13 @@ impl Files {
         max_output_names: usize,
     ) -> std::io::Result<Self> {
         let dirs = Dirs::create(&state_dir.join("files"))?;
-        let mut index = AliasIndex::with_cap(max_output_names);
-        let mut over = Vec::new();
+        // The cap applies once the kept history has said which names it lists
+        // ([`Files::hold_kept_history`]).
+        let mut index = AliasIndex::with_cap(usize::MAX);
         for (shown, (backend, real)) in aliases {
-            over.extend(index.insert(shown, backend, real));
+            index.insert(shown, backend, real);
         }
-        if !over.is_empty()
-            && let Err(e) = store.remove_aliases(&over)
-        {
-            tracing::error!(error = %e, "could not forget file aliases");
-        }
+        index.set_cap(max_output_names);
         let mut uploads = HashSet::new();
         walk(&dirs.input, &dirs.input, &mut uploads);
         Ok(Self {
@@ -129,9 +126,37 @@ impl Files {
         })
     }
 
+    /// At start: the history entries the store kept hold their outputs' names
+    /// ([`Files::hold_outputs`]); then the cap on the rest applies.
+    pub fn hold_kept_history<'a>(&self, entries: impl IntoIterator<Item = &'a Value>) {
+        let over = {
+            let mut index = self.index();
+            let mut shown = Vec::new();
+            for entry in entries {
+                collect_file_items(&entry["outputs"], &mut shown);
+            }
+            for key in &shown {
+                index.list(key);
+            }
+            index.enforce_cap()
+        };
+        self.unpersist_aliases(&over);
+    }
+
+    /// A history entry is kept: the names its outputs are shown under stay while it does (and
+    /// while any other kept entry lists them).
+    pub fn hold_outputs(&self, entry: &Value) {
+        let mut shown = Vec::new();
+        collect_file_items(&entry["outputs"], &mut shown);
+        let mut index = self.index();
+        for key in &shown {
+            index.list(key);
+        }
+    }
+
     /// A history entry was deleted or aged out: the names its outputs (backend files, any
-    /// type but `input`) were shown under are forgotten, in memory and in the store, with
-    /// the copies made of them. The files stay on their backends, as ComfyUI keeps an output
+    /// type but `input`) were shown under, unless another kept entry lists them too, are
+    /// forgotten, in memory and in the store, with the copies made of them. The files stay on their backends, as ComfyUI keeps an output
     /// whose history entry is gone; a later `/view` of the forgotten name finds the file
     /// again only where that real name exists, and a new output may take the name.
     pub fn forget_outputs(&self, entry: &Value) {
@@ -141,7 +166,9 @@ impl Files {
         {
             let mut index = self.index();
             for key in shown {
-                if let Some(target) = index.forget(&key) {
+                if index.unlist(&key)
+                    && let Some(target) = index.forget(&key)
+                {
                     forgotten.push((key, target));
                 }
             }
