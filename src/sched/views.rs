@@ -57,11 +57,16 @@ impl Scheduler {
     }
 
     /// What the gate holds, for `/admin/records`: prompt records (in memory and in the store),
-    /// history entries, file aliases, input uploads, client sessions, placement decisions.
+    /// history entries, file aliases, input uploads, client sessions, placement decisions,
+    /// learned prompt shapes (each bounded: `fleet::picker::stats::MAX_SHAPES`).
     pub fn records(&self) -> Value {
-        let (prompts, decisions) = {
+        let (prompts, decisions, learned_shapes) = {
             let s = self.lock();
-            (s.table.records().count(), s.decisions.len())
+            (
+                s.table.records().count(),
+                s.decisions.len(),
+                s.learned.shapes(),
+            )
         };
         let files = self.files.counts();
         let stored = match self.store().counts() {
@@ -75,6 +80,7 @@ impl Scheduler {
             "sessions": self.sessions.len(),
             "missed_endings_clients": self.sessions.missed_clients(),
             "decisions": decisions,
+            "learned_shapes": {"vram_peaks": learned_shapes.0, "run_times": learned_shapes.1},
             "store": stored,
         })
     }

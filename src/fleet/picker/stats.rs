@@ -5,10 +5,30 @@
 
 use std::collections::HashMap;
 
+use indexmap::IndexMap;
+
 use super::profile::Profile;
 
 /// Weight of a new observation in the moving averages.
 const ALPHA: f64 = 0.3;
+
+/// Prompt shapes remembered at most (run times per backend and shape, VRAM peaks per shape):
+/// shapes come from clients' graphs, so their number is the clients' to choose. Beyond it the
+/// shape learned first is forgotten first.
+pub const MAX_SHAPES: usize = 4096;
+
+/// `map[key]`, inserted with `V::default()` if absent; when that makes `map` longer than
+/// `cap`, the oldest entry goes.
+fn bounded_entry<K: std::hash::Hash + Eq, V: Default>(
+    map: &mut IndexMap<K, V>,
+    key: K,
+    cap: usize,
+) -> &mut V {
+    if !map.contains_key(&key) && map.len() >= cap {
+        map.shift_remove_index(0);
+    }
+    map.entry(key).or_default()
+}
 
 fn ewma(slot: &mut Option<f64>, x: f64) {
     *slot = Some(match *slot {
@@ -20,9 +40,9 @@ fn ewma(slot: &mut Option<f64>, x: f64) {
 #[derive(Debug, Default)]
 pub struct Learned {
     sec_per_work: HashMap<usize, Option<f64>>,
-    run_s: HashMap<(usize, u64), Option<f64>>,
+    run_s: IndexMap<(usize, u64), Option<f64>>,
     load_s: HashMap<(usize, String), Option<f64>>,
-    peak_bytes: HashMap<u64, u64>,
+    peak_bytes: IndexMap<u64, u64>,
     resident: HashMap<usize, String>,
 }
 
@@ -34,7 +54,11 @@ impl Learned {
             self.sec_per_work.entry(backend).or_default(),
             compute / p.work.max(1e-6),
         );
-        ewma(self.run_s.entry((backend, p.shape)).or_default(), compute);
+        let cap = MAX_SHAPES * self.sec_per_work.len().max(1);
+        ewma(
+            bounded_entry(&mut self.run_s, (backend, p.shape), cap),
+            compute,
+        );
         if let Some(ckpt) = &p.checkpoint {
             self.resident.insert(backend, ckpt.clone());
         }
@@ -52,12 +76,18 @@ impl Learned {
     }
 
     pub fn observe_peak(&mut self, shape: u64, used_bytes: u64) {
-        let peak = self.peak_bytes.entry(shape).or_default();
+        let peak = bounded_entry(&mut self.peak_bytes, shape, MAX_SHAPES);
         *peak = (*peak).max(used_bytes);
     }
 
     pub fn peak(&self, shape: u64) -> Option<u64> {
         self.peak_bytes.get(&shape).copied()
+    }
+
+    /// How many prompt shapes have a learned VRAM peak (at most [`MAX_SHAPES`]) and how many
+    /// (backend, shape) run times are kept.
+    pub fn shapes(&self) -> (usize, usize) {
+        (self.peak_bytes.len(), self.run_s.len())
     }
 
     pub fn resident(&self, backend: usize) -> Option<&str> {
@@ -160,5 +190,16 @@ mod tests {
             4.0,
             "another backend's time for the checkpoint"
         );
+    }
+
+    #[test]
+    fn shapes_chosen_by_clients_are_bounded() {
+        let mut l = Learned::default();
+        for shape in 0..(MAX_SHAPES as u64 + 10) {
+            l.observe_peak(shape, 1 << 30);
+        }
+        assert_eq!(l.shapes().0, MAX_SHAPES);
+        assert_eq!(l.peak(0), None, "the first learned went first");
+        assert_eq!(l.peak(MAX_SHAPES as u64 + 9), Some(1 << 30));
     }
 }
