@@ -182,16 +182,6 @@ async fn no_history(base: &str, id: &str) {
     assert_eq!(h, json!({}), "{id} has no history");
 }
 
-/// The prompt ids the gate's `/queue` lists, running and pending.
-async fn queued(base: &str) -> Vec<String> {
-    let (_, q) = get_json(base, "/queue").await;
-    let items = ["queue_running", "queue_pending"].map(|k| q[k].as_array().cloned());
-    let items = items.into_iter().flatten().flatten();
-    items
-        .filter_map(|i| i[1].as_str().map(str::to_string))
-        .collect()
-}
-
 /// The gate's `/queue` lists none of `ids`, and (everything having ended) `GET /prompt` says
 /// `queue_remaining` 0.
 async fn queue_empty_of(base: &str, ids: &[&str]) {

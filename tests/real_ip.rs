@@ -10,17 +10,6 @@ use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn queued(base: &str) -> Vec<String> {
-    let (_, q) = get_json(base, "/queue").await;
-    let items = ["queue_running", "queue_pending"].map(|k| q[k].as_array().cloned());
-    items
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|i| i[1].as_str().map(str::to_string))
-        .collect()
-}
-
 /// Posts `body` to `path` as if relayed by a proxy that appended `client` to `header`.
 async fn post_via(base: &str, path: &str, header: &str, client: &str, body: &Value) -> u16 {
     http()
@@ -218,13 +207,7 @@ async fn queued_via_proxy(addr: std::net::SocketAddr) -> Vec<String> {
     tcp.read_to_end(&mut answer).await.expect("read");
     let text = String::from_utf8_lossy(&answer).to_string();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    let q: Value = serde_json::from_str(body.trim()).unwrap_or(Value::Null);
-    ["queue_running", "queue_pending"]
-        .iter()
-        .filter_map(|k| q[*k].as_array())
-        .flatten()
-        .filter_map(|i| i[1].as_str().map(str::to_string))
-        .collect()
+    queue_ids(&serde_json::from_str(body.trim()).unwrap_or(Value::Null))
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use http::{Request, header};
 use tokio::sync::Semaphore;
 
-use crate::protocol::origin::{host_name, same_origin_allows};
+use crate::protocol::origin::{host_name, resolved_loopback, same_origin_allows};
 
 /// Resolver lookups in flight at once.
 pub const LOOKUPS_AT_ONCE: usize = 4;
@@ -78,10 +78,7 @@ pub async fn is_loopback(name: &str) -> bool {
             .map(|a| a.map(|a| a.ip()).collect::<Vec<_>>())
     });
     let answer = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
-        Ok(Ok(Ok(mut ips))) => {
-            ips.sort_by_key(IpAddr::is_ipv6);
-            loopback_prefix(&ips)
-        }
+        Ok(Ok(Ok(ips))) => resolved_loopback(ips),
         // A resolution error is not loopback, as in ComfyUI.
         Ok(Ok(Err(_))) => false,
         Ok(Err(_)) | Err(_) => return true,
@@ -92,19 +89,6 @@ pub async fn is_loopback(name: &str) -> bool {
     }
     names.insert(name.to_string(), (answer, Instant::now()));
     answer
-}
-
-/// ComfyUI's loop: loopback when the addresses before the first non-loopback one are all
-/// loopback and there is at least one.
-fn loopback_prefix(ips: &[IpAddr]) -> bool {
-    let mut loopback = false;
-    for ip in ips {
-        if !ip.is_loopback() {
-            return loopback;
-        }
-        loopback = true;
-    }
-    loopback
 }
 
 fn remembered() -> &'static Mutex<HashMap<String, (bool, Instant)>> {
@@ -158,14 +142,5 @@ mod tests {
         // is remembered.
         assert!(!is_loopback("gate-test.invalid").await);
         assert!(lock(remembered()).contains_key("gate-test.invalid"));
-    }
-
-    #[test]
-    fn comfyui_counts_the_loopback_addresses_before_the_first_other_one() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(loopback_prefix(&[ip("127.0.0.1"), ip("::1")]));
-        assert!(loopback_prefix(&[ip("127.0.0.1"), ip("10.0.0.1")]));
-        assert!(!loopback_prefix(&[ip("10.0.0.1"), ip("127.0.0.1")]));
-        assert!(!loopback_prefix(&[]));
     }
 }

@@ -129,17 +129,10 @@ impl Files {
     /// At start: the history entries the store kept hold their outputs' names
     /// ([`Files::hold_outputs`]); then the cap on the rest applies.
     pub fn hold_kept_history<'a>(&self, entries: impl IntoIterator<Item = &'a Value>) {
-        let over = {
-            let mut index = self.index();
-            let mut shown = Vec::new();
-            for entry in entries {
-                collect_file_items(&entry["outputs"], &mut shown);
-            }
-            for key in &shown {
-                index.list(key);
-            }
-            index.enforce_cap()
-        };
+        for entry in entries {
+            self.hold_outputs(entry);
+        }
+        let over = self.index().enforce_cap();
         self.unpersist_aliases(&over);
     }
 
@@ -213,17 +206,8 @@ impl Files {
     pub fn alias_outputs(&self, backend: &str, value: &mut Value) {
         match value {
             Value::Object(map) => {
-                let is_file = map.get("filename").is_some_and(Value::is_string)
-                    && map.get("type").is_some_and(Value::is_string);
-                if is_file && map["type"] != "input" {
-                    let key = (
-                        map["type"].as_str().unwrap_or("").to_string(),
-                        map.get("subfolder")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                        map["filename"].as_str().unwrap_or("").to_string(),
-                    );
+                if let Some(item) = file_item(map) {
+                    let Some(key) = item else { return };
                     let (shown, new, forgotten) = self.index().alias(backend, key.clone());
                     if new {
                         let shown_key = (key.0, key.1, shown.clone());
@@ -231,10 +215,10 @@ impl Files {
                     }
                     self.unpersist_aliases(&forgotten);
                     map.insert("filename".into(), Value::String(shown));
-                    return;
-                }
-                for v in map.values_mut() {
-                    self.alias_outputs(backend, v);
+                } else {
+                    for v in map.values_mut() {
+                        self.alias_outputs(backend, v);
+                    }
                 }
             }
             Value::Array(items) => {
@@ -299,30 +283,24 @@ impl Files {
     }
 }
 
-/// The `(type, subfolder, filename)` of every file item (`{"filename", "type", …}`, type not
-/// `input`) in a history entry's `outputs`, at any depth.
+/// A file item (`{"filename", "type", "subfolder"?}`, both strings): `Some(Some(key))` for a
+/// backend's file of any type but `input`, `Some(None)` for an input; `None` for anything else.
+fn file_item(map: &serde_json::Map<String, Value>) -> Option<Option<FileKey>> {
+    let name = map.get("filename")?.as_str()?;
+    let kind = map.get("type")?.as_str()?;
+    let sub = map.get("subfolder").and_then(Value::as_str).unwrap_or("");
+    Some((kind != "input").then(|| (kind.to_string(), sub.to_string(), name.to_string())))
+}
+
+/// The `(type, subfolder, filename)` of every file item (type not `input`) in a history
+/// entry's `outputs`, at any depth.
 fn collect_file_items(value: &Value, out: &mut Vec<FileKey>) {
     match value {
-        Value::Object(map) => {
-            if let (Some(name), Some(kind)) = (
-                map.get("filename").and_then(Value::as_str),
-                map.get("type").and_then(Value::as_str),
-            ) {
-                if kind != "input" {
-                    let sub = map.get("subfolder").and_then(Value::as_str).unwrap_or("");
-                    out.push((kind.to_string(), sub.to_string(), name.to_string()));
-                }
-                return;
-            }
-            for v in map.values() {
-                collect_file_items(v, out);
-            }
-        }
-        Value::Array(items) => {
-            for v in items {
-                collect_file_items(v, out);
-            }
-        }
+        Value::Object(map) => match file_item(map) {
+            Some(key) => out.extend(key),
+            None => map.values().for_each(|v| collect_file_items(v, out)),
+        },
+        Value::Array(items) => items.iter().for_each(|v| collect_file_items(v, out)),
         _ => {}
     }
 }

@@ -269,29 +269,24 @@ impl Scheduler {
             let entry = Arc::new(entry);
             let record = s.table.finish(id).cloned();
             let replaced = self.history.get(id);
-            let mut dropped = self.history.insert(id, finished_at, entry.clone());
+            let dropped = self.history.insert(id, finished_at, entry.clone());
             // Its outputs' names are held before any other entry's go (they may share some).
             self.files.hold_outputs(&entry);
             for (id, _) in &dropped {
                 s.table.remove(id);
             }
-            if let Some(old) = replaced {
-                dropped.push((String::new(), old));
-            }
-            record.map(|r| (r, error, finished_at, entry, dropped))
+            record.map(|r| (r, error, finished_at, entry, dropped, replaced))
         };
-        let Some((record, error, finished_at, entry, dropped)) = ended else {
+        let Some((record, error, finished_at, entry, dropped, replaced)) = ended else {
             return;
         };
+        if let Some(old) = replaced {
+            self.files.forget_outputs(&old);
+        }
         self.wake();
         self.history.save(&record, finished_at, &entry);
         if !dropped.is_empty() {
-            // (An entry this one replaced has the empty id: nothing of it is stored apart.)
-            let ids: Vec<String> = dropped
-                .iter()
-                .filter(|(id, _)| !id.is_empty())
-                .map(|(id, _)| id.clone())
-                .collect();
+            let ids: Vec<String> = dropped.iter().map(|(id, _)| id.clone()).collect();
             if let Err(e) = self.store.remove(&ids) {
                 tracing::error!(error = %e, "could not prune history");
             }

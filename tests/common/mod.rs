@@ -319,3 +319,18 @@ pub fn png_seed(png: &[u8]) -> Option<u64> {
         .find(|n| n["class_type"] == "KSampler")
         .and_then(|n| n["inputs"]["seed"].as_u64())
 }
+
+/// The prompt ids a `GET /queue` answer lists, running first, then pending.
+pub fn queue_ids(q: &Value) -> Vec<String> {
+    ["queue_running", "queue_pending"]
+        .iter()
+        .filter_map(|k| q[*k].as_array())
+        .flatten()
+        .filter_map(|i| i[1].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The prompt ids `base`'s `/queue` lists, running first, then pending.
+pub async fn queued(base: &str) -> Vec<String> {
+    queue_ids(&get_json(base, "/queue").await.1)
+}

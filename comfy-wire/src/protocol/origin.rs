@@ -50,13 +50,18 @@ pub fn is_loopback(host: &str) -> bool {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return ip.is_loopback();
     }
-    let mut addrs: Vec<IpAddr> = match (host, 0u16).to_socket_addrs() {
-        Ok(it) => it.map(|a| a.ip()).collect(),
-        Err(_) => return false,
-    };
-    addrs.sort_by_key(|a| a.is_ipv6());
+    match (host, 0u16).to_socket_addrs() {
+        Ok(it) => resolved_loopback(it.map(|a| a.ip()).collect()),
+        Err(_) => false,
+    }
+}
+
+/// ComfyUI's verdict on a name's resolved addresses: IPv4 first, loopback when the addresses
+/// before the first non-loopback one are all loopback and there is at least one.
+pub fn resolved_loopback(mut ips: Vec<IpAddr>) -> bool {
+    ips.sort_by_key(IpAddr::is_ipv6);
     let mut loopback = false;
-    for ip in addrs {
+    for ip in ips {
         if !ip.is_loopback() {
             return loopback;
         }
@@ -138,6 +143,19 @@ mod tests {
             Some("https://evil.example"),
             never
         ));
+    }
+
+    #[test]
+    fn comfyui_counts_the_loopback_addresses_before_the_first_other_one() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(resolved_loopback(vec![ip("127.0.0.1"), ip("::1")]));
+        assert!(resolved_loopback(vec![ip("127.0.0.1"), ip("10.0.0.1")]));
+        assert!(!resolved_loopback(vec![ip("10.0.0.1"), ip("127.0.0.1")]));
+        assert!(
+            resolved_loopback(vec![ip("::1"), ip("127.0.0.1")]),
+            "IPv4 first"
+        );
+        assert!(!resolved_loopback(vec![]));
     }
 
     #[test]
