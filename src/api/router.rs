@@ -15,6 +15,7 @@ use crate::http::{
 };
 use crate::protocol::jobs;
 use crate::sched::admission;
+use crate::sched::tenant::Caller;
 
 /// ComfyUI's `/api` prefix (its frontend uses it) stripped, except `/api/jobs`, which is only
 /// under `/api`.
@@ -68,11 +69,11 @@ pub fn owns(method: &Method, path: &str) -> bool {
                 || path.starts_with("/models/")))
 }
 
-/// Answers one request [`owns`] accepts, from caller `identity`.
+/// Answers one request [`owns`] accepts, from `caller`.
 pub async fn route(
     ctx: Arc<Ctx>,
     req: Request<Incoming>,
-    identity: String,
+    caller: Caller,
 ) -> Result<Response<Body>, GateError> {
     let path = api_path(req.uri().path()).to_string();
     let method = req.method().clone();
@@ -91,9 +92,9 @@ pub async fn route(
         .to_string();
     let body = read_body(req.into_body(), ctx.config.server.max_body_bytes as usize).await?;
     let ok = |v: Value| Ok(json_resp(StatusCode::OK, &v));
-    let id = &identity;
+    let id = &caller.identity;
     match (method, path.as_str()) {
-        (Method::POST, "/prompt") => admission::submit(&ctx.sched, identity, &body).await,
+        (Method::POST, "/prompt") => admission::submit(&ctx.sched, &caller, &body).await,
         (Method::GET, "/prompt") => ok(ctx.sched.queue_info()),
         (Method::GET, "/queue") => ok(merged::queue(&ctx).await),
         (Method::POST, "/queue") => control::post_queue(&ctx, id, &body).await,

@@ -91,8 +91,19 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
     check_limits(&raw).map_err(|(field, message)| err(None, field, message))?;
     let (backends, home) = check_backends(&raw, &err)?;
     let edge = check_edge(&raw, &err)?;
+    let s = &raw.scheduler;
+    let auth = super::tenancy::check(
+        &raw.auth,
+        &raw.users,
+        &raw.limits,
+        &s.bands,
+        &s.default_band,
+    )
+    .map_err(|(span, field, message)| err(span, &field, message))?;
     Ok(Config {
         edge,
+        auth,
+        audit: raw.audit,
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,

@@ -14,10 +14,15 @@ use toml::Spanned;
 mod gpu;
 mod load;
 mod policy;
+mod tenancy;
 
 pub use gpu::GpuSelector;
 pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, validate};
 pub use policy::PlacementPolicy;
+pub use tenancy::{
+    AuditConfig, Auth, AuthConfig, AuthMode, LimitOverrides, Limits, LimitsConfig, User,
+    UserConfig, parse_sha256,
+};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -37,6 +42,14 @@ pub struct FileConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub edge: EdgeConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -124,11 +137,26 @@ pub struct Edge {
 pub struct SchedulerConfig {
     /// Prompts a backend holds at once (one running, one ready). Default 2.
     pub max_inflight: usize,
+    /// Prompts the gate queue holds at once, all users together; beyond it `POST /prompt` is
+    /// answered 503 with `Retry-After`. Default 100000; 0 = no cap.
+    pub max_queued: usize,
+    /// Priority bands, highest first: a waiting prompt of a higher band goes before any of a
+    /// lower one, unless that one has waited `placement.max_wait_ms` (then it competes one band
+    /// up, and so on). Users name theirs in `[[users]] priority`. Default
+    /// `["interactive", "batch"]`.
+    pub bands: Vec<Spanned<String>>,
+    /// The band of anonymous clients and of users without `priority`. Default: the first.
+    pub default_band: Option<Spanned<String>>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { max_inflight: 2 }
+        Self {
+            max_inflight: 2,
+            max_queued: 100_000,
+            bands: Vec::new(),
+            default_band: None,
+        }
     }
 }
 
@@ -316,6 +344,9 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub telemetry: TelemetryConfig,
     pub edge: Edge,
+    /// `[auth]`, `[[users]]`, `[limits]` and `scheduler.bands`, validated.
+    pub auth: Auth,
+    pub audit: AuditConfig,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use crate::api::{Ctx, router};
 use crate::error::GateError;
 use crate::http::{Body, ConnInfo, status};
+use crate::sched::tenant::Caller;
 use proxy::Target;
 
 /// The header that injects a fault when `server.test_faults` is on (tests only).
@@ -87,6 +88,6 @@ async fn route(
         &edge.trusted_proxies,
         edge.real_ip_header,
     );
-    let who = identity::identity(&req, client);
+    let who = Caller::anonymous(identity::identity(&req, client), client);
     router::route(ctx, req, who).await
 }

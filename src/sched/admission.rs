@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::dispatch::{Forwarded, forward};
 use super::prompts::PromptRecord;
+use super::tenant::Caller;
 use super::{Scheduler, fit, placing};
 use crate::error::GateError;
 use crate::fleet::picker::profile;
@@ -100,10 +101,10 @@ fn never_fits(sched: &Scheduler, prompt: &Value) -> Option<Value> {
     }
 }
 
-/// `POST /prompt` from `identity` (who asked: scopes interrupt and clear).
+/// `POST /prompt` from `caller`.
 pub async fn submit(
     sched: &Arc<Scheduler>,
-    identity: String,
+    caller: &Caller,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
     let refuse = |prompt: &Value| {
@@ -132,13 +133,15 @@ pub async fn submit(
             None => s.table.next_number(sub.front),
         };
         let nothing_waits = s.table.queue_len() == 0;
-        let rec = PromptRecord::new(
+        let mut rec = PromptRecord::new(
             id.clone(),
             number.clone(),
             sub.body,
             sub.client_id,
-            identity,
+            caller.identity.clone(),
+            caller.tenant(&sched.config.auth),
         );
+        rec.front = sub.front;
         s.table.admit(rec);
         s.table.enqueue(&id);
         let direct = if nothing_waits {

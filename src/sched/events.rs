@@ -270,7 +270,14 @@ mod tests {
 
     #[test]
     fn an_earlier_copys_tail_is_stale_only_where_the_prompt_was_before() {
-        let mut r = PromptRecord::new("p".into(), 1.into(), Default::default(), None, "x".into());
+        let mut r = PromptRecord::new(
+            "p".into(),
+            1.into(),
+            Default::default(),
+            None,
+            "x".into(),
+            Default::default(),
+        );
         r.tried = vec!["a".into()];
         assert!(
             !is_fresh(&r, "a", "execution_interrupted"),

@@ -34,6 +34,7 @@ pub mod recovery;
 pub mod snapshot;
 pub mod stall;
 pub mod store;
+pub mod tenant;
 pub mod views;
 pub mod watchdog;
 

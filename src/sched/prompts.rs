@@ -422,7 +422,14 @@ mod tests {
     use serde_json::Map;
 
     fn rec(id: &str, number: Number) -> PromptRecord {
-        PromptRecord::new(id.into(), number, Map::new(), None, "x".into())
+        PromptRecord::new(
+            id.into(),
+            number,
+            Map::new(),
+            None,
+            "x".into(),
+            Default::default(),
+        )
     }
 
     fn table(ids: &[(&str, i64)]) -> PromptTable {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value, json};
 use tokio::time::Instant;
 
+use super::tenant::Tenant;
 use crate::fleet::picker::profile::{self, Profile};
 
 /// Where a prompt is.
@@ -44,8 +45,14 @@ pub struct PromptRecord {
     pub body: Map<String, Value>,
     /// The client's own `client_id`, if it sent one (events go to that socket only).
     pub client_id: Option<String>,
-    /// Who submitted it (API key, `Comfy-User` or peer IP): scopes interrupt/clear.
+    /// Who submitted it (see [`super::tenant::Caller::identity`]): scopes interrupt/clear.
     pub identity: String,
+    /// Whose it is: user, client address, band, weight (isolation, limits, fair share, audit).
+    #[serde(default)]
+    pub tenant: Tenant,
+    /// Sent with `front: true` (ahead of its user's other prompts; an admin's, of its band).
+    #[serde(default)]
+    pub front: bool,
     /// Written only by [`PromptTable`]'s transitions.
     pub stage: Stage,
     /// The configured name of the backend it was sent to (kept after it ends: `/view` and
@@ -133,6 +140,7 @@ impl PromptRecord {
         body: Map<String, Value>,
         client_id: Option<String>,
         identity: String,
+        tenant: Tenant,
     ) -> Self {
         Self {
             id,
@@ -140,6 +148,8 @@ impl PromptRecord {
             body,
             client_id,
             identity,
+            tenant,
+            front: false,
             stage: Stage::Queued,
             owner: None,
             create_time: crate::protocol::now_ms(),
