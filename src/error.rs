@@ -2,10 +2,18 @@
 //! mapped to an HTTP status in exactly one place, [`GateError::into_response`]. Client errors
 //! use ComfyUI's error shape so existing clients can show them.
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
 use crate::http::{Body, json as json_resp};
+
+/// `Retry-After` of a full gate queue, in seconds: about one prompt's run.
+pub const QUEUE_FULL_RETRY_S: u64 = 5;
+
+/// A wait in whole seconds, rounded up, at least 1 (`Retry-After` takes integers).
+pub fn retry_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -37,6 +45,25 @@ pub enum GateError {
     /// No connection to the backend could be made (refused, unreachable): nothing was sent.
     #[error("backend {backend} unreachable: {message}")]
     Unreachable { backend: String, message: String },
+    /// No token, or one no `[[users]]` entry has (`[auth] mode = "token"`): 401 with
+    /// `WWW-Authenticate` challenges for Bearer and Basic in `realm` (RFC 6750, RFC 7617).
+    #[error(
+        "authentication required: send a token as `Authorization: Bearer TOKEN`, as the password of HTTP Basic, or as `?token=` on /ws"
+    )]
+    Unauthorized { realm: String },
+    /// The caller may not touch this (another user's file, prompt or socket).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Over one of the caller's `[limits]` (named by `limit`): 429 with `Retry-After`, in
+    /// whole seconds rounded up (RFC 9110 §10.2.3). Nothing of the request was applied.
+    #[error("rate limit `{limit}` reached; retry after {} s", retry_secs(*.retry_after))]
+    RateLimited {
+        limit: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// The gate queue holds `scheduler.max_queued` prompts: 503 with `Retry-After`.
+    #[error("the gate queue is full ({0} prompts waiting); retry later")]
+    QueueFull(usize),
     /// The gate's own handling of the request failed (a panic caught at the edge, logged there
     /// with its message; the client is not told the gate's internals). Not retry-safe: the gate
     /// cannot tell how far the request got.
@@ -53,6 +80,8 @@ impl GateError {
                 | GateError::Unavailable(_)
                 | GateError::Backend { .. }
                 | GateError::Unreachable { .. }
+                | GateError::RateLimited { .. }
+                | GateError::QueueFull(_)
         )
     }
 
@@ -62,7 +91,10 @@ impl GateError {
                 StatusCode::BAD_REQUEST
             }
             GateError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GateError::ForbiddenOrigin => StatusCode::FORBIDDEN,
+            GateError::ForbiddenOrigin | GateError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GateError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            GateError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GateError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             GateError::NoBackend | GateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GateError::Backend { .. } | GateError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             GateError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -76,6 +108,10 @@ impl GateError {
             GateError::TooLarge(_) => "request_too_large",
             GateError::DuplicatePromptId(_) => "duplicate_prompt_id",
             GateError::ForbiddenOrigin => "forbidden_origin",
+            GateError::Unauthorized { .. } => "unauthorized",
+            GateError::Forbidden(_) => "forbidden",
+            GateError::RateLimited { .. } => "rate_limited",
+            GateError::QueueFull(_) => "queue_full",
             GateError::NoBackend => "no_backend",
             GateError::Unavailable(_) => "unavailable",
             GateError::Backend { .. } => "backend_error",
@@ -85,23 +121,47 @@ impl GateError {
     }
 
     /// The response: ComfyUI's `{"error": {type, message, details, extra_info}, "node_errors": {}}`
-    /// shape, except the origin refusal, which is ComfyUI's bare 403.
+    /// shape, except the origin refusal, which is ComfyUI's bare 403. A 401 carries
+    /// `WWW-Authenticate` (Bearer and Basic), a 429 or a full queue `Retry-After`.
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         if matches!(self, GateError::ForbiddenOrigin) {
             return crate::http::status(status);
         }
-        let details = match &self {
-            GateError::DuplicatePromptId(id) => id.clone(),
-            _ => String::new(),
+        let (details, extra_info) = match &self {
+            GateError::DuplicatePromptId(id) => (id.clone(), json!({})),
+            GateError::RateLimited { limit, retry_after } => (
+                String::new(),
+                json!({ "limit": limit, "retry_after_s": retry_secs(*retry_after) }),
+            ),
+            _ => (String::new(), json!({})),
         };
-        json_resp(
+        let mut resp = json_resp(
             status,
             &json!({
-                "error": { "type": self.kind(), "message": self.to_string(), "details": details, "extra_info": {} },
+                "error": { "type": self.kind(), "message": self.to_string(), "details": details, "extra_info": extra_info },
                 "node_errors": {},
             }),
-        )
+        );
+        let headers = resp.headers_mut();
+        match &self {
+            GateError::Unauthorized { realm } => {
+                for scheme in ["Bearer", "Basic"] {
+                    let challenge = format!("{scheme} realm=\"{realm}\"");
+                    if let Ok(v) = HeaderValue::from_str(&challenge) {
+                        headers.append(header::WWW_AUTHENTICATE, v);
+                    }
+                }
+            }
+            GateError::RateLimited { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
+            }
+            GateError::QueueFull(_) => {
+                headers.insert(header::RETRY_AFTER, QUEUE_FULL_RETRY_S.into());
+            }
+            _ => {}
+        }
+        resp
     }
 }
 

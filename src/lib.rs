@@ -168,6 +168,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         sessions: sessions.clone(),
         files,
         merged: Default::default(),
+        limits: Default::default(),
     });
     let handler = Arc::new(move |req, info| edge::handle(ctx.clone(), req, info));
     let admin_options = http::ServeOptions {

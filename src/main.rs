@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a new token for a user of `[auth] mode = "token"`: prints the token on stderr (give
+    /// it to the user; it is stored nowhere) and the `[[users]]` lines for proxy.toml on
+    /// stdout.
+    Token {
+        /// The user's name (A-Z a-z 0-9 . _ -).
+        name: String,
+    },
     /// Read every local GPU through NVML once and print what it read (JSON).
     Gpus {
         /// Path of the NVML library (default: libnvidia-ml.so.1).
@@ -138,6 +145,20 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
+        Command::Token { name } => {
+            if !config::valid_name(&name) {
+                eprintln!(
+                    "{name:?}: a user name is 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+                );
+                std::process::exit(2);
+            }
+            let (token, digest) = comfy_gate::edge::auth::new_token();
+            // The token on stderr, the lines for the file on stdout: `comfy-gate token NAME >>
+            // proxy.toml` never writes the secret into the file.
+            eprintln!("token for {name} (give it to them; it is stored nowhere): {token}");
+            println!("\n[[users]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"");
+            Ok(())
+        }
         Command::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 println!(

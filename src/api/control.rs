@@ -1,7 +1,9 @@
 //! The routes that change prompts: `POST /interrupt`, `POST /queue` (delete, clear) and
 //! `POST /history` (delete, clear), each scoped as ComfyUI scopes it, over a fleet: a prompt is
 //! acted on where it is (the gate queue or its owner), and a call without ids touches only the
-//! caller's own prompts (design §2 "Interrupt").
+//! caller's own prompts (design §2 "Interrupt"). With auth on, an id of another user's prompt
+//! (or of one the gate does not know) is passed over as ComfyUI passes over an unknown id;
+//! admins may touch every prompt.
 
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -14,6 +16,7 @@ use crate::protocol::errors::python_str;
 use crate::sched::Outcome;
 use crate::sched::prompts::{PromptRecord, Stage};
 use crate::sched::recovery::fetch_history;
+use crate::sched::tenant::Caller;
 
 /// Parses a JSON body.
 pub fn parse_json(body: &[u8]) -> Result<Value, GateError> {
@@ -38,7 +41,7 @@ pub fn truthy(v: Option<&Value>) -> bool {
 /// by id; the gate never sends a bare global interrupt.
 pub async fn interrupt(
     ctx: &Ctx,
-    identity: &str,
+    caller: &Caller,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
     // No body at all is the caller's running prompts (older clients post none); a body that is
@@ -53,10 +56,11 @@ pub async fn interrupt(
         .filter(|v| truthy(Some(v)))
         .map(python_str);
     let ids = match named {
-        Some(id) => vec![id],
-        None => ctx
-            .sched
-            .prompts_of(identity, |r| r.stage == Stage::OnBackend && r.started),
+        Some(id) if ctx.sched.may_touch(caller, &id) => vec![id],
+        Some(_) => Vec::new(),
+        None => ctx.sched.prompts_of(&caller.identity, |r| {
+            r.stage == Stage::OnBackend && r.started
+        }),
     };
     let targets = ids
         .into_iter()
@@ -82,12 +86,13 @@ pub async fn interrupt(
     Ok(status(StatusCode::OK))
 }
 
-/// The ids a `{"delete": [...], "clear": bool}` body names: the listed ids, plus (with
-/// `clear`) the caller's own prompts that `clearable` accepts.
+/// The ids a `{"delete": [...], "clear": bool}` body names: the listed ids the caller may
+/// touch (others' are passed over as unknown ids are), plus (with `clear`) the caller's own
+/// prompts that `clearable` accepts.
 fn targets(
     ctx: &Ctx,
     data: &Value,
-    identity: &str,
+    caller: &Caller,
     clearable: impl Fn(&PromptRecord) -> bool,
 ) -> Vec<String> {
     let mut ids: Vec<String> = data["delete"]
@@ -95,9 +100,10 @@ fn targets(
         .into_iter()
         .flatten()
         .map(python_str)
+        .filter(|id| ctx.sched.may_touch(caller, id))
         .collect();
     if truthy(data.get("clear")) {
-        ids.extend(ctx.sched.prompts_of(identity, clearable));
+        ids.extend(ctx.sched.prompts_of(&caller.identity, clearable));
     }
     ids
 }
@@ -106,11 +112,11 @@ fn targets(
 /// from the gate queue at once, from an owner's queue once it confirms they are gone.
 pub async fn post_queue(
     ctx: &Ctx,
-    identity: &str,
+    caller: &Caller,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
     let data = parse_json(body)?;
-    let ids = targets(ctx, &data, identity, |r| {
+    let ids = targets(ctx, &data, caller, |r| {
         !r.started && matches!(r.stage, Stage::Queued | Stage::OnBackend)
     });
     let mut on_backends: Vec<(String, usize)> = Vec::new();
@@ -150,11 +156,11 @@ pub async fn post_queue(
 /// `POST /history`: delete by id on the owner (or everywhere), clear the caller's entries.
 pub async fn post_history(
     ctx: &Ctx,
-    identity: &str,
+    caller: &Caller,
     body: &[u8],
 ) -> Result<Response<Body>, GateError> {
     let data = parse_json(body)?;
-    let ids = targets(ctx, &data, identity, |r| r.stage == Stage::Done);
+    let ids = targets(ctx, &data, caller, |r| r.stage == Stage::Done);
     for id in ids {
         let owner = ctx.sched.whereabouts(&id).and_then(|(_, _, owner)| owner);
         let targets: Vec<usize> = match owner.and_then(|o| ctx.fleet.index_of(&o)) {

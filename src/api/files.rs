@@ -4,7 +4,8 @@
 //! request goes to that backend with the client's `Range` and conditional headers and its
 //! answer (status, `Content-Range`, validators) comes back streamed. Uploads of every type are
 //! stored by the gate under ComfyUI's collision rules; `/upload/mask` finds its original
-//! wherever it lives.
+//! wherever it lives. With auth on, a user's uploads go to their own folder and a user reads
+//! only their own files (`sched::access`).
 
 use http::{HeaderMap, Method, Response, StatusCode, header};
 use serde_json::Value;
@@ -13,6 +14,7 @@ use super::Ctx;
 use crate::error::GateError;
 use crate::files::resolve::{self, Location};
 use crate::http::{Body, status};
+use crate::sched::tenant::Caller;
 use comfy_wire::files::refs::{FileRef, Kind};
 use comfy_wire::files::{self, Original, UploadOutcome};
 
@@ -46,13 +48,18 @@ const RETURNED: [header::HeaderName; 8] = [
 /// 500), ComfyUI's own status otherwise.
 pub async fn upload(
     ctx: &Ctx,
+    caller: &Caller,
     content_type: &str,
     body: &[u8],
     mask: bool,
 ) -> Result<Result<Value, StatusCode>, GateError> {
-    let form = files::parse_upload_form(content_type, body)
+    let mut form = files::parse_upload_form(content_type, body)
         .await
         .map_err(|e| GateError::BadRequest(format!("malformed multipart body: {e}")))?;
+    // A user's uploads live in their own folder (see `Caller::upload_subfolder`).
+    if !caller.sees_all() {
+        form.subfolder = Some(caller.upload_subfolder(form.subfolder.as_deref().unwrap_or("")));
+    }
     let kind = form.kind.as_deref().unwrap_or("input");
     let Some(kind) = Kind::parse(kind) else {
         return Err(GateError::BadRequest(format!(
@@ -69,7 +76,12 @@ pub async fn upload(
             }
             Err(code) => return Ok(Err(code)),
         };
-        Some(Original::Bytes(find_bytes(ctx, &r).await))
+        // Another user's file is one this caller cannot find.
+        let bytes = match ctx.sched.may_read_file(caller, &r) {
+            true => find_bytes(ctx, &r).await,
+            false => None,
+        };
+        Some(Original::Bytes(bytes))
     } else {
         None
     };
@@ -114,6 +126,7 @@ fn asking_order(ctx: &Ctx) -> Vec<usize> {
 /// backends in order (home first).
 pub async fn view(
     ctx: &Ctx,
+    caller: &Caller,
     method: &Method,
     headers: &HeaderMap,
     query: &[(String, String)],
@@ -123,6 +136,10 @@ pub async fn view(
         Ok(r) => r,
         Err(code) => return status(code),
     };
+    // With auth on, another user's file is one that does not exist (see `sched::access`).
+    if !ctx.sched.may_read_file(caller, &r) {
+        return status(StatusCode::NOT_FOUND);
+    }
     match ctx.files.locate(&r) {
         Location::Gate(_) => files::view(&ctx.files.dirs, query, method, headers),
         Location::Backend { backend, real } => {

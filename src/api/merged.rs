@@ -3,6 +3,7 @@
 //! whatever comes back is shown as from one ComfyUI: the gate's clientId replaced by the
 //! client's own, the gate's numbers, gate-wide file names.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::join_all;
@@ -12,6 +13,7 @@ use super::Ctx;
 use crate::protocol::paging::page;
 use crate::sched::history::completion_time;
 use crate::sched::recovery::{restore_entry, restore_item};
+use crate::sched::tenant::Caller;
 use crate::sched::views::{QueueView, by_number};
 
 /// Node definitions merged across the fleet, cached per fleet generation.
@@ -50,20 +52,63 @@ async fn fan_out(ctx: &Ctx, path: &str) -> Vec<(usize, Value)> {
         .collect()
 }
 
-/// `GET /queue`: the gate's prompts as they are at one moment (see `sched::views`), plus items
-/// of prompts sent to a backend directly (not through the gate), each list in number order.
-pub async fn queue(ctx: &Ctx) -> Value {
-    let view = ctx.sched.queue_view();
-    queue_with_strangers(ctx, view).await
+/// Which prompts a caller is shown: all (auth off, or an admin), or the ids of its user's own
+/// prompts (with auth on; prompts sent to backends directly are nobody's).
+enum Scope {
+    All,
+    Own(HashSet<String>),
 }
 
-/// `view` with every backend's items for prompts the gate does not know.
-async fn queue_with_strangers(ctx: &Ctx, view: QueueView) -> Value {
+impl Scope {
+    fn of(ctx: &Ctx, caller: &Caller) -> Self {
+        match caller.user_name() {
+            Some(name) if !caller.sees_all() => Scope::Own(ctx.sched.ids_of_user(name)),
+            _ => Scope::All,
+        }
+    }
+
+    fn shows(&self, id: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Own(ids) => ids.contains(id),
+        }
+    }
+
+    fn strangers(&self) -> bool {
+        matches!(self, Scope::All)
+    }
+
+    /// The view with only the items shown.
+    fn view(&self, mut v: QueueView) -> QueueView {
+        let shown = |item: &Value| item[1].as_str().is_some_and(|id| self.shows(id));
+        v.running.retain(shown);
+        v.pending.retain(shown);
+        v
+    }
+}
+
+/// `GET /queue`: the gate's prompts as they are at one moment (see `sched::views`), plus items
+/// of prompts sent to a backend directly (not through the gate), each list in number order;
+/// with auth on, a user's own only (admins: all).
+pub async fn queue(ctx: &Ctx, caller: &Caller) -> Value {
+    let scope = Scope::of(ctx, caller);
+    let view = scope.view(ctx.sched.queue_view());
+    queue_with_strangers(ctx, view, &scope).await
+}
+
+/// `view` with every backend's items for prompts the gate does not know (when `scope` shows
+/// them).
+async fn queue_with_strangers(ctx: &Ctx, view: QueueView, scope: &Scope) -> Value {
     let QueueView {
         mut running,
         mut pending,
     } = view;
-    for (i, mut q) in fan_out(ctx, "/queue").await {
+    let strangers = if scope.strangers() {
+        fan_out(ctx, "/queue").await
+    } else {
+        Vec::new()
+    };
+    for (i, mut q) in strangers {
         for (key, out) in [
             ("queue_running", &mut running),
             ("queue_pending", &mut pending),
@@ -85,19 +130,27 @@ async fn queue_with_strangers(ctx: &Ctx, view: QueueView) -> Value {
 
 /// `GET /history`: the entries the gate collected (every prompt it ran) plus backends'
 /// entries for prompts it does not know (sent to a backend directly), ordered by completion
-/// time, then paged with ComfyUI's rules.
-pub async fn history(ctx: &Ctx, max_items: Option<i64>, offset: i64) -> Value {
-    let entries = with_stranger_history(ctx, ctx.sched.history.all()).await;
+/// time, then paged with ComfyUI's rules; with auth on, a user's own only (admins: all).
+pub async fn history(ctx: &Ctx, caller: &Caller, max_items: Option<i64>, offset: i64) -> Value {
+    let scope = Scope::of(ctx, caller);
+    let entries = with_stranger_history(ctx, ctx.sched.history.all(), &scope).await;
     page_history(entries, max_items, offset)
 }
 
-/// `entries` (the gate's) with backends' entries for prompts the gate does not know, ordered
-/// by completion time.
+/// `entries` (the gate's, those `scope` shows) with backends' entries for prompts the gate
+/// does not know (when `scope` shows them), ordered by completion time.
 async fn with_stranger_history(
     ctx: &Ctx,
     mut entries: Vec<(i64, String, Arc<Value>)>,
+    scope: &Scope,
 ) -> Vec<(String, Arc<Value>)> {
-    for (i, h) in fan_out(ctx, "/history").await {
+    entries.retain(|(_, id, _)| scope.shows(id));
+    let strangers = if scope.strangers() {
+        fan_out(ctx, "/history").await
+    } else {
+        Vec::new()
+    };
+    for (i, h) in strangers {
         let Value::Object(map) = h else { continue };
         for (id, mut entry) in map {
             if ctx.sched.knows(&id) {
@@ -124,8 +177,12 @@ fn page_history(ordered: Vec<(String, Arc<Value>)>, max_items: Option<i64>, offs
 
 /// `GET /history/{id}`, serialized: the gate's entry for its prompts (`{}` until finished),
 /// a backend's for prompts it does not know. The gate's own entries are written out from the
-/// shared entry (a hot path for clients that poll).
-pub async fn history_one(ctx: &Ctx, id: &str) -> Vec<u8> {
+/// shared entry (a hot path for clients that poll). Another user's prompt is `{}`, as an
+/// unknown one.
+pub async fn history_one(ctx: &Ctx, caller: &Caller, id: &str) -> Vec<u8> {
+    if !ctx.sched.may_touch(caller, id) {
+        return b"{}".to_vec();
+    }
     if let Some(entry) = ctx.sched.history.get(id) {
         let one: std::collections::BTreeMap<&str, &Value> = [(id, &*entry)].into();
         return serde_json::to_vec(&one).unwrap_or_else(|_| b"{}".to_vec());
@@ -227,13 +284,16 @@ pub async fn list(ctx: &Ctx, path: &str) -> Option<Value> {
 /// merged queue and history with ComfyUI's own rules.
 pub async fn jobs(
     ctx: &Ctx,
+    caller: &Caller,
     query: Option<&crate::protocol::jobs::JobsQuery>,
     id: Option<&str>,
 ) -> Value {
     // The gate's queue and history from one moment, so no job is listed twice or missed.
+    let scope = Scope::of(ctx, caller);
     let (view, gate_history) = ctx.sched.queue_and_history();
-    let queue = queue_with_strangers(ctx, view).await;
-    let history = match page_history(with_stranger_history(ctx, gate_history).await, None, -1) {
+    let queue = queue_with_strangers(ctx, scope.view(view), &scope).await;
+    let entries = with_stranger_history(ctx, gate_history, &scope).await;
+    let history = match page_history(entries, None, -1) {
         Value::Object(m) => m,
         _ => Map::new(),
     };

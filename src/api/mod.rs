@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod files;
+pub mod limits;
 pub mod merged;
 pub mod router;
 pub mod ws;
@@ -28,6 +29,8 @@ pub struct Ctx {
     pub files: Arc<Files>,
     /// Node definitions merged across the fleet.
     pub merged: merged::Cache,
+    /// `[limits]`' buckets and socket counts.
+    pub limits: limits::Limiter,
 }
 
 impl Ctx {

@@ -77,12 +77,14 @@ pub async fn route(
 ) -> Result<Response<Body>, GateError> {
     let path = api_path(req.uri().path()).to_string();
     let method = req.method().clone();
+    let auth = &ctx.config.auth;
     if method == Method::GET && path == "/ws" {
-        return Ok(super::ws::handle(ctx, req));
+        let slot = ctx.limits.open_socket(auth, caller.client)?;
+        return Ok(super::ws::handle(ctx.clone(), req, &caller, slot));
     }
     let query = query_pairs(req.uri());
     if (method == Method::GET || method == Method::HEAD) && path == "/view" {
-        return Ok(files::view(&ctx, &method, req.headers(), &query).await);
+        return Ok(files::view(&ctx, &caller, &method, req.headers(), &query).await);
     }
     let content_type = req
         .headers()
@@ -92,11 +94,14 @@ pub async fn route(
         .to_string();
     let body = read_body(req.into_body(), ctx.config.server.max_body_bytes as usize).await?;
     let ok = |v: Value| Ok(json_resp(StatusCode::OK, &v));
-    let id = &caller.identity;
+    let id = &caller;
     match (method, path.as_str()) {
-        (Method::POST, "/prompt") => admission::submit(&ctx.sched, &caller, &body).await,
+        (Method::POST, "/prompt") => {
+            ctx.limits.check_prompt(auth, &caller)?;
+            admission::submit(&ctx.sched, &caller, &body).await
+        }
         (Method::GET, "/prompt") => ok(ctx.sched.queue_info()),
-        (Method::GET, "/queue") => ok(merged::queue(&ctx).await),
+        (Method::GET, "/queue") => ok(merged::queue(&ctx, &caller).await),
         (Method::POST, "/queue") => control::post_queue(&ctx, id, &body).await,
         (Method::POST, "/interrupt") => control::interrupt(&ctx, id, &body).await,
         (Method::POST, "/history") => control::post_history(&ctx, id, &body).await,
@@ -111,25 +116,29 @@ pub async fn route(
         (Method::GET, "/history") => {
             let max_items = int_param(&query, "max_items")?;
             let offset = int_param(&query, "offset")?.unwrap_or(-1);
-            ok(merged::history(&ctx, max_items, offset).await)
+            ok(merged::history(&ctx, &caller, max_items, offset).await)
         }
         (Method::GET, p) if p.starts_with("/history/") => {
             let id = percent_decode(&p["/history/".len()..]);
             Ok(json_bytes(
                 StatusCode::OK,
-                merged::history_one(&ctx, &id).await,
+                merged::history_one(&ctx, &caller, &id).await,
             ))
         }
         (Method::GET, "/api/jobs") => match jobs::parse_query(&query) {
-            Ok(q) => ok(merged::jobs(&ctx, Some(&q), None).await),
+            Ok(q) => ok(merged::jobs(&ctx, &caller, Some(&q), None).await),
             Err(msg) => Ok(json_resp(StatusCode::BAD_REQUEST, &json!({ "error": msg }))),
         },
         (Method::GET, p) if p.starts_with("/api/jobs/") => {
             let id = percent_decode(&p["/api/jobs/".len()..]);
-            Ok(one_job(merged::jobs(&ctx, None, Some(&id)).await))
+            Ok(one_job(merged::jobs(&ctx, &caller, None, Some(&id)).await))
         }
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
-            match files::upload(&ctx, &content_type, &body, path == "/upload/mask").await? {
+            let max_body = ctx.config.server.max_body_bytes;
+            ctx.limits
+                .check_upload(auth, &caller, body.len(), max_body)?;
+            match files::upload(&ctx, &caller, &content_type, &body, path == "/upload/mask").await?
+            {
                 Ok(v) => ok(v),
                 Err(code) => Ok(status(code)),
             }

@@ -13,25 +13,43 @@ use tokio_tungstenite::tungstenite::Message;
 use super::Ctx;
 use crate::http::{Body, serve_comfy_websocket};
 use crate::protocol::client_feature_flags;
-use crate::sessions::send_timeout;
+use crate::sched::tenant::Caller;
+use crate::sessions::{send_timeout, session_key};
 
-/// Upgrades a `GET /ws`.
-pub fn handle(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
-    serve_comfy_websocket(&mut req, move |sid, ws| serve(ctx, sid, ws))
+/// Upgrades a `GET /ws` of `caller`; `held` (a connection slot of the per-address cap) is
+/// released when the socket ends.
+pub fn handle<H: Send + 'static>(
+    ctx: Arc<Ctx>,
+    mut req: Request<Incoming>,
+    caller: &Caller,
+    held: H,
+) -> Response<Body> {
+    let user = caller.user_name().map(str::to_string);
+    serve_comfy_websocket(&mut req, move |sid, ws| async move {
+        let _held = held;
+        let key = session_key(user.as_deref(), &sid);
+        serve(ctx, key, sid, ws).await
+    })
 }
 
-async fn serve<S>(ctx: Arc<Ctx>, sid: String, ws: tokio_tungstenite::WebSocketStream<S>)
-where
+/// Serves one socket: `sid` is the client's, `key` its session (the sid in its user's
+/// namespace).
+async fn serve<S>(
+    ctx: Arc<Ctx>,
+    key: String,
+    sid: String,
+    ws: tokio_tungstenite::WebSocketStream<S>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut sink, mut stream) = ws.split();
     let sessions = &ctx.sessions;
-    let mut reg = sessions.register(&sid);
-    ctx.sched.send_status_to(&sid);
+    let mut reg = sessions.register(&key);
+    ctx.sched.send_status_to(&key, &sid);
     // The endings it missed while away, then where its running prompt is (as ComfyUI does).
-    sessions.replay_missed(&sid);
-    if let Some(node) = ctx.sched.running_node_of(&sid) {
-        sessions.send_json(&sid, "executing", json!({ "node": node }));
+    sessions.replay_missed(&key);
+    if let Some(node) = ctx.sched.running_node_of(&key) {
+        sessions.send_json(&key, "executing", json!({ "node": node }));
     }
     let mut first_message = true;
     let dropped = reg.dropped.clone();
@@ -52,7 +70,7 @@ where
                     if !matches!(sent, Ok(Ok(()))) {
                         // Not delivered: an ending in it is kept for the client's return.
                         if let Some(text) = text {
-                            sessions.keep_if_terminal(&sid, text.as_str());
+                            sessions.keep_if_terminal(&key, text.as_str());
                         }
                         break;
                     }
@@ -64,8 +82,8 @@ where
                     Some(Ok(Message::Text(text))) => {
                         if let Some(flags) = client_feature_flags(&text, first_message) {
                             let on = flags["supports_preview_metadata"].as_bool().unwrap_or(false);
-                            sessions.set_preview_metadata(&sid, on);
-                            sessions.send_json(&sid, "feature_flags", ctx.features());
+                            sessions.set_preview_metadata(&key, on);
+                            sessions.send_json(&key, "feature_flags", ctx.features());
                         }
                         first_message = false;
                     }
@@ -81,11 +99,11 @@ where
         let message = crate::http::panic_message(payload.as_ref());
         tracing::error!(sid, panic = %message, "client socket loop panicked; closing it");
     }
-    sessions.unregister(&sid, reg.conn);
+    sessions.unregister(&key, reg.conn);
     // What was queued and never written: endings in it wait for the client's return.
     while let Some(msg) = reg.try_next() {
         if let Message::Text(text) = msg {
-            sessions.keep_if_terminal(&sid, text.as_str());
+            sessions.keep_if_terminal(&key, text.as_str());
         }
     }
 }

@@ -21,7 +21,7 @@ pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, va
 pub use policy::PlacementPolicy;
 pub use tenancy::{
     AuditConfig, Auth, AuthConfig, AuthMode, LimitOverrides, Limits, LimitsConfig, User,
-    UserConfig, parse_sha256,
+    UserConfig, parse_sha256, valid_name,
 };
 
 /// The whole file.

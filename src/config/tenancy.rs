@@ -262,8 +262,10 @@ pub fn check(
     for (i, u) in users.iter().enumerate() {
         let name = u.name.get_ref().trim();
         let at = Some(u.name.span());
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-            let message = "must be 1 to 64 printable characters".to_string();
+        if !valid_name(name) {
+            let message = "must be 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or \
+                           digit (it names the user's upload folder and ComfyUI's comfy-user)"
+                .to_string();
             return Err((at, format!("users[{i}].name"), message));
         }
         if out.iter().any(|x| x.name == name) {
@@ -325,6 +327,15 @@ pub fn check(
         bands: names,
         default_band,
     })
+}
+
+/// A user name: 1 to 64 of `[A-Za-z0-9._-]`, the first a letter or digit. Safe as a path
+/// component and in a header.
+pub fn valid_name(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(ok)
 }
 
 /// 64 hex digits (either case) as 32 bytes.

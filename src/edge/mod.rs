@@ -1,8 +1,10 @@
 //! The edge: the first thing a client request meets. It applies the origin policy, names the
 //! caller ([`identity`]), and sends the request either to the ComfyUI routes the gate answers
-//! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). Auth, rate
-//! limits and the access log will live here too.
+//! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). With
+//! `[auth] mode = "token"` every request names its user ([`auth`]) or is answered 401; the
+//! caller's `[limits]` are applied here ([`limits`]) before anything is queued or forwarded.
 
+pub mod auth;
 pub mod forwarded;
 pub mod headers;
 pub mod identity;
@@ -16,6 +18,7 @@ use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::api::limits::Class;
 use crate::api::{Ctx, router};
 use crate::error::GateError;
 use crate::http::{Body, ConnInfo, status};
@@ -73,6 +76,20 @@ async fn route(
         return Ok(status(StatusCode::OK));
     }
     let path = router::api_path(req.uri().path()).to_string();
+    let edge = &ctx.config.edge;
+    let client = forwarded::client_addr(
+        info.peer.ip(),
+        req.headers(),
+        &edge.trusted_proxies,
+        edge.real_ip_header,
+    );
+    let caller = authenticate(&ctx, &req, &path, client)?;
+    let class = Class::of(req.method(), &path);
+    ctx.limits.check_request(&ctx.config.auth, &caller, class)?;
+    let mut req = req;
+    if let Some(user) = &caller.user {
+        auth::for_upstream(req.headers_mut(), user);
+    }
     let limit = ctx.config.server.max_body_bytes;
     let home = ctx.config.home;
     if is_user_data(&path) {
@@ -81,13 +98,26 @@ async fn route(
     if !router::owns(req.method(), &path) {
         return proxy::passthrough(&ctx.fleet, Target::Any { home }, limit, req).await;
     }
-    let edge = &ctx.config.edge;
-    let client = forwarded::client_addr(
-        info.peer.ip(),
-        req.headers(),
-        &edge.trusted_proxies,
-        edge.real_ip_header,
-    );
-    let who = Caller::anonymous(identity::identity(&req, client), client);
-    router::route(ctx, req, who).await
+    router::route(ctx, req, caller).await
+}
+
+/// Who the request speaks for: with auth off, an anonymous caller with the open model's
+/// identity; with auth on, the user whose token it presents, or 401.
+fn authenticate<B>(
+    ctx: &Ctx,
+    req: &Request<B>,
+    path: &str,
+    client: std::net::IpAddr,
+) -> Result<Caller, GateError> {
+    let auth = &ctx.config.auth;
+    if !auth.required() {
+        return Ok(Caller::anonymous(identity::identity(req, client), client));
+    }
+    let ws = req.method() == Method::GET && path == "/ws";
+    auth::presented_token(req.headers(), req.uri(), ws)
+        .and_then(|token| auth::user_of(&auth.users, &token))
+        .map(|user| Caller::user(user, client))
+        .ok_or_else(|| GateError::Unauthorized {
+            realm: auth.realm.clone(),
+        })
 }

@@ -11,13 +11,16 @@ use http::{Response, StatusCode};
 use serde_json::{Map, Value, json};
 
 use super::dispatch::{Forwarded, forward};
-use super::prompts::PromptRecord;
+use super::prompts::{PromptRecord, PromptTable};
 use super::tenant::Caller;
 use super::{Scheduler, fit, placing};
+use crate::config::Config;
 use crate::error::GateError;
+use crate::error::QUEUE_FULL_RETRY_S;
 use crate::fleet::picker::profile;
 use crate::http::{Body, json as json_resp};
 use crate::protocol::errors;
+use std::time::Duration;
 
 /// A parsed `POST /prompt` body: what the gate takes out of it, and the rest kept verbatim.
 pub struct Submission {
@@ -109,8 +112,8 @@ pub async fn submit(
 ) -> Result<Response<Body>, GateError> {
     let refuse = |prompt: &Value| {
         sched
-            .fleet
-            .refusal(prompt, &|n| sched.files.uploaded(n))
+            .foreign_file_refusal(caller, prompt)
+            .or_else(|| sched.fleet.refusal(prompt, &|n| sched.files.uploaded(n)))
             .or_else(|| never_fits(sched, prompt))
     };
     let sub = match parse(body, &refuse)? {
@@ -132,6 +135,7 @@ pub async fn submit(
             Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
             None => s.table.next_number(sub.front),
         };
+        admit_within_caps(&sched.config, &s.table, caller)?;
         let nothing_waits = s.table.queue_len() == 0;
         let mut rec = PromptRecord::new(
             id.clone(),
@@ -202,6 +206,35 @@ pub async fn submit(
         Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
         Forwarded::Failed => Ok(queued_answer()),
     }
+}
+
+/// The caps checked as a prompt is admitted, under the scheduler's lock (so two submits cannot
+/// both take the last place): the gate queue's global `scheduler.max_queued` (503), the
+/// caller's `max_waiting` (429: prompts of theirs not started yet).
+fn admit_within_caps(
+    config: &Config,
+    table: &PromptTable,
+    caller: &Caller,
+) -> Result<(), GateError> {
+    let max_queued = config.scheduler.max_queued;
+    if max_queued > 0 && table.queue_len() >= max_queued {
+        return Err(GateError::QueueFull(table.queue_len()));
+    }
+    let max_waiting = caller.limits(&config.auth).max_waiting as usize;
+    if max_waiting > 0 {
+        let key = caller.tenant_key();
+        let waiting = table
+            .records()
+            .filter(|r| r.tenant.key == key && r.is_waiting_to_start())
+            .count();
+        if waiting >= max_waiting {
+            return Err(GateError::RateLimited {
+                limit: "max_waiting",
+                retry_after: Duration::from_secs(QUEUE_FULL_RETRY_S),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A backend's JSON answer, passed through as it came.

@@ -45,7 +45,7 @@ pub async fn event_loop(sched: Arc<Scheduler>, events: &mut mpsc::Receiver<Upstr
 fn owner_client(r: Option<&PromptRecord>, backend: &str) -> Option<Option<String>> {
     let r = r?;
     r.in_flight_on(backend)
-        .then(|| r.client_id.clone().filter(|_| !r.retry_after_run))
+        .then(|| r.session().filter(|_| !r.retry_after_run))
 }
 
 fn running_client(sched: &Scheduler, backend: &str) -> Option<String> {

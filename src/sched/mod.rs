@@ -18,6 +18,7 @@
 //! entry, persists, and tells the client with ComfyUI's terminal events. The table's transitions
 //! ([`prompts::PromptTable`]) guarantee it happens once.
 
+pub mod access;
 pub mod admission;
 pub mod decide;
 pub mod dispatch;
@@ -177,12 +178,13 @@ impl Scheduler {
         }
     }
 
-    /// The node now executing for a client's running prompt (the reconnect replay).
-    pub fn running_node_of(&self, sid: &str) -> Option<String> {
+    /// The node now executing for a client's running prompt (the reconnect replay); `session`
+    /// is its session key.
+    pub fn running_node_of(&self, session: &str) -> Option<String> {
         self.lock()
             .table
             .records()
-            .filter(|r| r.client_id.as_deref() == Some(sid) && r.started)
+            .filter(|r| r.started && r.session().as_deref() == Some(session))
             .filter(|r| r.stage == Stage::OnBackend)
             .find_map(|r| r.last_node.clone())
     }
@@ -197,6 +199,28 @@ impl Scheduler {
         let s = self.lock();
         let r = s.table.get(id)?;
         Some((r.stage, r.started, r.owner.clone()))
+    }
+
+    /// Whether `caller` may see or act on prompt `id`: always with auth off or for an admin;
+    /// otherwise only a prompt of the gate's that the caller's user submitted (a prompt the
+    /// gate does not know is nobody's to touch).
+    pub fn may_touch(&self, caller: &tenant::Caller, id: &str) -> bool {
+        caller.sees_all()
+            || self
+                .lock()
+                .table
+                .get(id)
+                .is_some_and(|r| caller.may_access(r.tenant.user.as_deref()))
+    }
+
+    /// Ids of the prompts user `name` submitted (auth on), every stage.
+    pub fn ids_of_user(&self, name: &str) -> std::collections::HashSet<String> {
+        self.lock()
+            .table
+            .records()
+            .filter(|r| r.tenant.user.as_deref() == Some(name))
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     /// Ids of `identity`'s prompts that `pick` accepts (what a call without ids may touch).
@@ -296,11 +320,12 @@ impl Scheduler {
             }
         }
         drop(writing);
-        if let (Some(sid), Some(error)) = (&record.client_id, &error) {
+        let session = record.session();
+        if let (Some(sid), Some(error)) = (&session, &error) {
             self.sessions
                 .send_json(sid, "execution_error", error.clone());
         }
-        if let (Some(sid), None, false) = (&record.client_id, &error, record.terminal_sent) {
+        if let (Some(sid), None, false) = (&session, &error, record.terminal_sent) {
             // It ended while the gate was not listening (found finished on reconnect): its
             // client still hears how, from the entry.
             if let Some((kind, data)) = outcome::terminal_of(&entry) {
@@ -308,7 +333,7 @@ impl Scheduler {
             }
         }
         self.broadcast_status();
-        if let Some(sid) = &record.client_id {
+        if let Some(sid) = &session {
             self.sessions
                 .send_json(sid, "executing", json!({ "node": null, "prompt_id": id }));
         }

@@ -178,6 +178,16 @@ impl PromptRecord {
         }
     }
 
+    /// The session its events go to: its `client_id` in its user's namespace
+    /// ([`crate::sessions::session_key`]); `None` without a `client_id`.
+    pub fn session(&self) -> Option<String> {
+        let sid = self.client_id.as_deref()?;
+        Some(crate::sessions::session_key(
+            self.tenant.user.as_deref(),
+            sid,
+        ))
+    }
+
     /// Its graph, shared, and its profile (see [`profile::profile`]).
     pub fn graph(&self) -> &(Arc<Value>, Profile) {
         self.graph.get_or_init(|| {
@@ -185,6 +195,16 @@ impl PromptRecord {
             let p = profile::profile(&prompt);
             (Arc::new(prompt), p)
         })
+    }
+
+    /// Accepted and not started yet: waiting in the gate queue, being sent, or queued on its
+    /// backend (what `[limits] max_waiting` counts).
+    pub fn is_waiting_to_start(&self) -> bool {
+        match self.stage {
+            Stage::Queued | Stage::Dispatching => true,
+            Stage::OnBackend => !self.started,
+            Stage::Finishing | Stage::Done => false,
+        }
     }
 
     /// Whether it holds a slot on `backend` (or on any backend, with `None`).

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Auth, Limits, User};
 
+/// The folder (of each file type) under which users' uploads are kept, one folder per user.
+pub const UPLOADS_ROOT: &str = "users";
+
 /// The caller of one request, as the edge established it.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -67,6 +70,30 @@ impl Caller {
             None => true,
             Some(u) => u.admin || owner == Some(u.name.as_str()),
         }
+    }
+
+    /// Where an upload of this caller to `subfolder` is stored: a user's (not an admin's)
+    /// under `users/NAME/`, so users never see or overwrite each other's uploads; anyone
+    /// else's where asked. The answer names the folder, so ComfyUI's clients (which load what
+    /// the answer names) need no change.
+    pub fn upload_subfolder(&self, subfolder: &str) -> String {
+        match self.user.as_ref().filter(|u| !u.admin) {
+            Some(u) if subfolder.trim_matches('/').is_empty() => {
+                format!("{UPLOADS_ROOT}/{}", u.name)
+            }
+            Some(u) => format!(
+                "{UPLOADS_ROOT}/{}/{}",
+                u.name,
+                subfolder.trim_start_matches('/')
+            ),
+            None => subfolder.to_string(),
+        }
+    }
+
+    /// The user whose upload folder `subfolder` is in, if any.
+    pub fn upload_owner(subfolder: &str) -> Option<&str> {
+        let rest = subfolder.strip_prefix(UPLOADS_ROOT)?.strip_prefix('/')?;
+        Some(rest.split('/').next().unwrap_or(rest)).filter(|n| !n.is_empty())
     }
 
     /// The user's name, forwarded to backends as ComfyUI's `comfy-user`.

@@ -100,12 +100,15 @@ impl Scheduler {
     }
 
     /// The `status` a client gets on connect (`{"status": …, "sid": sid}`), in order with every
-    /// other `status`.
-    pub fn send_status_to(&self, sid: &str) {
+    /// other `status`; `session` is its session key.
+    pub fn send_status_to(&self, session: &str, sid: &str) {
         let _order = self.status_order.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.queue_remaining();
-        self.sessions
-            .send_json(sid, "status", json!({ "status": exec_info(n), "sid": sid }));
+        self.sessions.send_json(
+            session,
+            "status",
+            json!({ "status": exec_info(n), "sid": sid }),
+        );
     }
 
     /// The gate's prompts in `/queue`, as they are at one moment.

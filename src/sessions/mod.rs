@@ -17,7 +17,10 @@
 //! next message and goes out after it if it is the `progress`, before it otherwise.
 //!
 //! Unlike ComfyUI, a reconnecting socket with the same clientId replaces the old one, which is
-//! closed, not orphaned.
+//! closed with a close frame that says why (code [`REPLACED_CODE`]), not orphaned or dropped
+//! silently. Sessions are keyed by [`session_key`]: with auth on, a user's sid lives in that
+//! user's own namespace, so nobody can take over another user's socket or hear their events
+//! by sending their clientId.
 
 pub mod missed;
 pub mod outbox;
@@ -38,6 +41,19 @@ pub use outbox::{OUTBOX_BYTES, OUTBOX_CAPACITY, PREVIEW_HEADROOM, send_timeout};
 
 use crate::protocol::frames;
 use outbox::Verdict;
+
+/// The close code sent to a socket whose clientId a newer socket took (RFC 6455 §7.4.2: 4000
+/// to 4999 are the application's).
+pub const REPLACED_CODE: u16 = 4000;
+
+/// The key of a client's session: its sid, in the namespace of its user when auth is on (a
+/// user name never holds a newline, see `config::valid_name`).
+pub fn session_key(user: Option<&str>, sid: &str) -> String {
+    match user {
+        Some(u) => format!("{u}\n{sid}"),
+        None => sid.to_string(),
+    }
+}
 
 /// Previews held at once for one client without metadata (one per running prompt in
 /// practice); past this the oldest goes out.
@@ -134,9 +150,17 @@ impl Sessions {
             },
         );
         if let Some(old) = old {
-            // The replaced socket is closed, not orphaned: a close frame after what it has
-            // queued, or at once if its outbox is full.
-            if old.tx.try_send(Message::Close(None)).is_err() {
+            // The replaced socket is closed, not orphaned, and told why: a close frame after
+            // what it has queued, or at once if its outbox is full.
+            tracing::info!(
+                sid = sid.rsplit('\n').next().unwrap_or(sid),
+                "a newer socket took this clientId; closing the older one"
+            );
+            let frame = CloseFrame {
+                code: CloseCode::from(REPLACED_CODE),
+                reason: Utf8Bytes::from_static("clientId taken by a newer connection"),
+            };
+            if old.tx.try_send(Message::Close(Some(frame))).is_err() {
                 old.dropped.cancel();
             }
         }

@@ -334,3 +334,51 @@ pub fn queue_ids(q: &Value) -> Vec<String> {
 pub async fn queued(base: &str) -> Vec<String> {
     queue_ids(&get_json(base, "/queue").await.1)
 }
+
+/// The hex SHA-256 of `token`, as `[[users]] token_sha256` takes it.
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `[auth] mode = "token"` with one user per `(name, extra lines)`, each with the token
+/// `tok-NAME`, then `more` (e.g. a `[limits]` section), applied to `f`.
+pub fn with_users(f: &mut comfy_gate::config::FileConfig, users: &[(&str, &str)], more: &str) {
+    let mut text = String::from("[auth]\nmode = \"token\"\n");
+    for (name, extra) in users {
+        let digest = token_sha256(&format!("tok-{name}"));
+        text += &format!("[[users]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"\n{extra}\n");
+    }
+    text += more;
+    let parsed: comfy_gate::config::FileConfig = toml::from_str(&text).expect("test toml");
+    f.auth = parsed.auth;
+    f.users = parsed.users;
+    f.limits = parsed.limits;
+    if !parsed.scheduler.bands.is_empty() {
+        f.scheduler.bands = parsed.scheduler.bands;
+    }
+}
+
+/// `GET base path` with user `name`'s bearer token; the status and body.
+pub async fn get_as(name: &str, base: &str, path: &str) -> (u16, Value) {
+    send_for_json(
+        http()
+            .get(format!("{base}{path}"))
+            .bearer_auth(format!("tok-{name}")),
+    )
+    .await
+}
+
+/// `POST base path` of `body` with user `name`'s bearer token; the status and body.
+pub async fn post_as(name: &str, base: &str, path: &str, body: &Value) -> (u16, Value) {
+    send_for_json(
+        http()
+            .post(format!("{base}{path}"))
+            .bearer_auth(format!("tok-{name}"))
+            .json(body),
+    )
+    .await
+}

@@ -1,0 +1,95 @@
+//! Which files a caller may read when auth is on: its own uploads (kept under its own folder,
+//! [`Caller::upload_subfolder`]), the outputs its own prompts made (listed in their history
+//! entries or, while they run, their `executed` events), and every file of the backends' own
+//! that no user owns (an input folder's shared files). Admins, and everyone with auth off, may
+//! read every file (ComfyUI's open model).
+//!
+//! Why by listing, not by folder: an output's name is the client's `filename_prefix` and
+//! ComfyUI's counter, in one folder for everyone, and a user may name any subfolder; what the
+//! gate knows for sure is which prompt listed which file.
+
+use serde_json::{Value, json};
+
+use super::Scheduler;
+use super::tenant::Caller;
+use crate::protocol::errors;
+use comfy_wire::files::refs::{FileRef, Kind};
+
+impl Scheduler {
+    /// Whether `caller` may read file `r` (`/view`, a mask's original, a loader input).
+    pub fn may_read_file(&self, caller: &Caller, r: &FileRef) -> bool {
+        let Some(name) = caller.user_name().filter(|_| !caller.sees_all()) else {
+            return true;
+        };
+        let folder_owner = Caller::upload_owner(&r.subfolder);
+        if folder_owner == Some(name) {
+            return true;
+        }
+        if r.kind == Kind::Input {
+            // Another user's upload folder, or the backends' shared inputs.
+            return folder_owner.is_none();
+        }
+        let s = self.lock();
+        let mine = s
+            .table
+            .records()
+            .filter(|rec| rec.tenant.user.as_deref() == Some(name));
+        for rec in mine {
+            let entry = self.history.get(&rec.id);
+            let listed = |v: &Value| lists(v, r);
+            if rec.log.outputs.values().any(listed)
+                || entry.as_deref().is_some_and(|e| listed(&e["outputs"]))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// ComfyUI's 400 for a prompt of `caller` that names a file it may not read, as ComfyUI
+    /// answers for a file it does not have (LoadImage's `Invalid image file`); `None` if it
+    /// names none.
+    pub fn foreign_file_refusal(&self, caller: &Caller, prompt: &Value) -> Option<Value> {
+        if caller.sees_all() {
+            return None;
+        }
+        let nodes = prompt.as_object()?;
+        for (id, node) in nodes {
+            let Some(inputs) = node["inputs"].as_object() else {
+                continue;
+            };
+            for (input, value) in inputs {
+                let Some(r) = value.as_str().and_then(FileRef::from_loader) else {
+                    continue;
+                };
+                if self.may_read_file(caller, &r) {
+                    continue;
+                }
+                let reason = format!("Invalid image file: {}", value.as_str().unwrap_or(""));
+                let error = errors::custom_validation_failed(input, &reason);
+                let node_errors = json!({ id.as_str(): {
+                    "errors": [error],
+                    "dependent_outputs": [],
+                    "class_type": node["class_type"],
+                }});
+                return Some(errors::outputs_failed("", node_errors));
+            }
+        }
+        None
+    }
+}
+
+/// Whether a UI output value lists file `r` (a file item `{filename, subfolder, type}` at any
+/// depth).
+fn lists(value: &Value, r: &FileRef) -> bool {
+    match value {
+        Value::Object(map) => {
+            let is = map.get("filename").and_then(Value::as_str) == Some(r.name.as_str())
+                && map.get("subfolder").and_then(Value::as_str).unwrap_or("") == r.subfolder
+                && map.get("type").and_then(Value::as_str) == Some(r.kind.as_str());
+            is || map.values().any(|v| lists(v, r))
+        }
+        Value::Array(items) => items.iter().any(|v| lists(v, r)),
+        _ => false,
+    }
+}

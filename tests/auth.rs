@@ -1,0 +1,299 @@
+//! `[auth] mode = "token"`: every request names its user by a token (Bearer, HTTP Basic's
+//! password, `?token=` on the socket) or gets 401; and each user sees and touches only their
+//! own prompts, events, history, jobs, queue entries, outputs and uploads, while an admin sees
+//! all. Real gate over comfy-sim, real HTTP and WebSocket clients.
+mod common;
+
+use base64::Engine;
+use common::*;
+use serde_json::{Value, json};
+
+const USERS: [(&str, &str); 3] = [("alice", ""), ("bob", ""), ("root", "admin = true")];
+
+async fn gate_with_users(sims: &[&comfy_sim::SimHandle]) -> comfy_gate::GateHandle {
+    gate_with(sims, |f| {
+        f.backends[0].max_inflight = Some(1);
+        with_users(f, &USERS, "");
+    })
+    .await
+}
+
+/// A socket to `/ws?clientId=…&token=…` (`query` is what follows `clientId=`), or the HTTP
+/// status the upgrade was refused with.
+async fn connect(base: &str, query: &str) -> Result<Ws, u16> {
+    let url = format!("{}/ws?clientId={query}", base.replacen("http", "ws", 1));
+    match tokio_tungstenite::connect_async(&url).await {
+        Ok(_) => Ok(Ws::connect(base, Some(query)).await),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("ws connect: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn no_token_is_401_on_http_and_on_the_socket() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    for (method, path) in [
+        ("GET", "/queue"),
+        ("POST", "/prompt"),
+        ("GET", "/"),
+        ("GET", "/settings"),
+    ] {
+        let req = http().request(method.parse().unwrap(), format!("{base}{path}"));
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{method} {path}");
+        let challenges: Vec<String> = resp
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            challenges,
+            ["Bearer realm=\"comfy-gate\"", "Basic realm=\"comfy-gate\""],
+            "{method} {path}"
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["error"]["type"], "unauthorized",
+            "ComfyUI's error shape"
+        );
+        assert!(body["node_errors"].is_object());
+    }
+    // A token nobody has is no token.
+    let (code, _) = get_as("mallory", &base, "/queue").await;
+    assert_eq!(code, 401);
+    assert_eq!(connect(&base, "c").await.err(), Some(401));
+    assert_eq!(connect(&base, "c&token=tok-mallory").await.err(), Some(401));
+    // Nothing was queued by any of it.
+    assert_eq!(
+        get_as("root", &base, "/queue").await.1["queue_pending"],
+        json!([])
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn bearer_basic_and_query_tokens_all_work() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    let (code, q) = get_as("alice", &base, "/queue").await;
+    assert_eq!((code, q["queue_running"].clone()), (200, json!([])));
+    let basic = http()
+        .get(format!("{base}/queue"))
+        .basic_auth("whoever", Some("tok-alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 200);
+    let mut ws = connect(&base, "c1&token=tok-alice").await.unwrap();
+    let first = ws.next().await.unwrap();
+    assert_eq!(first.kind(), "status");
+    assert_eq!(
+        first.data()["sid"],
+        "c1",
+        "the client's own sid, not the gate's key"
+    );
+    // The browser's way: Basic credentials on the upgrade request itself.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/ws?clientId=c2", base.replacen("http", "ws", 1))
+        .into_client_request()
+        .unwrap();
+    let cred = base64::engine::general_purpose::STANDARD.encode("u:tok-bob");
+    req.headers_mut()
+        .insert("authorization", format!("Basic {cred}").parse().unwrap());
+    let (mut basic_ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    use futures_util::StreamExt;
+    let first = basic_ws.next().await.unwrap().unwrap();
+    assert!(
+        first.to_text().unwrap().contains("\"sid\":\"c2\""),
+        "{first}"
+    );
+    // The gate's own submit path too.
+    let (code, _) = post_as("alice", &base, "/prompt", &json!({"prompt": blur_graph(1)})).await;
+    assert_eq!(code, 200);
+    gate.shutdown().await;
+}
+
+/// The prompt ids of the frames that carry one.
+fn prompt_ids(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| f.data()["prompt_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn users_see_and_touch_only_their_own_and_an_admin_sees_all() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    // Bob connects first with the clientId Alice will use: it does not make him her.
+    let mut bob_ws = connect(&base, "shared&token=tok-bob").await.unwrap();
+    let mut alice_ws = connect(&base, "shared&token=tok-alice").await.unwrap();
+    let submit = |id: &str, g: Value| json!({"prompt": g, "prompt_id": id, "client_id": "shared"});
+    // Alice's long prompt holds the one slot; one of hers and one of Bob's wait behind it.
+    assert_eq!(
+        post_as("alice", &base, "/prompt", &submit("a-run", steps(1, 3000)))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post_as("alice", &base, "/prompt", &submit("a-wait", blur_graph(1)))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post_as("bob", &base, "/prompt", &submit("b-wait", blur_graph(2)))
+            .await
+            .0,
+        200
+    );
+
+    let queue_of = |who: &'static str| {
+        let base = base.clone();
+        async move { queue_ids(&get_as(who, &base, "/queue").await.1) }
+    };
+    assert_eq!(queue_of("alice").await, ["a-run", "a-wait"]);
+    assert_eq!(queue_of("bob").await, ["b-wait"]);
+    assert_eq!(queue_of("root").await, ["a-run", "a-wait", "b-wait"]);
+    let jobs = |v: &Value| -> Vec<String> {
+        v["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(jobs(&get_as("bob", &base, "/api/jobs").await.1), ["b-wait"]);
+    assert_eq!(get_as("bob", &base, "/api/jobs/a-run").await.0, 404);
+    assert_eq!(get_as("root", &base, "/api/jobs/a-run").await.0, 200);
+
+    // Bob can neither delete nor interrupt Alice's prompts, by id or by clearing.
+    post_as(
+        "bob",
+        &base,
+        "/queue",
+        &json!({"delete": ["a-wait"], "clear": true}),
+    )
+    .await;
+    post_as("bob", &base, "/interrupt", &json!({"prompt_id": "a-run"})).await;
+    post_as("bob", &base, "/interrupt", &json!({})).await;
+    assert_eq!(queue_of("alice").await, ["a-run", "a-wait"]);
+    assert_eq!(
+        queue_of("bob").await,
+        Vec::<String>::new(),
+        "his own clear took his"
+    );
+
+    // Alice's prompts finish as hers, with her events on her socket only.
+    let a_run = alice_ws.until_done("a-run").await;
+    assert!(
+        a_run.iter().any(|f| f.kind() == "execution_success"),
+        "not interrupted by Bob"
+    );
+    let a_wait = alice_ws.until_done("a-wait").await;
+    assert!(a_wait.iter().any(|f| f.kind() == "executed"));
+    let history = |who: &'static str| {
+        let base = base.clone();
+        async move {
+            let (_, h) = get_as(who, &base, "/history").await;
+            let mut ids: Vec<String> = h.as_object().unwrap().keys().cloned().collect();
+            ids.sort();
+            ids
+        }
+    };
+    assert_eq!(history("alice").await, ["a-run", "a-wait"]);
+    assert_eq!(history("bob").await, Vec::<String>::new());
+    assert_eq!(history("root").await, ["a-run", "a-wait"]);
+    assert_eq!(get_as("bob", &base, "/history/a-wait").await.1, json!({}));
+    assert!(get_as("root", &base, "/history/a-wait").await.1["a-wait"].is_object());
+
+    // Bob cannot read her output; she and the admin can.
+    let (_, h) = get_as("alice", &base, "/history/a-wait").await;
+    let image = h["a-wait"]["outputs"]["3"]["images"][0].clone();
+    let query = format!(
+        "/view?filename={}&subfolder={}&type={}",
+        image["filename"].as_str().unwrap(),
+        image["subfolder"].as_str().unwrap(),
+        image["type"].as_str().unwrap()
+    );
+    let view = |who: &str| {
+        http()
+            .get(format!("{base}{query}"))
+            .bearer_auth(format!("tok-{who}"))
+            .send()
+    };
+    assert_eq!(view("bob").await.unwrap().status(), 404);
+    assert_eq!(view("alice").await.unwrap().status(), 200);
+    assert_eq!(view("root").await.unwrap().status(), 200);
+
+    // Bob's socket, though it uses the same clientId, heard none of Alice's prompts.
+    let mut heard = Vec::new();
+    while let Ok(Some(f)) = bob_ws
+        .next_within(std::time::Duration::from_millis(300))
+        .await
+    {
+        heard.push(f);
+    }
+    let ids = prompt_ids(&heard);
+    assert!(ids.is_empty(), "Bob heard {ids:?}");
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn uploads_live_in_their_users_folder() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    let form = || {
+        reqwest::multipart::Form::new().part(
+            "image",
+            reqwest::multipart::Part::bytes(png(8, 8, 7)).file_name("cat.png"),
+        )
+    };
+    let upload = |who: &str| {
+        http()
+            .post(format!("{base}/upload/image"))
+            .bearer_auth(format!("tok-{who}"))
+            .multipart(form())
+    };
+    let (code, saved) = send_for_json(upload("alice")).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        saved,
+        json!({"name": "cat.png", "subfolder": "users/alice", "type": "input"})
+    );
+    // Bob's upload of the same name is his own file, not a rename of hers or an overwrite.
+    let (_, bob_saved) = send_for_json(upload("bob")).await;
+    assert_eq!(bob_saved["subfolder"], "users/bob");
+    let view = |who: &str, sub: &str| {
+        http()
+            .get(format!(
+                "{base}/view?filename=cat.png&type=input&subfolder={sub}"
+            ))
+            .bearer_auth(format!("tok-{who}"))
+            .send()
+    };
+    assert_eq!(view("alice", "users/alice").await.unwrap().status(), 200);
+    assert_eq!(view("bob", "users/alice").await.unwrap().status(), 404);
+    assert_eq!(view("root", "users/alice").await.unwrap().status(), 200);
+    // Bob cannot load her file in a prompt (as ComfyUI refuses a file it does not have).
+    let graph = files::load_and_save("users/alice/cat.png", "stolen");
+    let (code, body) = post_as("bob", &base, "/prompt", &json!({"prompt": graph})).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        body["node_errors"]["1"]["errors"][0]["type"],
+        "custom_validation_failed"
+    );
+    let graph = files::load_and_save("users/alice/cat.png", "mine");
+    let (code, body) = post_as("alice", &base, "/prompt", &json!({"prompt": graph})).await;
+    assert_eq!(code, 200, "{body}");
+    gate.shutdown().await;
+}
