@@ -297,3 +297,31 @@ async fn uploads_live_in_their_users_folder() {
     assert_eq!(code, 200, "{body}");
     gate.shutdown().await;
 }
+
+/// Auth off (ComfyUI's open model): a second socket with the same clientId takes it over, and
+/// the first is told so in its close frame, never closed or orphaned silently.
+#[tokio::test]
+async fn with_auth_off_a_taken_client_id_closes_the_owner_with_a_reason() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let sim = sim().await;
+    let gate = gate(&[&sim]).await;
+    let url = format!("{}/ws?clientId=mine", gate.url().replacen("http", "ws", 1));
+    let (mut owner, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let first = owner.next().await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("\"sid\":\"mine\""));
+    let (_taker, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let close = loop {
+        match tokio::time::timeout(PATIENCE, owner.next())
+            .await
+            .expect("a close frame")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close frame with a code"),
+            Some(Ok(_)) => continue,
+            other => panic!("closed without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), comfy_gate::sessions::REPLACED_CODE);
+    assert!(close.reason.contains("clientId"), "{}", close.reason);
+    gate.shutdown().await;
+}

@@ -351,3 +351,119 @@ pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{AuthMode, parse};
+
+    const DIGEST_A: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+    const DIGEST_B: &str = "b665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+    const BACKEND: &str = "[[backend]]\nurl = \"http://a:1\"\n";
+
+    fn user(name: &str, digest: &str, extra: &str) -> String {
+        format!("[[users]]\nname = \"{name}\"\ntoken_sha256 = \"{digest}\"\n{extra}")
+    }
+
+    #[test]
+    fn users_bands_and_limits_validate() {
+        let text = format!(
+            "[auth]\nmode = \"token\"\n[limits]\nprompts_per_minute = 10\nmax_running = 2\nws_per_ip = 8\n{}{}{BACKEND}",
+            user(
+                "al",
+                DIGEST_A,
+                "priority = \"batch\"\nweight = 2.5\nadmin = true\n"
+            ),
+            user(
+                "bo",
+                &DIGEST_B.to_uppercase(),
+                "limits = { max_running = 5 }\n"
+            ),
+        );
+        let c = parse(&text, "p.toml").unwrap();
+        let a = &c.auth;
+        assert_eq!(a.mode, AuthMode::Token);
+        assert_eq!(a.bands, ["interactive", "batch"]);
+        let (al, bo) = (&a.users[0], &a.users[1]);
+        assert_eq!((al.band, al.weight, al.admin), (1, 2.5, true));
+        assert_eq!((bo.band, bo.weight, bo.admin), (0, 1.0, false));
+        assert_eq!(
+            (al.limits.prompts_per_minute, al.limits.max_running),
+            (10, 2)
+        );
+        assert_eq!(
+            (bo.limits.prompts_per_minute, bo.limits.max_running),
+            (10, 5)
+        );
+        assert_eq!(a.ws_per_ip, 8);
+        // Auth off by default, everything open.
+        let c = parse(BACKEND, "p.toml").unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Off);
+        assert_eq!(c.auth.limits, crate::config::Limits::default());
+        assert_eq!(c.scheduler.max_queued, 100_000);
+    }
+
+    /// `comfy-gate check`'s errors name the line and field: an unknown band, a token twice, a
+    /// malformed digest, a name that cannot be a folder, token mode without users.
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases = [
+            (
+                format!("{}{BACKEND}", user("al", DIGEST_A, "priority = \"vip\"\n")),
+                4,
+                "users[0].priority",
+            ),
+            (
+                format!(
+                    "{}{}{BACKEND}",
+                    user("al", DIGEST_A, ""),
+                    user("bo", DIGEST_A, "")
+                ),
+                6,
+                "users[1].token_sha256",
+            ),
+            (
+                format!("{}{BACKEND}", user("al", "abc", "")),
+                3,
+                "users[0].token_sha256",
+            ),
+            (
+                format!("{}{BACKEND}", user("../al", DIGEST_A, "")),
+                2,
+                "users[0].name",
+            ),
+            (
+                format!(
+                    "{}{}{BACKEND}",
+                    user("al", DIGEST_A, ""),
+                    user("al", DIGEST_B, "")
+                ),
+                5,
+                "users[1].name",
+            ),
+            (
+                format!("{}{BACKEND}", user("al", DIGEST_A, "weight = 0.0\n")),
+                4,
+                "users[0].weight",
+            ),
+            (
+                format!("[scheduler]\nbands = [\"a\", \"a\"]\n{BACKEND}"),
+                2,
+                "scheduler.bands[1]",
+            ),
+            (
+                format!("[scheduler]\ndefault_band = \"x\"\n{BACKEND}"),
+                2,
+                "scheduler.default_band",
+            ),
+            (
+                format!("[auth]\nmode = \"token\"\n{BACKEND}"),
+                0,
+                "auth.mode",
+            ),
+        ];
+        for (text, line, field) in cases {
+            let e = parse(&text, "p.toml").unwrap_err();
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}\n{text}");
+        }
+    }
+}
