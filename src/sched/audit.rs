@@ -15,8 +15,8 @@
 //!   tenant's. A prompt the gate ended is charged only for `MaxRunTimeExceeded` (it held the
 //!   GPU until the deadline); one that never ran (deleted, refused, no backend) is charged 0.
 //! - **GPU-seconds**: run time × GPUs (one per backend).
-//! - **queue wait**: from acceptance to the start of the run that ended (to the end, for a
-//!   prompt that never ran).
+//! - **queue wait**: from acceptance to the start of its last run, charged or not (to the
+//!   end, for a prompt that never ran).
 //! - **outputs**: the file items in the history entry's outputs (`images`, `gifs`, `audio`, …
 //!   every type but `input`); **output bytes**: their sizes, read with `HEAD /view` on the
 //!   backend that holds each (`null` when one cannot be read, or past [`MAX_SIZED`] files).
@@ -90,7 +90,7 @@ pub struct Line {
     pub gpu: Option<GpuId>,
     /// GPUs its run used (1 per backend; 0 without a backend).
     pub gpus: u32,
-    /// Seconds from acceptance to its run's start (to its end if it never ran).
+    /// Seconds from acceptance to its last run's start (to its end if it never ran).
     pub queue_wait_s: f64,
     /// Seconds of the run charged (see the module docs).
     pub run_s: f64,
@@ -436,10 +436,11 @@ impl Scheduler {
             Ending::Failed(_, kind) => charged_when_failed(kind),
             Ending::Deleted => false,
         };
-        let run = run_of(r, entry, now, end_ms).filter(|_| charged);
+        // A run that is not charged still ends the wait.
+        let run = run_of(r, entry, now, end_ms);
         let backend = r.owner.clone();
         let gpus = u32::from(backend.is_some());
-        let run_ms = run.map_or(0, |(_, ms)| ms);
+        let run_ms = run.filter(|_| charged).map_or(0, |(_, ms)| ms);
         let gpu_ms = run_ms * u64::from(gpus);
         let waited_until = run.map_or(end_ms, |(start, _)| start);
         let mut tenant = r.tenant.clone();
