@@ -51,6 +51,8 @@ pub const CLOSE_FRAMES_WAIT: Duration = Duration::from_secs(1);
 const CLOSE_FRAMES_POLL: Duration = Duration::from_millis(10);
 /// Extra time past `recovery.drain_timeout_ms` before shutdown stops waiting for tasks.
 pub const SHUTDOWN_SLACK: Duration = Duration::from_millis(500);
+/// How long shutdown waits for audit lines whose output sizes are being read.
+const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A running gate, as [`run`] returns it.
 pub struct GateHandle {
@@ -58,6 +60,7 @@ pub struct GateHandle {
     pub admin_addr: SocketAddr,
     config: Arc<Config>,
     sessions: Arc<Sessions>,
+    audit: Arc<sched::audit::Audit>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -66,6 +69,17 @@ impl GateHandle {
     /// `http://addr` of the client listener.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Reopens the audit log file by name before its next line (what `SIGUSR1` does, after
+    /// logrotate renamed it). Nothing without an audit log file.
+    pub fn reopen_audit_log(&self) {
+        self.audit.reopener().reopen();
+    }
+
+    /// What [`GateHandle::reopen_audit_log`] does, for a signal handler that outlives `&self`.
+    pub fn audit_reopener(&self) -> sched::audit::Reopen {
+        self.audit.reopener()
     }
 
     /// Graceful shutdown: stops accepting, closes client sockets with 1001, gives in-flight
@@ -81,6 +95,9 @@ impl GateHandle {
         self.stop.cancel();
         let drain = self.config.drain_timeout() + SHUTDOWN_SLACK;
         let _ = tokio::time::timeout(drain, futures_util::future::join_all(self.tasks)).await;
+        // The usage flusher wrote its last rows as it stopped; the audit lines still being
+        // prepared are written, then the writer thread ends.
+        self.audit.close(AUDIT_CLOSE_WAIT).await;
     }
 }
 
@@ -94,6 +111,11 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     let (store, loaded) = sched::store::Store::open(&state_dir, &names)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let store = Arc::new(store);
+    let audit = Arc::new(sched::audit::Audit::open(
+        &config.audit,
+        store.clone(),
+        loaded.usage,
+    )?);
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
@@ -117,6 +139,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         store.clone(),
         table,
         history,
+        audit.clone(),
         stop.clone(),
     ));
     // One probe round before serving, so the first prompt sees a known fleet.
@@ -154,6 +177,12 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         "dispatcher loop",
         stop.clone(),
         move || sched::dispatch::dispatcher_loop(sc.clone()),
+    )));
+    let (usage, stop_usage) = (audit.usage().clone(), stop.clone());
+    tasks.push(tokio::spawn(supervise(
+        "usage flusher",
+        stop.clone(),
+        move || sched::usage::flush_loop(usage.clone(), stop_usage.clone()),
     )));
     let sc = sched.clone();
     tasks.push(tokio::spawn(supervise(
@@ -220,6 +249,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         admin_addr,
         config,
         sessions,
+        audit,
         stop,
         tasks,
     })

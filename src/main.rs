@@ -141,6 +141,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// `SIGUSR1` reopens the audit log file by name (logrotate's `postrotate` convention).
+#[cfg(unix)]
+fn reopen_on_sigusr1(reopen: comfy_gate::sched::audit::Reopen) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::info!("SIGUSR1: the audit log is reopened");
+            reopen.reopen();
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reopen_on_sigusr1(_reopen: comfy_gate::sched::audit::Reopen) -> anyhow::Result<()> {
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logging();
@@ -231,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             };
+            reopen_on_sigusr1(handle.audit_reopener())?;
             println!(
                 "comfy-gate listening on http://{} (admin http://{})",
                 handle.addr, handle.admin_addr

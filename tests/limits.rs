@@ -202,3 +202,33 @@ async fn websockets_are_capped_per_address() {
     }
     gate.shutdown().await;
 }
+
+#[tokio::test]
+async fn gpu_seconds_per_day_refuse_until_midnight_utc() {
+    let sim = sim().await;
+    let gate = gate_with(&[&sim], |f| f.limits.gpu_seconds_per_day = 1).await;
+    let base = gate.url();
+    let c = http();
+    // About 1.2 s of run time at test speed: the day's second is used up when it ends.
+    assert_eq!(submit(&c, &base, "long", steps(1, 3000), &[]).await.0, 200);
+    wait_history(&base, "long").await;
+    let admin = format!("http://{}", gate.admin_addr);
+    let (_, usage) = get_json(&admin, "/admin/usage").await;
+    assert!(
+        usage["total"]["gpu_seconds"].as_f64().unwrap() >= 1.0,
+        "{usage}"
+    );
+    let (code, retry, body) = submit(&c, &base, "more", blur_graph(1), &[]).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["error"]["extra_info"]["limit"], "gpu_seconds_per_day");
+    let retry = retry.unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    assert!(!known(&base).await.contains(&"more".to_string()));
+    // Another client address has its own day.
+    let other = http_from([127, 0, 0, 2]);
+    assert_eq!(
+        submit(&other, &base, "theirs", blur_graph(2), &[]).await.0,
+        200
+    );
+    gate.shutdown().await;
+}

@@ -3,6 +3,8 @@
 //! each kind of record the gate holds, in memory and in its store), and backend drain:
 //! `POST /admin/backends/{name}/drain` (no new prompts; running ones finish there; prompts
 //! waiting in its queue move back to the gate queue) and `POST /admin/backends/{name}/undrain`.
+//! `GET /admin/usage?user=&since=`: GPU-seconds and prompts per tenant from the usage ledger
+//! (`sched::usage`), the sums of the audit log's lines.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::fleet::{BackendState, Fleet};
 use crate::http::{Body, json as json_resp, status};
-use crate::sched::{Scheduler, recovery};
+use crate::sched::{Scheduler, recovery, usage};
 
 /// What the admin routes use.
 pub struct Admin {
@@ -41,6 +43,7 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             json_resp(code, &json!({ "ready": ready, "backends": backends }))
         }
         "/admin/records" => json_resp(StatusCode::OK, &admin.sched.records()),
+        "/admin/usage" => usage(&admin.sched, req.uri().query().unwrap_or("")),
         "/admin/decisions" => json_resp(
             StatusCode::OK,
             &json!({ "decisions": admin.sched.recent_decisions() }),
@@ -86,6 +89,57 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
         }
         _ => status(StatusCode::NOT_FOUND),
     }
+}
+
+/// `GET /admin/usage`: per tenant, GPU-seconds, run seconds and prompts that ended (by
+/// outcome), largest first. `user`: a user name or a tenant key (`user:NAME`, `ip:ADDR` for
+/// anonymous clients); `since`: RFC 3339 or seconds since the epoch, counted from the start of
+/// the UTC hour holding it (`from`). A bad `since` is a 400 saying so.
+fn usage(sched: &Scheduler, query: &str) -> Response<Body> {
+    let mut who = None;
+    let mut since = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "user" if !v.is_empty() => who = Some(v.into_owned()),
+            "since" if !v.is_empty() => match usage::parse_time(&v) {
+                Some(ms) => since = Some(ms),
+                None => {
+                    let error = format!(
+                        "since: {v:?} is neither an RFC 3339 time (2026-05-01T00:00:00Z) nor seconds since the epoch"
+                    );
+                    return json_resp(StatusCode::BAD_REQUEST, &json!({ "error": error }));
+                }
+            },
+            _ => {}
+        }
+    }
+    let rows = sched.audit().usage().summary(who.as_deref(), since);
+    let seconds = |ms: u64| ms as f64 / 1000.0;
+    let (mut gpu_ms, mut run_ms, mut prompts) = (0, 0, 0);
+    let users: Vec<Value> = rows
+        .iter()
+        .map(|t| {
+            gpu_ms += t.usage.gpu_ms;
+            run_ms += t.usage.run_ms;
+            prompts += t.usage.prompts();
+            json!({
+                "user": t.usage.user, "tenant": t.tenant,
+                "gpu_seconds": seconds(t.usage.gpu_ms), "run_seconds": seconds(t.usage.run_ms),
+                "prompts": t.usage.prompts(), "outcomes": t.usage.outcomes,
+            })
+        })
+        .collect();
+    let from = since.map(|ms| usage::rfc3339(ms.div_euclid(usage::HOUR_MS) * usage::HOUR_MS));
+    json_resp(
+        StatusCode::OK,
+        &json!({
+            "user": who, "since": since.map(usage::rfc3339), "from": from,
+            "users": users,
+            "total": {
+                "gpu_seconds": seconds(gpu_ms), "run_seconds": seconds(run_ms), "prompts": prompts,
+            },
+        }),
+    )
 }
 
 /// One backend as `/admin/backends` shows it (`inflight`: slots in use).

@@ -283,6 +283,15 @@ impl Files {
     }
 }
 
+/// The `(type, subfolder, shown name)` of every file a history entry's `outputs` lists (any
+/// type but `input`, at any depth: `images`, `gifs`, `audio`, … as ComfyUI's UI outputs name
+/// them), in order.
+pub fn output_files(entry: &Value) -> Vec<FileKey> {
+    let mut out = Vec::new();
+    collect_file_items(&entry["outputs"], &mut out);
+    out
+}
+
 /// A file item (`{"filename", "type", "subfolder"?}`, both strings): `Some(Some(key))` for a
 /// backend's file of any type but `input`, `Some(None)` for an input; `None` for anything else.
 fn file_item(map: &serde_json::Map<String, Value>) -> Option<Option<FileKey>> {

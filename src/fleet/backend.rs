@@ -37,6 +37,9 @@ pub struct Telemetry {
     pub vram_total: u64,
     /// Bytes, ComfyUI's `vram_free + torch_vram_free`.
     pub vram_free: u64,
+    /// The device's name as ComfyUI reports it (`devices[0].name`, e.g.
+    /// `cuda:0 NVIDIA H100 80GB HBM3 : cudaMallocAsync`), for the audit log.
+    pub device: Option<String>,
     pub read_at: Option<Instant>,
 }
 
@@ -51,6 +54,7 @@ impl Telemetry {
                     .get("torch_vram_free")
                     .and_then(Value::as_u64)
                     .unwrap_or(0),
+            device: dev.get("name").and_then(Value::as_str).map(str::to_string),
             read_at: Some(Instant::now()),
         })
     }

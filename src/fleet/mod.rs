@@ -33,6 +33,14 @@ struct LocalGpus {
     slots: Vec<Option<usize>>,
 }
 
+/// A backend's GPU as the gate knows it ([`Fleet::gpu_of`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GpuId {
+    pub name: String,
+    /// NVML's UUID (`GPU-…`), for a GPU on this machine.
+    pub uuid: Option<String>,
+}
+
 /// All backends and the client that talks to them.
 pub struct Fleet {
     config: Arc<Config>,
@@ -105,6 +113,19 @@ impl Fleet {
         let gpus = self.local_gpus.as_ref()?;
         let slot = (*gpus.slots.get(i)?)?;
         gpus.sampler.readings().get(slot).cloned().flatten()
+    }
+
+    /// Which GPU backend `i` runs on, as far as the gate knows: NVML's name and UUID for a
+    /// local GPU, else the device name its last `/system_stats` gave; `None` before either.
+    pub fn gpu_of(&self, i: usize) -> Option<GpuId> {
+        if let Some(r) = self.nvml_reading(i) {
+            return Some(GpuId {
+                name: r.name,
+                uuid: Some(r.uuid),
+            });
+        }
+        let name = self.get(i).telemetry.load().device.clone()?;
+        Some(GpuId { name, uuid: None })
     }
 
     /// `(total, free)` VRAM of a backend in bytes: NVML for a local GPU, else its last

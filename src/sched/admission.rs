@@ -120,6 +120,7 @@ pub async fn submit(
         Ok(sub) => sub,
         Err(answer) => return Ok(json_resp(StatusCode::BAD_REQUEST, &answer)),
     };
+    within_daily_quota(sched, caller)?;
     let id = sub.id.clone();
     let (number, direct) = {
         let mut s = sched.lock();
@@ -206,6 +207,22 @@ pub async fn submit(
         Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
         Forwarded::Failed => Ok(queued_answer()),
     }
+}
+
+/// The caller's `gpu_seconds_per_day`: 429 until the next UTC midnight once the run time of
+/// the prompts it finished today reaches it (prompts still running are charged when they end).
+fn within_daily_quota(sched: &Scheduler, caller: &Caller) -> Result<(), GateError> {
+    let quota = caller.limits(&sched.config.auth).gpu_seconds_per_day;
+    if quota == 0 || sched.gpu_seconds_today(&caller.tenant_key()) < quota as f64 {
+        return Ok(());
+    }
+    const DAY_MS: i64 = 86_400_000;
+    let now = crate::protocol::now_ms();
+    let to_midnight = DAY_MS - now.rem_euclid(DAY_MS);
+    Err(GateError::RateLimited {
+        limit: "gpu_seconds_per_day",
+        retry_after: Duration::from_millis(to_midnight as u64),
+    })
 }
 
 /// The caps checked as a prompt is admitted, under the scheduler's lock (so two submits cannot

@@ -12,14 +12,17 @@
 //! - [`recovery`]: re-attach after a socket opens or a restart, drain;
 //! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
 //! - [`stall`]: a silent prompt's backend asked before anything moves;
-//! - [`history`], [`store`]: what survives.
+//! - [`history`], [`store`]: what survives;
+//! - [`audit`], [`usage`]: what each prompt that ended cost, and whose it was.
 //!
 //! There is exactly one way for a prompt to end: [`Scheduler::end`], which writes the history
-//! entry, persists, and tells the client with ComfyUI's terminal events. The table's transitions
-//! ([`prompts::PromptTable`]) guarantee it happens once.
+//! entry, persists, accounts for it ([`audit`]: its usage and its audit line) and tells the
+//! client with ComfyUI's terminal events. The table's transitions ([`prompts::PromptTable`])
+//! guarantee it happens once.
 
 pub mod access;
 pub mod admission;
+pub mod audit;
 pub mod decide;
 pub mod dispatch;
 pub mod events;
@@ -36,6 +39,7 @@ pub mod snapshot;
 pub mod stall;
 pub mod store;
 pub mod tenant;
+pub mod usage;
 pub mod views;
 pub mod watchdog;
 
@@ -92,6 +96,8 @@ pub struct Scheduler {
     writes: Mutex<()>,
     /// Held while a `status` count is taken and sent (see [`views`]).
     status_order: Mutex<()>,
+    /// The audit log and the usage ledger: every end is accounted there ([`audit`]).
+    audit: Arc<audit::Audit>,
     pub stop: CancellationToken,
 }
 
@@ -106,6 +112,7 @@ impl Scheduler {
         store: Arc<Store>,
         table: PromptTable,
         history: History,
+        audit: Arc<audit::Audit>,
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -125,6 +132,7 @@ impl Scheduler {
             wake: Notify::new(),
             writes: Mutex::new(()),
             status_order: Mutex::new(()),
+            audit,
             stop,
         }
     }
@@ -154,6 +162,18 @@ impl Scheduler {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The audit log and the usage ledger.
+    pub fn audit(&self) -> &Arc<audit::Audit> {
+        &self.audit
+    }
+
+    /// GPU-seconds the tenant `tenant_key` ([`tenant::Tenant::key`]: `user:NAME`, `ip:ADDR`)
+    /// was charged in the current UTC day by prompts that ended (the `gpu_seconds_per_day`
+    /// quota; see [`usage::Usage::gpu_seconds_today`]). Cheap: no scan, its own short lock.
+    pub fn gpu_seconds_today(&self, tenant_key: &str) -> f64 {
+        self.audit.usage().gpu_seconds_today(tenant_key)
     }
 
     /// Persists the current state of some records and the number counter, durably.
@@ -320,6 +340,13 @@ impl Scheduler {
             }
         }
         drop(writing);
+        self.account(
+            &record,
+            match &failure {
+                Ok(f) => audit::Ending::Failed(&entry, &f.exception_type),
+                Err(_) => audit::Ending::Ran(&entry),
+            },
+        );
         let session = record.session();
         if let (Some(sid), Some(error)) = (&session, &error) {
             self.sessions
@@ -355,9 +382,10 @@ impl Scheduler {
                         }
                     }
             });
-            never_ran && s.table.remove(id).is_some()
+            if never_ran { s.table.remove(id) } else { None }
         };
-        if removed {
+        if let Some(r) = removed {
+            self.account(&r, audit::Ending::Deleted);
             self.forget(id, true);
         }
     }

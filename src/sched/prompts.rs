@@ -298,6 +298,7 @@ impl PromptTable {
         self.release(id);
         if let Some(r) = self.records.get_mut(id) {
             r.stage = Stage::Finishing;
+            r.ran_at = Some(Instant::now());
         }
         true
     }

@@ -84,6 +84,10 @@ pub struct PromptRecord {
     pub start_unseen: bool,
     #[serde(skip)]
     pub started_at: Option<Instant>,
+    /// When its run's final `executing {node: null}` arrived (the run's end as the gate saw it;
+    /// its history entry is collected after).
+    #[serde(skip)]
+    pub ran_at: Option<Instant>,
     /// Last event from the owner for this prompt (stall detection).
     #[serde(skip)]
     pub last_event: Option<Instant>,
@@ -161,6 +165,7 @@ impl PromptRecord {
             started: false,
             start_unseen: false,
             started_at: None,
+            ran_at: None,
             last_event: None,
             reports_progress: false,
             corroborating: false,
@@ -229,6 +234,7 @@ impl PromptRecord {
         self.started = false;
         self.start_unseen = false;
         self.started_at = None;
+        self.ran_at = None;
         self.last_event = None;
         self.reports_progress = false;
         self.corroborating = false;

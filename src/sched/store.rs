@@ -1,5 +1,6 @@
 //! The gate's durable state (design §2 "Recovery"): every accepted prompt, its owner, finished
-//! history entries and the file alias index, in one redb file under the state directory.
+//! history entries, the file alias index and the GPU usage ledger, in one redb file under the
+//! state directory.
 //!
 //! Writes are synchronous and durable before the gate answers, so a gate killed at any moment
 //! restarts knowing every prompt it had accepted. A file that is corrupt, from another program or
@@ -16,6 +17,9 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const PROMPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("prompts");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
+/// `[hour, tenant key]` → a usage row (`sched::usage`). Created by its first write: a store
+/// from before it reads as having none, and an older gate ignores it.
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: &str = "1";
@@ -44,6 +48,8 @@ pub struct Loaded {
     pub history: Vec<(String, i64, Value)>,
     /// `((type, subfolder, shown), (backend name, real name))`.
     pub aliases: Vec<AliasRow>,
+    /// Usage rows as stored: `(key, row)` (read by `sched::usage::Usage::new`).
+    pub usage: Vec<(String, Value)>,
 }
 
 pub struct Store {
@@ -183,6 +189,17 @@ impl Store {
             by_name(&mut target[0], names);
             loaded.aliases.push((key, serde_json::from_value(target)?));
         }
+        match read.open_table(USAGE) {
+            Ok(t) => {
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    let row: Value = serde_json::from_slice(v.value())?;
+                    loaded.usage.push((k.value().to_string(), row));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         Ok(loaded)
     }
 
@@ -249,6 +266,26 @@ impl Store {
             let rec = serde_json::to_vec(record).map_err(write_err)?;
             t.insert(record.id.as_str(), rec.as_slice())
                 .map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    /// Writes usage rows (`(key, row as JSON)`) and removes others, in one durable
+    /// transaction.
+    pub fn save_usage(
+        &self,
+        rows: &[(String, Vec<u8>)],
+        removed: &[String],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut u = txn.open_table(USAGE).map_err(write_err)?;
+            for (k, v) in rows {
+                u.insert(k.as_str(), v.as_slice()).map_err(write_err)?;
+            }
+            for k in removed {
+                u.remove(k.as_str()).map_err(write_err)?;
+            }
         }
         txn.commit().map_err(write_err)
     }

@@ -82,6 +82,7 @@ impl Scheduler {
             "decisions": decisions,
             "learned_shapes": {"vram_peaks": learned_shapes.0, "run_times": learned_shapes.1},
             "store": stored,
+            "audit": self.audit().counts(),
         })
     }
 
