@@ -383,3 +383,58 @@ async fn sigusr1_reopens_the_log_of_the_running_binary() {
     );
     child.kill().await.unwrap();
 }
+
+/// With auth on, each line names the user who submitted the prompt and `/admin/usage?user=`
+/// sums that user's GPU-seconds alone, the sum of their lines' run times.
+#[tokio::test]
+async fn with_auth_each_line_and_sum_is_the_users() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = audit_path(dir.path());
+    let to = log.display().to_string();
+    let gate = gate_with(&[&sim], move |f| {
+        f.audit.log = Some(to);
+        with_users(f, &[("alice", ""), ("bob", "")], "");
+    })
+    .await;
+    let (base, admin) = (gate.url(), format!("http://{}", gate.admin_addr));
+    for (who, id, n) in [
+        ("alice", "a1", 400),
+        ("alice", "a2", 200),
+        ("bob", "b1", 300),
+    ] {
+        let body = json!({"prompt": steps(1, n), "prompt_id": id});
+        assert_eq!(post_as(who, &base, "/prompt", &body).await.0, 200);
+    }
+    for (who, id) in [("alice", "a1"), ("alice", "a2"), ("bob", "b1")] {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while get_as(who, &base, &format!("/history/{id}")).await.1[id].is_null() {
+            assert!(tokio::time::Instant::now() < deadline, "{id} never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let lines = lines(&log, 3).await;
+    for (id, user) in [("a1", "alice"), ("a2", "alice"), ("b1", "bob")] {
+        let l = line_of(&lines, id);
+        assert_eq!(
+            (&l["user"], &l["tenant"]),
+            (&json!(user), &json!(format!("user:{user}")))
+        );
+        assert_eq!(l["client"], "127.0.0.1");
+    }
+    let run_s = |ids: &[&str]| {
+        ids.iter()
+            .map(|id| line_of(&lines, id)["run_s"].as_f64().unwrap())
+            .sum::<f64>()
+    };
+    let (_, alice) = usage(&admin, "?user=alice").await;
+    let (_, bob) = usage(&admin, "?user=bob").await;
+    let gpu_s = |v: &Value| v["total"]["gpu_seconds"].as_f64().unwrap();
+    assert!(
+        (gpu_s(&alice) - run_s(&["a1", "a2"])).abs() < 0.0015,
+        "{alice}"
+    );
+    assert!((gpu_s(&bob) - run_s(&["b1"])).abs() < 0.0015, "{bob}");
+    assert_eq!(alice["users"][0]["prompts"], 2);
+    gate.shutdown().await;
+}
