@@ -132,7 +132,7 @@ pub async fn submit(
             Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
             None => s.table.next_number(sub.front),
         };
-        let nothing_waits = s.table.queue_len() == 0;
+        let nothing_waits = placing::nothing_waits(sched, &s);
         let mut rec = PromptRecord::new(
             id.clone(),
             number.clone(),

@@ -19,13 +19,22 @@
 //! that, it goes. A prompt passed over `max_skips` times or waiting `max_wait_ms` no longer waits
 //! or yields: it takes the best free backend (aging, so nothing starves). Each assignment
 //! reserves a slot in the pass's working copy of the snapshot, so later steps see it.
+//!
+//! The order of `waiting` is the caller's: the gate offers its queue in priority band and fair
+//! share order ([`super::fair`]), which the rules above bend only within their window. A
+//! prompt whose user has as many prompts on backends as `limits.max_running` allows
+//! ([`Waiting::cap`], counted down as the pass assigns) is not looked at: it does not take a
+//! place in the scan, is never held and is not counted as passed over, so the prompts of other
+//! users behind it go.
+
+use std::collections::HashMap;
 
 use crate::config::PlacementConfig;
 use crate::fleet::picker::stats::Learned;
 use crate::fleet::picker::{Choice, Need, Picker};
 
 use super::outlook::{Pass, Placement, Prep, choose};
-pub use super::snapshot::{BackendView, FleetView, Owned, Waiting};
+pub use super::snapshot::{BackendView, Cap, FleetView, Owned, Waiting};
 
 /// How many waiting prompts, from the head of the queue, one step looks at.
 pub const SCAN: usize = 64;
@@ -103,6 +112,11 @@ pub fn decide(
         taken: vec![false; waiting.len()],
         skips: waiting.iter().map(|w| w.skips).collect(),
         preps: (0..waiting.len()).map(|_| None).collect(),
+        caps: waiting
+            .iter()
+            .filter_map(|w| w.cap)
+            .map(|c| (c.group, c.left))
+            .collect(),
     };
     let mut out = Vec::new();
     while let Some(step) = state.step() {
@@ -133,6 +147,8 @@ struct State<'a> {
     skips: Vec<u32>,
     /// Per waiting prompt: its need and where it can run, once looked at.
     preps: Vec<Option<Prep>>,
+    /// Per cap group: prompts it may still send.
+    caps: HashMap<usize, usize>,
 }
 
 impl State<'_> {
@@ -140,7 +156,7 @@ impl State<'_> {
     /// holds and the switching rule; `None` if none can go.
     fn step(&mut self) -> Option<Step> {
         let scan: Vec<usize> = (0..self.waiting.len())
-            .filter(|&i| !self.taken[i])
+            .filter(|&i| !self.taken[i] && self.may_send(i))
             .take(self.rules.scan)
             .collect();
         let mut held: Vec<usize> = Vec::new();
@@ -207,12 +223,22 @@ impl State<'_> {
         })
     }
 
+    /// Whether waiting prompt `i`'s user may have one more prompt sent.
+    fn may_send(&self, i: usize) -> bool {
+        self.waiting[i]
+            .cap
+            .is_none_or(|c| self.caps.get(&c.group).is_some_and(|&left| left > 0))
+    }
+
     /// Reserves the step's slot in the working snapshot and counts the skips.
     fn apply(&mut self, step: Step) -> Assignment {
         for &p in &step.passed {
             self.skips[p] += 1;
         }
         let w = &self.waiting[step.index];
+        if let Some(left) = w.cap.and_then(|c| self.caps.get_mut(&c.group)) {
+            *left = left.saturating_sub(1);
+        }
         let backend = step.choice.id;
         self.pass.reserve(
             backend,
