@@ -82,6 +82,7 @@ fn waiting(sched: &Scheduler, r: &PromptRecord, now: i64) -> Waiting {
         skips: r.skips,
         waited_ms: waited_ms(r, now),
         cap: None,
+        band: 0,
     }
 }
 
@@ -224,12 +225,17 @@ pub fn dispatch_pass(sched: &Scheduler, s: &mut SchedState) -> Vec<(String, usiz
         .fleet
         .backends()
         .iter()
+        .filter(|b| b.accepts_work())
         .map(|b| {
             b.config
                 .max_inflight
                 .saturating_sub(s.table.slots_used(b.name()))
         })
         .sum();
+    // Nothing can go (the common case while a backlog waits): the queue is not read.
+    if free == 0 {
+        return Vec::new();
+    }
     let (waiting, mut planned) = {
         let s: &SchedState = s;
         let mut caps = Caps::default();
@@ -264,6 +270,7 @@ pub fn dispatch_pass(sched: &Scheduler, s: &mut SchedState) -> Vec<(String, usiz
                 let (r, cap) = records[i];
                 Waiting {
                     cap,
+                    band: entries[i].band,
                     ..waiting(sched, r, now)
                 }
             })

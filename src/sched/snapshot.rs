@@ -103,6 +103,9 @@ pub struct Waiting {
     pub waited_ms: u64,
     /// Its user's limit on prompts sent to backends at once, if any.
     pub cap: Option<Cap>,
+    /// Its priority band now (0, the default, is the highest): holds and the checkpoint
+    /// switching rule let only prompts of its own band pass it.
+    pub band: usize,
 }
 
 /// A limit on prompts sent to backends at once, shared by every waiting prompt of one user
@@ -129,6 +132,7 @@ impl Waiting {
             skips: 0,
             waited_ms: 0,
             cap: None,
+            band: 0,
         }
     }
 }

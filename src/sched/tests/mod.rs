@@ -96,6 +96,44 @@ fn a_prompt_holds_for_a_busier_backend_with_its_checkpoint_and_lets_the_next_go(
 }
 
 #[test]
+fn a_prompt_of_a_lower_band_does_not_pass_a_held_one_that_a_free_backend_takes() {
+    let (f, l) = x_busy_y_free();
+    let p = GpuAware::default();
+    let banded = |id: &str, number: f64, ckpt: &str, band: usize| Waiting {
+        band,
+        ..waiting(id, number, graph(ckpt, 512, 1))
+    };
+    // x (interactive) would wait for backend 0; y (batch) may not take backend 1 before it.
+    let q = [banded("x", 1.0, X, 0), banded("y", 2.0, Y, 1)];
+    let a = decide(&q, &f, &l, &p, &Rules::default());
+    assert_eq!(ids(&a), [("x", 1)], "x takes the free slot");
+    assert!(a[0].passed_over.is_empty());
+    // Of one band, the hold stands (as before bands).
+    let q = [banded("x", 1.0, X, 1), banded("y", 2.0, Y, 1)];
+    assert_eq!(ids(&decide(&q, &f, &l, &p, &Rules::default())), [("y", 1)]);
+    // A higher-band prompt that no free backend takes does not block the lower band.
+    let big_only = Waiting {
+        min_vram_total: Some(100 * GB),
+        ..banded("x", 1.0, X, 0)
+    };
+    let q = [big_only, banded("y", 2.0, Y, 1)];
+    assert_eq!(ids(&decide(&q, &f, &l, &p, &Rules::default())), [("y", 1)]);
+    // A yielding prompt (it would load a checkpoint) goes before a lower band's resident one.
+    let mut l = Learned::default();
+    learn(&mut l, 0, &graph(Y, 512, 1), Y, 5.0);
+    learn(&mut l, 0, &graph(X, 512, 1), X, 5.0);
+    let one = fleet(vec![backend("only")]);
+    let q = [banded("y", 1.0, Y, 0), banded("x", 2.0, X, 1)];
+    let a = decide(&q, &one, &l, &p, &Rules::default());
+    assert_eq!(
+        ids(&a),
+        [("y", 0), ("x", 0)],
+        "y first, though X is resident"
+    );
+    assert!(a[0].passed_over.is_empty());
+}
+
+#[test]
 fn the_affinity_window_bounds_holds_and_aging_ends_waiting() {
     let (f, l) = x_busy_y_free();
     let q = [
