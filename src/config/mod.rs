@@ -227,7 +227,9 @@ pub struct PlacementConfig {
     /// A prompt passed over this many times for others' affinity (holds, or prompts that find
     /// their checkpoint resident) is taken next (aging). Default 8.
     pub max_skips: u32,
-    /// A prompt that has waited this long (ms) is never passed over. Default 60000.
+    /// A prompt that has waited this long (ms) is never passed over, and competes one priority
+    /// band higher for each such wait (`scheduler.bands`; 0: every prompt in the highest).
+    /// Default 60000.
     pub max_wait_ms: u64,
     /// A VRAM reading older than this (ms) counts as no headroom. Default 10000.
     pub stale_after_ms: u64,

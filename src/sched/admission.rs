@@ -137,7 +137,7 @@ pub async fn submit(
             None => s.table.next_number(sub.front),
         };
         admit_within_caps(&sched.config, &s.table, caller)?;
-        let nothing_waits = s.table.queue_len() == 0;
+        let nothing_waits = placing::nothing_waits(sched, &s);
         let mut rec = PromptRecord::new(
             id.clone(),
             number.clone(),

@@ -19,13 +19,27 @@
 //! that, it goes. A prompt passed over `max_skips` times or waiting `max_wait_ms` no longer waits
 //! or yields: it takes the best free backend (aging, so nothing starves). Each assignment
 //! reserves a slot in the pass's working copy of the snapshot, so later steps see it.
+//!
+//! The order of `waiting` is the caller's: the gate offers its queue in priority band and fair
+//! share order ([`super::fair`]), which the rules above bend only within their window and
+//! within a band ([`Waiting::band`]): when the scan reaches a prompt of a lower band than one
+//! held or yielding in the step, the first of those that a free backend takes goes there
+//! instead (so an `interactive` prompt takes the next free slot rather than wait for a better
+//! backend while `batch` prompts take the free ones); only if no free backend takes any of
+//! them may the lower band's prompts go. A
+//! prompt whose user has as many prompts on backends as `limits.max_running` allows
+//! ([`Waiting::cap`], counted down as the pass assigns) is not looked at: it does not take a
+//! place in the scan, is never held and is not counted as passed over, so the prompts of other
+//! users behind it go.
+
+use std::collections::HashMap;
 
 use crate::config::PlacementConfig;
 use crate::fleet::picker::stats::Learned;
 use crate::fleet::picker::{Choice, Need, Picker};
 
-use super::outlook::{Pass, Placement, Prep, choose};
-pub use super::snapshot::{BackendView, FleetView, Owned, Waiting};
+use super::outlook::{Outlook, Pass, Placement, Prep, choose};
+pub use super::snapshot::{BackendView, Cap, FleetView, Owned, Waiting};
 
 /// How many waiting prompts, from the head of the queue, one step looks at.
 pub const SCAN: usize = 64;
@@ -103,6 +117,11 @@ pub fn decide(
         taken: vec![false; waiting.len()],
         skips: waiting.iter().map(|w| w.skips).collect(),
         preps: (0..waiting.len()).map(|_| None).collect(),
+        caps: waiting
+            .iter()
+            .filter_map(|w| w.cap)
+            .map(|c| (c.group, c.left))
+            .collect(),
     };
     let mut out = Vec::new();
     while let Some(step) = state.step() {
@@ -133,6 +152,8 @@ struct State<'a> {
     skips: Vec<u32>,
     /// Per waiting prompt: its need and where it can run, once looked at.
     preps: Vec<Option<Prep>>,
+    /// Per cap group: prompts it may still send.
+    caps: HashMap<usize, usize>,
 }
 
 impl State<'_> {
@@ -140,7 +161,7 @@ impl State<'_> {
     /// holds and the switching rule; `None` if none can go.
     fn step(&mut self) -> Option<Step> {
         let scan: Vec<usize> = (0..self.waiting.len())
-            .filter(|&i| !self.taken[i])
+            .filter(|&i| !self.taken[i] && self.may_send(i))
             .take(self.rules.scan)
             .collect();
         let mut held: Vec<usize> = Vec::new();
@@ -150,8 +171,20 @@ impl State<'_> {
         // The first prompt that could go now but would load a checkpoint, and how many holds
         // were ahead of it.
         let mut switching: Option<(Step, usize)> = None;
+        // The band of the prompts held or yielding so far in this step: a prompt of a lower
+        // band may not pass them (affinity reorders within a band); one of them takes a free
+        // backend first, if any takes it.
+        let mut barrier: Option<usize> = None;
         for i in scan {
+            if barrier.is_some_and(|b| self.waiting[i].band > b) {
+                if let Some(step) = self.forced(&held, &mut switching, &outlooks) {
+                    return Some(step);
+                }
+                // No free backend takes any of them: the lower band may use it.
+                barrier = None;
+            }
             let w = &self.waiting[i];
+            let band = Some(barrier.map_or(w.band, |b| b.min(w.band)));
             let aged =
                 self.skips[i] >= self.rules.max_skips || w.waited_ms >= self.rules.max_wait_ms;
             let prep = self.preps[i].get_or_insert_with(|| {
@@ -178,6 +211,7 @@ impl State<'_> {
                     if loads && !aged {
                         if switching.is_none() {
                             switching = Some((step, held.len()));
+                            barrier = band;
                         }
                         continue;
                     }
@@ -192,6 +226,7 @@ impl State<'_> {
                         o.checkpoint = adds.checkpoint;
                     }
                     held.push(i);
+                    barrier = band;
                     if held.len() >= self.rules.affinity_window {
                         break;
                     }
@@ -207,12 +242,65 @@ impl State<'_> {
         })
     }
 
+    /// The first (in queue order) of the prompts held or yielding in this step that a free
+    /// backend takes now, the others ahead of it passed over; `None` if none can go.
+    fn forced(
+        &self,
+        held: &[usize],
+        switching: &mut Option<(Step, usize)>,
+        outlooks: &[Outlook],
+    ) -> Option<Step> {
+        let mut ahead = held.to_vec();
+        ahead.extend(switching.as_ref().map(|(s, _)| s.index));
+        ahead.sort_unstable();
+        for (k, &c) in ahead.iter().enumerate() {
+            let passed = ahead[..k].to_vec();
+            if switching.as_ref().is_some_and(|(s, _)| s.index == c) {
+                let (step, _) = switching.take()?;
+                return Some(Step { passed, ..step });
+            }
+            let Some(prep) = self.preps[c].as_ref() else {
+                continue;
+            };
+            let w = &self.waiting[c];
+            let placement = choose(
+                w,
+                prep,
+                true,
+                &self.pass,
+                outlooks,
+                self.learned,
+                self.picker,
+            );
+            if let Placement::Place(choice, need, expected_s, _) = placement {
+                return Some(Step {
+                    index: c,
+                    choice,
+                    need,
+                    expected_s,
+                    passed,
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether waiting prompt `i`'s user may have one more prompt sent.
+    fn may_send(&self, i: usize) -> bool {
+        self.waiting[i]
+            .cap
+            .is_none_or(|c| self.caps.get(&c.group).is_some_and(|&left| left > 0))
+    }
+
     /// Reserves the step's slot in the working snapshot and counts the skips.
     fn apply(&mut self, step: Step) -> Assignment {
         for &p in &step.passed {
             self.skips[p] += 1;
         }
         let w = &self.waiting[step.index];
+        if let Some(left) = w.cap.and_then(|c| self.caps.get_mut(&c.group)) {
+            *left = left.saturating_sub(1);
+        }
         let backend = step.choice.id;
         self.pass.reserve(
             backend,

@@ -238,6 +238,9 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         let started_at = r.started_at.filter(|_| !r.start_unseen);
         let run = (r.body["prompt"].clone(), started_at, r.load_measured_s);
         s.table.ran(id, b.name());
+        // Its user is charged the GPU seconds it took, not the estimate (see `fair`).
+        s.fair
+            .settle(id, started_at.map(|at| at.elapsed().as_secs_f64()));
         (retry, run)
     };
     sched.wake();

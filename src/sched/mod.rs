@@ -8,6 +8,7 @@
 //! - [`admission`]: `POST /prompt`: record, then forward at once or hold;
 //! - [`dispatch`]: the dispatcher loop, forwarding, and a backend's refusal;
 //! - [`placing`]: the decision for one pass over the queue and a snapshot of the fleet;
+//! - [`fair`]: the order the waiting prompts are offered in (priority bands, fair share);
 //! - [`events`]: upstream events routed to the prompt's client, completion;
 //! - [`recovery`]: re-attach after a socket opens or a restart, drain;
 //! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod decide;
 pub mod dispatch;
 pub mod events;
+pub mod fair;
 pub mod fit;
 pub mod history;
 pub mod outcome;
@@ -77,6 +79,8 @@ pub struct SchedState {
     pub decisions: VecDeque<Value>,
     /// Backend name → when its failure was blamed on a dispatch (see [`quarantine`]).
     pub blamed: HashMap<String, tokio::time::Instant>,
+    /// Who was served lately, per priority band (see [`fair`]).
+    pub fair: fair::FairShare,
 }
 
 /// The scheduler component.
@@ -126,6 +130,7 @@ impl Scheduler {
                 learned: Learned::default(),
                 decisions: VecDeque::new(),
                 blamed: HashMap::new(),
+                fair: fair::FairShare::default(),
             }),
             history,
             store,

@@ -34,6 +34,8 @@ pub struct PromptTable {
     counter: i64,
     /// Backend name → prompts holding a slot there (`Dispatching` or `OnBackend`).
     slots: HashMap<String, usize>,
+    /// Tenant key → its prompts holding a slot anywhere (`limits.max_running`).
+    sent: HashMap<String, usize>,
     /// Backend name → the prompt between `execution_start` and its end there.
     running: HashMap<String, String>,
     /// Records that are `Done` (kept for their history entries): `remaining` without a scan.
@@ -101,6 +103,7 @@ impl PromptTable {
         }
         if let (true, Some(owner)) = (rec.holds_slot(None), rec.owner.clone()) {
             *self.slots.entry(owner).or_default() += 1;
+            *self.sent.entry(rec.tenant.key.clone()).or_default() += 1;
         }
         if rec.stage == Stage::Done {
             self.ended += 1;
@@ -168,6 +171,12 @@ impl PromptTable {
         if let Some(n) = self.slots.get_mut(&owner) {
             *n = n.saturating_sub(1);
         }
+        if let Some(n) = self.sent.get_mut(&r.tenant.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.sent.remove(&r.tenant.key);
+            }
+        }
         if self.running.get(&owner).map(String::as_str) == Some(id) {
             self.running.remove(&owner);
         }
@@ -176,6 +185,11 @@ impl PromptTable {
     /// Slots in use on `backend`.
     pub fn slots_used(&self, backend: &str) -> usize {
         self.slots.get(backend).copied().unwrap_or(0)
+    }
+
+    /// Prompts of tenant `key` holding a slot (sent to a backend and not finished there).
+    pub fn sent_by(&self, key: &str) -> usize {
+        self.sent.get(key).copied().unwrap_or(0)
     }
 
     /// The prompt running on `backend` (between `execution_start` and its end).
@@ -194,6 +208,7 @@ impl PromptTable {
         r.stage = Stage::Dispatching;
         r.owner = Some(backend.to_string());
         *self.slots.entry(backend.to_string()).or_default() += 1;
+        *self.sent.entry(r.tenant.key.clone()).or_default() += 1;
         true
     }
 
@@ -510,6 +525,38 @@ mod tests {
             "the next try prefers another"
         );
         assert!(t.is_waiting("p"));
+    }
+
+    #[test]
+    fn prompts_sent_are_counted_per_tenant_as_slots_are() {
+        let mut t = PromptTable::default();
+        for (id, key) in [("a1", "user:a"), ("a2", "user:a"), ("b1", "user:b")] {
+            let mut r = rec(id, Number::from(1));
+            r.tenant.key = key.into();
+            t.admit(r);
+            t.enqueue(id);
+        }
+        assert!(t.reserve("a1", "g0") && t.reserve("a2", "g1") && t.reserve("b1", "g0"));
+        assert_eq!((t.sent_by("user:a"), t.sent_by("user:b")), (2, 1));
+        assert!(t.accepted("a1", "g0"));
+        t.started("a1", "g0");
+        assert!(t.ran("a1", "g0"));
+        assert_eq!(t.sent_by("user:a"), 1, "a run that ended holds nothing");
+        t.enqueue_front(&["a2".to_string()]);
+        assert!(t.remove("b1").is_some());
+        assert_eq!((t.sent_by("user:a"), t.sent_by("user:b")), (0, 0));
+        let mut r = rec("c", Number::from(2));
+        r.tenant.key = "user:c".into();
+        r.stage = Stage::OnBackend;
+        r.owner = Some("g0".into());
+        t.admit(r);
+        assert_eq!(
+            t.sent_by("user:c"),
+            1,
+            "a restored prompt on a backend counts"
+        );
+        assert!(t.finish("c").is_some());
+        assert_eq!(t.sent_by("user:c"), 0);
     }
 
     #[test]

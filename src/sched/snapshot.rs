@@ -101,6 +101,22 @@ pub struct Waiting {
     pub skips: u32,
     /// Milliseconds since it was accepted.
     pub waited_ms: u64,
+    /// Its user's limit on prompts sent to backends at once, if any.
+    pub cap: Option<Cap>,
+    /// Its priority band now (0, the default, is the highest): holds and the checkpoint
+    /// switching rule let only prompts of its own band pass it.
+    pub band: usize,
+}
+
+/// A limit on prompts sent to backends at once, shared by every waiting prompt of one user
+/// (`limits.max_running`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Which limit: prompts with the same group share it.
+    pub group: usize,
+    /// How many more of the group may be sent now (the limit less those already sent); every
+    /// prompt of a group carries the same number.
+    pub left: usize,
 }
 
 impl Waiting {
@@ -115,6 +131,8 @@ impl Waiting {
             min_vram_total: None,
             skips: 0,
             waited_ms: 0,
+            cap: None,
+            band: 0,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::decide::{Assignment, BackendView, FleetView, Owned, Rules, Waiting, decide};
+use super::decide::{Assignment, BackendView, Cap, FleetView, Owned, Rules, Waiting, decide};
 use crate::fleet::capabilities::Capabilities;
 use crate::fleet::picker::profile::profile;
 use crate::fleet::picker::stats::Learned;
@@ -96,6 +96,44 @@ fn a_prompt_holds_for_a_busier_backend_with_its_checkpoint_and_lets_the_next_go(
 }
 
 #[test]
+fn a_prompt_of_a_lower_band_does_not_pass_a_held_one_that_a_free_backend_takes() {
+    let (f, l) = x_busy_y_free();
+    let p = GpuAware::default();
+    let banded = |id: &str, number: f64, ckpt: &str, band: usize| Waiting {
+        band,
+        ..waiting(id, number, graph(ckpt, 512, 1))
+    };
+    // x (interactive) would wait for backend 0; y (batch) may not take backend 1 before it.
+    let q = [banded("x", 1.0, X, 0), banded("y", 2.0, Y, 1)];
+    let a = decide(&q, &f, &l, &p, &Rules::default());
+    assert_eq!(ids(&a), [("x", 1)], "x takes the free slot");
+    assert!(a[0].passed_over.is_empty());
+    // Of one band, the hold stands (as before bands).
+    let q = [banded("x", 1.0, X, 1), banded("y", 2.0, Y, 1)];
+    assert_eq!(ids(&decide(&q, &f, &l, &p, &Rules::default())), [("y", 1)]);
+    // A higher-band prompt that no free backend takes does not block the lower band.
+    let big_only = Waiting {
+        min_vram_total: Some(100 * GB),
+        ..banded("x", 1.0, X, 0)
+    };
+    let q = [big_only, banded("y", 2.0, Y, 1)];
+    assert_eq!(ids(&decide(&q, &f, &l, &p, &Rules::default())), [("y", 1)]);
+    // A yielding prompt (it would load a checkpoint) goes before a lower band's resident one.
+    let mut l = Learned::default();
+    learn(&mut l, 0, &graph(Y, 512, 1), Y, 5.0);
+    learn(&mut l, 0, &graph(X, 512, 1), X, 5.0);
+    let one = fleet(vec![backend("only")]);
+    let q = [banded("y", 1.0, Y, 0), banded("x", 2.0, X, 1)];
+    let a = decide(&q, &one, &l, &p, &Rules::default());
+    assert_eq!(
+        ids(&a),
+        [("y", 0), ("x", 0)],
+        "y first, though X is resident"
+    );
+    assert!(a[0].passed_over.is_empty());
+}
+
+#[test]
 fn the_affinity_window_bounds_holds_and_aging_ends_waiting() {
     let (f, l) = x_busy_y_free();
     let q = [
@@ -145,6 +183,56 @@ fn the_affinity_window_bounds_holds_and_aging_ends_waiting() {
     };
     let a = decide(&[old], &f, &l, &p, &Rules::default());
     assert_eq!(ids(&a), [("x", 1)]);
+}
+
+fn capped(id: &str, number: f64, group: usize, left: usize) -> Waiting {
+    Waiting {
+        cap: Some(Cap { group, left }),
+        ..waiting(id, number, graph(X, 512, 1))
+    }
+}
+
+#[test]
+fn a_user_at_its_running_cap_is_skipped_and_others_go() {
+    let f = fleet(vec![backend("g0"), backend("g1")]);
+    let l = Learned::default();
+    let p = GpuAware::default();
+    // a may send one more, b none; c has no cap. Four free slots.
+    let q = [
+        capped("a1", 1.0, 0, 1),
+        capped("a2", 2.0, 0, 1),
+        capped("b1", 3.0, 1, 0),
+        capped("a3", 4.0, 0, 1),
+        waiting("c1", 5.0, graph(X, 512, 1)),
+        waiting("c2", 6.0, graph(X, 512, 1)),
+    ];
+    let a = decide(&q, &f, &l, &p, &Rules::default());
+    let took: Vec<&str> = a.iter().map(|a| a.prompt.as_str()).collect();
+    assert_eq!(took, ["a1", "c1", "c2"]);
+    assert!(
+        a.iter().all(|a| a.passed_over.is_empty()),
+        "a capped prompt is not passed over: {a:?}"
+    );
+    // Capped prompts take no place in the scan: with a scan of 2, the uncapped ones behind a
+    // long capped backlog still go.
+    let mut q: Vec<Waiting> = (0..10)
+        .map(|i| capped(&format!("b{i}"), i as f64, 0, 0))
+        .collect();
+    q.push(waiting("c", 20.0, graph(X, 512, 1)));
+    let rules = Rules {
+        scan: 2,
+        ..Rules::default()
+    };
+    let a = decide(&q, &f, &l, &p, &rules);
+    assert_eq!(ids(&a), [("c", 0)]);
+    // A cap of 2 left takes two in one pass.
+    let q = [
+        capped("d1", 1.0, 7, 2),
+        capped("d2", 2.0, 7, 2),
+        capped("d3", 3.0, 7, 2),
+    ];
+    let a = decide(&q, &f, &l, &p, &Rules::default());
+    assert_eq!(a.len(), 2);
 }
 
 #[test]
