@@ -438,3 +438,46 @@ async fn with_auth_each_line_and_sum_is_the_users() {
     assert_eq!(alice["users"][0]["prompts"], 2);
     gate.shutdown().await;
 }
+
+/// Behind a trusted proxy the line names the client the proxy names; from a peer that is not
+/// trusted, the header changes nothing.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_line_names_the_real_client() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = audit_path(dir.path());
+    let to = log.display().to_string();
+    let gate = gate_with(&[&sim], move |f| {
+        f.audit.log = Some(to);
+        f.edge.trusted_proxies = vec![toml::Spanned::new(0..0, "127.0.0.1".to_string())];
+    })
+    .await;
+    let base = gate.url();
+    for (client, id) in [
+        (http(), "via-proxy"),
+        (http_from([127, 0, 0, 5]), "spoofed"),
+    ] {
+        let body = json!({"prompt": blur_graph(1), "prompt_id": id});
+        let resp = client
+            .post(format!("{base}/prompt"))
+            .header("x-forwarded-for", "203.0.113.7")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        wait_history(&base, id).await;
+    }
+    let lines = lines(&log, 2).await;
+    let proxied = line_of(&lines, "via-proxy");
+    assert_eq!(
+        (&proxied["client"], &proxied["tenant"]),
+        (&json!("203.0.113.7"), &json!("ip:203.0.113.7"))
+    );
+    let spoofed = line_of(&lines, "spoofed");
+    assert_eq!(
+        (&spoofed["client"], &spoofed["tenant"]),
+        (&json!("127.0.0.5"), &json!("ip:127.0.0.5"))
+    );
+    gate.shutdown().await;
+}

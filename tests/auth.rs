@@ -234,6 +234,20 @@ async fn users_see_and_touch_only_their_own_and_an_admin_sees_all() {
     assert_eq!(view("alice").await.unwrap().status(), 200);
     assert_eq!(view("root").await.unwrap().status(), 200);
 
+    // Freeing the fleet's memory is an admin's call: it unloads everyone's models.
+    assert_eq!(
+        post_as("bob", &base, "/free", &json!({"unload_models": true}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        post_as("root", &base, "/free", &json!({"unload_models": true}))
+            .await
+            .0,
+        200
+    );
+
     // Bob's socket, though it uses the same clientId, heard none of Alice's prompts.
     let mut heard = Vec::new();
     while let Ok(Some(f)) = bob_ws

@@ -232,3 +232,29 @@ async fn gpu_seconds_per_day_refuse_until_midnight_utc() {
     );
     gate.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_per_second_per_route_class() {
+    let sim = sim().await;
+    let gate = gate_with(&[&sim], |f| f.limits.requests_per_second = 2).await;
+    let base = gate.url();
+    let get = |path: &'static str| {
+        let base = base.clone();
+        async move { http().get(format!("{base}{path}")).send().await.unwrap() }
+    };
+    assert_eq!(get("/queue").await.status(), 200);
+    assert_eq!(get("/history").await.status(), 200);
+    let refused = get("/queue").await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        body["error"]["extra_info"]["limit"],
+        "requests_per_second (read)"
+    );
+    // Files and submits have buckets of their own.
+    let view = get("/view?filename=none.png&type=output").await;
+    assert_eq!(view.status(), 404, "a files request still goes");
+    assert_eq!(submit(&http(), &base, "p", blur_graph(1), &[]).await.0, 200);
+    gate.shutdown().await;
+}

@@ -106,6 +106,11 @@ pub async fn route(
         (Method::POST, "/interrupt") => control::interrupt(&ctx, id, &body).await,
         (Method::POST, "/history") => control::post_history(&ctx, id, &body).await,
         (Method::POST, "/free") => {
+            // It unloads every backend's models, under every user's prompts.
+            if !caller.sees_all() {
+                let why = "only an admin may free the fleet's memory (POST /free)";
+                return Err(GateError::Forbidden(why.into()));
+            }
             let v = control::parse_json(&body)?;
             for i in ctx.fleet.up() {
                 let b = ctx.fleet.get(i);

@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-/// See [`PlacementConfig::policy`]; the names are the ones `proxy.toml` takes.
+/// See [`super::PlacementConfig::policy`]; the names are the ones `proxy.toml` takes.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PlacementPolicy {

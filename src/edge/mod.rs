@@ -2,7 +2,7 @@
 //! caller ([`identity`]), and sends the request either to the ComfyUI routes the gate answers
 //! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). With
 //! `[auth] mode = "token"` every request names its user ([`auth`]) or is answered 401; the
-//! caller's `[limits]` are applied here ([`limits`]) before anything is queued or forwarded.
+//! caller's `[limits]` are applied here ([`crate::api::limits`]) before anything is queued or forwarded.
 
 pub mod auth;
 pub mod forwarded;

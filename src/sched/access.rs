@@ -1,4 +1,5 @@
-//! Which files a caller may read when auth is on: its own uploads (kept under its own folder,
+//! What a caller may see and touch when auth is on: its own user's prompts (admins: all), and
+//! the files it may read: its own uploads (kept under its own folder,
 //! [`Caller::upload_subfolder`]), the outputs its own prompts made (listed in their history
 //! entries or, while they run, their `executed` events), and every file of the backends' own
 //! that no user owns (an input folder's shared files). Admins, and everyone with auth off, may
@@ -8,6 +9,8 @@
 //! ComfyUI's counter, in one folder for everyone, and a user may name any subfolder; what the
 //! gate knows for sure is which prompt listed which file.
 
+use std::collections::HashSet;
+
 use serde_json::{Value, json};
 
 use super::Scheduler;
@@ -16,6 +19,28 @@ use crate::protocol::errors;
 use comfy_wire::files::refs::{FileRef, Kind};
 
 impl Scheduler {
+    /// Whether `caller` may see or act on prompt `id`: always with auth off or for an admin;
+    /// otherwise only a prompt of the gate's that the caller's user submitted (a prompt the
+    /// gate does not know is nobody's to touch).
+    pub fn may_touch(&self, caller: &Caller, id: &str) -> bool {
+        caller.sees_all()
+            || self
+                .lock()
+                .table
+                .get(id)
+                .is_some_and(|r| caller.may_access(r.tenant.user.as_deref()))
+    }
+
+    /// Ids of the prompts user `name` submitted (auth on), every stage.
+    pub fn ids_of_user(&self, name: &str) -> HashSet<String> {
+        self.lock()
+            .table
+            .records()
+            .filter(|r| r.tenant.user.as_deref() == Some(name))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
     /// Whether `caller` may read file `r` (`/view`, a mask's original, a loader input).
     pub fn may_read_file(&self, caller: &Caller, r: &FileRef) -> bool {
         let Some(name) = caller.user_name().filter(|_| !caller.sees_all()) else {

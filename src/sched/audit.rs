@@ -1,7 +1,7 @@
 //! What a prompt that ended cost, and who ran it: one JSON line per prompt in the audit log
 //! (`[audit] log`), and the same figures charged to its tenant's usage ([`super::usage`]).
 //!
-//! Both come from one place, [`Scheduler::account`], called by `Scheduler::end_where` (every
+//! Both come from one place, `Scheduler::account`, called by `Scheduler::end_where` (every
 //! end but a delete) and `delete_where` (a delete): the one place a prompt ends, so each prompt
 //! is accounted once, and `/admin/usage` sums exactly what the lines say.
 //!

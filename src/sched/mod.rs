@@ -10,11 +10,13 @@
 //! - [`placing`]: the decision for one pass over the queue and a snapshot of the fleet;
 //! - [`fair`]: the order the waiting prompts are offered in (priority bands, fair share);
 //! - [`events`]: upstream events routed to the prompt's client, completion;
-//! - [`recovery`]: re-attach after a socket opens or a restart, drain;
+//! - [`recovery`]: re-attach after a socket opens or a restart, drain, prompts back to the
+//!   queue when their backend fails (`requeue`, `evacuate`);
 //! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
 //! - [`stall`]: a silent prompt's backend asked before anything moves;
 //! - [`history`], [`store`]: what survives;
-//! - [`audit`], [`usage`]: what each prompt that ended cost, and whose it was.
+//! - [`audit`], [`usage`]: what each prompt that ended cost, and whose it was;
+//! - [`tenant`], [`access`]: whose a prompt is, and what a caller may see and touch.
 //!
 //! There is exactly one way for a prompt to end: [`Scheduler::end`], which writes the history
 //! entry, persists, accounts for it ([`audit`]: its usage and its audit line) and tells the
@@ -226,28 +228,6 @@ impl Scheduler {
         Some((r.stage, r.started, r.owner.clone()))
     }
 
-    /// Whether `caller` may see or act on prompt `id`: always with auth off or for an admin;
-    /// otherwise only a prompt of the gate's that the caller's user submitted (a prompt the
-    /// gate does not know is nobody's to touch).
-    pub fn may_touch(&self, caller: &tenant::Caller, id: &str) -> bool {
-        caller.sees_all()
-            || self
-                .lock()
-                .table
-                .get(id)
-                .is_some_and(|r| caller.may_access(r.tenant.user.as_deref()))
-    }
-
-    /// Ids of the prompts user `name` submitted (auth on), every stage.
-    pub fn ids_of_user(&self, name: &str) -> std::collections::HashSet<String> {
-        self.lock()
-            .table
-            .records()
-            .filter(|r| r.tenant.user.as_deref() == Some(name))
-            .map(|r| r.id.clone())
-            .collect()
-    }
-
     /// Ids of `identity`'s prompts that `pick` accepts (what a call without ids may touch).
     pub fn prompts_of(&self, identity: &str, pick: impl Fn(&PromptRecord) -> bool) -> Vec<String> {
         self.lock()
@@ -455,126 +435,6 @@ impl Scheduler {
             self.persist(&[id]);
             self.wake();
         }
-    }
-
-    /// [`Scheduler::requeue`] of those of `ids` that still hold a slot on `backend` (a prompt
-    /// that finished or moved meanwhile is not given back twice).
-    pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
-        self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure);
-    }
-
-    /// Puts prompts back at the head of the gate queue. `failure` counts the run against
-    /// `max_retries`; a prompt out of retries ends failed instead.
-    pub fn requeue(&self, ids: &[String], failure: bool) {
-        self.requeue_from(None, ids, failure);
-    }
-
-    /// [`Scheduler::requeue`]; with `from`, only prompts that still hold a slot there, checked
-    /// under the same lock.
-    fn requeue_from(&self, from: Option<&str>, ids: &[String], failure: bool) {
-        let mut back = Vec::new();
-        let mut out_of_retries = Vec::new();
-        let mut quarantined = Vec::new();
-        {
-            let mut s = self.lock();
-            // A failure a dispatch broke is that prompt's alone (see `quarantine`).
-            let explained = from.is_some_and(|b| quarantine::explained(&s, b));
-            for id in ids {
-                let Some(r) = s.table.get_mut(id) else {
-                    continue;
-                };
-                let still_there = from.is_none_or(|b| r.holds_slot(Some(b)));
-                if r.stage == Stage::Done || !still_there {
-                    continue;
-                }
-                let owner = r.owner.clone();
-                if let Some(o) = owner.clone()
-                    && !r.tried.contains(&o)
-                {
-                    r.tried.push(o);
-                }
-                // Only a prompt running there when it failed is charged (and suspected); one
-                // that merely waited in its queue runs again for free.
-                let charged = failure && r.started && !explained;
-                if charged {
-                    r.attempts += 1;
-                }
-                let attempts = r.attempts;
-                let out_of_retries_now = attempts > self.config.recovery.max_retries;
-                if let (true, Some(o)) = (charged, owner.as_deref()) {
-                    let after = self.config.recovery.quarantine_after;
-                    let suspected = quarantine::suspect(&mut s, id, o, after);
-                    if let (Some(on), false) = (suspected, out_of_retries_now) {
-                        quarantined.push((id.clone(), on));
-                        continue;
-                    }
-                }
-                if out_of_retries_now {
-                    out_of_retries.push((id.clone(), attempts, owner));
-                } else {
-                    back.push(id.clone());
-                }
-            }
-            s.table.enqueue_front(&back);
-        }
-        let refs: Vec<&str> = back.iter().map(String::as_str).collect();
-        self.persist(&refs);
-        for (id, on) in quarantined {
-            self.quarantine(&id, &on);
-        }
-        for (id, attempts, owner) in out_of_retries {
-            let message = format!(
-                "the prompt was lost {attempts} times to failed backends (last: {}); max_retries is {}",
-                owner.unwrap_or_default(),
-                self.config.recovery.max_retries
-            );
-            self.end(
-                &id,
-                Outcome::Failed(Failure::gate("BackendFailed", message)),
-            );
-        }
-        if !back.is_empty() {
-            tracing::info!(prompts = ?back, "prompts returned to the gate queue");
-            self.broadcast_status();
-            self.wake();
-        }
-    }
-
-    /// A backend failed: every prompt on it goes back to the gate queue (counted as a
-    /// failure), and the backend is asked to drop them, in case it is alive but stuck, so they
-    /// do not run twice.
-    pub fn evacuate(self: &Arc<Self>, backend: usize, reason: &str) {
-        let b = self.fleet.get(backend).clone();
-        let ids: Vec<String> = {
-            let s = self.lock();
-            s.table
-                .records()
-                .filter(|r| r.holds_slot(Some(b.name())))
-                .map(|r| r.id.clone())
-                .collect()
-        };
-        if ids.is_empty() {
-            return;
-        }
-        tracing::warn!(
-            backend = b.name(),
-            reason,
-            prompts = ids.len(),
-            "moving prompts off a failed backend"
-        );
-        let fleet = self.fleet.clone();
-        let stale = ids.clone();
-        tokio::spawn(async move {
-            let body = json!({ "delete": stale });
-            let _ = fleet.upstream.post_json(&b.config, "/queue", &body).await;
-            for id in &stale {
-                let _ = fleet
-                    .upstream
-                    .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
-                    .await;
-            }
-        });
-        self.give_back(backend, &ids, true);
     }
 
     /// Records a placement decision for `/admin/decisions` and the debug log.

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::prompts::PromptRecord;
 use crate::protocol::now_ms;
 
-/// How a prompt ends (the argument of [`Scheduler::end`]).
+/// How a prompt ends (the argument of [`super::Scheduler::end`]).
 #[derive(Debug)]
 pub enum Outcome {
     /// It ran to its end on its backend; this is its history entry as the client sees it. Its

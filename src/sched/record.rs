@@ -53,7 +53,7 @@ pub struct PromptRecord {
     /// Sent with `front: true` (ahead of its user's other prompts; an admin's, of its band).
     #[serde(default)]
     pub front: bool,
-    /// Written only by [`PromptTable`]'s transitions.
+    /// Written only by [`super::prompts::PromptTable`]'s transitions.
     pub stage: Stage,
     /// The configured name of the backend it was sent to (kept after it ends: `/view` and
     /// history deletes follow it).

@@ -1,7 +1,9 @@
 //! Nothing accepted is lost (design §2 "Recovery"): after an upstream socket (re)opens or the
 //! gate restarts, the prompts the gate believes are on that backend are followed (still
 //! listed there), collected (finished while nobody listened) or re-run (lost); a drained
-//! backend gives back the prompts still waiting in its queue. Also here: what a backend's
+//! backend gives back the prompts still waiting in its queue; a failed backend's prompts go
+//! back to the gate queue (`requeue`, `evacuate`), charged a retry if they were running. Also
+//! here: what a backend's
 //! answers look like once shown as from one ComfyUI (the client's own clientId, the gate's
 //! numbers, gate-wide file names), and the run log kept to write an entry when a backend
 //! cannot give one.
@@ -12,7 +14,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::prompts::{PromptRecord, Stage};
-use super::{Outcome, Scheduler};
+use super::{Failure, Outcome, Scheduler, quarantine};
 use crate::fleet::probe::{queue_lists, queue_runs};
 
 /// Tries at the owner's `/history/{id}` before writing the entry from the events seen.
@@ -233,4 +235,127 @@ pub fn history_from_events(sched: &Scheduler, id: &str) -> Value {
         "status": { "status_str": if success { "success" } else { "error" }, "completed": success, "messages": r.log.messages },
         "meta": r.log.meta,
     })
+}
+
+/// Prompts going back to the gate queue when their backend failed (`requeue`, `evacuate`).
+impl Scheduler {
+    /// [`Scheduler::requeue`] of those of `ids` that still hold a slot on `backend` (a prompt
+    /// that finished or moved meanwhile is not given back twice).
+    pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
+        self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure);
+    }
+
+    /// Puts prompts back at the head of the gate queue. `failure` counts the run against
+    /// `max_retries`; a prompt out of retries ends failed instead.
+    pub fn requeue(&self, ids: &[String], failure: bool) {
+        self.requeue_from(None, ids, failure);
+    }
+
+    /// [`Scheduler::requeue`]; with `from`, only prompts that still hold a slot there, checked
+    /// under the same lock.
+    fn requeue_from(&self, from: Option<&str>, ids: &[String], failure: bool) {
+        let mut back = Vec::new();
+        let mut out_of_retries = Vec::new();
+        let mut quarantined = Vec::new();
+        {
+            let mut s = self.lock();
+            // A failure a dispatch broke is that prompt's alone (see `quarantine`).
+            let explained = from.is_some_and(|b| quarantine::explained(&s, b));
+            for id in ids {
+                let Some(r) = s.table.get_mut(id) else {
+                    continue;
+                };
+                let still_there = from.is_none_or(|b| r.holds_slot(Some(b)));
+                if r.stage == Stage::Done || !still_there {
+                    continue;
+                }
+                let owner = r.owner.clone();
+                if let Some(o) = owner.clone()
+                    && !r.tried.contains(&o)
+                {
+                    r.tried.push(o);
+                }
+                // Only a prompt running there when it failed is charged (and suspected); one
+                // that merely waited in its queue runs again for free.
+                let charged = failure && r.started && !explained;
+                if charged {
+                    r.attempts += 1;
+                }
+                let attempts = r.attempts;
+                let out_of_retries_now = attempts > self.config.recovery.max_retries;
+                if let (true, Some(o)) = (charged, owner.as_deref()) {
+                    let after = self.config.recovery.quarantine_after;
+                    let suspected = quarantine::suspect(&mut s, id, o, after);
+                    if let (Some(on), false) = (suspected, out_of_retries_now) {
+                        quarantined.push((id.clone(), on));
+                        continue;
+                    }
+                }
+                if out_of_retries_now {
+                    out_of_retries.push((id.clone(), attempts, owner));
+                } else {
+                    back.push(id.clone());
+                }
+            }
+            s.table.enqueue_front(&back);
+        }
+        let refs: Vec<&str> = back.iter().map(String::as_str).collect();
+        self.persist(&refs);
+        for (id, on) in quarantined {
+            self.quarantine(&id, &on);
+        }
+        for (id, attempts, owner) in out_of_retries {
+            let message = format!(
+                "the prompt was lost {attempts} times to failed backends (last: {}); max_retries is {}",
+                owner.unwrap_or_default(),
+                self.config.recovery.max_retries
+            );
+            self.end(
+                &id,
+                Outcome::Failed(Failure::gate("BackendFailed", message)),
+            );
+        }
+        if !back.is_empty() {
+            tracing::info!(prompts = ?back, "prompts returned to the gate queue");
+            self.broadcast_status();
+            self.wake();
+        }
+    }
+
+    /// A backend failed: every prompt on it goes back to the gate queue (counted as a
+    /// failure), and the backend is asked to drop them, in case it is alive but stuck, so they
+    /// do not run twice.
+    pub fn evacuate(self: &Arc<Self>, backend: usize, reason: &str) {
+        let b = self.fleet.get(backend).clone();
+        let ids: Vec<String> = {
+            let s = self.lock();
+            s.table
+                .records()
+                .filter(|r| r.holds_slot(Some(b.name())))
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        if ids.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            backend = b.name(),
+            reason,
+            prompts = ids.len(),
+            "moving prompts off a failed backend"
+        );
+        let fleet = self.fleet.clone();
+        let stale = ids.clone();
+        tokio::spawn(async move {
+            let body = json!({ "delete": stale });
+            let _ = fleet.upstream.post_json(&b.config, "/queue", &body).await;
+            for id in &stale {
+                let _ = fleet
+                    .upstream
+                    .post_json(&b.config, "/interrupt", &json!({ "prompt_id": id }))
+                    .await;
+            }
+        });
+        self.give_back(backend, &ids, true);
+    }
 }
