@@ -339,3 +339,133 @@ async fn with_auth_off_a_taken_client_id_closes_the_owner_with_a_reason() {
     assert!(close.reason.contains("clientId"), "{}", close.reason);
     gate.shutdown().await;
 }
+
+/// What a user cannot get past: an escaped route name (`/hist%6fry` is ComfyUI's `/history`),
+/// a HEAD instead of a GET, routes only admins may use, an upload that climbs out of its
+/// folder, a loader value that spells another user's folder another way.
+#[tokio::test]
+async fn no_spelling_gets_a_user_past_the_isolation() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    let body = json!({"prompt": blur_graph(1), "prompt_id": "a1"});
+    assert_eq!(post_as("alice", &base, "/prompt", &body).await.0, 200);
+    wait_until_ended(&base, "alice", "a1").await;
+    // Sent as raw bytes: an HTTP client library would tidy the dots itself.
+    for path in [
+        "/hist%6fry",
+        "/api/hist%6Fry",
+        "//history",
+        "/api/../history",
+        "/api/%2e%2e/history",
+        "/%61pi/jobs",
+    ] {
+        let (code, body) = raw_get(&base, path, "tok-bob").await;
+        assert_eq!(code, 200, "{path}");
+        assert!(!body.contains("a1"), "{path} showed Alice's prompt: {body}");
+    }
+    assert_eq!(raw_get(&base, "/../history", "tok-bob").await.0, 400);
+    // HEAD is the gate's GET: its size is Bob's empty history, not the backend's.
+    let head = http()
+        .head(format!("{base}/history"))
+        .bearer_auth("tok-bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "2", "`{{}}`");
+    // Escaped control routes are the gate's own, scoped like the plain ones.
+    post_as("bob", &base, "/hist%6fry", &json!({"clear": true})).await;
+    assert!(get_as("alice", &base, "/history/a1").await.1["a1"].is_object());
+    assert_eq!(post_as("bob", &base, "/fre%65", &json!({})).await.0, 403);
+    // Routes the gate proxies: reads yes, an admin's routes and others' writes no.
+    assert_eq!(get_as("bob", &base, "/internal/logs").await.0, 403);
+    assert_eq!(
+        post_as("bob", &base, "/some_custom_node/run", &json!({}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        post_as("bob", &base, "/users", &json!({"username": "x"}))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        post_as("root", &base, "/users", &json!({"username": "x"}))
+            .await
+            .0,
+        200
+    );
+    // Uploads cannot climb out of the user's folder.
+    let upload = |sub: &str, name: &str| {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "image",
+                reqwest::multipart::Part::bytes(png(8, 8, 1)).file_name(name.to_string()),
+            )
+            .text("subfolder", sub.to_string())
+            .text("overwrite", "true");
+        http()
+            .post(format!("{base}/upload/image"))
+            .bearer_auth("tok-alice")
+            .multipart(form)
+    };
+    for (sub, name) in [
+        ("../bob", "x.png"),
+        ("", "../bob/x.png"),
+        ("a/../..", "x.png"),
+    ] {
+        let (code, v) = send_for_json(upload(sub, name)).await;
+        assert_eq!(code, 400, "{sub} {name}: {v}");
+    }
+    // Bob's upload cannot be loaded by Alice under another spelling.
+    let form = reqwest::multipart::Form::new().part(
+        "image",
+        reqwest::multipart::Part::bytes(png(8, 8, 2)).file_name("x.png"),
+    );
+    let bobs = http()
+        .post(format!("{base}/upload/image"))
+        .bearer_auth("tok-bob")
+        .multipart(form);
+    assert_eq!(send_for_json(bobs).await.0, 200);
+    for spelling in [
+        "users//bob/x.png",
+        "users/./bob/x.png",
+        "users/alice/../bob/x.png",
+    ] {
+        let graph = files::load_and_save(spelling, "stolen");
+        let (code, v) = post_as("alice", &base, "/prompt", &json!({"prompt": graph})).await;
+        assert_eq!(code, 400, "{spelling}: {v}");
+    }
+    gate.shutdown().await;
+}
+
+/// Polls `/history/{id}` as `user` until the prompt ended.
+async fn wait_until_ended(base: &str, user: &str, id: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while get_as(user, base, &format!("/history/{id}")).await.1[id].is_null() {
+        assert!(tokio::time::Instant::now() < deadline, "{id} never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET path` sent as written, with a bearer `token`; the status and the body.
+async fn raw_get(base: &str, path: &str, token: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let code = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}

@@ -56,9 +56,19 @@ pub async fn upload(
     let mut form = files::parse_upload_form(content_type, body)
         .await
         .map_err(|e| GateError::BadRequest(format!("malformed multipart body: {e}")))?;
-    // A user's uploads live in their own folder (see `Caller::upload_subfolder`).
+    // A user's uploads live in their own folder (see `Caller::upload_subfolder`), which no name
+    // may climb out of.
     if !caller.sees_all() {
-        form.subfolder = Some(caller.upload_subfolder(form.subfolder.as_deref().unwrap_or("")));
+        let sub = form.subfolder.as_deref().unwrap_or("");
+        let name = form.image.as_ref().map_or("", |(name, _)| name.as_str());
+        let climbs =
+            |s: &str| s.contains('\\') || s.split('/').any(|seg| seg == ".." || seg == ".");
+        if climbs(sub) || climbs(name) || name.contains('/') {
+            let why = "an upload's subfolder and filename may not contain `..`, `.` or `\\` \
+                       segments, nor the filename a `/`";
+            return Err(GateError::BadRequest(why.into()));
+        }
+        form.subfolder = Some(caller.upload_subfolder(sub));
     }
     let kind = form.kind.as_deref().unwrap_or("input");
     let Some(kind) = Kind::parse(kind) else {

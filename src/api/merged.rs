@@ -56,21 +56,32 @@ async fn fan_out(ctx: &Ctx, path: &str) -> Vec<(usize, Value)> {
 /// prompts (with auth on; prompts sent to backends directly are nobody's).
 enum Scope {
     All,
-    Own(HashSet<String>),
+    Own { user: String, ids: HashSet<String> },
 }
 
 impl Scope {
     fn of(ctx: &Ctx, caller: &Caller) -> Self {
         match caller.user_name() {
-            Some(name) if !caller.sees_all() => Scope::Own(ctx.sched.ids_of_user(name)),
+            Some(name) if !caller.sees_all() => Scope::Own {
+                user: name.to_string(),
+                ids: ctx.sched.ids_of_user(name),
+            },
             _ => Scope::All,
+        }
+    }
+
+    /// The user whose prompts alone are shown, if any.
+    fn user(&self) -> Option<&str> {
+        match self {
+            Scope::All => None,
+            Scope::Own { user, .. } => Some(user),
         }
     }
 
     fn shows(&self, id: &str) -> bool {
         match self {
             Scope::All => true,
-            Scope::Own(ids) => ids.contains(id),
+            Scope::Own { ids, .. } => ids.contains(id),
         }
     }
 
@@ -92,7 +103,7 @@ impl Scope {
 /// with auth on, a user's own only (admins: all).
 pub async fn queue(ctx: &Ctx, caller: &Caller) -> Value {
     let scope = Scope::of(ctx, caller);
-    let view = scope.view(ctx.sched.queue_view());
+    let view = scope.view(ctx.sched.queue_view(scope.user()));
     queue_with_strangers(ctx, view, &scope).await
 }
 
@@ -290,7 +301,7 @@ pub async fn jobs(
 ) -> Value {
     // The gate's queue and history from one moment, so no job is listed twice or missed.
     let scope = Scope::of(ctx, caller);
-    let (view, gate_history) = ctx.sched.queue_and_history();
+    let (view, gate_history) = ctx.sched.queue_and_history(scope.user());
     let queue = queue_with_strangers(ctx, scope.view(view), &scope).await;
     let entries = with_stranger_history(ctx, gate_history, &scope).await;
     let history = match page_history(entries, None, -1) {

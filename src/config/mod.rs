@@ -20,8 +20,8 @@ pub use gpu::GpuSelector;
 pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, validate};
 pub use policy::PlacementPolicy;
 pub use tenancy::{
-    AuditConfig, Auth, AuthConfig, AuthMode, LimitOverrides, Limits, LimitsConfig, User,
-    UserConfig, parse_sha256, valid_name,
+    AuditConfig, Auth, AuthConfig, AuthMode, DEFAULT_ADMIN_PATHS, LimitOverrides, Limits,
+    LimitsConfig, User, UserConfig, parse_sha256, valid_name,
 };
 
 /// The whole file.

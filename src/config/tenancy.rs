@@ -22,7 +22,24 @@ pub struct AuthConfig {
     /// The realm named in `WWW-Authenticate` (what a browser shows in its login box). Default
     /// `"comfy-gate"`.
     pub realm: Option<String>,
+    /// Path prefixes (after ComfyUI's `/api` prefix is taken off) only admins may use, whatever
+    /// the method, on routes the gate proxies. Besides these, a user (not an admin) may proxy
+    /// only reads (`GET`, `HEAD`) and ComfyUI's per-user data (`/userdata`, `/v2/userdata`,
+    /// `/settings`; not `POST /users`). Default [`DEFAULT_ADMIN_PATHS`]: ComfyUI's
+    /// `/internal/` (logs with others' prompts, file lists) and ComfyUI-Manager's routes
+    /// (installs, restarts).
+    pub admin_paths: Option<Vec<String>>,
 }
+
+/// See [`AuthConfig::admin_paths`].
+pub const DEFAULT_ADMIN_PATHS: [&str; 6] = [
+    "/internal/",
+    "/manager/",
+    "/v2/manager/",
+    "/customnode/",
+    "/externalmodel/",
+    "/snapshot/",
+];
 
 /// See [`AuthConfig::mode`].
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -180,6 +197,8 @@ pub struct Auth {
     pub bands: Vec<String>,
     /// Index into `bands` of anonymous clients' and unassigned users' band.
     pub default_band: usize,
+    /// See [`AuthConfig::admin_paths`].
+    pub admin_paths: Vec<String>,
 }
 
 impl Default for Auth {
@@ -192,6 +211,7 @@ impl Default for Auth {
             ws_per_ip: 0,
             bands: default_bands(),
             default_band: 0,
+            admin_paths: DEFAULT_ADMIN_PATHS.map(String::from).to_vec(),
         }
     }
 }
@@ -318,7 +338,16 @@ pub fn check(
         let message = "must be non-empty, without quotes, backslashes or control characters";
         return Err((None, "auth.realm".into(), message.into()));
     }
+    let admin_paths = match &auth.admin_paths {
+        Some(paths) => paths.clone(),
+        None => DEFAULT_ADMIN_PATHS.map(String::from).to_vec(),
+    };
+    if let Some(bad) = admin_paths.iter().find(|p| !p.starts_with('/')) {
+        let message = format!("`{bad}` must start with `/`");
+        return Err((None, "auth.admin_paths".into(), message));
+    }
     Ok(Auth {
+        admin_paths,
         mode: auth.mode,
         realm,
         users: out,

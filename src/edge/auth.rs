@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use http::{HeaderMap, HeaderValue, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Uri, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -80,6 +80,52 @@ pub fn for_upstream(headers: &mut HeaderMap, user: &User) {
     if let Ok(v) = HeaderValue::from_str(&user.name) {
         headers.insert(COMFY_USER, v);
     }
+}
+
+/// Whether a user who is not an admin may have `method path` (after ComfyUI's `/api` prefix
+/// is taken off) proxied to a backend: not under one of `admin_paths`; then reads (`GET`,
+/// `HEAD`) of anything, and ComfyUI's per-user data (`user_data`) with any method but
+/// creating ComfyUI users (`POST /users`). Writes to other routes (custom nodes' own) are an
+/// admin's: the gate cannot know what they change for everyone.
+pub fn user_may_proxy(
+    method: &Method,
+    path: &str,
+    user_data: bool,
+    admin_paths: &[String],
+) -> bool {
+    let under =
+        |prefix: &String| path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/');
+    if admin_paths.iter().any(under) {
+        return false;
+    }
+    let read = method == Method::GET || method == Method::HEAD;
+    match (user_data, path) {
+        (true, "/users") => read,
+        (true, _) => true,
+        (false, _) => read,
+    }
+}
+
+/// `uri` without its `token` query parameters (a credential a backend must not log); `None` if
+/// it has none.
+pub fn without_token(uri: &Uri) -> Option<Uri> {
+    let query = uri.query()?;
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    if !pairs.iter().any(|(k, _)| k == "token") {
+        return None;
+    }
+    let kept = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter().filter(|(k, _)| k != "token"))
+        .finish();
+    let path_and_query = match kept.is_empty() {
+        true => uri.path().to_string(),
+        false => format!("{}?{kept}", uri.path()),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    Uri::from_parts(parts).ok()
 }
 
 /// A new token: 32 random bytes, hex, with a `cgt_` prefix (so a leaked one is recognisable
@@ -177,6 +223,37 @@ mod tests {
         for_upstream(&mut h, &user("al", "secret"));
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert_eq!(h[COMFY_USER], "al");
+    }
+
+    #[test]
+    fn users_proxy_reads_and_their_own_data_only() {
+        let admin_paths: Vec<String> = crate::config::DEFAULT_ADMIN_PATHS
+            .map(String::from)
+            .to_vec();
+        let may = |m: Method, p: &str, data: bool| user_may_proxy(&m, p, data, &admin_paths);
+        assert!(may(Method::GET, "/extensions/x/main.js", false));
+        assert!(may(Method::HEAD, "/", false));
+        assert!(may(Method::GET, "/i18n", false));
+        assert!(may(Method::POST, "/userdata/workflows%2Fa.json", true));
+        assert!(may(Method::DELETE, "/userdata/a.json", true));
+        assert!(may(Method::POST, "/settings/Comfy.X", true));
+        assert!(may(Method::GET, "/users", true));
+        assert!(!may(Method::POST, "/users", true), "creating ComfyUI users");
+        assert!(!may(Method::POST, "/some_custom_node/run", false));
+        assert!(!may(Method::GET, "/internal/logs", false));
+        assert!(!may(Method::GET, "/internal", false));
+        assert!(!may(Method::GET, "/manager/reboot", false));
+        assert!(!may(Method::POST, "/customnode/install", false));
+    }
+
+    #[test]
+    fn a_token_in_the_query_is_not_forwarded() {
+        let uri: Uri = "/x?a=1&token=s3cret&b=2".parse().unwrap();
+        assert_eq!(without_token(&uri).unwrap().to_string(), "/x?a=1&b=2");
+        let only: Uri = "/x?token=s3cret".parse().unwrap();
+        assert_eq!(without_token(&only).unwrap().to_string(), "/x");
+        assert!(without_token(&"/x?a=1".parse().unwrap()).is_none());
+        assert!(without_token(&"/x".parse().unwrap()).is_none());
     }
 
     #[test]

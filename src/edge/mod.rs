@@ -9,6 +9,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod identity;
 pub mod origin;
+pub mod path;
 pub mod proxy;
 
 use std::panic::AssertUnwindSafe;
@@ -58,7 +59,7 @@ fn is_user_data(path: &str) -> bool {
 
 async fn route(
     ctx: Arc<Ctx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     info: ConnInfo,
 ) -> Result<Response<Body>, GateError> {
     if ctx.config.server.test_faults
@@ -68,6 +69,16 @@ async fn route(
             .is_some_and(|v| v == "panic")
     {
         panic!("test fault: {} {}", req.method(), req.uri().path());
+    }
+    // Every decision below, and the backend, see the same path (see `path`).
+    match path::normalized_uri(req.uri()) {
+        Ok(Some(uri)) => *req.uri_mut() = uri,
+        Ok(None) => {}
+        Err(path::AboveRoot) => {
+            return Err(GateError::BadRequest(
+                "the path climbs above the root".into(),
+            ));
+        }
     }
     if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req).await {
         return Err(GateError::ForbiddenOrigin);
@@ -86,13 +97,30 @@ async fn route(
     let caller = authenticate(&ctx, &req, &path, client)?;
     let class = Class::of(req.method(), &path);
     ctx.limits.check_request(&ctx.config.auth, &caller, class)?;
-    let mut req = req;
+    // aiohttp answers HEAD on every GET route; the gate's own GET routes answer it here (hyper
+    // sends the head only), never a backend's unfiltered answer.
+    if req.method() == Method::HEAD && path != "/view" && router::owns(&Method::GET, &path) {
+        *req.method_mut() = Method::GET;
+    }
+    let user_data = is_user_data(&path);
     if let Some(user) = &caller.user {
         auth::for_upstream(req.headers_mut(), user);
+        if let Some(uri) = auth::without_token(req.uri()) {
+            *req.uri_mut() = uri;
+        }
+        let proxied = user_data || !router::owns(req.method(), &path);
+        let admin_paths = &ctx.config.auth.admin_paths;
+        if proxied
+            && !user.admin
+            && !auth::user_may_proxy(req.method(), &path, user_data, admin_paths)
+        {
+            let why = format!("only an admin may use {} {path} on this gate", req.method());
+            return Err(GateError::Forbidden(why));
+        }
     }
     let limit = ctx.config.server.max_body_bytes;
     let home = ctx.config.home;
-    if is_user_data(&path) {
+    if user_data {
         return proxy::passthrough(&ctx.fleet, Target::Only(home), limit, req).await;
     }
     if !router::owns(req.method(), &path) {

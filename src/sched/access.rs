@@ -35,8 +35,7 @@ impl Scheduler {
     pub fn ids_of_user(&self, name: &str) -> HashSet<String> {
         self.lock()
             .table
-            .records()
-            .filter(|r| r.tenant.user.as_deref() == Some(name))
+            .records_of_user(name)
             .map(|r| r.id.clone())
             .collect()
     }
@@ -46,7 +45,12 @@ impl Scheduler {
         let Some(name) = caller.user_name().filter(|_| !caller.sees_all()) else {
             return true;
         };
-        let folder_owner = Caller::upload_owner(&r.subfolder);
+        // The folder as a backend's file system will read it: `a//b` and `a/./b` are `a/b`; one
+        // that climbs (`..`) is nobody's to read.
+        let Some(subfolder) = plain_subfolder(&r.subfolder) else {
+            return false;
+        };
+        let folder_owner = Caller::upload_owner(&subfolder);
         if folder_owner == Some(name) {
             return true;
         }
@@ -55,11 +59,7 @@ impl Scheduler {
             return folder_owner.is_none();
         }
         let s = self.lock();
-        let mine = s
-            .table
-            .records()
-            .filter(|rec| rec.tenant.user.as_deref() == Some(name));
-        for rec in mine {
+        for rec in s.table.records_of_user(name) {
             let entry = self.history.get(&rec.id);
             let listed = |v: &Value| lists(v, r);
             if rec.log.outputs.values().any(listed)
@@ -84,10 +84,17 @@ impl Scheduler {
                 continue;
             };
             for (input, value) in inputs {
-                let Some(r) = value.as_str().and_then(FileRef::from_loader) else {
+                let Some(text) = value.as_str() else {
                     continue;
                 };
-                if self.may_read_file(caller, &r) {
+                let readable = match FileRef::from_loader(text) {
+                    Some(r) => self.may_read_file(caller, &r),
+                    // Not a file of the input, output or temp folders: a path that leaves them
+                    // (absolute, or through `..`) naming a file is refused too, since ComfyUI's
+                    // loaders would open it as it stands.
+                    None => !names_a_file_outside(text),
+                };
+                if readable {
                     continue;
                 }
                 let reason = format!("Invalid image file: {}", value.as_str().unwrap_or(""));
@@ -104,6 +111,40 @@ impl Scheduler {
     }
 }
 
+/// `subfolder` with empty and `.` segments dropped; `None` if a segment is `..` or it uses `\\`.
+fn plain_subfolder(subfolder: &str) -> Option<String> {
+    if subfolder.contains('\\') {
+        return None;
+    }
+    let mut kept = Vec::new();
+    for segment in subfolder.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => return None,
+            s => kept.push(s),
+        }
+    }
+    Some(kept.join("/"))
+}
+
+/// Whether a string input reads as a path to a file outside ComfyUI's folders: absolute (`/…`,
+/// `\\…`, `C:…`) or climbing (`..` segment), with a file extension on its last segment (so text
+/// such as `/imagine a cat` is not taken for one).
+fn names_a_file_outside(text: &str) -> bool {
+    let t = text.trim();
+    let absolute = t.starts_with('/')
+        || t.starts_with('\\')
+        || t.as_bytes().get(1) == Some(&b':') && t.as_bytes()[0].is_ascii_alphabetic();
+    let climbs = t.split(['/', '\\']).any(|s| s == "..");
+    let last = t.rsplit(['/', '\\']).next().unwrap_or(t);
+    let has_extension = last.rsplit_once('.').is_some_and(|(stem, ext)| {
+        !stem.is_empty()
+            && (1..=5).contains(&ext.len())
+            && ext.chars().all(|c| c.is_ascii_alphanumeric())
+    });
+    (absolute || climbs) && has_extension
+}
+
 /// Whether a UI output value lists file `r` (a file item `{filename, subfolder, type}` at any
 /// depth).
 fn lists(value: &Value, r: &FileRef) -> bool {
@@ -116,5 +157,50 @@ fn lists(value: &Value, r: &FileRef) -> bool {
         }
         Value::Array(items) => items.iter().any(|v| lists(v, r)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subfolders_as_a_file_system_reads_them() {
+        assert_eq!(plain_subfolder("users//bob").as_deref(), Some("users/bob"));
+        assert_eq!(
+            plain_subfolder("./users/./bob/").as_deref(),
+            Some("users/bob")
+        );
+        assert_eq!(plain_subfolder("").as_deref(), Some(""));
+        assert_eq!(plain_subfolder("users/alice/../bob"), None);
+        assert_eq!(plain_subfolder("users\\bob"), None);
+        assert_eq!(
+            Caller::upload_owner(&plain_subfolder("users//bob/x").unwrap()),
+            Some("bob")
+        );
+    }
+
+    #[test]
+    fn paths_outside_the_folders_are_told_from_text() {
+        for path in [
+            "/srv/comfy/output/ComfyUI_00001_.png",
+            "../output/a.png",
+            "x/../../y.webp",
+            "C:\\data\\a.jpg",
+            "\\\\host\\a.png",
+        ] {
+            assert!(names_a_file_outside(path), "{path}");
+        }
+        for text in [
+            "/imagine a cat",
+            "a photo of a cat.",
+            "cat.png",
+            "sub/cat.png",
+            "...and then",
+            "/",
+            "..",
+        ] {
+            assert!(!names_a_file_outside(text), "{text}");
+        }
     }
 }

@@ -40,6 +40,9 @@ pub struct PromptTable {
     running: HashMap<String, String>,
     /// Records that are `Done` (kept for their history entries): `remaining` without a scan.
     ended: usize,
+    /// User name (auth on) → ids of the records of that user's prompts: what a user may see,
+    /// without a scan of everyone's.
+    by_user: HashMap<String, HashSet<String>>,
     /// Prompts forwarded at submit whose backend has not answered yet: not yet listed or
     /// counted, as ComfyUI lists a prompt only once it validated (a refusal leaves no trace).
     unanswered: HashSet<String>,
@@ -108,10 +111,19 @@ impl PromptTable {
         if rec.stage == Stage::Done {
             self.ended += 1;
         }
-        if let Some(old) = self.records.insert(rec.id.clone(), rec)
-            && old.stage == Stage::Done
-        {
-            self.ended -= 1;
+        if let Some(user) = rec.tenant.user.clone() {
+            self.by_user.entry(user).or_default().insert(rec.id.clone());
+        }
+        if let Some(old) = self.records.insert(rec.id.clone(), rec) {
+            if old.stage == Stage::Done {
+                self.ended -= 1;
+            }
+            let id = &old.id;
+            if let Some(user) = &old.tenant.user
+                && self.records[id].tenant.user.as_ref() != Some(user)
+            {
+                self.forget_user_record(user, id);
+            }
         }
     }
 
@@ -343,7 +355,31 @@ impl PromptTable {
         if r.stage == Stage::Done {
             self.ended -= 1;
         }
+        if let Some(user) = &r.tenant.user {
+            self.forget_user_record(user, id);
+        }
         Some(r)
+    }
+
+    fn forget_user_record(&mut self, user: &str, id: &str) {
+        if let Some(ids) = self.by_user.get_mut(user) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+    }
+
+    /// The records of user `name`'s prompts (auth on), any stage.
+    pub fn records_of_user<'a>(
+        &'a self,
+        name: &str,
+    ) -> impl Iterator<Item = &'a PromptRecord> + 'a {
+        self.by_user
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.records.get(id))
     }
 
     /// Back to waiting, at the head of the gate queue (a retry goes first), in number order;

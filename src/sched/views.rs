@@ -29,7 +29,7 @@ use serde_json::{Number, Value, json};
 
 use super::Scheduler;
 pub use super::prompts::Listed;
-use super::prompts::PromptTable;
+use super::prompts::{PromptRecord, PromptTable};
 use super::recovery::output_nodes_of;
 
 /// The gate's prompts as ComfyUI's `/queue` lists them: items `[number, prompt_id, prompt,
@@ -112,18 +112,23 @@ impl Scheduler {
         );
     }
 
-    /// The gate's prompts in `/queue`, as they are at one moment.
-    pub fn queue_view(&self) -> QueueView {
-        let parts = item_parts(&self.lock().table);
+    /// The gate's prompts in `/queue`, as they are at one moment: everyone's, or (`user`) only
+    /// that user's (nobody else's prompt is even copied).
+    pub fn queue_view(&self, user: Option<&str>) -> QueueView {
+        let parts = item_parts(&self.lock().table, user);
         self.items(parts)
     }
 
     /// `/queue` and every history entry (`(finished_at_ms, id, entry)`, oldest first) taken at
-    /// one moment, so each prompt is in exactly one of them (`/api/jobs` shows both at once).
-    pub fn queue_and_history(&self) -> (QueueView, Vec<(i64, String, Arc<Value>)>) {
+    /// one moment, so each prompt is in exactly one of them (`/api/jobs` shows both at once);
+    /// the queue of `user` only, with one.
+    pub fn queue_and_history(
+        &self,
+        user: Option<&str>,
+    ) -> (QueueView, Vec<(i64, String, Arc<Value>)>) {
         let (parts, history) = {
             let s = self.lock();
-            (item_parts(&s.table), self.history.all())
+            (item_parts(&s.table, user), self.history.all())
         };
         (self.items(parts), history)
     }
@@ -151,9 +156,12 @@ fn exec_info(n: usize) -> Value {
 }
 
 /// The parts of every listed prompt's queue item.
-fn item_parts(table: &PromptTable) -> Vec<ItemParts> {
-    table
-        .records()
+fn item_parts(table: &PromptTable, user: Option<&str>) -> Vec<ItemParts> {
+    let records: Box<dyn Iterator<Item = &PromptRecord>> = match user {
+        Some(name) => Box::new(table.records_of_user(name)),
+        None => Box::new(table.records()),
+    };
+    records
         .filter_map(|r| {
             Some(ItemParts {
                 list: table.listed(r)?,

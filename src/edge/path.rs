@@ -1,0 +1,159 @@
+//! The request path as the gate decides on it and as backends receive it: one normal form, so
+//! the route the gate picks (its own answer, user data, a proxied route, a rate-limit class,
+//! who may use it) is the route the backend would pick for the same bytes.
+//!
+//! Why: aiohttp (ComfyUI's server) matches routes on the percent-decoded path (since aiohttp
+//! 3.10.6, `path_safe`), so `/hist%6fry` is its `/history`. A gate that matched the raw bytes
+//! would proxy that request untouched to a backend that answers it as `/history`, past every
+//! check the gate makes on its own `/history`. So the gate normalises first (RFC 3986 §6.2.2):
+//! percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, runs of `/` are
+//! merged and `.` / `..` segments resolved (nginx's `merge_slashes` and its resolving of dot
+//! segments), and the request goes on, to the gate's routes and to backends, with that path.
+//! Other escapes (`%2F`, `%20`, `%25` …) stay as they are: they are data inside a segment
+//! (`/history/a%2Fb` names the prompt `a/b`), and aiohttp does not treat them as route names
+//! either. A `..` that would climb above the root is a 400, as nginx answers it.
+
+use http::Uri;
+use http::uri::PathAndQuery;
+
+/// The normal form of `path` (without its query), or `None` if a `..` climbs above the root.
+/// Pure; `path` is the raw request path, starting with `/` (an empty one is `/`).
+pub fn normalize(path: &str) -> Option<String> {
+    let decoded = decode_unreserved(path);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop()?;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    // A trailing slash is part of the route (`/api/` is not `/api`).
+    let trailing = decoded.len() > 1 && matches!(decoded.rsplit('/').next(), Some("" | "." | ".."));
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    Some(out)
+}
+
+/// A path whose `..` segments climb above the root (answered 400).
+#[derive(Debug, PartialEq, Eq)]
+pub struct AboveRoot;
+
+/// `uri` with its path in [`normalize`]d form (the query as it was); `Ok(None)` if it already
+/// is.
+pub fn normalized_uri(uri: &Uri) -> Result<Option<Uri>, AboveRoot> {
+    let path = uri.path();
+    let normal = normalize(path).ok_or(AboveRoot)?;
+    if normal == path {
+        return Ok(None);
+    }
+    let with_query = match uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    // The normal form only drops and decodes characters of a valid path: it stays valid.
+    parts.path_and_query = Some(PathAndQuery::try_from(with_query).map_err(|_| AboveRoot)?);
+    Uri::from_parts(parts).map(Some).map_err(|_| AboveRoot)
+}
+
+/// Decodes `%XX` escapes of unreserved characters (RFC 3986 §2.3); every other byte, and every
+/// other escape, is kept as it was.
+fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            )
+        {
+            let c = hi * 16 + lo;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c as char);
+                i += 3;
+                continue;
+            }
+        }
+        // The path is ASCII (hyper's `Uri` refuses anything else), so bytes are chars.
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_of_route_names_are_decoded() {
+        for (raw, normal) in [
+            ("/hist%6fry", "/history"),
+            ("/HIST%6Fry", "/HISTory"),
+            ("/%61pi/jobs", "/api/jobs"),
+            ("/promp%74", "/prompt"),
+            ("/upload/imag%65", "/upload/image"),
+            ("/%7e%2d%2E%5f", "/~-._"),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Some(normal), "{raw}");
+        }
+    }
+
+    #[test]
+    fn data_escapes_stay() {
+        for raw in [
+            "/history/a%2Fb",
+            "/history/a%20b",
+            "/view%3Fx",
+            "/a%25b",
+            "/a%2",
+            "/a%",
+            "/a%zz",
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Some(raw), "{raw}");
+        }
+    }
+
+    #[test]
+    fn slashes_merge_and_dot_segments_resolve() {
+        for (raw, normal) in [
+            ("", "/"),
+            ("/", "/"),
+            ("//history", "/history"),
+            ("/api//jobs", "/api/jobs"),
+            ("/api/", "/api/"),
+            ("/./history", "/history"),
+            ("/api/../history", "/history"),
+            ("/api/%2e%2e/history", "/history"),
+            ("/api/jobs/.", "/api/jobs/"),
+            ("/a/b/..", "/a/"),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Some(normal), "{raw}");
+        }
+        for above in ["/..", "/../history", "/a/../../b", "/%2e%2e/x"] {
+            assert_eq!(normalize(above), None, "{above}");
+        }
+    }
+
+    #[test]
+    fn the_query_is_kept() {
+        let uri: Uri = "/vie%77?filename=a%2Fb.png&type=output".parse().unwrap();
+        let normal = normalized_uri(&uri).unwrap().unwrap();
+        assert_eq!(normal.to_string(), "/view?filename=a%2Fb.png&type=output");
+        let already: Uri = "/view?x=1".parse().unwrap();
+        assert_eq!(normalized_uri(&already), Ok(None));
+        assert_eq!(normalized_uri(&"/../x".parse().unwrap()), Err(AboveRoot));
+    }
+}
