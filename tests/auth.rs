@@ -352,19 +352,14 @@ async fn no_spelling_gets_a_user_past_the_isolation() {
     assert_eq!(post_as("alice", &base, "/prompt", &body).await.0, 200);
     wait_until_ended(&base, "alice", "a1").await;
     // Sent as raw bytes: an HTTP client library would tidy the dots itself.
-    for path in [
-        "/hist%6fry",
-        "/api/hist%6Fry",
-        "//history",
-        "/api/../history",
-        "/api/%2e%2e/history",
-        "/%61pi/jobs",
-    ] {
+    for path in ["/hist%6fry", "/api/hist%6Fry", "//history", "/%61pi/jobs"] {
         let (code, body) = raw_get(&base, path, "tok-bob").await;
         assert_eq!(code, 200, "{path}");
         assert!(!body.contains("a1"), "{path} showed Alice's prompt: {body}");
     }
-    assert_eq!(raw_get(&base, "/../history", "tok-bob").await.0, 400);
+    for dots in ["/../history", "/api/../history", "/api/%2e%2e/history"] {
+        assert_eq!(raw_get(&base, dots, "tok-bob").await.0, 400, "{dots}");
+    }
     // HEAD is the gate's GET: its size is Bob's empty history, not the backend's.
     let head = http()
         .head(format!("{base}/history"))

@@ -74,10 +74,9 @@ async fn route(
     match path::normalized_uri(req.uri()) {
         Ok(Some(uri)) => *req.uri_mut() = uri,
         Ok(None) => {}
-        Err(path::AboveRoot) => {
-            return Err(GateError::BadRequest(
-                "the path climbs above the root".into(),
-            ));
+        Err(path::DotSegment) => {
+            let why = "the path has a `.` or `..` segment";
+            return Err(GateError::BadRequest(why.into()));
         }
     }
     if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req).await {

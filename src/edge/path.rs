@@ -6,52 +6,48 @@
 //! 3.10.6, `path_safe`), so `/hist%6fry` is its `/history`. A gate that matched the raw bytes
 //! would proxy that request untouched to a backend that answers it as `/history`, past every
 //! check the gate makes on its own `/history`. So the gate normalises first (RFC 3986 §6.2.2):
-//! percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, runs of `/` are
-//! merged and `.` / `..` segments resolved (nginx's `merge_slashes` and its resolving of dot
-//! segments), and the request goes on, to the gate's routes and to backends, with that path.
-//! Other escapes (`%2F`, `%20`, `%25` …) stay as they are: they are data inside a segment
-//! (`/history/a%2Fb` names the prompt `a/b`), and aiohttp does not treat them as route names
-//! either. A `..` that would climb above the root is a 400, as nginx answers it.
+//! percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded and runs of `/`
+//! merged (nginx's `merge_slashes`), and the request goes on, to the gate's routes and to
+//! backends, with that path. Other escapes (`%2F`, `%20`, `%25` …) stay as they are: they are
+//! data inside a segment (`/history/a%2Fb` names the prompt `a/b`), and aiohttp does not treat
+//! them as route names either. A `.` or `..` segment (written or escaped) is a 400: browsers and
+//! HTTP clients resolve them before sending, so only a request crafted to climb somewhere has
+//! one, and refusing it is simpler to trust than resolving it.
 
 use http::Uri;
 use http::uri::PathAndQuery;
 
-/// The normal form of `path` (without its query), or `None` if a `..` climbs above the root.
+/// The normal form of `path` (without its query), or `None` if it has a `.` or `..` segment.
 /// Pure; `path` is the raw request path, starting with `/` (an empty one is `/`).
 pub fn normalize(path: &str) -> Option<String> {
     let decoded = decode_unreserved(path);
-    let mut segments: Vec<&str> = Vec::new();
+    let mut out = String::with_capacity(decoded.len());
     for segment in decoded.split('/') {
         match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop()?;
+            "" => {}
+            "." | ".." => return None,
+            s => {
+                out.push('/');
+                out.push_str(s);
             }
-            s => segments.push(s),
         }
     }
-    let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
     // A trailing slash is part of the route (`/api/` is not `/api`).
-    let trailing = decoded.len() > 1 && matches!(decoded.rsplit('/').next(), Some("" | "." | ".."));
-    if out.is_empty() || trailing {
+    if out.is_empty() || (decoded.len() > 1 && decoded.ends_with('/')) {
         out.push('/');
     }
     Some(out)
 }
 
-/// A path whose `..` segments climb above the root (answered 400).
+/// A path with a `.` or `..` segment (answered 400).
 #[derive(Debug, PartialEq, Eq)]
-pub struct AboveRoot;
+pub struct DotSegment;
 
 /// `uri` with its path in [`normalize`]d form (the query as it was); `Ok(None)` if it already
 /// is.
-pub fn normalized_uri(uri: &Uri) -> Result<Option<Uri>, AboveRoot> {
+pub fn normalized_uri(uri: &Uri) -> Result<Option<Uri>, DotSegment> {
     let path = uri.path();
-    let normal = normalize(path).ok_or(AboveRoot)?;
+    let normal = normalize(path).ok_or(DotSegment)?;
     if normal == path {
         return Ok(None);
     }
@@ -61,8 +57,8 @@ pub fn normalized_uri(uri: &Uri) -> Result<Option<Uri>, AboveRoot> {
     };
     let mut parts = uri.clone().into_parts();
     // The normal form only drops and decodes characters of a valid path: it stays valid.
-    parts.path_and_query = Some(PathAndQuery::try_from(with_query).map_err(|_| AboveRoot)?);
-    Uri::from_parts(parts).map(Some).map_err(|_| AboveRoot)
+    parts.path_and_query = Some(PathAndQuery::try_from(with_query).map_err(|_| DotSegment)?);
+    Uri::from_parts(parts).map(Some).map_err(|_| DotSegment)
 }
 
 /// Decodes `%XX` escapes of unreserved characters (RFC 3986 §2.3); every other byte, and every
@@ -127,23 +123,26 @@ mod tests {
     }
 
     #[test]
-    fn slashes_merge_and_dot_segments_resolve() {
+    fn slashes_merge_and_dot_segments_are_refused() {
         for (raw, normal) in [
             ("", "/"),
             ("/", "/"),
             ("//history", "/history"),
             ("/api//jobs", "/api/jobs"),
             ("/api/", "/api/"),
-            ("/./history", "/history"),
-            ("/api/../history", "/history"),
-            ("/api/%2e%2e/history", "/history"),
-            ("/api/jobs/.", "/api/jobs/"),
-            ("/a/b/..", "/a/"),
+            ("/a.b/.c/d..", "/a.b/.c/d.."),
         ] {
             assert_eq!(normalize(raw).as_deref(), Some(normal), "{raw}");
         }
-        for above in ["/..", "/../history", "/a/../../b", "/%2e%2e/x"] {
-            assert_eq!(normalize(above), None, "{above}");
+        for dots in [
+            "/..",
+            "/./history",
+            "/api/../history",
+            "/api/%2e%2E/history",
+            "/a/.",
+            "/userdata/..",
+        ] {
+            assert_eq!(normalize(dots), None, "{dots}");
         }
     }
 
@@ -154,6 +153,6 @@ mod tests {
         assert_eq!(normal.to_string(), "/view?filename=a%2Fb.png&type=output");
         let already: Uri = "/view?x=1".parse().unwrap();
         assert_eq!(normalized_uri(&already), Ok(None));
-        assert_eq!(normalized_uri(&"/../x".parse().unwrap()), Err(AboveRoot));
+        assert_eq!(normalized_uri(&"/../x".parse().unwrap()), Err(DotSegment));
     }
 }
