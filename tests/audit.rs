@@ -407,11 +407,7 @@ async fn with_auth_each_line_and_sum_is_the_users() {
         assert_eq!(post_as(who, &base, "/prompt", &body).await.0, 200);
     }
     for (who, id) in [("alice", "a1"), ("alice", "a2"), ("bob", "b1")] {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while get_as(who, &base, &format!("/history/{id}")).await.1[id].is_null() {
-            assert!(tokio::time::Instant::now() < deadline, "{id} never ended");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        history_as(who, &base, id).await;
     }
     let lines = lines(&log, 3).await;
     for (id, user) in [("a1", "alice"), ("a2", "alice"), ("b1", "bob")] {

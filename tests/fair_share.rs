@@ -19,31 +19,6 @@ async fn post(client: &reqwest::Client, base: &str, body: Value) -> u16 {
     resp.expect("request").status().as_u16()
 }
 
-/// The prompt ids of `/admin/decisions`, oldest first.
-async fn decided(admin: &str) -> Vec<String> {
-    let (_, d) = get_json(admin, "/admin/decisions").await;
-    d["decisions"]
-        .as_array()
-        .expect("decisions")
-        .iter()
-        .filter_map(|d| d["prompt_id"].as_str().map(str::to_string))
-        .collect()
-}
-
-/// Waits until `base`'s `/queue` lists `id` as running.
-async fn until_running(base: &str, id: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, q) = get_json(base, "/queue").await;
-        let running = q["queue_running"].as_array().cloned().unwrap_or_default();
-        if running.iter().any(|i| i[1] == id) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{id} never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// H has a prompt running and ten waiting; L posts one. When H's running prompt ends, L's is
 /// the next to go, not H's next (the gate's order before fair share: by number).
 #[tokio::test]

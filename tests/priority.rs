@@ -2,140 +2,48 @@
 //! "token"`, `Authorization: Bearer TOKEN`). An `interactive` prompt posted behind 50 `batch`
 //! prompts is the next to start once a slot frees; `limits.max_running = 1` holds for its user
 //! while another user's prompts are sent and run.
-//!
-//! These need the edge to establish users from their tokens (`[auth]`); without it every
-//! request is one anonymous client and both fail.
+
 mod common;
 
 use std::time::Duration;
 
-use comfy_gate::config::FileConfig;
 use common::*;
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-
-const BATCHY: &str = "batchy-secret-token";
-const INTER: &str = "inter-secret-token";
-const CAPPED: &str = "capped-secret-token";
-const OTHER: &str = "other-secret-token";
-
-fn sha256(token: &str) -> String {
-    format!("{:x}", Sha256::digest(token.as_bytes()))
-}
-
-/// `[auth] mode = "token"` and these users (TOML `[[users]]` entries, `{NAME}` standing for
-/// the SHA-256 of `NAME`'s token).
-fn with_users(f: &mut FileConfig, users: &str) {
-    let users = users
-        .replace("{BATCHY}", &sha256(BATCHY))
-        .replace("{INTER}", &sha256(INTER))
-        .replace("{CAPPED}", &sha256(CAPPED))
-        .replace("{OTHER}", &sha256(OTHER));
-    let extra: FileConfig =
-        toml::from_str(&format!("[auth]\nmode = \"token\"\n{users}")).expect("users parse");
-    f.auth = extra.auth;
-    f.users = extra.users;
-}
-
-/// Posts `body` to `POST /prompt` as the user of `token`; the status and answer.
-async fn post(base: &str, token: &str, body: Value) -> (u16, Value) {
-    let req = http()
-        .post(format!("{base}/prompt"))
-        .bearer_auth(token)
-        .json(&body);
-    send_for_json(req).await
-}
-
-/// The user's history entry for `id`, once there.
-async fn history(base: &str, token: &str, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let req = http()
-            .get(format!("{base}/history/{id}"))
-            .bearer_auth(token);
-        let (_, h) = send_for_json(req).await;
-        if let Some(entry) = h.get(id) {
-            return entry.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "history for {id} never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the backend at `url` runs `id`.
-async fn until_running(url: &str, id: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let (_, q) = get_json(url, "/queue").await;
-        let running = q["queue_running"].as_array().cloned().unwrap_or_default();
-        if running.iter().any(|i| i[1] == id) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{id} never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The prompt ids of `/admin/decisions`, oldest first.
-async fn decided(admin: &str) -> Vec<String> {
-    let (_, d) = get_json(admin, "/admin/decisions").await;
-    d["decisions"]
-        .as_array()
-        .expect("decisions")
-        .iter()
-        .filter_map(|d| d["prompt_id"].as_str().map(str::to_string))
-        .collect()
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn an_interactive_prompt_posted_behind_50_batch_prompts_starts_at_the_next_free_slot() {
     let s = sim().await;
     let gate = gate_with(&[&s], |f| {
         f.scheduler.max_inflight = 1;
-        with_users(
-            f,
-            r#"
-            [[users]]
-            name = "batchy"
-            token_sha256 = "{BATCHY}"
-            priority = "batch"
-            [[users]]
-            name = "inter"
-            token_sha256 = "{INTER}"
-            priority = "interactive"
-            "#,
-        );
+        let users = [
+            ("batchy", "priority = \"batch\""),
+            ("inter", "priority = \"interactive\""),
+        ];
+        with_users(f, &users, "");
     })
     .await;
     let (base, admin) = (gate.url(), format!("http://{}", gate.admin_addr));
 
     // The slot is busy with a batch prompt (about 4 s at test speed) until it is interrupted.
     let body = json!({"prompt": steps(0, 10_000), "prompt_id": "b-run"});
-    assert_eq!(post(&base, BATCHY, body).await.0, 200);
+    assert_eq!(post_as("batchy", &base, "/prompt", &body).await.0, 200);
     until_running(&s.url(), "b-run").await;
     for i in 0..50 {
         let body = json!({"prompt": steps(i + 1, 20), "prompt_id": format!("b-{i}")});
-        let (code, answer) = post(&base, BATCHY, body).await;
+        let (code, answer) = post_as("batchy", &base, "/prompt", &body).await;
         assert_eq!(code, 200, "{answer}");
     }
-    let (code, answer) = post(
-        &base,
-        INTER,
-        json!({"prompt": steps(99, 20), "prompt_id": "i"}),
-    )
-    .await;
+    let body = json!({"prompt": steps(99, 20), "prompt_id": "i"});
+    let (code, answer) = post_as("inter", &base, "/prompt", &body).await;
     assert_eq!(code, 200, "{answer}");
 
-    let req = http()
-        .post(format!("{base}/interrupt"))
-        .bearer_auth(BATCHY)
-        .json(&json!({"prompt_id": "b-run"}));
-    assert_eq!(send_for_json(req).await.0, 200);
+    let interrupt = json!({"prompt_id": "b-run"});
     assert_eq!(
-        history(&base, INTER, "i").await["status"]["status_str"],
+        post_as("batchy", &base, "/interrupt", &interrupt).await.0,
+        200
+    );
+    assert_eq!(
+        history_as("inter", &base, "i").await["status"]["status_str"],
         "success"
     );
     let order = decided(&admin).await;
@@ -159,18 +67,8 @@ async fn max_running_holds_for_a_user_while_another_users_prompts_run() {
     let s = sim().await;
     let gate = gate_with(&[&s], |f| {
         f.scheduler.max_inflight = 3;
-        with_users(
-            f,
-            r#"
-            [[users]]
-            name = "capped"
-            token_sha256 = "{CAPPED}"
-            limits = { max_running = 1 }
-            [[users]]
-            name = "other"
-            token_sha256 = "{OTHER}"
-            "#,
-        );
+        let users = [("capped", "limits = { max_running = 1 }"), ("other", "")];
+        with_users(f, &users, "");
     })
     .await;
     let base = gate.url();
@@ -178,11 +76,11 @@ async fn max_running_holds_for_a_user_while_another_users_prompts_run() {
     let other: Vec<String> = (0..2).map(|i| format!("o-{i}")).collect();
     for (i, id) in capped.iter().enumerate() {
         let body = json!({"prompt": steps(i as u64, 1_500), "prompt_id": id});
-        assert_eq!(post(&base, CAPPED, body).await.0, 200);
+        assert_eq!(post_as("capped", &base, "/prompt", &body).await.0, 200);
     }
     for (i, id) in other.iter().enumerate() {
         let body = json!({"prompt": steps(10 + i as u64, 1_500), "prompt_id": id});
-        assert_eq!(post(&base, OTHER, body).await.0, 200);
+        assert_eq!(post_as("other", &base, "/prompt", &body).await.0, 200);
     }
     // What the backend holds (running and queued there), sampled until everything ended.
     let mut saw_others_run = false;
@@ -195,12 +93,10 @@ async fn max_running_holds_for_a_user_while_another_users_prompts_run() {
         assert!(of(&capped) <= 1, "the backend holds {held:?}");
         saw_others_run |= of(&capped) == 1 && of(&other) == 2;
         done = 0;
-        for (token, ids) in [(CAPPED, &capped), (OTHER, &other)] {
+        for (user, ids) in [("capped", &capped), ("other", &other)] {
             for id in ids {
-                let req = http()
-                    .get(format!("{base}/history/{id}"))
-                    .bearer_auth(token);
-                done += usize::from(send_for_json(req).await.1.get(id).is_some());
+                let path = format!("/history/{id}");
+                done += usize::from(get_as(user, &base, &path).await.1.get(id).is_some());
             }
         }
         assert!(tokio::time::Instant::now() < deadline, "not all ended");
@@ -210,9 +106,9 @@ async fn max_running_holds_for_a_user_while_another_users_prompts_run() {
         saw_others_run,
         "other's two prompts were on the backend beside capped's one"
     );
-    for (token, ids) in [(CAPPED, &capped), (OTHER, &other)] {
+    for (user, ids) in [("capped", &capped), ("other", &other)] {
         for id in ids {
-            let h = history(&base, token, id).await;
+            let h = history_as(user, &base, id).await;
             assert_eq!(h["status"]["status_str"], "success", "{id}: {h}");
         }
     }

@@ -382,3 +382,47 @@ pub async fn post_as(name: &str, base: &str, path: &str, body: &Value) -> (u16, 
     )
     .await
 }
+
+/// User `name`'s history entry for `id`, once there (polls `/history/{id}` with its token).
+pub async fn history_as(name: &str, base: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(entry) = get_as(name, base, &format!("/history/{id}"))
+            .await
+            .1
+            .get(id)
+        {
+            return entry.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history for {id} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `base`'s `/queue` (a gate's or a backend's) lists `id` as running.
+pub async fn until_running(base: &str, id: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, q) = get_json(base, "/queue").await;
+        let running = q["queue_running"].as_array().cloned().unwrap_or_default();
+        if running.iter().any(|i| i[1] == id) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The prompt ids of an admin listener's `/admin/decisions`, oldest first.
+pub async fn decided(admin: &str) -> Vec<String> {
+    let (_, d) = get_json(admin, "/admin/decisions").await;
+    d["decisions"]
+        .as_array()
+        .expect("decisions")
+        .iter()
+        .filter_map(|d| d["prompt_id"].as_str().map(str::to_string))
+        .collect()
+}
