@@ -393,6 +393,12 @@ async fn no_spelling_gets_a_user_past_the_isolation() {
             .0,
         200
     );
+    for manager in [
+        "/api/v2/comfyui_manager/comfyui_switch_version?ver=v0",
+        "/api/api/internal/logs",
+    ] {
+        assert_eq!(get_as("bob", &base, manager).await.0, 403, "{manager}");
+    }
     // Uploads cannot climb out of the user's folder.
     let upload = |sub: &str, name: &str| {
         let form = reqwest::multipart::Form::new()
@@ -429,11 +435,104 @@ async fn no_spelling_gets_a_user_past_the_isolation() {
         "users//bob/x.png",
         "users/./bob/x.png",
         "users/alice/../bob/x.png",
+        "Users/Bob/x.png",
+        "../input/users/bob/x.png [output]",
+        "users\\bob\\x.png",
     ] {
         let graph = files::load_and_save(spelling, "stolen");
         let (code, v) = post_as("alice", &base, "/prompt", &json!({"prompt": graph})).await;
         assert_eq!(code, 400, "{spelling}: {v}");
     }
+    // Nor save into another user's folder.
+    let mut plant = blur_graph(3);
+    plant["3"]["inputs"]["filename_prefix"] = json!("users/bob/planted");
+    let (code, v) = post_as("alice", &base, "/prompt", &json!({"prompt": plant})).await;
+    assert_eq!(code, 400, "{v}");
+    gate.shutdown().await;
+}
+
+/// A browser sends a user's HTTP Basic credentials with any site's requests: another site's
+/// page can neither post prompts nor open the user's socket with them. The gate's own pages,
+/// and scripts with a bearer token, can.
+#[tokio::test]
+async fn another_site_cannot_use_a_browsers_basic_credentials() {
+    let sim = sim().await;
+    let gate = gate_with_users(&[&sim]).await;
+    let base = gate.url();
+    let host = base.trim_start_matches("http://").to_string();
+    let body = json!({"prompt": blur_graph(1)}).to_string();
+    let post = |origin: Option<&str>, fetch_site: Option<&str>, basic: bool| {
+        let mut req = http()
+            .post(format!("{base}/api/prompt"))
+            .header("content-type", "text/plain")
+            .body(body.clone());
+        req = match basic {
+            true => req.basic_auth("alice", Some("tok-alice")),
+            false => req.bearer_auth("tok-alice"),
+        };
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(f) = fetch_site {
+            req = req.header("sec-fetch-site", f);
+        }
+        req.send()
+    };
+    let own = format!("http://{host}");
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(
+            post(Some("https://evil.example"), None, true)
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    assert_eq!(status(post(Some("null"), None, true).await.unwrap()), 403);
+    assert_eq!(
+        status(post(None, Some("cross-site"), true).await.unwrap()),
+        403
+    );
+    assert_eq!(
+        status(post(Some(&own), Some("same-origin"), true).await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(post(None, None, true).await.unwrap()),
+        200,
+        "a script with Basic"
+    );
+    let bearer = post(None, Some("cross-site"), false);
+    assert_eq!(
+        status(bearer.await.unwrap()),
+        200,
+        "a bearer token is never sent by itself"
+    );
+    // The socket: cross-site WebSocket hijacking.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let cred = base64::engine::general_purpose::STANDARD.encode("u:tok-alice");
+    let socket = |origin: &str| {
+        let mut req = format!("ws://{host}/ws?clientId=c")
+            .into_client_request()
+            .unwrap();
+        let h = req.headers_mut();
+        h.insert("authorization", format!("Basic {cred}").parse().unwrap());
+        h.insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    match socket("https://evil.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected a 403, got {:?}", other.map(|_| ())),
+    }
+    assert!(socket(&own).await.is_ok());
+    let known = queue_ids(&get_as("alice", &base, "/queue").await.1).len()
+        + get_as("alice", &base, "/history")
+            .await
+            .1
+            .as_object()
+            .unwrap()
+            .len();
+    assert_eq!(known, 3, "the three accepted prompts only");
     gate.shutdown().await;
 }
 

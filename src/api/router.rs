@@ -21,7 +21,9 @@ use crate::sched::tenant::Caller;
 /// under `/api`.
 pub fn api_path(raw: &str) -> &str {
     match raw.strip_prefix("/api") {
-        Some(rest) if rest.starts_with('/') && !rest.starts_with("/jobs") => rest,
+        Some(rest) if rest.starts_with('/') && rest != "/jobs" && !rest.starts_with("/jobs/") => {
+            rest
+        }
         _ => raw,
     }
 }

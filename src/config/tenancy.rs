@@ -32,13 +32,18 @@ pub struct AuthConfig {
 }
 
 /// See [`AuthConfig::admin_paths`].
-pub const DEFAULT_ADMIN_PATHS: [&str; 6] = [
+pub const DEFAULT_ADMIN_PATHS: [&str; 11] = [
     "/internal/",
     "/manager/",
-    "/v2/manager/",
     "/customnode/",
     "/externalmodel/",
     "/snapshot/",
+    "/comfyui_manager/",
+    "/v2/manager/",
+    "/v2/customnode/",
+    "/v2/externalmodel/",
+    "/v2/snapshot/",
+    "/v2/comfyui_manager/",
 ];
 
 /// See [`AuthConfig::mode`].
@@ -288,7 +293,9 @@ pub fn check(
                 .to_string();
             return Err((at, format!("users[{i}].name"), message));
         }
-        if out.iter().any(|x| x.name == name) {
+        // Unique ignoring case: a user's folder is `users/NAME`, one folder on a backend whose
+        // file system ignores case.
+        if out.iter().any(|x| x.name.eq_ignore_ascii_case(name)) {
             let message = format!("the name `{name}` is taken by another user");
             return Err((at, format!("users[{i}].name"), message));
         }

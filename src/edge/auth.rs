@@ -93,6 +93,12 @@ pub fn user_may_proxy(
     user_data: bool,
     admin_paths: &[String],
 ) -> bool {
+    // ComfyUI serves every route also under `/api` (custom nodes' `/api/x` as `/api/api/x`):
+    // the prefixes are matched with every leading `/api` taken off.
+    let mut path = path;
+    while let Some(rest) = path.strip_prefix("/api").filter(|r| r.starts_with('/')) {
+        path = rest;
+    }
     let under =
         |prefix: &String| path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/');
     if admin_paths.iter().any(under) {
@@ -104,6 +110,16 @@ pub fn user_may_proxy(
         (true, _) => true,
         (false, _) => read,
     }
+}
+
+/// Whether the request's credential is HTTP Basic: one a browser sends by itself, on any
+/// site's requests to the gate (so those need the same-site check, `origin::credential_is_own`).
+pub fn is_basic(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split(' ').next())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("basic"))
 }
 
 /// `uri` without its `token` query parameters (a credential a backend must not log); `None` if
@@ -244,6 +260,17 @@ mod tests {
         assert!(!may(Method::GET, "/internal", false));
         assert!(!may(Method::GET, "/manager/reboot", false));
         assert!(!may(Method::POST, "/customnode/install", false));
+        assert!(
+            !may(Method::GET, "/api/internal/logs", false),
+            "every /api twin"
+        );
+        assert!(!may(Method::GET, "/api/api/manager/reboot", false));
+        assert!(!may(
+            Method::GET,
+            "/v2/comfyui_manager/comfyui_switch_version",
+            false
+        ));
+        assert!(may(Method::GET, "/api/i18n", false));
     }
 
     #[test]

@@ -50,11 +50,11 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Re
 /// User data lives on the home backend (ComfyUI's `/userdata`, `/v2/userdata`, `/settings`,
 /// `/users`).
 fn is_user_data(path: &str) -> bool {
-    path.starts_with("/userdata")
-        || path.starts_with("/v2/userdata")
-        || path == "/settings"
-        || path.starts_with("/settings/")
-        || path == "/users"
+    let at = |route: &str| {
+        path.strip_prefix(route)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    at("/userdata") || at("/v2/userdata") || at("/settings") || path == "/users"
 }
 
 async fn route(
@@ -94,6 +94,13 @@ async fn route(
         edge.real_ip_header,
     );
     let caller = authenticate(&ctx, &req, &path, client)?;
+    let allowed = &ctx.config.server.allowed_origins;
+    if caller.user.is_some()
+        && auth::is_basic(req.headers())
+        && !origin::credential_is_own(allowed, &req, &path)
+    {
+        return Err(GateError::ForbiddenOrigin);
+    }
     let class = Class::of(req.method(), &path);
     ctx.limits.check_request(&ctx.config.auth, &caller, class)?;
     // aiohttp answers HEAD on every GET route; the gate's own GET routes answer it here (hyper

@@ -17,7 +17,7 @@ use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use http::{Request, header};
+use http::{Method, Request, header};
 use tokio::sync::Semaphore;
 
 use crate::protocol::origin::{host_name, resolved_loopback, same_origin_allows};
@@ -30,6 +30,26 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
 /// Names remembered at most (the cache is emptied when full).
 const REMEMBERED_NAMES: usize = 1024;
+
+/// With auth on and an HTTP Basic credential (which a browser sends by itself, on any site's
+/// requests), whether a request that changes something (any method but `GET`, `HEAD`,
+/// `OPTIONS`) or opens the socket (`/ws`, whose events are the user's) comes from the gate's
+/// own pages or an allowed origin: its `Origin` names the gate's `Host` (whatever the host,
+/// loopback or not), or, without `Origin`, `Sec-Fetch-Site` does not say `cross-site`. Refuses
+/// cross-site request forgery and cross-site WebSocket hijacking; `path` is after `/api`.
+pub fn credential_is_own<B>(allowed: &[String], req: &Request<B>, path: &str) -> bool {
+    let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !changes && path != "/ws" {
+        return true;
+    }
+    match h("origin") {
+        Some(o) if allowed.iter().any(|a| a == o) => true,
+        Some("null") => false,
+        Some(o) => same_origin_allows(h("host"), Some(o), |_| true),
+        None => h("sec-fetch-site") != Some("cross-site"),
+    }
+}
 
 /// Whether a request may proceed: its `Origin` is listed in `allowed`, or ComfyUI's rule
 /// (`server.py` `create_origin_only_middleware`: a loopback Host must match its Origin) lets it.

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::Scheduler;
 use super::tenant::Caller;
 use crate::protocol::errors;
-use comfy_wire::files::refs::{FileRef, Kind};
+use comfy_wire::files::refs::{FileRef, Kind, split_annotation};
 
 impl Scheduler {
     /// Whether `caller` may see or act on prompt `id`: always with auth off or for an admin;
@@ -45,40 +45,45 @@ impl Scheduler {
         let Some(name) = caller.user_name().filter(|_| !caller.sees_all()) else {
             return true;
         };
-        // The folder as a backend's file system will read it: `a//b` and `a/./b` are `a/b`; one
-        // that climbs (`..`) is nobody's to read.
-        let Some(subfolder) = plain_subfolder(&r.subfolder) else {
-            return false;
-        };
-        let folder_owner = Caller::upload_owner(&subfolder);
-        if folder_owner == Some(name) {
-            return true;
+        match folder_verdict(name, r) {
+            Some(verdict) => verdict,
+            None => self.listed_for(name, std::slice::from_ref(r))[0],
         }
-        if r.kind == Kind::Input {
-            // Another user's upload folder, or the backends' shared inputs.
-            return folder_owner.is_none();
-        }
+    }
+
+    /// For each of `refs`, whether one of user `name`'s prompts listed it (its history entry's
+    /// outputs, or the `executed` outputs of its run): one pass over the user's prompts for
+    /// all of them.
+    fn listed_for(&self, name: &str, refs: &[FileRef]) -> Vec<bool> {
+        let mut found = vec![false; refs.len()];
         let s = self.lock();
         for rec in s.table.records_of_user(name) {
             let entry = self.history.get(&rec.id);
-            let listed = |v: &Value| lists(v, r);
-            if rec.log.outputs.values().any(listed)
-                || entry.as_deref().is_some_and(|e| listed(&e["outputs"]))
-            {
-                return true;
+            let outputs = rec
+                .log
+                .outputs
+                .values()
+                .chain(entry.as_deref().map(|e| &e["outputs"]));
+            for v in outputs {
+                for (i, r) in refs.iter().enumerate() {
+                    found[i] = found[i] || lists(v, r);
+                }
+            }
+            if found.iter().all(|f| *f) {
+                break;
             }
         }
-        false
+        found
     }
 
-    /// ComfyUI's 400 for a prompt of `caller` that names a file it may not read, as ComfyUI
-    /// answers for a file it does not have (LoadImage's `Invalid image file`); `None` if it
-    /// names none.
+    /// ComfyUI's 400 for a prompt of `caller` that names a file it may not read (or saves into
+    /// another user's folder), as ComfyUI answers for a file it does not have (LoadImage's
+    /// `Invalid image file`); `None` if it names none.
     pub fn foreign_file_refusal(&self, caller: &Caller, prompt: &Value) -> Option<Value> {
-        if caller.sees_all() {
-            return None;
-        }
+        let name = caller.user_name().filter(|_| !caller.sees_all())?;
         let nodes = prompt.as_object()?;
+        // (node, input, value) of the file references whose verdict needs the user's listings.
+        let mut to_list: Vec<(&str, &str, &str, FileRef)> = Vec::new();
         for (id, node) in nodes {
             let Some(inputs) = node["inputs"].as_object() else {
                 continue;
@@ -87,28 +92,71 @@ impl Scheduler {
                 let Some(text) = value.as_str() else {
                     continue;
                 };
-                let readable = match FileRef::from_loader(text) {
-                    Some(r) => self.may_read_file(caller, &r),
-                    // Not a file of the input, output or temp folders: a path that leaves them
-                    // (absolute, or through `..`) naming a file is refused too, since ComfyUI's
-                    // loaders would open it as it stands.
-                    None => !names_a_file_outside(text),
+                let verdict = if input == "filename_prefix" {
+                    // A save goes to its own folder, not into another user's.
+                    Some(saves_in_own_folder(name, text))
+                } else {
+                    match FileRef::from_loader(text) {
+                        Some(r) => match folder_verdict(name, &r) {
+                            None => {
+                                to_list.push((id, input, text, r));
+                                continue;
+                            }
+                            verdict => verdict,
+                        },
+                        // Not a file of the input, output or temp folders: a path that leaves
+                        // them (absolute, climbing) is refused, since ComfyUI's loaders would
+                        // open it as it stands.
+                        None => Some(!names_a_file_outside(text)),
+                    }
                 };
-                if readable {
-                    continue;
+                if verdict == Some(false) {
+                    return Some(refusal(id, node, input, text));
                 }
-                let reason = format!("Invalid image file: {}", value.as_str().unwrap_or(""));
-                let error = errors::custom_validation_failed(input, &reason);
-                let node_errors = json!({ id.as_str(): {
-                    "errors": [error],
-                    "dependent_outputs": [],
-                    "class_type": node["class_type"],
-                }});
-                return Some(errors::outputs_failed("", node_errors));
             }
         }
-        None
+        let refs: Vec<FileRef> = to_list.iter().map(|(.., r)| r.clone()).collect();
+        let listed = self.listed_for(name, &refs);
+        let (id, input, text, _) = to_list.iter().zip(listed).find(|(_, l)| !l)?.0;
+        Some(refusal(id, &nodes[*id], input, text))
     }
+}
+
+/// ComfyUI's 400 body for `node`'s `input` naming a file `text` it cannot have.
+fn refusal(id: &str, node: &Value, input: &str, text: &str) -> Value {
+    let error = errors::custom_validation_failed(input, &format!("Invalid image file: {text}"));
+    let node_errors = json!({ id: {
+        "errors": [error],
+        "dependent_outputs": [],
+        "class_type": node["class_type"],
+    }});
+    errors::outputs_failed("", node_errors)
+}
+
+/// What the folder of `r` decides for user `name`: `Some(true)` its own upload folder,
+/// `Some(false)` another user's (or a folder that climbs), for an input a shared file
+/// `Some(true)`; `None` for an output or temp file outside the upload folders, which only the
+/// user's own prompts' listings decide.
+fn folder_verdict(name: &str, r: &FileRef) -> Option<bool> {
+    // The folder as a backend's file system will read it: `a//b` and `a/./b` are `a/b`; one
+    // that climbs (`..`) is nobody's to read.
+    let Some(subfolder) = plain_subfolder(&r.subfolder) else {
+        return Some(false);
+    };
+    // Case ignored: one folder on a backend whose file system ignores case.
+    match Caller::upload_owner(&subfolder) {
+        Some(owner) => Some(owner.eq_ignore_ascii_case(name)),
+        None if r.kind == Kind::Input => Some(true),
+        None => None,
+    }
+}
+
+/// Whether a `filename_prefix` of user `name` saves outside other users' upload folders.
+fn saves_in_own_folder(name: &str, prefix: &str) -> bool {
+    let Some(dir) = plain_subfolder(prefix) else {
+        return false;
+    };
+    Caller::upload_owner(&dir).is_none_or(|owner| owner.eq_ignore_ascii_case(name))
 }
 
 /// `subfolder` with empty and `.` segments dropped; `None` if a segment is `..` or it uses `\\`.
@@ -128,10 +176,11 @@ fn plain_subfolder(subfolder: &str) -> Option<String> {
 }
 
 /// Whether a string input reads as a path to a file outside ComfyUI's folders: absolute (`/…`,
-/// `\\…`, `C:…`) or climbing (`..` segment), with a file extension on its last segment (so text
+/// `\\…`, `C:…`), climbing (a `..` segment) or Windows-separated (`\\`), and file-like: an
+/// annotation (` [output]`), a file extension on its last segment, or no space at all (so text
 /// such as `/imagine a cat` is not taken for one).
 fn names_a_file_outside(text: &str) -> bool {
-    let t = text.trim();
+    let (t, annotation) = split_annotation(text.trim());
     let absolute = t.starts_with('/')
         || t.starts_with('\\')
         || t.as_bytes().get(1) == Some(&b':') && t.as_bytes()[0].is_ascii_alphabetic();
@@ -142,7 +191,8 @@ fn names_a_file_outside(text: &str) -> bool {
             && (1..=5).contains(&ext.len())
             && ext.chars().all(|c| c.is_ascii_alphanumeric())
     });
-    (absolute || climbs) && has_extension
+    let file_like = annotation.is_some() || has_extension || !t.contains(char::is_whitespace);
+    (absolute || climbs || t.contains('\\')) && file_like && t.len() > 1
 }
 
 /// Whether a UI output value lists file `r` (a file item `{filename, subfolder, type}` at any
@@ -178,6 +228,12 @@ mod tests {
             Caller::upload_owner(&plain_subfolder("users//bob/x").unwrap()),
             Some("bob")
         );
+        assert_eq!(Caller::upload_owner("Users/Bob/x"), Some("Bob"));
+        assert!(saves_in_own_folder("alice", "users/alice/x"));
+        assert!(saves_in_own_folder("alice", "ComfyUI"));
+        assert!(!saves_in_own_folder("alice", "users/bob/x"));
+        assert!(!saves_in_own_folder("alice", "USERS//Bob/x"));
+        assert!(!saves_in_own_folder("alice", "../x"));
     }
 
     #[test]
@@ -188,6 +244,11 @@ mod tests {
             "x/../../y.webp",
             "C:\\data\\a.jpg",
             "\\\\host\\a.png",
+            "../input/users/bob/x.png [output]",
+            "/srv/comfy/input/users/bob/x [input]",
+            "users\\bob\\x.png",
+            "/etc/passwd",
+            "..",
         ] {
             assert!(names_a_file_outside(path), "{path}");
         }
@@ -198,7 +259,7 @@ mod tests {
             "sub/cat.png",
             "...and then",
             "/",
-            "..",
+            "a cat [output]",
         ] {
             assert!(!names_a_file_outside(text), "{text}");
         }

@@ -92,7 +92,11 @@ impl Caller {
 
     /// The user whose upload folder `subfolder` is in, if any.
     pub fn upload_owner(subfolder: &str) -> Option<&str> {
-        let rest = subfolder.strip_prefix(UPLOADS_ROOT)?.strip_prefix('/')?;
+        // Case ignored: one folder on a backend whose file system ignores case.
+        let (root, rest) = subfolder.split_once('/')?;
+        if !root.eq_ignore_ascii_case(UPLOADS_ROOT) {
+            return None;
+        }
         Some(rest.split('/').next().unwrap_or(rest)).filter(|n| !n.is_empty())
     }
 
