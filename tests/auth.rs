@@ -138,7 +138,7 @@ async fn users_see_and_touch_only_their_own_and_an_admin_sees_all() {
     let submit = |id: &str, g: Value| json!({"prompt": g, "prompt_id": id, "client_id": "shared"});
     // Alice's long prompt holds the one slot; one of hers and one of Bob's wait behind it.
     assert_eq!(
-        post_as("alice", &base, "/prompt", &submit("a-run", steps(1, 3000)))
+        post_as("alice", &base, "/prompt", &submit("a-run", steps(1, 8000)))
             .await
             .0,
         200
