@@ -372,20 +372,6 @@ pub async fn serve<H, F>(
                 },
                 None => peer,
             };
-            // hyper's header timeout starts with the first byte, and the auto builder's choice
-            // between HTTP/1 and HTTP/2 waits for bytes with no timeout at all: a client that
-            // connects and sends nothing would hold its socket (and a file descriptor) forever.
-            // It gets `header_read_timeout` to send its first byte, as nginx's
-            // `client_header_timeout` gives it.
-            let mut probe = [0u8; 1];
-            let first_byte = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                r = tokio::time::timeout(within, stream.peek(&mut probe)) => r,
-            };
-            if !matches!(first_byte, Ok(Ok(n)) if n > 0) {
-                return;
-            }
             let info = ConnInfo { peer, local };
             let service = hyper::service::service_fn(move |req| {
                 let fut = handler(req, info);
