@@ -96,6 +96,23 @@ fn audit_path(dir: &Path) -> PathBuf {
     dir.join("audit.log")
 }
 
+/// A gate over `sims` writing its audit log into a fresh folder (kept alive by the returned
+/// guard), `tweak` applied after; the gate, the log's path and the guard.
+async fn gate_with_audit(
+    sims: &[&comfy_sim::SimHandle],
+    tweak: impl FnOnce(&mut comfy_gate::config::FileConfig),
+) -> (comfy_gate::GateHandle, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = audit_path(dir.path());
+    let to = log.display().to_string();
+    let gate = gate_with(sims, move |f| {
+        f.audit.log = Some(to);
+        tweak(f);
+    })
+    .await;
+    (gate, log, dir)
+}
+
 /// A known workload on one backend with one slot: two successes, an error (out of memory, no
 /// larger card), one interrupted, one deleted while it waited. One line each, with every field
 /// and what the gate knows of it; `/admin/usage` sums their GPU-seconds, which are their run
@@ -103,14 +120,8 @@ fn audit_path(dir: &Path) -> PathBuf {
 #[tokio::test]
 async fn one_line_per_prompt_that_ended_and_usage_sums_their_run_times() {
     let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = audit_path(dir.path());
-    let to = log.display().to_string();
-    let gate = gate_with(&[&sim], move |f| {
-        f.backends[0].max_inflight = Some(1);
-        f.audit.log = Some(to);
-    })
-    .await;
+    let (gate, log, _dir) =
+        gate_with_audit(&[&sim], |f| f.backends[0].max_inflight = Some(1)).await;
     let (base, admin) = (gate.url(), format!("http://{}", gate.admin_addr));
     let mut ws = Ws::connect(&base, Some("c")).await;
 
@@ -282,10 +293,7 @@ async fn one_line_per_prompt_that_ended_and_usage_sums_their_run_times() {
 #[tokio::test]
 async fn a_reopened_log_starts_a_new_file_after_a_rename() {
     let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = audit_path(dir.path());
-    let to = log.display().to_string();
-    let gate = gate_with(&[&sim], move |f| f.audit.log = Some(to)).await;
+    let (gate, log, dir) = gate_with_audit(&[&sim], |_| {}).await;
     let base = gate.url();
     submit(&base, "before", blur_graph(1)).await;
     wait_history(&base, "before").await;
@@ -389,11 +397,7 @@ async fn sigusr1_reopens_the_log_of_the_running_binary() {
 #[tokio::test]
 async fn with_auth_each_line_and_sum_is_the_users() {
     let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = audit_path(dir.path());
-    let to = log.display().to_string();
-    let gate = gate_with(&[&sim], move |f| {
-        f.audit.log = Some(to);
+    let (gate, log, _dir) = gate_with_audit(&[&sim], |f| {
         with_users(f, &[("alice", ""), ("bob", "")], "");
     })
     .await;
@@ -440,11 +444,7 @@ async fn with_auth_each_line_and_sum_is_the_users() {
 #[tokio::test]
 async fn behind_a_trusted_proxy_the_line_names_the_real_client() {
     let sim = sim().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = audit_path(dir.path());
-    let to = log.display().to_string();
-    let gate = gate_with(&[&sim], move |f| {
-        f.audit.log = Some(to);
+    let (gate, log, _dir) = gate_with_audit(&[&sim], |f| {
         f.edge.trusted_proxies = vec![toml::Spanned::new(0..0, "127.0.0.1".to_string())];
     })
     .await;

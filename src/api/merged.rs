@@ -88,14 +88,6 @@ impl Scope {
     fn strangers(&self) -> bool {
         matches!(self, Scope::All)
     }
-
-    /// The view with only the items shown.
-    fn view(&self, mut v: QueueView) -> QueueView {
-        let shown = |item: &Value| item[1].as_str().is_some_and(|id| self.shows(id));
-        v.running.retain(shown);
-        v.pending.retain(shown);
-        v
-    }
 }
 
 /// `GET /queue`: the gate's prompts as they are at one moment (see `sched::views`), plus items
@@ -103,7 +95,7 @@ impl Scope {
 /// with auth on, a user's own only (admins: all).
 pub async fn queue(ctx: &Ctx, caller: &Caller) -> Value {
     let scope = Scope::of(ctx, caller);
-    let view = scope.view(ctx.sched.queue_view(scope.user()));
+    let view = ctx.sched.queue_view(scope.user());
     queue_with_strangers(ctx, view, &scope).await
 }
 
@@ -302,7 +294,7 @@ pub async fn jobs(
     // The gate's queue and history from one moment, so no job is listed twice or missed.
     let scope = Scope::of(ctx, caller);
     let (view, gate_history) = ctx.sched.queue_and_history(scope.user());
-    let queue = queue_with_strangers(ctx, scope.view(view), &scope).await;
+    let queue = queue_with_strangers(ctx, view, &scope).await;
     let entries = with_stranger_history(ctx, gate_history, &scope).await;
     let history = match page_history(entries, None, -1) {
         Value::Object(m) => m,
