@@ -26,6 +26,7 @@ pub mod error;
 pub mod files;
 pub mod fleet;
 pub mod loadtest;
+pub mod reload;
 pub mod sched;
 pub mod sessions;
 
@@ -58,7 +59,8 @@ const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub struct GateHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    config: Arc<Config>,
+    config: Arc<config::Live>,
+    reloader: Arc<reload::Reloader>,
     sessions: Arc<Sessions>,
     audit: Arc<sched::audit::Audit>,
     stop: CancellationToken,
@@ -82,6 +84,21 @@ impl GateHandle {
         self.audit.reopener()
     }
 
+    /// The reloader (`SIGHUP`, `POST /admin/reload`); see [`reload`].
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
+    }
+
+    /// Reads the configuration source again and puts it in force (what `SIGHUP` does).
+    pub async fn reload(&self) -> Result<reload::ReloadReport, reload::ReloadError> {
+        self.reloader.reload().await
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load()
+    }
+
     /// Graceful shutdown: stops accepting, closes client sockets with 1001, gives in-flight
     /// requests up to `recovery.drain_timeout_ms`, then stops. Everything accepted is already
     /// persisted; a restart with the same state directory finishes it.
@@ -93,7 +110,7 @@ impl GateHandle {
             tokio::time::sleep(CLOSE_FRAMES_POLL).await;
         }
         self.stop.cancel();
-        let drain = self.config.drain_timeout() + SHUTDOWN_SLACK;
+        let drain = self.config.load().drain_timeout() + SHUTDOWN_SLACK;
         let _ = tokio::time::timeout(drain, futures_util::future::join_all(self.tasks)).await;
         // The usage flusher wrote its last rows as it stopped; the audit lines still being
         // prepared are written, then the writer thread ends.
@@ -105,32 +122,33 @@ impl GateHandle {
 /// watchdog. State from an earlier run in the same state directory is loaded first; a store
 /// that cannot be read is an error naming its file.
 pub async fn run(config: Config) -> std::io::Result<GateHandle> {
-    let config = Arc::new(config);
-    let state_dir = config.state_dir();
-    let names: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
+    let config = config::Live::new(config);
+    let boot = config.load();
+    let state_dir = boot.state_dir();
+    let names: Vec<String> = boot.backends.iter().map(|b| b.name.clone()).collect();
     let (store, loaded) = sched::store::Store::open(&state_dir, &names)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let store = Arc::new(store);
     let audit = Arc::new(sched::audit::Audit::open(
-        &config.audit,
+        &boot.audit,
         store.clone(),
         loaded.usage,
     )?);
-    let listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
+    let listener = TcpListener::bind(boot.server.listen).await?;
+    let admin_listener = TcpListener::bind(boot.server.admin_listen).await?;
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
     let stop = CancellationToken::new();
-    let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id));
+    let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id, stop.clone()));
     let files = Arc::new(files::Files::open(
         &state_dir,
         store.clone(),
         loaded.aliases,
-        config.recovery.max_output_names,
+        boot.recovery.max_output_names,
     )?);
     let sessions = Arc::new(Sessions::default());
     let table = restore_table(&fleet, loaded.counter, loaded.records);
     files.hold_kept_history(loaded.history.iter().map(|(_, _, entry)| entry));
-    let history = sched::history::History::new(store.clone(), loaded.history, &config.recovery);
+    let history = sched::history::History::new(store.clone(), loaded.history, &boot.recovery);
     let sched = Arc::new(Scheduler::new(
         config.clone(),
         fleet.clone(),
@@ -146,19 +164,12 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     fleet::probe::probe_all(&fleet).await;
     let mut tasks = Vec::new();
     let (events_tx, events_rx) = mpsc::channel(fleet::socket::EVENTS_CAPACITY);
-    for b in fleet.backends() {
-        let (f, s, i) = (fleet.clone(), stop.clone(), b.index);
-        tasks.push(tokio::spawn(supervise(
-            "probe loop",
-            stop.clone(),
-            move || fleet::probe::probe_loop(f.clone(), i, s.clone()),
-        )));
-        let (f, s, tx) = (fleet.clone(), stop.clone(), events_tx.clone());
-        tasks.push(tokio::spawn(supervise(
-            "socket loop",
-            stop.clone(),
-            move || fleet::socket::socket_loop(f.clone(), i, tx.clone(), s.clone()),
-        )));
+    let loops = reload::BackendLoops {
+        fleet: fleet.clone(),
+        events: events_tx.downgrade(),
+    };
+    for b in fleet.backends().iter() {
+        tasks.extend(loops.start(b.index));
     }
     drop(events_tx);
     // The receiver outlives a panicked event loop: the restarted one reads on from it.
@@ -201,15 +212,16 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     });
     let handler = Arc::new(move |req, info| edge::handle(ctx.clone(), req, info));
     let admin_options = http::ServeOptions {
-        header_read_timeout: config.header_read_timeout(),
-        drain: Some(config.drain_timeout()),
+        header_read_timeout: boot.header_read_timeout(),
+        drain: Some(boot.drain_timeout()),
         proxy_protocol: None,
     };
     let options = http::ServeOptions {
-        proxy_protocol: config.edge.proxy_protocol.then(|| {
-            let trusted = config.edge.trusted_proxies.clone();
-            let trust: http::TrustedPeer =
-                Arc::new(move |ip| edge::forwarded::is_trusted(&trusted, ip));
+        proxy_protocol: boot.edge.proxy_protocol.then(|| {
+            let live = config.clone();
+            let trust: http::TrustedPeer = Arc::new(move |ip| {
+                edge::forwarded::is_trusted(&live.load().edge.trusted_proxies, ip)
+            });
             trust
         }),
         ..admin_options.clone()
@@ -220,9 +232,25 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         options.clone(),
         stop.clone(),
     )));
+    let reloader = Arc::new(reload::Reloader::new(
+        config.clone(),
+        sched.clone(),
+        loops,
+        stop.clone(),
+    ));
+    let for_admin = reloader.clone();
     let admin = Arc::new(admin::Admin {
         sched,
         fleet: fleet.clone(),
+        reload: Arc::new(move || {
+            let reloader = for_admin.clone();
+            Box::pin(async move {
+                match reloader.reload().await {
+                    Ok(report) => Ok(serde_json::to_value(report).unwrap_or_default()),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        }),
     });
     let admin_handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
         use futures_util::FutureExt;
@@ -248,6 +276,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         addr,
         admin_addr,
         config,
+        reloader,
         sessions,
         audit,
         stop,
@@ -266,7 +295,7 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// fleet, whose locks shrug off poisoning (the event loop's receiver outlives it too); the
 /// one item being handled when it panicked is lost, and the watchdog and recovery end what it
 /// left half done. Each panic is logged at error level with the loop's name and message.
-async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, mut start: F)
+pub(crate) async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, mut start: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()> + Send,

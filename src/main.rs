@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use comfy_gate::config::{self, FileConfig};
+use comfy_gate::config;
+
+mod service;
 
 /// mimalloc: a proxy allocates and frees many small buffers per request (headers, JSON values);
 /// glibc malloc spent about a sixth of the gate's CPU on them under load.
@@ -43,6 +45,17 @@ enum Command {
         /// Directory of the durable state (overrides `server.state_dir`).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+    /// Ask a running gate to read its configuration again (`POST /admin/reload` on its admin
+    /// listener, what `SIGHUP` and `systemctl reload` do): prints what changed, or the
+    /// file's error (file, line, field) and exits 1.
+    Reload {
+        /// The gate's configuration file: its `server.admin_listen` is where to ask.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The admin listener's URL, e.g. `http://127.0.0.1:8189` (overrides `--config`).
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Validate a configuration file and report errors with file, line and field.
     Check {
@@ -126,21 +139,6 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 /// `SIGUSR1` reopens the audit log file by name (logrotate's `postrotate` convention).
 #[cfg(unix)]
 fn reopen_on_sigusr1(reopen: comfy_gate::sched::audit::Reopen) -> anyhow::Result<()> {
@@ -200,43 +198,14 @@ async fn main() -> anyhow::Result<()> {
             backends,
             state_dir,
         } => {
-            let (mut file, text, name) = match &path {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .with_context(|| format!("reading {}", p.display()))?;
-                    let file: FileConfig = match toml::from_str(&text) {
-                        Ok(f) => f,
-                        Err(_) => {
-                            // Report with file, line and field.
-                            let e = config::parse(&text, &p.display().to_string()).unwrap_err();
-                            eprintln!("{e}");
-                            std::process::exit(1);
-                        }
-                    };
-                    (file, text, p.display().to_string())
-                }
-                None => (
-                    FileConfig::default(),
-                    String::new(),
-                    "(command line)".to_string(),
-                ),
+            let source = config::Source {
+                path,
+                listen,
+                admin_listen,
+                backends,
+                state_dir,
             };
-            if let Some(l) = listen {
-                file.server.listen = l;
-            }
-            if let Some(a) = admin_listen {
-                file.server.admin_listen = a;
-            }
-            if let Some(d) = state_dir {
-                file.server.state_dir = Some(d);
-            }
-            if !backends.is_empty() {
-                file.backends = backends
-                    .iter()
-                    .map(|u| config::backend_from_url(u))
-                    .collect();
-            }
-            let cfg = match config::validate(file, &text, &name) {
+            let cfg = match source.read() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -250,14 +219,34 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             };
+            if source.path.is_some() {
+                handle.reloader().set_source(source);
+            }
             reopen_on_sigusr1(handle.audit_reopener())?;
             println!(
                 "comfy-gate listening on http://{} (admin http://{})",
                 handle.addr, handle.admin_addr
             );
-            shutdown_signal().await;
+            service::serve_until_stopped(&handle).await?;
             handle.shutdown().await;
             Ok(())
+        }
+        Command::Reload {
+            config: path,
+            admin,
+        } => {
+            let admin = match (admin, path) {
+                (Some(url), _) => url,
+                (None, Some(p)) => match config::load(&p) {
+                    Ok(c) => format!("http://{}", c.server.admin_listen),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        std::process::exit(1);
+                    }
+                },
+                (None, None) => format!("http://{}", config::ServerConfig::default().admin_listen),
+            };
+            std::process::exit(service::ask_to_reload(&admin).await)
         }
         Command::Gpus { nvml_library } => {
             match comfy_gate::fleet::nvml::probe(nvml_library.as_deref()) {
@@ -364,7 +353,7 @@ async fn run_demo(
     println!(
         "       (the sims have sd_xl_base_1.0.safetensors and v1-5-pruned-emaonly-fp16.safetensors)"
     );
-    shutdown_signal().await;
+    service::shutdown_signal().await;
     demo.gate.shutdown().await;
     Ok(())
 }

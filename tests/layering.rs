@@ -43,7 +43,7 @@ const SIDEWAYS_ALLOWED: &[(&str, &str)] = &[];
 
 /// Crate-root files and folders that connect everything: they may import any layer, and no
 /// layer may import them. `bin` holds other crates' roots.
-const WIRING: &[&str] = &["lib", "main", "demo", "bin"];
+const WIRING: &[&str] = &["lib", "main", "demo", "bin", "reload", "service"];
 
 fn layer_of(module: &str) -> Option<&'static Layer> {
     LAYERS.iter().find(|layer| layer.modules.contains(&module))

@@ -4,7 +4,9 @@
 //! `POST /admin/backends/{name}/drain` (no new prompts; running ones finish there; prompts
 //! waiting in its queue move back to the gate queue) and `POST /admin/backends/{name}/undrain`.
 //! `GET /admin/usage?user=&since=`: GPU-seconds and prompts per tenant from the usage ledger
-//! (`sched::usage`), the sums of the audit log's lines.
+//! (`sched::usage`), the sums of the audit log's lines. `POST /admin/reload`: the configuration
+//! file read again and put in force (200 with what changed; 400 with file, line and field when
+//! it is invalid, and nothing changed).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +23,14 @@ use crate::sched::{Scheduler, recovery, usage};
 pub struct Admin {
     pub sched: Arc<Scheduler>,
     pub fleet: Arc<Fleet>,
+    /// `POST /admin/reload`: the gate's reload (the wiring's, which this layer cannot name).
+    pub reload: ReloadFn,
 }
+
+/// A reload as the admin API calls it: `Ok(report)` as JSON, or the error's text (file, line,
+/// field).
+pub type ReloadFn =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Result<Value, String>> + Send + Sync>;
 
 /// Serves one admin request.
 pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
@@ -42,6 +51,16 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             };
             json_resp(code, &json!({ "ready": ready, "backends": backends }))
         }
+        "/admin/reload" if req.method() == http::Method::POST => match (admin.reload)().await {
+            Ok(report) => json_resp(
+                StatusCode::OK,
+                &json!({ "reloaded": true, "report": report }),
+            ),
+            Err(error) => json_resp(
+                StatusCode::BAD_REQUEST,
+                &json!({ "reloaded": false, "error": error }),
+            ),
+        },
         "/admin/records" => json_resp(StatusCode::OK, &admin.sched.records()),
         "/admin/usage" => usage(&admin.sched, req.uri().query().unwrap_or("")),
         "/admin/decisions" => json_resp(
@@ -53,7 +72,8 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body>
             let backends: Vec<_> = fleet
                 .backends()
                 .iter()
-                .map(|b| describe(fleet, b, slots[b.index]))
+                .filter(|b| !b.is_gone())
+                .map(|b| describe(fleet, b, slots.get(b.index).copied().unwrap_or(0)))
                 .collect();
             json_resp(StatusCode::OK, &json!({ "backends": backends }))
         }
@@ -150,7 +170,7 @@ fn describe(fleet: &Fleet, b: &BackendState, inflight: usize) -> Value {
         "health": b.health().as_str(),
         "state": b.state_word(),
         "inflight": inflight,
-        "max_inflight": b.config.max_inflight,
+        "max_inflight": b.max_inflight(),
         "completed": b.completed.load(Ordering::SeqCst),
         "ws_connected": b.ws_connected.load(Ordering::SeqCst),
         "vram_total": vram_total,

@@ -126,7 +126,7 @@ async fn find_bytes(ctx: &Ctx, r: &FileRef) -> Option<Vec<u8>> {
 /// Backends that are up, the home backend first.
 fn asking_order(ctx: &Ctx) -> Vec<usize> {
     let mut order: Vec<usize> = ctx.fleet.up();
-    order.sort_by_key(|i| (*i != ctx.config.home, *i));
+    order.sort_by_key(|i| (*i != ctx.config.load().home, *i));
     order
 }
 

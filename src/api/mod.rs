@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::config::Config;
 use crate::files::Files;
 use crate::fleet::Fleet;
 use crate::sched::Scheduler;
@@ -22,7 +21,7 @@ use crate::sessions::Sessions;
 
 /// What every route may use.
 pub struct Ctx {
-    pub config: Arc<Config>,
+    pub config: Arc<crate::config::Live>,
     pub sched: Arc<Scheduler>,
     pub fleet: Arc<Fleet>,
     pub sessions: Arc<Sessions>,
@@ -38,7 +37,7 @@ impl Ctx {
     pub fn features(&self) -> Value {
         json!({
             "supports_preview_metadata": true,
-            "max_upload_size": self.config.server.max_body_bytes,
+            "max_upload_size": self.config.load().server.max_body_bytes,
             "extension": { "manager": { "supports_v4": true } },
         })
     }

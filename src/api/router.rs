@@ -79,7 +79,7 @@ pub async fn route(
 ) -> Result<Response<Body>, GateError> {
     let path = api_path(req.uri().path()).to_string();
     let method = req.method().clone();
-    let auth = &ctx.config.auth;
+    let auth = &ctx.config.load().auth;
     if method == Method::GET && path == "/ws" {
         let slot = ctx.limits.open_socket(auth, caller.client)?;
         return Ok(super::ws::handle(ctx.clone(), req, &caller, slot));
@@ -94,7 +94,11 @@ pub async fn route(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let body = read_body(req.into_body(), ctx.config.server.max_body_bytes as usize).await?;
+    let body = read_body(
+        req.into_body(),
+        ctx.config.load().server.max_body_bytes as usize,
+    )
+    .await?;
     let ok = |v: Value| Ok(json_resp(StatusCode::OK, &v));
     let id = &caller;
     match (method, path.as_str()) {
@@ -141,7 +145,7 @@ pub async fn route(
             Ok(one_job(merged::jobs(&ctx, &caller, None, Some(&id)).await))
         }
         (Method::POST, "/upload/image") | (Method::POST, "/upload/mask") => {
-            let max_body = ctx.config.server.max_body_bytes;
+            let max_body = ctx.config.load().server.max_body_bytes;
             ctx.limits
                 .check_upload(auth, &caller, body.len(), max_body)?;
             match files::upload(&ctx, &caller, &content_type, &body, path == "/upload/mask").await?

@@ -50,7 +50,13 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Parses and validates `text` read from `file`.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-    let raw: FileConfig = toml::from_str(text).map_err(|e| {
+    validate(parse_file(text, file)?, text, file)
+}
+
+/// Parses `text` read from `file` without validating it: a TOML syntax error, an unknown field
+/// or a value of the wrong type is reported with its line and field.
+pub fn parse_file(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
         let message = e.message().to_string();
         // A bad value (an unknown enum name, a wrong type) is reported at its key's line.
@@ -76,8 +82,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             field,
             message,
         }
-    })?;
-    validate(raw, text, file)
+    })
 }
 
 /// Validates a parsed file (or one built from the command line, with an empty `text`).

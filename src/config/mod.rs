@@ -12,13 +12,19 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod gpu;
+mod live;
 mod load;
 mod policy;
+mod source;
 mod tenancy;
 
 pub use gpu::GpuSelector;
-pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, validate};
+pub use live::Live;
+pub use load::{
+    ConfigError, backend_from_url, load, parse, parse_backend_url, parse_file, validate,
+};
 pub use policy::PlacementPolicy;
+pub use source::Source;
 pub use tenancy::{
     AuditConfig, Auth, AuthConfig, AuthMode, DEFAULT_ADMIN_PATHS, LimitOverrides, Limits,
     LimitsConfig, User, UserConfig, parse_sha256, valid_name,
@@ -192,7 +198,7 @@ impl Default for HealthConfig {
 }
 
 /// `[telemetry]`: NVML readings for backends whose GPU is on the gate's own machine.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// Read local GPUs through NVML (for backends with `gpu` set). Default true; without the
@@ -350,7 +356,8 @@ pub struct Config {
     pub auth: Auth,
     pub audit: AuditConfig,
     pub backends: Vec<Backend>,
-    /// Index into `backends` of the user-data home.
+    /// Runtime index of the user-data home: its position in `backends` at start; after a
+    /// reload, its index in the fleet (see `reload`).
     pub home: usize,
 }
 

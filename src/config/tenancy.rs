@@ -164,7 +164,7 @@ impl Limits {
 }
 
 /// `[audit]`: one JSON line per finished prompt.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Where the lines go: a file path (appended; reopened on SIGUSR1, logrotate's

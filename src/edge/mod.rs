@@ -62,7 +62,7 @@ async fn route(
     mut req: Request<Incoming>,
     info: ConnInfo,
 ) -> Result<Response<Body>, GateError> {
-    if ctx.config.server.test_faults
+    if ctx.config.load().server.test_faults
         && req
             .headers()
             .get(TEST_FAULT_HEADER)
@@ -79,14 +79,14 @@ async fn route(
             return Err(GateError::BadRequest(why.into()));
         }
     }
-    if !origin::origin_allowed(&ctx.config.server.allowed_origins, &req).await {
+    if !origin::origin_allowed(&ctx.config.load().server.allowed_origins, &req).await {
         return Err(GateError::ForbiddenOrigin);
     }
     if req.method() == Method::OPTIONS {
         return Ok(status(StatusCode::OK));
     }
     let path = router::api_path(req.uri().path()).to_string();
-    let edge = &ctx.config.edge;
+    let edge = &ctx.config.load().edge;
     let client = forwarded::client_addr(
         info.peer.ip(),
         req.headers(),
@@ -94,7 +94,7 @@ async fn route(
         edge.real_ip_header,
     );
     let caller = authenticate(&ctx, &req, &path, client)?;
-    let allowed = &ctx.config.server.allowed_origins;
+    let allowed = &ctx.config.load().server.allowed_origins;
     if caller.user.is_some()
         && auth::is_basic(req.headers())
         && !origin::credential_is_own(allowed, &req, &path)
@@ -102,7 +102,8 @@ async fn route(
         return Err(GateError::ForbiddenOrigin);
     }
     let class = Class::of(req.method(), &path);
-    ctx.limits.check_request(&ctx.config.auth, &caller, class)?;
+    ctx.limits
+        .check_request(&ctx.config.load().auth, &caller, class)?;
     // aiohttp answers HEAD on every GET route; the gate's own GET routes answer it here (hyper
     // sends the head only), never a backend's unfiltered answer.
     if req.method() == Method::HEAD && path != "/view" && router::owns(&Method::GET, &path) {
@@ -115,7 +116,7 @@ async fn route(
             *req.uri_mut() = uri;
         }
         let proxied = user_data || !router::owns(req.method(), &path);
-        let admin_paths = &ctx.config.auth.admin_paths;
+        let admin_paths = &ctx.config.load().auth.admin_paths;
         if proxied
             && !user.admin
             && !auth::user_may_proxy(req.method(), &path, user_data, admin_paths)
@@ -124,8 +125,8 @@ async fn route(
             return Err(GateError::Forbidden(why));
         }
     }
-    let limit = ctx.config.server.max_body_bytes;
-    let home = ctx.config.home;
+    let limit = ctx.config.load().server.max_body_bytes;
+    let home = ctx.config.load().home;
     if user_data {
         return proxy::passthrough(&ctx.fleet, Target::Only(home), limit, req).await;
     }
@@ -143,7 +144,7 @@ fn authenticate<B>(
     path: &str,
     client: std::net::IpAddr,
 ) -> Result<Caller, GateError> {
-    let auth = &ctx.config.auth;
+    let auth = &ctx.config.load().auth;
     if !auth.required() {
         return Ok(Caller::anonymous(identity::identity(req, client), client));
     }

@@ -41,7 +41,7 @@ pub async fn passthrough(
         Target::Only(t) => Some(t).filter(|t| fleet.get(*t).is_up()),
         Target::Any { home } => std::iter::once(home)
             .chain(0..fleet.backends().len())
-            .find(|i| fleet.get(*i).is_up()),
+            .find(|i| fleet.get(*i).is_up() && fleet.get(*i).is_listed()),
     }
     .ok_or(GateError::NoBackend)?;
     let declared = req

@@ -13,6 +13,8 @@
 //! | busy (up) | a probe that timed out while its upstream socket was open and alive (a frame within `health.socket_silence_ms`, or a prompt running there) | a probe that answers in time |
 //! | stalled | a prompt reporting progress fell silent past `stall_timeout`, its `/queue` could not vouch for a silent prompt, or a `max_run_time` interrupt did not stop one | any event of a prompt's progress from it, or a probe that finds its `/queue` idle |
 //! | draining | `POST /admin/backends/{name}/drain` | `…/undrain` |
+//! | retiring | a reload whose file no longer names it | a reload naming it again, or `gone` |
+//! | gone | retiring and holding no prompt (its loops end) | never (a reload naming it again adds it anew) |
 //!
 //! Busy is not dead: ComfyUI sends no event while a node without a progress bar runs, and a heavy
 //! prompt can make it slow to answer `/system_stats`. A slow probe over an open socket says the
@@ -20,12 +22,13 @@
 //! refused connection, says it is gone.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::capabilities::Capabilities;
 use crate::config::{Backend, HealthConfig};
@@ -115,15 +118,25 @@ pub struct BackendState {
     pub probes: AtomicU64,
     /// What it can run (`None` until read from its `/object_info`).
     pub capabilities: ArcSwapOption<Capabilities>,
+    /// Removed from the configuration by a reload: no new work, in no listing; what it runs
+    /// finishes (see [`super::Fleet::retire`]).
+    pub retired: AtomicBool,
+    /// Ends this backend's probe and socket loops: the gate's stop, or the end of a retirement.
+    pub stop: CancellationToken,
+    /// Prompts it holds at once (`max_inflight`; a reload may change it).
+    max_inflight: AtomicUsize,
 }
 
 impl BackendState {
     /// `upstream_client_id` must be stable across gate restarts (prompts still running on the
     /// backend keep sending their events to it): it is made from the gate's id and the
     /// backend's configured name, never its position.
-    pub fn new(index: usize, config: Backend, gate_id: &str) -> Self {
+    pub fn new(index: usize, config: Backend, gate_id: &str, stop: CancellationToken) -> Self {
         let upstream_client_id = format!("comfy-gate-{gate_id}-{}", config.name);
         Self {
+            max_inflight: AtomicUsize::new(config.max_inflight),
+            retired: AtomicBool::new(false),
+            stop,
             index,
             config,
             upstream_client_id,
@@ -151,7 +164,30 @@ impl BackendState {
 
     /// Whether the dispatcher may give it new work.
     pub fn accepts_work(&self) -> bool {
-        self.is_up() && !self.draining.load(Ordering::SeqCst) && !self.is_stalled()
+        self.is_up()
+            && self.is_listed()
+            && !self.draining.load(Ordering::SeqCst)
+            && !self.is_stalled()
+    }
+
+    /// In the configuration in force (not retired by a reload).
+    pub fn is_listed(&self) -> bool {
+        !self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Retired and holding nothing: its loops have ended.
+    pub fn is_gone(&self) -> bool {
+        self.retired.load(Ordering::SeqCst) && self.stop.is_cancelled()
+    }
+
+    /// Prompts it may hold at once.
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight.load(Ordering::SeqCst)
+    }
+
+    /// A reload's new `max_inflight`.
+    pub fn set_max_inflight(&self, n: usize) {
+        self.max_inflight.store(n, Ordering::SeqCst);
     }
 
     pub fn health(&self) -> Health {
@@ -168,7 +204,11 @@ impl BackendState {
 
     /// One word for the admin API: `stalled`, `draining`, `busy`, else the health.
     pub fn state_word(&self) -> &'static str {
-        if self.is_stalled() {
+        if self.is_gone() {
+            "gone"
+        } else if !self.is_listed() {
+            "retiring"
+        } else if self.is_stalled() {
             "stalled"
         } else if self.draining.load(Ordering::SeqCst) {
             "draining"
@@ -249,6 +289,7 @@ mod tests {
                 gpu: None,
             },
             "test",
+            CancellationToken::new(),
         )
     }
 

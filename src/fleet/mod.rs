@@ -22,9 +22,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
+use arc_swap::ArcSwap;
 pub use backend::{BackendState, Health, Telemetry};
 use capabilities::Capabilities;
+use tokio_util::sync::CancellationToken;
 use upstream::Upstream;
 
 /// NVML readings for backends whose GPU is local: the sampler and, per backend, its slot.
@@ -42,9 +44,20 @@ pub struct GpuId {
 }
 
 /// All backends and the client that talks to them.
+///
+/// The backend list only grows while the gate runs, so a runtime index stays valid: a reload
+/// that removes a backend retires it ([`Fleet::retire`]: no new work, its running prompts
+/// finish) and, once it holds nothing, ends its loops ([`Fleet::set_gone`]); one added is
+/// appended ([`Fleet::add`]).
 pub struct Fleet {
-    config: Arc<Config>,
-    backends: Vec<Arc<BackendState>>,
+    config: Arc<crate::config::Live>,
+    backends: ArcSwap<Vec<Arc<BackendState>>>,
+    /// Names this gate's upstream clientIds (kept for backends added later).
+    gate_id: String,
+    /// The gate's stop; each backend's own token ([`BackendState::stop`]) is a child of it.
+    stop: CancellationToken,
+    /// Serializes changes to the backend list.
+    membership: std::sync::Mutex<()>,
     pub upstream: Upstream,
     local_gpus: Option<LocalGpus>,
     /// Bumped when a backend's health flips (invalidates merged caches).
@@ -58,49 +71,113 @@ pub struct Fleet {
 impl Fleet {
     /// The fleet of `config.backends`, in configuration order; `gate_id` names this gate's
     /// upstream clientIds. Starts NVML sampling for backends mapped to a local GPU.
-    pub fn new(config: Arc<Config>, gate_id: &str) -> Self {
-        let backends = config
+    pub fn new(config: Arc<crate::config::Live>, gate_id: &str, stop: CancellationToken) -> Self {
+        let current = config.load();
+        let backends = current
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| Arc::new(BackendState::new(i, b.clone(), gate_id)))
+            .map(|(i, b)| Arc::new(BackendState::new(i, b.clone(), gate_id, stop.child_token())))
             .collect();
         Self {
-            upstream: Upstream::new(config.upstream_timeout()),
-            local_gpus: start_nvml(&config),
+            upstream: Upstream::new(current.upstream_timeout()),
+            local_gpus: start_nvml(&current),
             config,
-            backends,
+            backends: ArcSwap::from_pointee(backends),
+            gate_id: gate_id.to_string(),
+            stop,
+            membership: std::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             changed: Notify::new(),
         }
     }
 
-    pub fn backends(&self) -> &[Arc<BackendState>] {
-        &self.backends
+    /// Every backend this run has known, by runtime index, retired and gone ones included
+    /// (check [`BackendState::is_listed`] where that matters).
+    pub fn backends(&self) -> Arc<Vec<Arc<BackendState>>> {
+        self.backends.load_full()
     }
 
     /// The backend at runtime index `i` (an index from this fleet).
-    pub fn get(&self, i: usize) -> &Arc<BackendState> {
-        &self.backends[i]
+    pub fn get(&self, i: usize) -> Arc<BackendState> {
+        self.backends.load()[i].clone()
     }
 
-    /// The runtime index of the backend with this configured name.
+    /// The runtime index of the backend with this configured name (the newest one when a
+    /// backend removed and gone was added again).
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.backends.iter().position(|b| b.name() == name)
+        let backends = self.backends.load();
+        backends
+            .iter()
+            .rposition(|b| b.name() == name && !b.is_gone())
+            .or_else(|| backends.iter().rposition(|b| b.name() == name))
     }
 
-    /// Indices of the backends whose health is up.
+    /// Indices of the configured backends whose health is up.
     pub fn up(&self) -> Vec<usize> {
         self.backends
+            .load()
             .iter()
-            .filter(|b| b.is_up())
+            .filter(|b| b.is_up() && b.is_listed())
             .map(|b| b.index)
             .collect()
     }
 
-    /// Whether any backend can take work.
+    /// Whether any configured backend can take work.
     pub fn ready(&self) -> bool {
-        self.backends.iter().any(|b| b.is_up())
+        self.backends
+            .load()
+            .iter()
+            .any(|b| b.is_up() && b.is_listed())
+    }
+
+    /// Appends a backend new to this run (a reload added it); its probe and socket loops are
+    /// the caller's to start. Its GPU is read from `/system_stats` (NVML sampling covers the
+    /// backends configured at start). Returns its runtime index.
+    pub fn add(&self, config: Backend) -> usize {
+        let _one_change = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = Vec::clone(&self.backends.load());
+        let index = next.len();
+        if config.gpu.is_some() && self.local_gpus.is_some() {
+            tracing::info!(backend = %config.name, "a backend added by a reload is read from /system_stats, not NVML, until a restart");
+        }
+        let state = BackendState::new(index, config, &self.gate_id, self.stop.child_token());
+        next.push(Arc::new(state));
+        self.backends.store(Arc::new(next));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        index
+    }
+
+    /// Takes backend `i` out of the configuration: it gets no new work and leaves every
+    /// listing; what it runs finishes, and its loops go on until [`Fleet::set_gone`].
+    pub fn retire(&self, i: usize) {
+        let b = self.get(i);
+        b.retired.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(
+            backend = b.name(),
+            "backend retired: no new work; what it runs finishes"
+        );
+    }
+
+    /// A retired backend named again by a reload before it was gone: back in service.
+    pub fn reinstate(&self, i: usize) {
+        let b = self.get(i);
+        b.retired.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// A retired backend that holds nothing more: its probe and socket loops end.
+    pub fn set_gone(&self, i: usize) {
+        let b = self.get(i);
+        if b.retired.load(Ordering::SeqCst) && !b.stop.is_cancelled() {
+            b.stop.cancel();
+            tracing::info!(
+                backend = b.name(),
+                "retired backend holds no prompt; its loops end"
+            );
+        }
     }
 
     /// Bumped at every health flip.
@@ -132,7 +209,7 @@ impl Fleet {
     /// `/system_stats`. `free` is `None` when the reading is older than
     /// `placement.stale_after_ms` (no headroom).
     pub fn vram(&self, i: usize) -> (u64, Option<u64>) {
-        let stale_after = Duration::from_millis(self.config.placement.stale_after_ms);
+        let stale_after = Duration::from_millis(self.config.load().placement.stale_after_ms);
         let local = self
             .local_gpus
             .as_ref()
@@ -154,7 +231,7 @@ impl Fleet {
     /// came up, re-reads what it can run and notifies [`Fleet::changed`].
     pub fn record_health(&self, i: usize, ok: bool) {
         let b = self.get(i);
-        if let Some(state) = b.record(ok, &self.config.health) {
+        if let Some(state) = b.record(ok, &self.config.load().health) {
             tracing::info!(
                 backend = b.name(),
                 state = state.as_str(),
@@ -237,8 +314,9 @@ impl Fleet {
     pub fn refusal(&self, prompt: &Value, uploaded: &dyn Fn(&str) -> bool) -> Option<Value> {
         let known: Vec<Arc<Capabilities>> = self
             .backends
+            .load()
             .iter()
-            .filter(|b| b.is_up())
+            .filter(|b| b.is_up() && b.is_listed())
             .filter_map(|b| b.capabilities.load_full())
             .collect();
         capabilities::refusal(&known, prompt, uploaded)

@@ -42,8 +42,8 @@ pub enum ProbeResult {
 /// One probe of backend `i`; records its result.
 pub async fn probe(fleet: &Fleet, i: usize) -> ProbeResult {
     let b = fleet.get(i).clone();
-    let timeout = Duration::from_millis(fleet.config.health.timeout_ms);
-    let silence = Duration::from_millis(fleet.config.health.socket_silence_ms);
+    let timeout = Duration::from_millis(fleet.config.load().health.timeout_ms);
+    let silence = Duration::from_millis(fleet.config.load().health.socket_silence_ms);
     let answer =
         tokio::time::timeout(timeout, fleet.upstream.get_json(&b.config, "/system_stats")).await;
     let result = match answer {
@@ -101,7 +101,7 @@ pub async fn probe_all(fleet: &Fleet) {
 
 /// Probes backend `i` every `health.interval_ms` until `stop`.
 pub async fn probe_loop(fleet: Arc<Fleet>, i: usize, stop: CancellationToken) {
-    let interval = Duration::from_millis(fleet.config.health.interval_ms);
+    let interval = Duration::from_millis(fleet.config.load().health.interval_ms);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

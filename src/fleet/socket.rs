@@ -157,7 +157,7 @@ where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let b = fleet.get(i);
-    let silence = Duration::from_millis(fleet.config.health.socket_silence_ms);
+    let silence = Duration::from_millis(fleet.config.load().health.socket_silence_ms);
     let period = silence / PINGS_PER_SILENCE;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -90,7 +90,13 @@ pub fn parse(
 /// it if nothing that is up can take it for `recovery.unplaceable_timeout_ms`.
 fn never_fits(sched: &Scheduler, prompt: &Value) -> Option<Value> {
     let up = sched.fleet.up();
-    if up.len() < sched.fleet.backends().len() {
+    let configured = sched
+        .fleet
+        .backends()
+        .iter()
+        .filter(|b| b.is_listed())
+        .count();
+    if up.len() < configured {
         return None;
     }
     let uploaded = |n: &str| sched.files.uploaded(n);
@@ -136,7 +142,7 @@ pub async fn submit(
             Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
             None => s.table.next_number(sub.front),
         };
-        admit_within_caps(&sched.config, &s.table, caller)?;
+        admit_within_caps(&sched.config.load(), &s.table, caller)?;
         let nothing_waits = placing::nothing_waits(sched, &s);
         let mut rec = PromptRecord::new(
             id.clone(),
@@ -144,7 +150,7 @@ pub async fn submit(
             sub.body,
             sub.client_id,
             caller.identity.clone(),
-            caller.tenant(&sched.config.auth),
+            caller.tenant(&sched.config.load().auth),
         );
         rec.front = sub.front;
         s.table.admit(rec);
@@ -212,7 +218,7 @@ pub async fn submit(
 /// The caller's `gpu_seconds_per_day`: 429 until the next UTC midnight once the run time of
 /// the prompts it finished today reaches it (prompts still running are charged when they end).
 fn within_daily_quota(sched: &Scheduler, caller: &Caller) -> Result<(), GateError> {
-    let quota = caller.limits(&sched.config.auth).gpu_seconds_per_day;
+    let quota = caller.limits(&sched.config.load().auth).gpu_seconds_per_day;
     if quota == 0 || sched.gpu_seconds_today(&caller.tenant_key()) < quota as f64 {
         return Ok(());
     }

@@ -75,7 +75,7 @@ fn oom_retry(sched: &Scheduler, backend: usize, prompt_id: &str, data: &Value) -
     let larger = fleet
         .backends()
         .iter()
-        .any(|b| b.index != backend && b.is_up() && fleet.vram(b.index).0 > total);
+        .any(|b| b.index != backend && b.is_up() && b.is_listed() && fleet.vram(b.index).0 > total);
     let mut s = sched.lock();
     let Some(r) = s.table.get_mut(prompt_id) else {
         return false;
@@ -206,7 +206,8 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
 
 /// Routes one binary frame from `backend`.
 pub fn route_binary(sched: &Scheduler, backend: usize, frame: Bytes) {
-    let name = sched.fleet.get(backend).name();
+    let b = sched.fleet.get(backend);
+    let name = b.name();
     let client = match frames::decode_preview_with_metadata(&frame) {
         Some((meta, _)) => meta
             .get("prompt_id")

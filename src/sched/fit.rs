@@ -62,7 +62,7 @@ pub fn fleet_fit(sched: &Scheduler, profile: &Profile, backends: &[usize]) -> Vr
     let peak = sched.lock().learned.peak(profile.shape);
     let need = profile::vram_need(profile, ckpt_bytes, peak);
     let totals: Vec<u64> = backends.iter().map(|&b| fleet.vram(b).0).collect();
-    vram_fit(need, &totals, sched.config.placement.vram_margin)
+    vram_fit(need, &totals, sched.config.load().placement.vram_margin)
 }
 
 /// The 400 for a prompt no card can ever hold, in ComfyUI's error shape (`error` with `type`,

@@ -57,7 +57,6 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::files::Files;
 use crate::fleet::Fleet;
 use crate::fleet::picker::{self, Picker, stats::Learned};
@@ -87,7 +86,7 @@ pub struct SchedState {
 
 /// The scheduler component.
 pub struct Scheduler {
-    pub config: Arc<Config>,
+    pub config: Arc<crate::config::Live>,
     pub fleet: Arc<Fleet>,
     pub sessions: Arc<Sessions>,
     pub files: Arc<Files>,
@@ -111,7 +110,7 @@ impl Scheduler {
     /// A scheduler over `table` (restored from the store) and its history.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        config: Arc<Config>,
+        config: Arc<crate::config::Live>,
         fleet: Arc<Fleet>,
         sessions: Arc<Sessions>,
         files: Arc<Files>,
@@ -122,7 +121,7 @@ impl Scheduler {
         stop: CancellationToken,
     ) -> Self {
         Self {
-            picker: picker::for_policy(config.placement.policy),
+            picker: picker::for_policy(config.load().placement.policy),
             config,
             fleet,
             sessions,
@@ -410,11 +409,18 @@ impl Scheduler {
         }
     }
 
+    /// Prompts holding a slot on backend `name`: sent there and not ended (a retiring backend
+    /// is gone when this reaches 0).
+    pub fn held_by(&self, backend: &str) -> usize {
+        self.lock().table.slots_used(backend)
+    }
+
     /// A prompt the backend refused with a 400 at submit, answered to the client as it came:
     /// it was never admitted, so nothing else remains of it (unless it was already moved on).
     /// True if it was removed; false if it had moved on meanwhile (then it waits and runs).
     pub fn refused_at_submit(&self, id: &str, backend: usize) -> bool {
-        let name = self.fleet.get(backend).name();
+        let b = self.fleet.get(backend);
+        let name = b.name();
         let (removed, was_listed) = {
             let mut s = self.lock();
             let was_listed = s.table.get(id).and_then(|r| s.table.listed(r)).is_some();
@@ -430,7 +436,8 @@ impl Scheduler {
     /// Sending `id` to `backend` failed, nothing applied: back to the head of the queue (if it
     /// is still this backend's to send), persisted, the dispatcher woken.
     pub fn unreserve(&self, id: &str, backend: usize) {
-        let name = self.fleet.get(backend).name();
+        let b = self.fleet.get(backend);
+        let name = b.name();
         if self.lock().table.unreserve(id, name) {
             self.persist(&[id]);
             self.wake();

@@ -51,7 +51,7 @@ fn fleet_view(sched: &Scheduler, s: &SchedState) -> FleetView {
                 name: b.name().to_string(),
                 accepts_work: b.accepts_work(),
                 inflight: s.table.slots_used(b.name()),
-                max_inflight: b.config.max_inflight,
+                max_inflight: b.max_inflight(),
                 vram_total,
                 vram_free,
                 capabilities: b.capabilities.load_full(),
@@ -93,11 +93,15 @@ fn waited_ms(r: &PromptRecord, now: i64) -> u64 {
 /// A waiting prompt as the fair order sees it: its tenant, its band now (aged), its weight,
 /// and whether it is an admin's `front` prompt.
 fn entry<'a>(sched: &Scheduler, r: &'a PromptRecord, now: i64) -> Entry<'a> {
-    let auth = &sched.config.auth;
+    let auth = &sched.config.load().auth;
     let rank = auth.band(&r.tenant.band).unwrap_or(auth.default_band);
     Entry {
         tenant: &r.tenant.key,
-        band: fair::effective_band(rank, waited_ms(r, now), sched.config.placement.max_wait_ms),
+        band: fair::effective_band(
+            rank,
+            waited_ms(r, now),
+            sched.config.load().placement.max_wait_ms,
+        ),
         weight: r.tenant.weight,
         first: r.front && r.tenant.admin,
     }
@@ -122,7 +126,7 @@ impl<'a> Caps<'a> {
     fn get(&mut self, sched: &Scheduler, s: &SchedState, t: &'a Tenant) -> Option<Cap> {
         let next = self.of.len();
         *self.of.entry(&t.key).or_insert_with(|| {
-            let limit = max_running(&sched.config.auth, t) as usize;
+            let limit = max_running(&sched.config.load().auth, t) as usize;
             (limit > 0).then(|| Cap {
                 group: next,
                 left: limit.saturating_sub(s.table.sent_by(&t.key)),
@@ -205,7 +209,7 @@ fn apply(
         "skips": a.skips,
         "reason": a.choice.reason,
         "tenant": planned.map(|p| p.tenant.as_str()),
-        "band": planned.and_then(|p| sched.config.auth.bands.get(p.band)),
+        "band": planned.and_then(|p| sched.config.load().auth.bands.get(p.band).cloned()),
     });
     Scheduler::record_decision(s, decision);
     Some(a.backend)
@@ -214,7 +218,7 @@ fn apply(
 /// One dispatch pass over the gate queue: the prompts that go now and their backends, their
 /// slots reserved.
 pub fn dispatch_pass(sched: &Scheduler, s: &mut SchedState) -> Vec<(String, usize)> {
-    let rules = Rules::from(&sched.config.placement);
+    let rules = Rules::from(&sched.config.load().placement);
     let now = now_ms();
     // Charges of prompts that left their backends without a measured run keep their estimate.
     let table = &s.table;
@@ -227,8 +231,7 @@ pub fn dispatch_pass(sched: &Scheduler, s: &mut SchedState) -> Vec<(String, usiz
         .iter()
         .filter(|b| b.accepts_work())
         .map(|b| {
-            b.config
-                .max_inflight
+            b.max_inflight()
                 .saturating_sub(s.table.slots_used(b.name()))
         })
         .sum();
@@ -295,7 +298,7 @@ pub fn dispatch_pass(sched: &Scheduler, s: &mut SchedState) -> Vec<(String, usiz
 /// For a new prompt while nothing waits ahead of it ([`nothing_waits`]): its backend now, if
 /// one has a free slot and its user may send one more.
 pub fn place_now(sched: &Scheduler, s: &mut SchedState, id: &str) -> Option<usize> {
-    let rules = Rules::from(&sched.config.placement);
+    let rules = Rules::from(&sched.config.load().placement);
     let now = now_ms();
     let r = s.table.get(id)?;
     let cap = Caps::default().get(sched, s, &r.tenant);

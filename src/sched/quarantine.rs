@@ -28,7 +28,12 @@ impl Scheduler {
         let quarantined = {
             let mut s = self.lock();
             s.blamed.insert(name.clone(), Instant::now());
-            suspect(&mut s, id, &name, self.config.recovery.quarantine_after)
+            suspect(
+                &mut s,
+                id,
+                &name,
+                self.config.load().recovery.quarantine_after,
+            )
         };
         match quarantined {
             Some(on) => {
@@ -47,7 +52,7 @@ impl Scheduler {
              it is not sent again (recovery.quarantine_after is {})",
             on.len(),
             on.join(", "),
-            self.config.recovery.quarantine_after
+            self.config.load().recovery.quarantine_after
         );
         self.end(id, Outcome::Failed(Failure::gate("Quarantined", message)));
     }

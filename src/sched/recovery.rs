@@ -282,9 +282,9 @@ impl Scheduler {
                     r.attempts += 1;
                 }
                 let attempts = r.attempts;
-                let out_of_retries_now = attempts > self.config.recovery.max_retries;
+                let out_of_retries_now = attempts > self.config.load().recovery.max_retries;
                 if let (true, Some(o)) = (charged, owner.as_deref()) {
-                    let after = self.config.recovery.quarantine_after;
+                    let after = self.config.load().recovery.quarantine_after;
                     let suspected = quarantine::suspect(&mut s, id, o, after);
                     if let (Some(on), false) = (suspected, out_of_retries_now) {
                         quarantined.push((id.clone(), on));
@@ -308,7 +308,7 @@ impl Scheduler {
             let message = format!(
                 "the prompt was lost {attempts} times to failed backends (last: {}); max_retries is {}",
                 owner.unwrap_or_default(),
-                self.config.recovery.max_retries
+                self.config.load().recovery.max_retries
             );
             self.end(
                 &id,

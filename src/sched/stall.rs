@@ -52,8 +52,9 @@ async fn ask(sched: &Scheduler, id: &str, owner: usize) -> Seen {
     let b = sched.fleet.get(owner);
     let timeout = sched
         .config
+        .load()
         .stall_timeout()
-        .min(sched.config.upstream_timeout());
+        .min(sched.config.load().upstream_timeout());
     let answer = tokio::time::timeout(timeout, sched.fleet.upstream.get_json(&b.config, "/queue"));
     match answer.await {
         Ok(Ok((status, q))) if status.is_success() => {

@@ -55,7 +55,7 @@ fn check(sched: &Arc<Scheduler>) {
                 .await;
         });
     }
-    let max_run = sched.config.max_run_time();
+    let max_run = sched.config.load().max_run_time();
     for (id, owner) in found.fail {
         // The interrupt did not end it: the backend is stuck. Report and move on.
         let message = format!(
@@ -73,7 +73,7 @@ fn check(sched: &Arc<Scheduler>) {
         tokio::spawn(async move { stall::corroborate(&sched, &id, owner).await });
     }
     // A backend that is down gives its prompts back.
-    for b in sched.fleet.backends() {
+    for b in sched.fleet.backends().iter() {
         if b.health() == Health::Down {
             sched.evacuate(b.index, "the backend is down");
         }
@@ -85,10 +85,10 @@ fn check(sched: &Arc<Scheduler>) {
 
 /// Finds prompts past their deadlines, and silent ones to corroborate.
 fn look(sched: &Scheduler) -> Findings {
-    let stall = sched.config.stall_timeout();
-    let max_run = sched.config.max_run_time();
+    let stall = sched.config.load().stall_timeout();
+    let max_run = sched.config.load().max_run_time();
     let grace = stall.clamp(MIN_INTERRUPT_GRACE, MAX_INTERRUPT_GRACE);
-    let retry = sched.config.recovery.max_run_time_action == RunTimeAction::Retry;
+    let retry = sched.config.load().recovery.max_run_time_action == RunTimeAction::Retry;
     let mut found = Findings::default();
     let mut s = sched.lock();
     let accepted: Vec<String> = s
@@ -136,7 +136,7 @@ fn look(sched: &Scheduler) -> Findings {
 /// been so for
 /// `recovery.unplaceable_timeout_ms`; one that becomes runnable again starts the count anew.
 fn end_unplaceable(sched: &Scheduler) {
-    let limit = Duration::from_millis(sched.config.recovery.unplaceable_timeout_ms);
+    let limit = Duration::from_millis(sched.config.load().recovery.unplaceable_timeout_ms);
     let graphs: Vec<(String, Arc<serde_json::Value>, Profile)> = {
         let s = sched.lock();
         s.table
@@ -197,7 +197,7 @@ fn end_unplaceable(sched: &Scheduler) {
 /// VRAM in use while a prompt runs alone on a backend is a peak for its shape.
 fn learn_peaks(sched: &Scheduler) {
     let mut s = sched.lock();
-    for b in sched.fleet.backends() {
+    for b in sched.fleet.backends().iter() {
         let Some(prompt) = s
             .table
             .running_on(b.name())
@@ -220,7 +220,7 @@ fn learn_peaks(sched: &Scheduler) {
 /// silence to the stall check).
 fn mark_running(sched: &Scheduler) {
     let s = sched.lock();
-    for b in sched.fleet.backends() {
+    for b in sched.fleet.backends().iter() {
         let runs = s.table.running_on(b.name()).is_some();
         b.runs_prompt
             .store(runs, std::sync::atomic::Ordering::SeqCst);
