@@ -7,18 +7,21 @@
 //!
 //! 1. Backends: one the file names for the first time is added and its probe and socket loops
 //!    start; one it no longer names is retired (no new work; prompts it holds but has not
-//!    started go back to the head of the gate queue, as `POST /admin/backends/{name}/drain`;
-//!    the one it runs finishes there) and its loops end once it holds nothing; one whose
-//!    `max_inflight` changed takes the new value. A backend keeps its URL for the life of the
-//!    gate: a file giving a known name a new URL is refused (name the new one differently).
+//!    started go back to the head of the gate queue, as `POST /admin/backends/{name}/drain`
+//!    does; the one it runs finishes there) and its loops end once it holds nothing; one named
+//!    again comes back (with new loops if they had ended); one whose `max_inflight` changed
+//!    takes the new value. A name keeps its URL for the life of the gate, retired or not (its
+//!    prompts, outputs and store records are keyed by name): a file giving a known name a new
+//!    URL is refused (name the new one differently).
 //! 2. The snapshot ([`config::Live`]) is swapped: limits, users, tokens, bands, timeouts,
 //!    health and placement parameters are read from it from then on.
 //! 3. The hooks of the listeners and logs run (TLS certificates, access log, connection caps).
+//!    One that refuses its new settings (a bad certificate) keeps its old ones; the reload is
+//!    otherwise in force and its report says what was kept and why.
 //!
-//! Fields read once at start (the listen addresses, the state directory, the audit log,
-//! NVML telemetry, the placement policy, history retention, the upstream timeout, the PROXY
-//! protocol switch) keep their old values; the report names the ones that changed, to be
-//! applied by a restart.
+//! Fields read once at start (the listen addresses, the state directory, the audit log, NVML
+//! telemetry, the placement policy, history retention, the PROXY protocol switch) keep their
+//! old values; the report names the ones that changed, to be applied by a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,35 +40,36 @@ const RETIRE_POLL: Duration = Duration::from_millis(250);
 /// What a reload did, as `POST /admin/reload` answers it (JSON).
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ReloadReport {
-    /// The file read (`"(command line)"` without one).
+    /// The file read.
     pub file: String,
     /// Backends added, by name.
     pub added: Vec<String>,
     /// Backends retired (they finish what they run, then leave), by name.
     pub removed: Vec<String>,
-    /// Backends whose `max_inflight` changed, or that a reload named again while they retired.
+    /// Backends whose `max_inflight` changed, or that a reload named again after they retired.
     pub changed: Vec<String>,
     /// Fields that changed but are read only at start: a restart applies them.
     pub restart_needed: Vec<&'static str>,
+    /// Parts that refused their new settings and kept their old ones, with why (e.g. a TLS
+    /// certificate that does not parse). Empty when everything was applied.
+    pub kept_old: Vec<String>,
 }
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The file is missing, unreadable or invalid (file, line, field).
+    /// The file is missing, unreadable, invalid, or cannot be applied to the running gate (a
+    /// known backend's new URL): file, line, field.
     #[error("{0}")]
     Config(#[from] ConfigError),
-    /// The file is valid but cannot be applied to the running gate.
-    #[error("{file}: {message}")]
-    Refused { file: String, message: String },
-    /// A listener or log refused its new settings after the swap (e.g. a bad TLS certificate:
-    /// the old one is kept). The rest of the reload is in force.
-    #[error("{0}")]
-    Hook(String),
+    /// There is no file to read (the gate was started without `--config`).
+    #[error("the gate was started without --config: there is no file to reload")]
+    NoFile,
 }
 
 /// Something a reload also updates once the new snapshot is in force (a TLS acceptor, the
-/// access log, the connection caps). An error keeps that part's old settings and is reported.
+/// access log, the connection caps). An error keeps that part's old settings; its text (what
+/// and why) goes into [`ReloadReport::kept_old`].
 pub type ReloadHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
 /// Starts the probe and socket loops of a backend (at start, and for one a reload adds).
@@ -83,7 +87,7 @@ impl BackendLoops {
         let Some(events) = self.events.upgrade() else {
             return Vec::new(); // the gate is stopping
         };
-        let stop = self.fleet.get(i).stop.clone();
+        let stop = self.fleet.get(i).stop_token();
         let (f, s) = (self.fleet.clone(), stop.clone());
         let probe = tokio::spawn(crate::supervise("probe loop", stop.clone(), move || {
             fleet::probe::probe_loop(f.clone(), i, s.clone())
@@ -108,6 +112,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// A reloader of `live`, whose backends are `loops.fleet`'s; `stop` is the gate's.
     pub fn new(
         live: Arc<config::Live>,
         sched: Arc<Scheduler>,
@@ -139,9 +144,8 @@ impl Reloader {
             .push(hook);
     }
 
-    /// Reads the source again and puts it in force (see the module doc). Errors change
-    /// nothing, except [`ReloadError::Hook`], which reports the one part that kept its old
-    /// settings.
+    /// Reads the source again and puts it in force (see the module doc). An error changes
+    /// nothing; a part that refused its new settings is reported in the `Ok` report.
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let _one = self.one_at_a_time.lock().await;
         let source = self
@@ -149,42 +153,39 @@ impl Reloader {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let Some(source) = source else {
-            return Err(ReloadError::Refused {
-                file: "(command line)".into(),
-                message: "the gate was started without --config: there is no file to reload".into(),
-            });
-        };
+        let source = source
+            .filter(|s| s.path.is_some())
+            .ok_or(ReloadError::NoFile)?;
         let file = source
             .path
             .as_ref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "(command line)".into());
+            .unwrap_or_default();
         let mut next = source.read()?;
         let old = self.live.load();
         let fleet = &self.loops.fleet;
-        check_urls(fleet, &next).map_err(|message| ReloadError::Refused {
-            file: file.clone(),
-            message,
-        })?;
+        check_urls(fleet, &next, &file)?;
         let mut report = ReloadReport {
             file,
             restart_needed: restart_needed(&old, &next),
             ..ReloadReport::default()
         };
-        self.apply_backends(&next, &mut report).await;
+        self.apply_backends(&next, &mut report);
         let home = &next.backends[next.home].name;
         next.home = fleet.index_of(home).unwrap_or(old.home);
         self.live.store(next);
         let current = self.live.load();
         fleet.changed.notify_one();
-        let failed: Vec<String> = self
+        report.kept_old = self
             .hooks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter_map(|hook| hook(&current).err())
             .collect();
+        for why in &report.kept_old {
+            tracing::error!(error = %why, "part of the reload was refused; that part keeps its old settings");
+        }
         tracing::info!(
             added = ?report.added,
             removed = ?report.removed,
@@ -192,35 +193,27 @@ impl Reloader {
             restart_needed = ?report.restart_needed,
             "configuration reloaded"
         );
-        if failed.is_empty() {
-            Ok(report)
-        } else {
-            Err(ReloadError::Hook(failed.join("; ")))
-        }
+        Ok(report)
     }
 
-    /// Step 1 of the module doc: adds, retires and updates backends.
-    async fn apply_backends(&self, next: &Config, report: &mut ReloadReport) {
+    /// Step 1 of the module doc: adds, retires, brings back and updates backends.
+    fn apply_backends(&self, next: &Config, report: &mut ReloadReport) {
         let fleet = &self.loops.fleet;
         for b in &next.backends {
-            match fleet.index_of(&b.name).filter(|i| !fleet.get(*i).is_gone()) {
-                Some(i) => {
-                    let state = fleet.get(i);
-                    let back = !state.is_listed();
-                    if back {
-                        fleet.reinstate(i);
-                        fleet.set_draining(i, false);
-                    }
-                    if back || state.max_inflight() != b.max_inflight {
-                        state.set_max_inflight(b.max_inflight);
-                        report.changed.push(b.name.clone());
-                    }
-                }
-                None => {
-                    let i = fleet.add(b.clone());
-                    self.loops.start(i);
-                    report.added.push(b.name.clone());
-                }
+            let Some(i) = fleet.index_of(&b.name) else {
+                let i = fleet.add(b.clone());
+                self.loops.start(i);
+                report.added.push(b.name.clone());
+                continue;
+            };
+            let state = fleet.get(i);
+            let back = !state.is_listed();
+            if back && fleet.reinstate(i) {
+                self.loops.start(i);
+            }
+            if back || state.max_inflight() != b.max_inflight {
+                state.set_max_inflight(b.max_inflight);
+                report.changed.push(b.name.clone());
             }
         }
         let named = |name: &str| next.backends.iter().any(|b| b.name == name);
@@ -234,22 +227,22 @@ impl Reloader {
     }
 }
 
-/// Takes the prompts a retired backend holds but has not started back to the gate queue, then
-/// waits until it holds nothing and ends its loops. Named again by a later reload meanwhile,
-/// it stays.
+/// Takes the prompts a retired backend holds but has not started back to the gate queue (again
+/// on every poll: one being sent to it as it retired arrives later), and once it holds nothing
+/// ends its loops. Named again by a later reload meanwhile, it stays.
 async fn retire(sched: Arc<Scheduler>, i: usize, stop: CancellationToken) {
-    let moved = sched::recovery::drain(&sched, i).await;
     let b = sched.fleet.get(i);
-    if !moved.is_empty() {
-        tracing::info!(
-            backend = b.name(),
-            prompts = moved.len(),
-            "prompts not started on a retired backend go back to the gate queue"
-        );
-    }
     loop {
         if b.is_listed() || stop.is_cancelled() {
             return;
+        }
+        let moved = sched::recovery::take_back_unstarted(&sched, i).await;
+        if !moved.is_empty() {
+            tracing::info!(
+                backend = b.name(),
+                prompts = moved.len(),
+                "prompts not started on a retired backend go back to the gate queue"
+            );
         }
         if sched.held_by(b.name()) == 0 {
             sched.fleet.set_gone(i);
@@ -262,26 +255,30 @@ async fn retire(sched: Arc<Scheduler>, i: usize, stop: CancellationToken) {
     }
 }
 
-/// A backend keeps its URL for the life of the gate: prompts it runs are followed on its
-/// socket, and its name keys them in the store.
-fn check_urls(fleet: &Fleet, next: &Config) -> Result<(), String> {
-    for b in &next.backends {
-        let Some(i) = fleet.index_of(&b.name) else {
+/// A name keeps its URL for the life of the gate: prompts it runs are followed on its socket,
+/// and its name keys them, their outputs and their store records. The error names the file,
+/// the line and the field of the new URL.
+fn check_urls(fleet: &Fleet, next: &Config, file: &str) -> Result<(), ConfigError> {
+    for (i, b) in next.backends.iter().enumerate() {
+        let Some(known) = fleet.index_of(&b.name).map(|k| fleet.get(k)) else {
             continue;
         };
-        let known = fleet.get(i);
-        if !known.is_gone() && known.config.base != b.base {
-            return Err(format!(
-                "backend `{}`: its url changed from {} to {}; a backend keeps its url while the \
-                 gate runs: give the new one another name (the old one then finishes its work \
-                 and leaves), or restart the gate",
-                b.name, known.config.base, b.base
-            ));
+        if known.config.base != b.base {
+            return Err(ConfigError {
+                file: file.to_string(),
+                line: b.line,
+                field: format!("backend[{i}].url"),
+                message: format!(
+                    "backend `{}` was {} when the gate started; a name keeps its url while the \
+                     gate runs: give the new one another name (the old one then finishes its \
+                     work and leaves), or restart the gate",
+                    b.name, known.config.base
+                ),
+            });
         }
     }
     Ok(())
 }
-
 /// The fields a reload cannot apply that differ between `old` and `next`.
 fn restart_needed(old: &Config, next: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
@@ -296,10 +293,6 @@ fn restart_needed(old: &Config, next: &Config) -> Vec<&'static str> {
         "server.admin_listen",
     );
     check(old.state_dir() != next.state_dir(), "server.state_dir");
-    check(
-        old.server.upstream_timeout_ms != next.server.upstream_timeout_ms,
-        "server.upstream_timeout_ms",
-    );
     check(
         old.edge.proxy_protocol != next.edge.proxy_protocol,
         "edge.proxy_protocol",

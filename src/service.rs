@@ -1,6 +1,6 @@
 //! The gate as a service of the operating system: signals and systemd's notify protocol.
 //!
-//! - `SIGTERM` / Ctrl-C: graceful shutdown (`STOPPING=1` first).
+//! - `SIGTERM` / `SIGINT` (Ctrl-C): graceful shutdown (`STOPPING=1` first).
 //! - `SIGHUP`: reload the configuration (`RELOADING=1` with `MONOTONIC_USEC`, then `READY=1`
 //!   when done, failed or not; systemd's `Type=notify-reload` protocol, `sd_notify(3)`).
 //! - With `NOTIFY_SOCKET` set (systemd's `Type=notify`): `READY=1` once both listeners are up,
@@ -45,8 +45,16 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// Tells systemd the gate is ready, reloads on `SIGHUP`, pets the watchdog, and returns on
-/// `SIGTERM` or Ctrl-C after telling systemd the gate is stopping.
+/// `SIGTERM` or `SIGINT` after telling systemd the gate is stopping. The handlers are in place
+/// before `READY=1`: a signal sent as soon as systemd sees the gate ready is never the
+/// default action (which would end the process).
+#[cfg(unix)]
 pub async fn serve_until_stopped(handle: &GateHandle) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let watchdog = sd_notify::watchdog_enabled().map(|every| {
         tokio::spawn(async move {
@@ -57,22 +65,13 @@ pub async fn serve_until_stopped(handle: &GateHandle) -> anyhow::Result<()> {
             }
         })
     });
-    let stopped = shutdown_signal();
-    tokio::pin!(stopped);
-    #[cfg(unix)]
-    {
-        use anyhow::Context;
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        loop {
-            tokio::select! {
-                _ = &mut stopped => break,
-                _ = hup.recv() => reload(handle).await,
-            }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(handle).await,
         }
     }
-    #[cfg(not(unix))]
-    stopped.await;
     notify(&[NotifyState::Stopping]);
     if let Some(task) = watchdog {
         task.abort();
@@ -80,8 +79,16 @@ pub async fn serve_until_stopped(handle: &GateHandle) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Without unix signals: ready at once, stopped by Ctrl-C.
+#[cfg(not(unix))]
+pub async fn serve_until_stopped(_handle: &GateHandle) -> anyhow::Result<()> {
+    shutdown_signal().await;
+    Ok(())
+}
+
 /// `SIGHUP`: a reload between `RELOADING=1` and `READY=1`; its outcome is logged and shown in
 /// the unit's status line.
+#[cfg(unix)]
 async fn reload(handle: &GateHandle) {
     let mut reloading = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
@@ -90,7 +97,11 @@ async fn reload(handle: &GateHandle) {
     notify(&reloading);
     tracing::info!("SIGHUP: reloading the configuration");
     let status = match handle.reload().await {
-        Ok(_) => "serving; configuration reloaded".to_string(),
+        Ok(report) if report.kept_old.is_empty() => "serving; configuration reloaded".to_string(),
+        Ok(report) => format!(
+            "serving; configuration reloaded, but kept old: {}",
+            report.kept_old.join("; ")
+        ),
         Err(e) => {
             tracing::error!(error = %e, "reload failed; the configuration in force is unchanged");
             format!("serving; last reload failed: {e}")
@@ -103,7 +114,8 @@ async fn reload(handle: &GateHandle) {
 const RELOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// `comfy-gate reload`: `POST {admin}/admin/reload`; prints the answer and returns the exit
-/// code (0 reloaded, 1 refused or unreachable).
+/// code (0 reloaded; 1 refused, unreachable, or reloaded with a part that kept its old
+/// settings, such as a bad new certificate).
 pub async fn ask_to_reload(admin: &str) -> i32 {
     let url = format!("{}/admin/reload", admin.trim_end_matches('/'));
     let client = match reqwest::Client::builder().timeout(RELOAD_WAIT).build() {
@@ -117,7 +129,19 @@ pub async fn ask_to_reload(admin: &str) -> i32 {
         Ok(resp) => {
             let ok = resp.status().is_success();
             let body = resp.text().await.unwrap_or_default();
+            let kept_old = |v: &serde_json::Value| {
+                v["report"]["kept_old"]
+                    .as_array()
+                    .is_some_and(|k| !k.is_empty())
+            };
             match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if ok && kept_old(&v) => {
+                    eprintln!(
+                        "comfy-gate reload: reloaded, but some parts kept their old settings: {}",
+                        v["report"]["kept_old"]
+                    );
+                    return 1;
+                }
                 Ok(v) if ok => println!("reloaded: {}", v["report"]),
                 Ok(v) => eprintln!(
                     "comfy-gate reload: refused: {}",

@@ -98,12 +98,15 @@ where
 
 /// The scenario of the issue: 100 WebSocket clients connected and 50 prompts waiting; a
 /// `SIGHUP` to the real binary swaps backend `b` for `c`. Every client stays connected, all 50
-/// prompts complete, `b` finishes what it held that had started and gets nothing new, `c`
-/// takes work, and `b` leaves the admin listing once it holds nothing.
+/// prompts complete, `b` finishes the prompt it was running, gives back the one waiting in its
+/// queue and gets nothing new, `c` takes work, and `b` leaves the admin listing once it holds
+/// nothing. (`b` is five times slower, so its running prompt is still running when the signal
+/// lands, and the one behind it cannot have started.)
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_under_load_adds_a_backend_and_retires_another_dropping_nothing() {
     let (a, b, c) = (sim().await, sim().await, sim().await);
+    b.inject(comfy_sim::Fault::Slow { factor: 5.0 });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     let fleet_ab = [("a", a.url()), ("b", b.url())];
@@ -134,20 +137,23 @@ async fn sighup_under_load_adds_a_backend_and_retires_another_dropping_nothing()
     }
     let mut ids = Vec::new();
     for i in 0..50u64 {
-        let body = json!({ "prompt": steps(i, 500), "client_id": format!("client-{i}") });
+        let body = json!({ "prompt": steps(i, 1000), "client_id": format!("client-{i}") });
         let (code, v) = post_json(&base, "/prompt", &body).await;
         assert_eq!(code, 200, "{v}");
         ids.push(v["prompt_id"].as_str().unwrap().to_string());
     }
-    // `b` runs one of them when the reload comes.
-    until("b runs a prompt", || async {
+    // `b` runs one of them, and holds one more in its queue, when the reload comes.
+    until("b runs one prompt and holds another", || async {
         let (_, q) = get_json(&b.url(), "/queue").await;
-        q["queue_running"].as_array().is_some_and(|r| !r.is_empty())
+        q["queue_running"].as_array().is_some_and(|r| r.len() == 1)
+            && q["queue_pending"].as_array().is_some_and(|p| p.len() == 1)
     })
     .await;
+    let (_, queue) = get_json(&b.url(), "/queue").await;
+    let pending_then = queue_ids(&json!({ "queue_pending": queue["queue_pending"] }));
     let waiting_at_gate = queued(&base).await.len();
     assert!(
-        waiting_at_gate >= 20,
+        waiting_at_gate >= 10,
         "a backlog waits at the gate: {waiting_at_gate}"
     );
 
@@ -178,6 +184,10 @@ async fn sighup_under_load_adds_a_backend_and_retires_another_dropping_nothing()
         );
     }
     let on_b = ran_on(&b).await;
+    assert!(
+        pending_then.iter().all(|id| !on_b.contains(id)),
+        "the prompt waiting in b's queue went back to the gate and ran elsewhere"
+    );
     assert!(
         running_then.is_subset(&on_b),
         "b finished what it was running: {running_then:?} in {on_b:?}"
@@ -346,13 +356,16 @@ async fn a_known_name_keeps_its_url_and_a_retired_backend_can_come_back() {
     let gate = gate_from_file(&path).await;
     let admin = format!("http://{}", gate.admin_addr);
 
-    std::fs::write(
-        &path,
-        config_text(dir.path(), "", &[("a", a.url()), ("b", c.url())]),
-    )
-    .unwrap();
+    let moved = config_text(dir.path(), "", &[("a", a.url()), ("b", c.url())]);
+    std::fs::write(&path, &moved).unwrap();
     let err = gate.reload().await.expect_err("refused").to_string();
-    assert!(err.contains("backend `b`: its url changed"), "{err}");
+    let line = line_of(&moved, &c.url());
+    let place = format!(
+        "{}:{line}: backend[1].url: backend `b` was {}",
+        path.display(),
+        b.url()
+    );
+    assert!(err.starts_with(&place), "{err} starts with {place}");
     assert_eq!(gate.config().backends[1].base, b.url());
 
     // b runs a long prompt (a drained, so it cannot take it), then leaves and comes back.
@@ -386,5 +399,55 @@ async fn a_known_name_keeps_its_url_and_a_retired_backend_can_come_back() {
     let entry = wait_history(&gate.url(), &held).await;
     assert_eq!(entry["status"]["status_str"], "success");
     assert!(ran_on(&b).await.contains(&held), "it ran to its end on b");
+    gate.shutdown().await;
+}
+
+/// A backend removed while it was down, then started again and named again, comes back in its
+/// old entry with new loops: it is probed, takes work and runs it (a stale "down" of the
+/// retired entry must not evacuate what the new one runs).
+#[tokio::test]
+async fn a_backend_removed_while_down_comes_back_when_named_again() {
+    let (a, b) = (sim().await, sim().await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let both = config_text(dir.path(), "", &[("a", a.url()), ("b", b.url())]);
+    std::fs::write(&path, &both).unwrap();
+    let gate = gate_from_file(&path).await;
+    let admin = format!("http://{}", gate.admin_addr);
+    until("b up", || async {
+        listed(&admin).await.contains(&("b".into(), "up".into()))
+    })
+    .await;
+
+    b.inject(comfy_sim::Fault::Crash {
+        restart_after_ms: None,
+    });
+    until("b down", || async {
+        listed(&admin).await.contains(&("b".into(), "down".into()))
+    })
+    .await;
+    let only_a = config_text(dir.path(), "", &[("a", a.url())]);
+    std::fs::write(&path, &only_a).unwrap();
+    assert_eq!(gate.reload().await.expect("reloads").removed, ["b"]);
+    until("b gone", || async {
+        listed(&admin).await.iter().all(|(n, _)| n != "b")
+    })
+    .await;
+
+    b.restart().await.expect("b restarts");
+    std::fs::write(&path, &both).unwrap();
+    assert_eq!(gate.reload().await.expect("reloads").changed, ["b"]);
+    until("b up again", || async {
+        listed(&admin).await.contains(&("b".into(), "up".into()))
+    })
+    .await;
+    let (code, _) = send_for_json(http().post(format!("{admin}/admin/backends/a/drain"))).await;
+    assert_eq!(code, 200);
+    let (code, v) = post_json(&gate.url(), "/prompt", &json!({ "prompt": steps(2, 2000) })).await;
+    assert_eq!(code, 200, "{v}");
+    let id = v["prompt_id"].as_str().unwrap().to_string();
+    let entry = wait_history(&gate.url(), &id).await;
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    assert!(ran_on(&b).await.contains(&id), "it ran on b");
     gate.shutdown().await;
 }

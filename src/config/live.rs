@@ -1,8 +1,8 @@
 //! The configuration in force. A reload (`SIGHUP`, `comfy-gate reload`, `POST /admin/reload`)
 //! validates a whole new [`Config`] first and then swaps it in here in one step, so every
-//! reader sees either the old snapshot or the new one, never a mix. Components hold an
-//! `Arc<Live>` and load the snapshot where they use it; a request or a scheduling pass that
-//! loaded one keeps it to its end.
+//! reader sees either the old snapshot or the new one. Components hold an `Arc<Live>` and load
+//! the snapshot where they use it; code whose fields must agree with each other loads it once
+//! and reads them all from that one (the edge does, once per request).
 
 use std::sync::Arc;
 

@@ -211,7 +211,10 @@ fn check_backends(
             ),
             None => None,
         };
+        // Where a later reload names this backend in its errors.
+        let line = err(span(), &field, String::new()).line;
         backends.push(Backend {
+            line,
             name,
             base,
             authority,

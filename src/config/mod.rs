@@ -364,6 +364,8 @@ pub struct Config {
 /// One validated backend.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Backend {
+    /// The line of its `url` in the file (0 from the command line), for errors.
+    pub line: usize,
     pub name: String,
     /// `http://host:port`, no trailing slash.
     pub base: String,

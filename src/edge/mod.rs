@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 
 use crate::api::limits::Class;
 use crate::api::{Ctx, router};
+use crate::config::Config;
 use crate::error::GateError;
 use crate::http::{Body, ConnInfo, status};
 use crate::sched::tenant::Caller;
@@ -62,7 +63,9 @@ async fn route(
     mut req: Request<Incoming>,
     info: ConnInfo,
 ) -> Result<Response<Body>, GateError> {
-    if ctx.config.load().server.test_faults
+    // One snapshot for the whole request: a reload meanwhile does not mix two configurations.
+    let config = ctx.config.load();
+    if config.server.test_faults
         && req
             .headers()
             .get(TEST_FAULT_HEADER)
@@ -79,22 +82,22 @@ async fn route(
             return Err(GateError::BadRequest(why.into()));
         }
     }
-    if !origin::origin_allowed(&ctx.config.load().server.allowed_origins, &req).await {
+    if !origin::origin_allowed(&config.server.allowed_origins, &req).await {
         return Err(GateError::ForbiddenOrigin);
     }
     if req.method() == Method::OPTIONS {
         return Ok(status(StatusCode::OK));
     }
     let path = router::api_path(req.uri().path()).to_string();
-    let edge = &ctx.config.load().edge;
+    let edge = &config.edge;
     let client = forwarded::client_addr(
         info.peer.ip(),
         req.headers(),
         &edge.trusted_proxies,
         edge.real_ip_header,
     );
-    let caller = authenticate(&ctx, &req, &path, client)?;
-    let allowed = &ctx.config.load().server.allowed_origins;
+    let caller = authenticate(&config, &req, &path, client)?;
+    let allowed = &config.server.allowed_origins;
     if caller.user.is_some()
         && auth::is_basic(req.headers())
         && !origin::credential_is_own(allowed, &req, &path)
@@ -102,8 +105,7 @@ async fn route(
         return Err(GateError::ForbiddenOrigin);
     }
     let class = Class::of(req.method(), &path);
-    ctx.limits
-        .check_request(&ctx.config.load().auth, &caller, class)?;
+    ctx.limits.check_request(&config.auth, &caller, class)?;
     // aiohttp answers HEAD on every GET route; the gate's own GET routes answer it here (hyper
     // sends the head only), never a backend's unfiltered answer.
     if req.method() == Method::HEAD && path != "/view" && router::owns(&Method::GET, &path) {
@@ -116,7 +118,7 @@ async fn route(
             *req.uri_mut() = uri;
         }
         let proxied = user_data || !router::owns(req.method(), &path);
-        let admin_paths = &ctx.config.load().auth.admin_paths;
+        let admin_paths = &config.auth.admin_paths;
         if proxied
             && !user.admin
             && !auth::user_may_proxy(req.method(), &path, user_data, admin_paths)
@@ -125,8 +127,8 @@ async fn route(
             return Err(GateError::Forbidden(why));
         }
     }
-    let limit = ctx.config.load().server.max_body_bytes;
-    let home = ctx.config.load().home;
+    let limit = config.server.max_body_bytes;
+    let home = config.home;
     if user_data {
         return proxy::passthrough(&ctx.fleet, Target::Only(home), limit, req).await;
     }
@@ -139,12 +141,12 @@ async fn route(
 /// Who the request speaks for: with auth off, an anonymous caller with the open model's
 /// identity; with auth on, the user whose token it presents, or 401.
 fn authenticate<B>(
-    ctx: &Ctx,
+    config: &Config,
     req: &Request<B>,
     path: &str,
     client: std::net::IpAddr,
 ) -> Result<Caller, GateError> {
-    let auth = &ctx.config.load().auth;
+    let auth = &config.auth;
     if !auth.required() {
         return Ok(Caller::anonymous(identity::identity(req, client), client));
     }

@@ -121,8 +121,9 @@ pub struct BackendState {
     /// Removed from the configuration by a reload: no new work, in no listing; what it runs
     /// finishes (see [`super::Fleet::retire`]).
     pub retired: AtomicBool,
-    /// Ends this backend's probe and socket loops: the gate's stop, or the end of a retirement.
-    pub stop: CancellationToken,
+    /// Ends this backend's probe and socket loops: the gate's stop, or the end of a retirement
+    /// (a backend named again after that gets a fresh one, [`super::Fleet::reinstate`]).
+    stop: Mutex<CancellationToken>,
     /// Prompts it holds at once (`max_inflight`; a reload may change it).
     max_inflight: AtomicUsize,
 }
@@ -136,7 +137,7 @@ impl BackendState {
         Self {
             max_inflight: AtomicUsize::new(config.max_inflight),
             retired: AtomicBool::new(false),
-            stop,
+            stop: Mutex::new(stop),
             index,
             config,
             upstream_client_id,
@@ -177,7 +178,27 @@ impl BackendState {
 
     /// Retired and holding nothing: its loops have ended.
     pub fn is_gone(&self) -> bool {
-        self.retired.load(Ordering::SeqCst) && self.stop.is_cancelled()
+        self.retired.load(Ordering::SeqCst) && self.stop_token().is_cancelled()
+    }
+
+    /// The token that ends its probe and socket loops (see [`BackendState::stop`]).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A gone backend named again: new loops under `stop`, health unknown until probed, its
+    /// capabilities read again.
+    pub(super) fn revive(&self, stop: CancellationToken) {
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = stop;
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = HealthCounter {
+            state: Health::Unknown,
+            ok_streak: 0,
+            fail_streak: 0,
+        };
+        self.ws_connected.store(false, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
+        self.busy.store(false, Ordering::SeqCst);
+        self.capabilities.store(None);
     }
 
     /// Prompts it may hold at once.
@@ -282,6 +303,7 @@ mod tests {
         BackendState::new(
             0,
             Backend {
+                line: 0,
                 name: "b".into(),
                 base: "http://127.0.0.1:1".into(),
                 authority: "127.0.0.1:1".into(),

@@ -45,10 +45,12 @@ pub struct GpuId {
 
 /// All backends and the client that talks to them.
 ///
-/// The backend list only grows while the gate runs, so a runtime index stays valid: a reload
-/// that removes a backend retires it ([`Fleet::retire`]: no new work, its running prompts
-/// finish) and, once it holds nothing, ends its loops ([`Fleet::set_gone`]); one added is
-/// appended ([`Fleet::add`]).
+/// The backend list only grows while the gate runs, and a name keeps its entry (and its URL)
+/// for the life of the gate, so a runtime index and a name always mean the same backend: a
+/// reload that removes a backend retires it ([`Fleet::retire`]: no new work, its running
+/// prompts finish) and, once it holds nothing, ends its loops ([`Fleet::set_gone`]); one named
+/// again comes back in the same entry ([`Fleet::reinstate`]); a new name is appended
+/// ([`Fleet::add`]).
 pub struct Fleet {
     config: Arc<crate::config::Live>,
     backends: ArcSwap<Vec<Arc<BackendState>>>,
@@ -80,7 +82,7 @@ impl Fleet {
             .map(|(i, b)| Arc::new(BackendState::new(i, b.clone(), gate_id, stop.child_token())))
             .collect();
         Self {
-            upstream: Upstream::new(current.upstream_timeout()),
+            upstream: Upstream::new(config.clone()),
             local_gpus: start_nvml(&current),
             config,
             backends: ArcSwap::from_pointee(backends),
@@ -103,14 +105,10 @@ impl Fleet {
         self.backends.load()[i].clone()
     }
 
-    /// The runtime index of the backend with this configured name (the newest one when a
-    /// backend removed and gone was added again).
+    /// The runtime index of the backend with this configured name (a name keeps its entry for
+    /// the life of the gate, retired or not).
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        let backends = self.backends.load();
-        backends
-            .iter()
-            .rposition(|b| b.name() == name && !b.is_gone())
-            .or_else(|| backends.iter().rposition(|b| b.name() == name))
+        self.backends.load().iter().position(|b| b.name() == name)
     }
 
     /// Indices of the configured backends whose health is up.
@@ -131,8 +129,8 @@ impl Fleet {
             .any(|b| b.is_up() && b.is_listed())
     }
 
-    /// Appends a backend new to this run (a reload added it); its probe and socket loops are
-    /// the caller's to start. Its GPU is read from `/system_stats` (NVML sampling covers the
+    /// Appends a backend whose name is new to this run (a reload added it); its probe and
+    /// socket loops are the caller's to start. Its GPU is read from `/system_stats` (NVML sampling covers the
     /// backends configured at start). Returns its runtime index.
     pub fn add(&self, config: Backend) -> usize {
         let _one_change = self.membership.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,6 +149,7 @@ impl Fleet {
     /// Takes backend `i` out of the configuration: it gets no new work and leaves every
     /// listing; what it runs finishes, and its loops go on until [`Fleet::set_gone`].
     pub fn retire(&self, i: usize) {
+        let _one_change = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let b = self.get(i);
         b.retired.store(true, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -160,19 +159,29 @@ impl Fleet {
         );
     }
 
-    /// A retired backend named again by a reload before it was gone: back in service.
-    pub fn reinstate(&self, i: usize) {
+    /// A retired backend named again by a reload: back in service. True when it was gone, so
+    /// its loops must be started again (it is then of unknown health until probed).
+    pub fn reinstate(&self, i: usize) -> bool {
+        let _one_change = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let b = self.get(i);
+        let gone = b.is_gone();
+        if gone {
+            b.revive(self.stop.child_token());
+        }
         b.retired.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.changed.notify_one();
+        gone
     }
 
-    /// A retired backend that holds nothing more: its probe and socket loops end.
+    /// A retired backend that holds nothing more: its probe and socket loops end. Nothing if a
+    /// reload named it again meanwhile.
     pub fn set_gone(&self, i: usize) {
+        let _one_change = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let b = self.get(i);
-        if b.retired.load(Ordering::SeqCst) && !b.stop.is_cancelled() {
-            b.stop.cancel();
+        let stop = b.stop_token();
+        if b.retired.load(Ordering::SeqCst) && !stop.is_cancelled() {
+            stop.cancel();
             tracing::info!(
                 backend = b.name(),
                 "retired backend holds no prompt; its loops end"

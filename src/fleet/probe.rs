@@ -99,15 +99,19 @@ pub async fn probe_all(fleet: &Fleet) {
     futures_util::future::join_all(probes).await;
 }
 
-/// Probes backend `i` every `health.interval_ms` until `stop`.
+/// Probes backend `i` at once, then every `health.interval_ms` (read each time, so a reload
+/// applies at the next probe) until `stop`.
 pub async fn probe_loop(fleet: Arc<Fleet>, i: usize, stop: CancellationToken) {
-    let interval = Duration::from_millis(fleet.config.load().health.interval_ms);
     loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = probe(&fleet, i) => {}
+        }
+        let interval = Duration::from_millis(fleet.config.load().health.interval_ms);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        probe(&fleet, i).await;
     }
 }
 

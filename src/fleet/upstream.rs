@@ -33,12 +33,14 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
-    timeout: Duration,
+    /// Where `server.upstream_timeout_ms` is read, per request (a reload changes it).
+    config: std::sync::Arc<crate::config::Live>,
 }
 
 impl Upstream {
-    /// A client whose requests time out after `timeout` unless a call says otherwise.
-    pub fn new(timeout: Duration) -> Self {
+    /// A client whose requests time out after `server.upstream_timeout_ms` of the
+    /// configuration in force, unless a call says otherwise.
+    pub fn new(config: std::sync::Arc<crate::config::Live>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -46,7 +48,7 @@ impl Upstream {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self { client, timeout }
+        Self { client, config }
     }
 
     fn err(backend: &Backend, message: impl ToString) -> GateError {
@@ -75,7 +77,8 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, v);
         }
         let fut = self.client.request(req);
-        match tokio::time::timeout(timeout.unwrap_or(self.timeout), fut).await {
+        let deadline = timeout.unwrap_or_else(|| self.config.load().upstream_timeout());
+        match tokio::time::timeout(deadline, fut).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(GateError::Unreachable {
                 backend: backend.name.clone(),
@@ -105,7 +108,7 @@ impl Upstream {
             .map_err(|e| Self::err(backend, e))?;
         let resp = self.send(backend, req, timeout).await?;
         let (parts, body) = resp.into_parts();
-        let deadline = timeout.unwrap_or(self.timeout);
+        let deadline = timeout.unwrap_or_else(|| self.config.load().upstream_timeout());
         let bytes = tokio::time::timeout(deadline, body.collect())
             .await
             .map_err(|_| Self::err(backend, "timed out reading the body"))?

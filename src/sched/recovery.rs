@@ -71,8 +71,15 @@ pub async fn reconcile(sched: &Arc<Scheduler>, backend: usize) {
 /// it and go back to the head of the gate queue (not counted as failures). Returns the ids
 /// moved.
 pub async fn drain(sched: &Arc<Scheduler>, backend: usize) -> Vec<String> {
-    let b = sched.fleet.get(backend).clone();
     sched.fleet.set_draining(backend, true);
+    take_back_unstarted(sched, backend).await
+}
+
+/// Takes the prompts waiting in a backend's queue (sent, not started) off it and puts them back
+/// at the head of the gate queue (not counted as failures); for a backend that takes no new
+/// work (drained, retired). Returns the ids moved.
+pub async fn take_back_unstarted(sched: &Arc<Scheduler>, backend: usize) -> Vec<String> {
+    let b = sched.fleet.get(backend);
     let not_started = |r: &PromptRecord| {
         r.owner.as_deref() == Some(b.name()) && r.stage == Stage::OnBackend && !r.started
     };

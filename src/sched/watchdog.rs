@@ -72,9 +72,10 @@ fn check(sched: &Arc<Scheduler>) {
         let sched = sched.clone();
         tokio::spawn(async move { stall::corroborate(&sched, &id, owner).await });
     }
-    // A backend that is down gives its prompts back.
+    // A backend that is down gives its prompts back (one gone holds none; its health is
+    // the last its loops saw).
     for b in sched.fleet.backends().iter() {
-        if b.health() == Health::Down {
+        if b.health() == Health::Down && !b.is_gone() {
             sched.evacuate(b.index, "the backend is down");
         }
     }
