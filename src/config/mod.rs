@@ -11,11 +11,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod access_log;
 mod gpu;
 mod load;
 mod policy;
 mod tenancy;
 
+pub use access_log::{AccessLog, AccessLogFormat};
 pub use gpu::GpuSelector;
 pub use load::{ConfigError, backend_from_url, load, parse, parse_backend_url, validate};
 pub use policy::PlacementPolicy;
@@ -50,6 +52,8 @@ pub struct FileConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub access_log: AccessLog,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -349,6 +353,7 @@ pub struct Config {
     /// `[auth]`, `[[users]]`, `[limits]` and `scheduler.bands`, validated.
     pub auth: Auth,
     pub audit: AuditConfig,
+    pub access_log: AccessLog,
     pub backends: Vec<Backend>,
     /// Index into `backends` of the user-data home.
     pub home: usize,

@@ -4,6 +4,7 @@
 //! `[auth] mode = "token"` every request names its user ([`auth`]) or is answered 401; the
 //! caller's `[limits]` are applied here ([`crate::api::limits`]) before anything is queued or forwarded.
 
+pub mod access_log;
 pub mod auth;
 pub mod forwarded;
 pub mod headers;
@@ -11,6 +12,7 @@ pub mod identity;
 pub mod origin;
 pub mod path;
 pub mod proxy;
+pub mod stack;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::api::facts::AccessFacts;
 use crate::api::limits::Class;
 use crate::api::{Ctx, router};
 use crate::error::GateError;
@@ -34,9 +37,16 @@ pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
 /// shape, so the connection, its other requests and every other client go on. The shared
 /// state survives it: the gate's locks shrug off poisoning. A panic while a body streams out
 /// (after the head) ends that one connection only: hyper's connection task is a task of its own.
+///
+/// The answer carries the caller's [`AccessFacts`] (client address, user) for the access log,
+/// added to what the handler put there.
 pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    match AssertUnwindSafe(route(ctx, req, info)).catch_unwind().await {
+    let mut caller = AccessFacts::default();
+    let answer = AssertUnwindSafe(route(ctx, req, info, &mut caller))
+        .catch_unwind()
+        .await;
+    let mut resp = match answer {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => e.into_response(),
         Err(payload) => {
@@ -44,7 +54,14 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Re
             tracing::error!(%method, %path, panic = %message, "request handling panicked; answered 500");
             GateError::Internal.into_response()
         }
-    }
+    };
+    let facts = AccessFacts {
+        client: caller.client,
+        user: caller.user,
+        ..AccessFacts::take(&mut resp)
+    };
+    facts.attach(&mut resp);
+    resp
 }
 
 /// User data lives on the home backend (ComfyUI's `/userdata`, `/v2/userdata`, `/settings`,
@@ -57,10 +74,12 @@ fn is_user_data(path: &str) -> bool {
     at("/userdata") || at("/v2/userdata") || at("/settings") || path == "/users"
 }
 
+/// `caller` is filled in as the edge learns who is asking (for the access log).
 async fn route(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
     info: ConnInfo,
+    caller_facts: &mut AccessFacts,
 ) -> Result<Response<Body>, GateError> {
     if ctx.config.server.test_faults
         && req
@@ -93,7 +112,9 @@ async fn route(
         &edge.trusted_proxies,
         edge.real_ip_header,
     );
+    caller_facts.client = Some(client);
     let caller = authenticate(&ctx, &req, &path, client)?;
+    caller_facts.user = caller.user_name().map(str::to_string);
     let allowed = &ctx.config.server.allowed_origins;
     if caller.user.is_some()
         && auth::is_basic(req.headers())
