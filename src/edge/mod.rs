@@ -3,6 +3,8 @@
 //! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). With
 //! `[auth] mode = "token"` every request names its user ([`auth`]) or is answered 401; the
 //! caller's `[limits]` are applied here ([`crate::api::limits`]) before anything is queued or forwarded.
+//! The client listener serves it inside the tower stack of [`stack`] (request id, trace span,
+//! access log, compression); its answers carry the caller's facts for the [`access_log`].
 
 pub mod access_log;
 pub mod auth;
