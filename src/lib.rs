@@ -4,7 +4,7 @@
 //! so, `tests/layering.rs`):
 //!
 //! ```text
-//! edge ──► api ──► sched ──► sessions, files ──► fleet ──► config, error, comfy-wire
+//! edge ──► api ──► sched ──► sessions, files ──► fleet ──► config, error, logfile, comfy-wire
 //! admin ─────────► sched
 //! ```
 //!
@@ -26,6 +26,7 @@ pub mod error;
 pub mod files;
 pub mod fleet;
 pub mod loadtest;
+pub mod logfile;
 pub mod reload;
 pub mod sched;
 pub mod sessions;
@@ -63,6 +64,7 @@ pub struct GateHandle {
     reloader: Arc<reload::Reloader>,
     sessions: Arc<Sessions>,
     audit: Arc<sched::audit::Audit>,
+    access_log: edge::access_log::AccessLog,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -99,6 +101,19 @@ impl GateHandle {
         self.config.load()
     }
 
+    /// The access log (`[access_log]`): `reopen()` it by name (`SIGUSR1`), or `reconfigure()`
+    /// it while the gate runs (path, format, off; a config reload). Every clone is the same log.
+    pub fn access_log(&self) -> edge::access_log::AccessLog {
+        self.access_log.clone()
+    }
+
+    /// Reopens the audit log and the access log files by name before their next lines: what
+    /// `SIGUSR1` does (logrotate's `postrotate`, nginx's `USR1`).
+    pub fn reopen_logs(&self) {
+        self.reopen_audit_log();
+        self.access_log.reopen();
+    }
+
     /// Graceful shutdown: stops accepting, closes client sockets with 1001, gives in-flight
     /// requests up to `recovery.drain_timeout_ms`, then stops. Everything accepted is already
     /// persisted; a restart with the same state directory finishes it.
@@ -115,6 +130,7 @@ impl GateHandle {
         // The usage flusher wrote its last rows as it stopped; the audit lines still being
         // prepared are written, then the writer thread ends.
         self.audit.close(AUDIT_CLOSE_WAIT).await;
+        self.access_log.close().await;
     }
 }
 
@@ -134,6 +150,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         store.clone(),
         loaded.usage,
     )?);
+    let access_log = edge::access_log::AccessLog::open(&boot.access_log).map_err(|e| e.0)?;
     let listener = TcpListener::bind(boot.server.listen).await?;
     let admin_listener = TcpListener::bind(boot.server.admin_listen).await?;
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
@@ -210,7 +227,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         merged: Default::default(),
         limits: Default::default(),
     });
-    let handler = Arc::new(move |req, info| edge::handle(ctx.clone(), req, info));
+    let handler = Arc::new(edge::stack::client_handler(ctx, access_log.clone()));
     let admin_options = http::ServeOptions {
         header_read_timeout: boot.header_read_timeout(),
         drain: Some(boot.drain_timeout()),
@@ -238,6 +255,10 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         loops,
         stop.clone(),
     ));
+    let log = access_log.clone();
+    reloader.add_hook(Box::new(move |c: &Config| {
+        log.reconfigure(&c.access_log).map_err(|e| e.to_string())
+    }));
     let for_admin = reloader.clone();
     let admin = Arc::new(admin::Admin {
         sched,
@@ -279,6 +300,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         reloader,
         sessions,
         audit,
+        access_log,
         stop,
         tasks,
     })

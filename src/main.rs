@@ -139,22 +139,30 @@ fn init_logging() {
         .init();
 }
 
-/// `SIGUSR1` reopens the audit log file by name (logrotate's `postrotate` convention).
+/// `SIGUSR1` reopens the audit log and the access log files by name (logrotate's
+/// `postrotate` convention, nginx's `USR1`).
 #[cfg(unix)]
-fn reopen_on_sigusr1(reopen: comfy_gate::sched::audit::Reopen) -> anyhow::Result<()> {
+fn reopen_on_sigusr1(
+    audit: comfy_gate::sched::audit::Reopen,
+    access: comfy_gate::edge::access_log::AccessLog,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
-            tracing::info!("SIGUSR1: the audit log is reopened");
-            reopen.reopen();
+            tracing::info!("SIGUSR1: the audit and access logs are reopened");
+            audit.reopen();
+            access.reopen();
         }
     });
     Ok(())
 }
 
 #[cfg(not(unix))]
-fn reopen_on_sigusr1(_reopen: comfy_gate::sched::audit::Reopen) -> anyhow::Result<()> {
+fn reopen_on_sigusr1(
+    _audit: comfy_gate::sched::audit::Reopen,
+    _access: comfy_gate::edge::access_log::AccessLog,
+) -> anyhow::Result<()> {
     Ok(())
 }
 
@@ -222,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
             if source.path.is_some() {
                 handle.reloader().set_source(source);
             }
-            reopen_on_sigusr1(handle.audit_reopener())?;
+            reopen_on_sigusr1(handle.audit_reopener(), handle.access_log())?;
             println!(
                 "comfy-gate listening on http://{} (admin http://{})",
                 handle.addr, handle.admin_addr

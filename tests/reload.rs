@@ -451,3 +451,53 @@ async fn a_backend_removed_while_down_comes_back_when_named_again() {
     assert!(ran_on(&b).await.contains(&id), "it ran on b");
     gate.shutdown().await;
 }
+
+/// Log settings follow a reload: an access log switched on starts with the next request; a
+/// path that cannot be opened keeps the log as it was and is reported (`kept_old`), the rest
+/// of the reload in force.
+#[tokio::test]
+async fn a_reload_switches_the_access_log_and_a_bad_path_keeps_the_old_one() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let backends = [("a", sim.url())];
+    std::fs::write(&path, config_text(dir.path(), "", &backends)).unwrap();
+    let gate = gate_from_file(&path).await;
+    let base = gate.url();
+    assert_eq!(get_json(&base, "/queue").await.0, 200);
+
+    let log = dir.path().join("access.log");
+    let on = format!(
+        "[access_log]\npath = \"{}\"\nformat = \"json\"\n",
+        log.display()
+    );
+    std::fs::write(&path, config_text(dir.path(), &on, &backends)).unwrap();
+    let report = gate.reload().await.expect("reloads");
+    assert!(report.kept_old.is_empty(), "{report:?}");
+    assert_eq!(get_json(&base, "/queue?after=on").await.0, 200);
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("a json line"))
+            .collect::<Vec<_>>()
+    };
+    until("the request is logged", || async { !lines().is_empty() }).await;
+    assert_eq!(lines()[0]["request_uri"], "/queue?after=on");
+
+    // A directory is no log file: the old log stays, the reload says so, the rest applies.
+    let bad = format!("[access_log]\npath = \"{}\"\n", dir.path().display());
+    let text =
+        config_text(dir.path(), &bad, &backends).replace("interval_ms = 100", "interval_ms = 120");
+    std::fs::write(&path, text).unwrap();
+    let report = gate.reload().await.expect("reloads");
+    assert_eq!(report.kept_old.len(), 1, "{report:?}");
+    assert!(report.kept_old[0].contains("access_log.path"), "{report:?}");
+    assert_eq!(gate.config().health.interval_ms, 120);
+    assert_eq!(get_json(&base, "/queue?after=bad").await.0, 200);
+    until("still logged to the old file", || async {
+        lines().len() == 2
+    })
+    .await;
+    gate.shutdown().await;
+}

@@ -4,6 +4,7 @@
 //! proxied by the edge.
 
 pub mod control;
+pub mod facts;
 pub mod files;
 pub mod limits;
 pub mod merged;

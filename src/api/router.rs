@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use super::facts::AccessFacts;
 use super::{Ctx, control, files, merged};
 use crate::error::GateError;
 use crate::http::{
-    Body, json as json_resp, json_bytes, percent_decode, query_pairs, read_body, status,
+    Body, full, json as json_resp, json_bytes, percent_decode, query_pairs, read_body, status,
 };
 use crate::protocol::jobs;
 use crate::sched::admission;
@@ -104,7 +106,8 @@ pub async fn route(
     match (method, path.as_str()) {
         (Method::POST, "/prompt") => {
             ctx.limits.check_prompt(auth, &caller)?;
-            admission::submit(&ctx.sched, &caller, &body).await
+            let answer = admission::submit(&ctx.sched, &caller, &body).await?;
+            Ok(with_prompt_id(answer).await)
         }
         (Method::GET, "/prompt") => ok(ctx.sched.queue_info()),
         (Method::GET, "/queue") => ok(merged::queue(&ctx, &caller).await),
@@ -171,6 +174,28 @@ pub async fn route(
         },
         _ => Ok(status(StatusCode::METHOD_NOT_ALLOWED)),
     }
+}
+
+/// A `POST /prompt` answer with its `prompt_id` (given or minted) in its [`AccessFacts`],
+/// for the access log. The answer is a small JSON body already in memory; one without an id
+/// (a 400 with `node_errors`) is returned as it was.
+async fn with_prompt_id(answer: Response<Body>) -> Response<Body> {
+    let (parts, body) = answer.into_parts();
+    let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
+        return GateError::Internal.into_response();
+    };
+    let prompt_id = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("prompt_id")?.as_str().map(str::to_string));
+    let mut resp = Response::from_parts(parts, full(bytes));
+    if prompt_id.is_some() {
+        let facts = AccessFacts {
+            prompt_id,
+            ..AccessFacts::take(&mut resp)
+        };
+        facts.attach(&mut resp);
+    }
+    resp
 }
 
 /// An integer query parameter (`/history?max_items=…`); a value that is not one is a 400.

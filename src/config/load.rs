@@ -109,6 +109,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         edge,
         auth,
         audit: raw.audit,
+        access_log: raw.access_log,
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,

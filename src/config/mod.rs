@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod access_log;
 mod gpu;
 mod live;
 mod load;
@@ -18,6 +19,7 @@ mod policy;
 mod source;
 mod tenancy;
 
+pub use access_log::{AccessLog, AccessLogFormat};
 pub use gpu::GpuSelector;
 pub use live::Live;
 pub use load::{
@@ -56,6 +58,8 @@ pub struct FileConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub access_log: AccessLog,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -355,6 +359,7 @@ pub struct Config {
     /// `[auth]`, `[[users]]`, `[limits]` and `scheduler.bands`, validated.
     pub auth: Auth,
     pub audit: AuditConfig,
+    pub access_log: AccessLog,
     pub backends: Vec<Backend>,
     /// Runtime index of the user-data home: its position in `backends` at start; after a
     /// reload, its index in the fleet (see `reload`).

@@ -3,7 +3,10 @@
 //! itself ([`crate::api`]) or, like nginx's `proxy_pass`, to a backend ([`proxy`]). With
 //! `[auth] mode = "token"` every request names its user ([`auth`]) or is answered 401; the
 //! caller's `[limits]` are applied here ([`crate::api::limits`]) before anything is queued or forwarded.
+//! The client listener serves it inside the tower stack of [`stack`] (request id, trace span,
+//! access log, compression); its answers carry the caller's facts for the [`access_log`].
 
+pub mod access_log;
 pub mod auth;
 pub mod forwarded;
 pub mod headers;
@@ -11,6 +14,7 @@ pub mod identity;
 pub mod origin;
 pub mod path;
 pub mod proxy;
+pub mod stack;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::api::facts::AccessFacts;
 use crate::api::limits::Class;
 use crate::api::{Ctx, router};
 use crate::config::Config;
@@ -35,9 +40,16 @@ pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
 /// shape, so the connection, its other requests and every other client go on. The shared
 /// state survives it: the gate's locks shrug off poisoning. A panic while a body streams out
 /// (after the head) ends that one connection only: hyper's connection task is a task of its own.
+///
+/// The answer carries the caller's [`AccessFacts`] (client address, user) for the access log,
+/// added to what the handler put there.
 pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    match AssertUnwindSafe(route(ctx, req, info)).catch_unwind().await {
+    let mut caller = AccessFacts::default();
+    let answer = AssertUnwindSafe(route(ctx, req, info, &mut caller))
+        .catch_unwind()
+        .await;
+    let mut resp = match answer {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => e.into_response(),
         Err(payload) => {
@@ -45,7 +57,14 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Re
             tracing::error!(%method, %path, panic = %message, "request handling panicked; answered 500");
             GateError::Internal.into_response()
         }
-    }
+    };
+    let facts = AccessFacts {
+        client: caller.client,
+        user: caller.user,
+        ..AccessFacts::take(&mut resp)
+    };
+    facts.attach(&mut resp);
+    resp
 }
 
 /// User data lives on the home backend (ComfyUI's `/userdata`, `/v2/userdata`, `/settings`,
@@ -58,10 +77,12 @@ fn is_user_data(path: &str) -> bool {
     at("/userdata") || at("/v2/userdata") || at("/settings") || path == "/users"
 }
 
+/// `caller` is filled in as the edge learns who is asking (for the access log).
 async fn route(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
     info: ConnInfo,
+    caller_facts: &mut AccessFacts,
 ) -> Result<Response<Body>, GateError> {
     // One snapshot for the whole request: a reload meanwhile does not mix two configurations.
     let config = ctx.config.load();
@@ -96,7 +117,9 @@ async fn route(
         &edge.trusted_proxies,
         edge.real_ip_header,
     );
+    caller_facts.client = Some(client);
     let caller = authenticate(&config, &req, &path, client)?;
+    caller_facts.user = caller.user_name().map(str::to_string);
     let allowed = &config.server.allowed_origins;
     if caller.user.is_some()
         && auth::is_basic(req.headers())

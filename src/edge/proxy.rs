@@ -1,16 +1,19 @@
 //! The routes the gate does not answer itself (the web frontend, custom nodes' routes, user
 //! data) are proxied like nginx's `proxy_pass`: the request streams to one backend (the home
 //! backend for user data, else the home backend if up, else any up backend) with its raw path
-//! and query (`%2F` stays encoded) and hop-by-hop headers removed, and the answer streams back.
+//! and query (`%2F` stays encoded) and hop-by-hop headers removed, and the answer streams back,
+//! with the backend's name and response time for the access log ([`AccessFacts`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
 
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::headers::{strip_for_downstream, strip_for_upstream};
+use crate::api::facts::AccessFacts;
 use crate::error::GateError;
 use crate::fleet::Fleet;
 use crate::http::Body;
@@ -74,14 +77,19 @@ pub async fn passthrough(
         .boxed();
     let upstream_req = Request::from_parts(parts, body);
     let b = fleet.get(backend).clone();
+    let sent = Instant::now();
     match fleet.upstream.send(&b.config, upstream_req, None).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_for_downstream(&mut parts.headers);
-            Ok(Response::from_parts(
-                parts,
-                body.map_err(Into::into).boxed(),
-            ))
+            let mut resp = Response::from_parts(parts, body.map_err(Into::into).boxed());
+            AccessFacts {
+                backend: Some(b.config.name.clone()),
+                upstream_time: Some(sent.elapsed()),
+                ..Default::default()
+            }
+            .attach(&mut resp);
+            Ok(resp)
         }
         Err(e) => match client_fault.load(Ordering::SeqCst) {
             CLIENT_TOO_LARGE => Err(GateError::TooLarge(limit as usize)),

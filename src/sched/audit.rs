@@ -21,25 +21,21 @@
 //!   every type but `input`); **output bytes**: their sizes, read with `HEAD /view` on the
 //!   backend that holds each (`null` when one cannot be read, or past [`MAX_SIZED`] files).
 //!
-//! Why the writer is non-blocking: the end of a prompt runs on the event loop, and a slow or
-//! full disk must not stall every client's events. Lines go through a bounded queue to one
-//! writer thread (tracing-appender's `NonBlocking`); past [`BUFFERED_LINES`] waiting lines, new
-//! ones are dropped and counted (`/admin/records`), and the usage ledger, kept apart, still
-//! sums them. The file is reopened by name on the next line after [`Reopen::reopen`]
-//! (`SIGUSR1`, logrotate's convention).
+//! The line goes through the shared log writer ([`crate::logfile`]): non-blocking (the end of
+//! a prompt runs on the event loop, and a slow or full disk must not stall every client's
+//! events), lossy past [`BUFFERED_LINES`] waiting lines (dropped lines are counted in
+//! `/admin/records`; the usage ledger, kept apart, still sums them), and reopened by name on
+//! the next line after [`Reopen::reopen`] (`SIGUSR1`, logrotate's convention).
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use super::Scheduler;
 use super::outcome::terminal_of;
@@ -50,11 +46,11 @@ use crate::config::AuditConfig;
 use crate::files::resolve::{Location, size_on};
 use crate::files::{FileKey, Files, output_files};
 use crate::fleet::{Fleet, GpuId};
+pub use crate::logfile::{BUFFERED_LINES, Reopen};
+use crate::logfile::{LogTarget, LogWriter};
 use crate::protocol::now_ms;
 use comfy_wire::files::refs::{FileRef, Kind};
 
-/// Lines waiting for the writer thread before new ones are dropped.
-pub const BUFFERED_LINES: usize = 65_536;
 /// A prompt with more output files than this gets `output_bytes: null` (its sizes are not
 /// read: one `HEAD` each).
 pub const MAX_SIZED: usize = 256;
@@ -107,82 +103,9 @@ pub struct Line {
     pub output_bytes: Option<u64>,
 }
 
-/// Asks the audit log to reopen its file (cheap to clone; a no-op without a file).
-#[derive(Clone, Default)]
-pub struct Reopen(Option<Arc<AtomicBool>>);
-
-impl Reopen {
-    /// The file is reopened by name before the next line is written.
-    pub fn reopen(&self) {
-        if let Some(flag) = &self.0 {
-            flag.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// The log file, reopened by name when asked (after logrotate renamed it).
-struct ReopeningFile {
-    path: PathBuf,
-    file: BufWriter<File>,
-    reopen: Arc<AtomicBool>,
-    /// The last reopen failed (logged once until one succeeds).
-    failing: bool,
-}
-
-fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
-}
-
-impl ReopeningFile {
-    fn reopen_if_asked(&mut self) {
-        if !self.reopen.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        let _ = self.file.flush();
-        match open_append(&self.path) {
-            Ok(f) => {
-                self.file = BufWriter::new(f);
-                self.failing = false;
-            }
-            Err(e) => {
-                // Go on with the old file, and try again at the next line.
-                self.reopen.store(true, Ordering::SeqCst);
-                if !self.failing {
-                    tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the audit log; still writing to the old file");
-                }
-                self.failing = true;
-            }
-        }
-    }
-}
-
-impl Write for ReopeningFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.reopen_if_asked();
-        self.file.write(buf)
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        self.reopen_if_asked();
-        self.file.write_all(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// The audit log's writer.
-struct Log {
-    writer: NonBlocking,
-    /// Dropped at [`Audit::close`]: the writer thread writes what waits, then ends.
-    guard: Mutex<Option<WorkerGuard>>,
-    reopen: Reopen,
-}
-
 /// The audit log (if configured) and the usage ledger.
 pub struct Audit {
-    log: Option<Log>,
+    log: Option<LogWriter>,
     usage: Arc<Usage>,
     /// Lines being prepared (output sizes being read).
     pending: AtomicUsize,
@@ -197,41 +120,14 @@ impl Audit {
         store: Arc<Store>,
         usage: Vec<(String, Value)>,
     ) -> std::io::Result<Self> {
-        let builder = || {
-            NonBlockingBuilder::default()
-                .buffered_lines_limit(BUFFERED_LINES)
-                .lossy(true)
-                .thread_name("comfy-gate-audit")
-        };
-        let log = match config.log.as_deref().map(str::trim) {
+        let target = match config.log.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some("stdout") => {
-                let (writer, guard) = builder().finish(std::io::stdout());
-                Some(Log {
-                    writer,
-                    guard: Mutex::new(Some(guard)),
-                    reopen: Reopen::default(),
-                })
-            }
-            Some(path) => {
-                let path = PathBuf::from(path);
-                let file = open_append(&path).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("audit.log {}: {e}", path.display()))
-                })?;
-                let flag = Arc::new(AtomicBool::new(false));
-                let (writer, guard) = builder().finish(ReopeningFile {
-                    path,
-                    file: BufWriter::new(file),
-                    reopen: flag.clone(),
-                    failing: false,
-                });
-                Some(Log {
-                    writer,
-                    guard: Mutex::new(Some(guard)),
-                    reopen: Reopen(Some(flag)),
-                })
-            }
+            Some("stdout") => Some(LogTarget::Stdout),
+            Some(path) => Some(LogTarget::File(PathBuf::from(path))),
         };
+        let log = target
+            .map(|t| LogWriter::open(&t, "comfy-gate-audit", "audit.log"))
+            .transpose()?;
         Ok(Self {
             log,
             usage: Arc::new(Usage::new(store, usage)),
@@ -249,15 +145,13 @@ impl Audit {
     pub fn reopener(&self) -> Reopen {
         self.log
             .as_ref()
-            .map(|l| l.reopen.clone())
+            .map(LogWriter::reopener)
             .unwrap_or_default()
     }
 
     /// Lines dropped because the writer fell [`BUFFERED_LINES`] behind.
     pub fn dropped_lines(&self) -> usize {
-        self.log
-            .as_ref()
-            .map_or(0, |l| l.writer.error_counter().dropped_lines())
+        self.log.as_ref().map_or(0, LogWriter::dropped_lines)
     }
 
     /// For `/admin/records`.
@@ -275,8 +169,7 @@ impl Audit {
             return;
         };
         text.push(b'\n');
-        // One write is one line in the writer's queue.
-        let _ = log.writer.clone().write_all(&text);
+        log.write_line(&text);
     }
 
     /// At shutdown: waits up to `wait` for lines being prepared, then has the writer thread
@@ -292,10 +185,7 @@ impl Audit {
             }
         })
         .await;
-        let guard = self
-            .log
-            .as_ref()
-            .and_then(|l| l.guard.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let guard = self.log.as_ref().and_then(LogWriter::close);
         if let Some(guard) = guard {
             // Dropping it waits (up to about a second) for the thread to write what waits.
             let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
@@ -580,28 +470,5 @@ mod tests {
         assert_eq!(outcome_of(&Ending::Deleted), ("deleted", None));
         assert!(charged_when_failed("comfy_gate.MaxRunTimeExceeded"));
         assert!(!charged_when_failed("comfy_gate.BackendFailed"));
-    }
-
-    #[test]
-    fn a_reopened_file_starts_anew_under_its_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let flag = Arc::new(AtomicBool::new(false));
-        let mut f = ReopeningFile {
-            path: path.clone(),
-            file: BufWriter::new(open_append(&path).unwrap()),
-            reopen: flag.clone(),
-            failing: false,
-        };
-        f.write_all(b"one\n").unwrap();
-        f.flush().unwrap();
-        std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
-        f.write_all(b"two\n").unwrap();
-        Reopen(Some(flag)).reopen();
-        f.write_all(b"three\n").unwrap();
-        f.flush().unwrap();
-        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
-        assert_eq!(read("audit.log.1"), "one\ntwo\n");
-        assert_eq!(read("audit.log"), "three\n");
     }
 }
