@@ -58,7 +58,12 @@ const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub struct GateHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The cleartext listener that redirects to HTTPS (`[tls] redirect_listen`), if any.
+    pub redirect_addr: Option<SocketAddr>,
     config: Arc<Config>,
+    connections: http::ConnectionStats,
+    limits: http::SharedLimits,
+    tls: Option<Arc<http::TlsAcceptor>>,
     sessions: Arc<Sessions>,
     audit: Arc<sched::audit::Audit>,
     stop: CancellationToken,
@@ -66,9 +71,33 @@ pub struct GateHandle {
 }
 
 impl GateHandle {
-    /// `http://addr` of the client listener.
+    /// `http://addr` of the client listener (`https://addr` with `[tls]`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Client connections open on the client listener now (accepted, not yet closed; upgraded
+    /// WebSockets included; the admin and redirect listeners not).
+    pub fn open_connections(&self) -> usize {
+        self.connections.open()
+    }
+
+    /// The client listener's connection timeouts and caps, which apply to each connection from
+    /// its accept: a config reload stores `Arc::new(config.conn_limits())` here.
+    pub fn conn_limits(&self) -> &http::SharedLimits {
+        &self.limits
+    }
+
+    /// Serves the certificate and key `tls` names from the next TLS handshake on. On an error
+    /// (a file missing or unreadable, bad PEM, a key that does not match) the certificate
+    /// served so far stays, and the error names the file and why. A gate started without
+    /// `[tls]` cannot take one without a restart: [`http::TlsError::Off`].
+    pub fn reload_tls(&self, tls: &config::Tls) -> Result<(), http::TlsError> {
+        match &self.tls {
+            Some(acceptor) => acceptor.reload(&tls.cert, &tls.key),
+            None => Err(http::TlsError::Off),
+        }
     }
 
     /// Reopens the audit log file by name before its next line (what `SIGUSR1` does, after
@@ -116,9 +145,24 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         store.clone(),
         loaded.usage,
     )?);
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(
+            http::TlsAcceptor::from_pem_files(&tls.cert, &tls.key)
+                .map_err(|e| std::io::Error::other(format!("[tls]: {e}")))?,
+        )),
+        None => None,
+    };
     let listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.server.admin_listen).await?;
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    let redirect_listener = match config.tls.as_ref().and_then(|t| t.redirect_listen) {
+        Some(at) => Some(TcpListener::bind(at).await?),
+        None => None,
+    };
+    let redirect_addr = match &redirect_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let stop = CancellationToken::new();
     let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id));
     let files = Arc::new(files::Files::open(
@@ -200,10 +244,12 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         limits: Default::default(),
     });
     let handler = Arc::new(move |req, info| edge::handle(ctx.clone(), req, info));
+    let limits: http::SharedLimits =
+        Arc::new(arc_swap::ArcSwap::from_pointee(config.conn_limits()));
     let admin_options = http::ServeOptions {
-        header_read_timeout: config.header_read_timeout(),
+        limits: limits.clone(),
         drain: Some(config.drain_timeout()),
-        proxy_protocol: None,
+        ..Default::default()
     };
     let options = http::ServeOptions {
         proxy_protocol: config.edge.proxy_protocol.then(|| {
@@ -212,8 +258,22 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
                 Arc::new(move |ip| edge::forwarded::is_trusted(&trusted, ip));
             trust
         }),
+        tls: tls.clone(),
         ..admin_options.clone()
     };
+    let connections = options.stats.clone();
+    if let Some(listener) = redirect_listener {
+        let https_port = addr.port();
+        let redirect = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
+            std::future::ready(edge::https_redirect::answer(&req, https_port))
+        });
+        tasks.push(tokio::spawn(http::serve(
+            listener,
+            redirect,
+            admin_options.clone(),
+            stop.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(http::serve(
         listener,
         handler,
@@ -247,7 +307,11 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     Ok(GateHandle {
         addr,
         admin_addr,
+        redirect_addr,
         config,
+        connections,
+        limits,
+        tls,
         sessions,
         audit,
         stop,

@@ -252,8 +252,9 @@ async fn main() -> anyhow::Result<()> {
             };
             reopen_on_sigusr1(handle.audit_reopener())?;
             println!(
-                "comfy-gate listening on http://{} (admin http://{})",
-                handle.addr, handle.admin_addr
+                "comfy-gate listening on {} (admin http://{})",
+                handle.url(),
+                handle.admin_addr
             );
             shutdown_signal().await;
             handle.shutdown().await;

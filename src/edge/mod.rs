@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod forwarded;
 pub mod headers;
+pub mod https_redirect;
 pub mod identity;
 pub mod origin;
 pub mod path;
