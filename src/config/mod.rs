@@ -77,7 +77,7 @@ pub struct ServerConfig {
     /// long after its last response, in ms (nginx `keepalive_timeout`). Default 75000.
     pub keepalive_timeout_ms: u64,
     /// Longest wait between two reads of a request body, in ms (nginx `client_body_timeout`).
-    /// Default 60000. Not enforced yet: see `docs/gate/known-gaps.md`.
+    /// Default 60000. Not enforced yet (`docs/gate.md`, known gaps).
     pub body_read_timeout_ms: u64,
     /// Open client connections, all clients together (WebSockets included); one more is closed
     /// at once, unread. Default 10000.
