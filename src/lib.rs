@@ -60,8 +60,12 @@ const AUDIT_CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub struct GateHandle {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The cleartext listener that redirects to HTTPS (`[tls] redirect_listen`), if any.
+    pub redirect_addr: Option<SocketAddr>,
     config: Arc<config::Live>,
     reloader: Arc<reload::Reloader>,
+    connections: http::ConnectionStats,
+    tls: Option<Arc<http::TlsAcceptor>>,
     sessions: Arc<Sessions>,
     audit: Arc<sched::audit::Audit>,
     access_log: edge::access_log::AccessLog,
@@ -70,9 +74,16 @@ pub struct GateHandle {
 }
 
 impl GateHandle {
-    /// `http://addr` of the client listener.
+    /// `http://addr` of the client listener (`https://addr` with `[tls]`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Client connections open on the client listener now (accepted, not yet closed; upgraded
+    /// WebSockets included; the admin and redirect listeners not).
+    pub fn open_connections(&self) -> usize {
+        self.connections.open()
     }
 
     /// Reopens the audit log file by name before its next line (what `SIGUSR1` does, after
@@ -151,9 +162,24 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         loaded.usage,
     )?);
     let access_log = edge::access_log::AccessLog::open(&boot.access_log).map_err(|e| e.0)?;
+    let tls = match &boot.tls {
+        Some(tls) => Some(Arc::new(
+            http::TlsAcceptor::from_pem_files(&tls.cert, &tls.key)
+                .map_err(|e| std::io::Error::other(format!("[tls]: {e}")))?,
+        )),
+        None => None,
+    };
     let listener = TcpListener::bind(boot.server.listen).await?;
     let admin_listener = TcpListener::bind(boot.server.admin_listen).await?;
     let (addr, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    let redirect_listener = match boot.tls.as_ref().and_then(|t| t.redirect_listen) {
+        Some(at) => Some(TcpListener::bind(at).await?),
+        None => None,
+    };
+    let redirect_addr = match &redirect_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let stop = CancellationToken::new();
     let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id, stop.clone()));
     let files = Arc::new(files::Files::open(
@@ -228,10 +254,11 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         limits: Default::default(),
     });
     let handler = Arc::new(edge::stack::client_handler(ctx, access_log.clone()));
+    let limits: http::SharedLimits = Arc::new(arc_swap::ArcSwap::from_pointee(boot.conn_limits()));
     let admin_options = http::ServeOptions {
-        header_read_timeout: boot.header_read_timeout(),
+        limits: limits.clone(),
         drain: Some(boot.drain_timeout()),
-        proxy_protocol: None,
+        ..Default::default()
     };
     let options = http::ServeOptions {
         proxy_protocol: boot.edge.proxy_protocol.then(|| {
@@ -241,8 +268,22 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
             });
             trust
         }),
+        tls: tls.clone(),
         ..admin_options.clone()
     };
+    let connections = options.stats.clone();
+    if let Some(listener) = redirect_listener {
+        let https_port = addr.port();
+        let redirect = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
+            std::future::ready(edge::https_redirect::answer(&req, https_port))
+        });
+        tasks.push(tokio::spawn(http::serve(
+            listener,
+            redirect,
+            admin_options.clone(),
+            stop.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(http::serve(
         listener,
         handler,
@@ -259,6 +300,22 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     reloader.add_hook(Box::new(move |c: &Config| {
         log.reconfigure(&c.access_log).map_err(|e| e.to_string())
     }));
+    // Each connection reads the caps and timeouts at its accept: new ones get the new values.
+    let caps = limits.clone();
+    reloader.add_hook(Box::new(move |c: &Config| {
+        caps.store(Arc::new(c.conn_limits()));
+        Ok(())
+    }));
+    // New handshakes get the new certificate; a pair that does not load keeps the old one.
+    // (TLS switched on or off, or a new redirect address, waits for a restart: `restart_needed`.)
+    if let Some(acceptor) = tls.clone() {
+        reloader.add_hook(Box::new(move |c: &Config| match &c.tls {
+            Some(t) => acceptor
+                .reload(&t.cert, &t.key)
+                .map_err(|e| format!("[tls]: {e}; the certificate served so far is kept")),
+            None => Ok(()),
+        }));
+    }
     let for_admin = reloader.clone();
     let admin = Arc::new(admin::Admin {
         sched,
@@ -296,8 +353,11 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     Ok(GateHandle {
         addr,
         admin_addr,
+        redirect_addr,
         config,
         reloader,
+        connections,
+        tls,
         sessions,
         audit,
         access_log,

@@ -232,8 +232,9 @@ async fn main() -> anyhow::Result<()> {
             }
             reopen_on_sigusr1(handle.audit_reopener(), handle.access_log())?;
             println!(
-                "comfy-gate listening on http://{} (admin http://{})",
-                handle.addr, handle.admin_addr
+                "comfy-gate listening on {} (admin http://{})",
+                handle.url(),
+                handle.admin_addr
             );
             service::serve_until_stopped(&handle).await?;
             handle.shutdown().await;

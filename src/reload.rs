@@ -20,8 +20,8 @@
 //!    otherwise in force and its report says what was kept and why.
 //!
 //! Fields read once at start (the listen addresses, the state directory, the audit log, NVML
-//! telemetry, the placement policy, history retention, the PROXY protocol switch) keep their
-//! old values; the report names the ones that changed, to be applied by a restart.
+//! telemetry, the placement policy, history retention, the PROXY protocol switch, TLS switched
+//! on or off and its redirect listener) keep their old values; the report names the ones that changed, to be applied by a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,6 +296,15 @@ fn restart_needed(old: &Config, next: &Config) -> Vec<&'static str> {
     check(
         old.edge.proxy_protocol != next.edge.proxy_protocol,
         "edge.proxy_protocol",
+    );
+    check(
+        old.tls.is_some() != next.tls.is_some(),
+        "tls (switched on or off)",
+    );
+    check(
+        old.tls.as_ref().and_then(|t| t.redirect_listen)
+            != next.tls.as_ref().and_then(|t| t.redirect_listen),
+        "tls.redirect_listen",
     );
     check(old.telemetry != next.telemetry, "telemetry");
     check(old.audit != next.audit, "audit");

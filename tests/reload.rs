@@ -30,16 +30,6 @@ fn config_text(dir: &Path, more: &str, backends: &[(&str, String)]) -> String {
     text
 }
 
-/// A gate started in-process from `path`, which its reloads read again.
-async fn gate_from_file(path: &Path) -> comfy_gate::GateHandle {
-    let source = comfy_gate::config::Source::file(path);
-    let gate = comfy_gate::run(source.read().expect("valid config"))
-        .await
-        .expect("gate starts");
-    gate.reloader().set_source(source);
-    gate
-}
-
 async fn post_reload(admin: &str) -> (u16, Value) {
     send_for_json(http().post(format!("{admin}/admin/reload"))).await
 }

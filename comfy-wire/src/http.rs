@@ -1,24 +1,22 @@
 //! HTTP plumbing shared by the gate and comfy-sim: one body type, response builders, query
-//! parsing, bounded body reads, the WebSocket upgrade handshake and an accept loop whose
-//! connections can be closed all at once (a graceful stop, or a simulated crash).
+//! parsing, bounded body reads, the WebSocket upgrade handshake, and (re-exported from
+//! [`crate::serve`] and [`crate::conn`]) the accept loop and its connection limits.
 //!
 //! Both servers are plain hyper 1 services; keeping this layer small and shared means the sim
 //! and the gate make the same choices on the wire (HTTP/1.1 and h2, upgrades, header limits).
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+
+pub use crate::conn::{ConnLimits, ConnSlot, ConnectionStats, CountedIo, SharedLimits};
+pub use crate::serve::{ConnInfo, ServeOptions, TrustedPeer, serve};
+pub use crate::tls::{TlsAcceptor, TlsError};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use hyper_util::rt::TokioIo;
 
 /// Errors a body may carry while streaming.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -240,163 +238,6 @@ pub async fn server_websocket(
         Some(server_websocket_config()),
     )
     .await
-}
-
-/// Facts about the connection a request arrived on.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-}
-
-/// Timeouts and limits of the accept loop.
-#[derive(Clone)]
-pub struct ServeOptions {
-    /// Time a client gets to send a complete request head (slowloris guard).
-    pub header_read_timeout: Duration,
-    /// On stop: `None` drops every connection at once (a crash); `Some(d)` stops accepting and
-    /// lets in-flight requests finish for up to `d` (a graceful shutdown).
-    pub drain: Option<Duration>,
-    /// `Some(trusted)`: every connection starts with a PROXY protocol header
-    /// ([`crate::proxy_protocol`]; one missing, malformed or not complete within
-    /// `header_read_timeout` closes the connection). The client it names becomes the
-    /// connection's peer when `trusted(tcp peer)`; from any other peer it is read and ignored.
-    /// Default `None`.
-    pub proxy_protocol: Option<TrustedPeer>,
-}
-
-/// Whether a TCP peer's PROXY protocol header is believed.
-pub type TrustedPeer = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
-
-impl std::fmt::Debug for ServeOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServeOptions")
-            .field("header_read_timeout", &self.header_read_timeout)
-            .field("drain", &self.drain)
-            .field("proxy_protocol", &self.proxy_protocol.is_some())
-            .finish()
-    }
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(30),
-            drain: None,
-            proxy_protocol: None,
-        }
-    }
-}
-
-/// The connection's peer as its PROXY header names it (see [`ServeOptions::proxy_protocol`]);
-/// `None` when the connection is to be closed.
-async fn proxied_peer(
-    stream: &mut tokio::net::TcpStream,
-    peer: SocketAddr,
-    trusted: &TrustedPeer,
-    within: Duration,
-) -> Option<SocketAddr> {
-    use crate::proxy_protocol::{ProxyHeader, read_header};
-    match tokio::time::timeout(within, read_header(stream)).await {
-        Ok(Ok(ProxyHeader::Client(client))) if trusted(peer.ip()) => Some(client),
-        Ok(Ok(ProxyHeader::Client(client))) => {
-            tracing::debug!(%peer, %client, "PROXY header from a peer not trusted; ignored");
-            Some(peer)
-        }
-        Ok(Ok(ProxyHeader::Own)) => Some(peer),
-        Ok(Err(err)) => {
-            tracing::debug!(%peer, %err, "PROXY header refused; connection closed");
-            None
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "no PROXY header in time; connection closed");
-            None
-        }
-    }
-}
-
-/// Serves `handler` on `listener` until `stop` is cancelled, then drops or drains connections
-/// as `options.drain` says (upgraded WebSocket streams are the handler's to close).
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: Arc<H>,
-    options: ServeOptions,
-    stop: CancellationToken,
-) where
-    H: Fn(Request<Incoming>, ConnInfo) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                tracing::debug!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let builder = builder.clone();
-        let watcher = options.drain.map(|_| graceful.watcher());
-        let (proxy, within, stop) = (
-            options.proxy_protocol.clone(),
-            options.header_read_timeout,
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let peer = match &proxy {
-                // A stop (drain or crash) ends a connection still owing its header at once.
-                Some(trusted) => tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return,
-                    p = proxied_peer(&mut stream, peer, trusted, within) => match p {
-                        Some(p) => p,
-                        None => return,
-                    },
-                },
-                None => peer,
-            };
-            let info = ConnInfo { peer, local };
-            let service = hyper::service::service_fn(move |req| {
-                let fut = handler(req, info);
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let ended = match watcher {
-                Some(watcher) => watcher.watch(conn).await,
-                None => tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => Ok(()),
-                    res = conn => res,
-                },
-            };
-            if let Err(err) = ended {
-                tracing::trace!(%err, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if let Some(drain) = options.drain {
-        let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
-    }
 }
 
 /// The message of a caught panic (`panic!("…")` carries a `&str` or a `String`; anything else

@@ -10,7 +10,10 @@
 //! The price of sharing is that a bug here is invisible to gate-vs-sim tests; the shapes are
 //! also checked against what a real ComfyUI sends.
 
+pub mod conn;
 pub mod files;
 pub mod http;
 pub mod protocol;
 pub mod proxy_protocol;
+pub mod serve;
+pub mod tls;

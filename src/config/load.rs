@@ -96,6 +96,8 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
     check_limits(&raw).map_err(|(field, message)| err(None, field, message))?;
     let (backends, home) = check_backends(&raw, &err)?;
     let edge = check_edge(&raw, &err)?;
+    let tls =
+        super::tls::check(&raw.tls).map_err(|(span, field, message)| err(span, field, message))?;
     let s = &raw.scheduler;
     let auth = super::tenancy::check(
         &raw.auth,
@@ -110,6 +112,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         auth,
         audit: raw.audit,
         access_log: raw.access_log,
+        tls,
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,
@@ -126,7 +129,8 @@ type ErrorAt<'a> = dyn Fn(Option<std::ops::Range<usize>>, &str, String) -> Confi
 
 /// The numeric fields' bounds: `(field, message)` for the first one out of bounds.
 fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
-    let rules: [(bool, &'static str, &str); 8] = [
+    let server = &raw.server;
+    let rules: [(bool, &'static str, &str); 12] = [
         (
             raw.scheduler.max_inflight == 0,
             "scheduler.max_inflight",
@@ -161,6 +165,28 @@ fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
             raw.server.max_body_bytes == 0,
             "server.max_body_bytes",
             "must be positive",
+        ),
+        (
+            server.header_read_timeout_ms == 0
+                || server.keepalive_timeout_ms == 0
+                || server.body_read_timeout_ms == 0,
+            "server",
+            "header_read_timeout_ms, keepalive_timeout_ms and body_read_timeout_ms must be positive",
+        ),
+        (
+            server.max_connections == 0,
+            "server.max_connections",
+            "must be at least 1",
+        ),
+        (
+            server.max_header_bytes < 8192,
+            "server.max_header_bytes",
+            "must be at least 8192 (the smallest HTTP/1 read buffer hyper takes)",
+        ),
+        (
+            server.max_uri_bytes == 0,
+            "server.max_uri_bytes",
+            "must be at least 1",
         ),
         (
             !(raw.placement.vram_margin.is_finite() && raw.placement.vram_margin >= 1.0),

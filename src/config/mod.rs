@@ -18,6 +18,7 @@ mod load;
 mod policy;
 mod source;
 mod tenancy;
+mod tls;
 
 pub use access_log::{AccessLog, AccessLogFormat};
 pub use gpu::GpuSelector;
@@ -31,6 +32,7 @@ pub use tenancy::{
     AuditConfig, Auth, AuthConfig, AuthMode, DEFAULT_ADMIN_PATHS, LimitOverrides, Limits,
     LimitsConfig, User, UserConfig, parse_sha256, valid_name,
 };
+pub use tls::{Tls, TlsConfig};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -60,6 +62,7 @@ pub struct FileConfig {
     pub audit: AuditConfig,
     #[serde(default)]
     pub access_log: AccessLog,
+    pub tls: TlsConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
@@ -74,8 +77,30 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Largest request body in bytes; more gets 413. Default 104857600 (100 MiB, as ComfyUI).
     pub max_body_bytes: u64,
-    /// Time a client has to send a complete request head, in ms. Default 10000.
+    /// Time a client connection has, from accept, to send its first complete request head, in
+    /// ms: PROXY header, TLS handshake, HTTP/2 preface and head together; a connection still
+    /// without a request then is closed (nginx `client_header_timeout`). Later heads get it from
+    /// their first byte. Default 10000.
     pub header_read_timeout_ms: u64,
+    /// A client connection with no request in flight (HTTP/2: no open stream) is closed this
+    /// long after its last response, in ms (nginx `keepalive_timeout`). Default 75000.
+    pub keepalive_timeout_ms: u64,
+    /// Longest wait between two reads of a request body, in ms (nginx `client_body_timeout`).
+    /// Default 60000. Not enforced yet (`docs/gate.md`, known gaps).
+    pub body_read_timeout_ms: u64,
+    /// Open client connections, all clients together (WebSockets included); one more is closed
+    /// at once, unread. Default 10000.
+    pub max_connections: usize,
+    /// Open client connections from one client address (the TCP peer, or the client a trusted
+    /// PROXY header names); one more is closed at once. Default 0 = no cap (as nginx
+    /// `limit_conn`, off unless configured).
+    pub max_connections_per_ip: usize,
+    /// Largest request head, in bytes (HTTP/1 request line and headers; HTTP/2 header list);
+    /// a larger one gets 431. Default 32768 (nginx `large_client_header_buffers 4 8k`); at
+    /// least 8192.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query), in bytes; a longer one gets 414. Default 8192.
+    pub max_uri_bytes: usize,
     /// Origins allowed besides the gate's own (e.g. `https://studio.example.com`). Default none.
     pub allowed_origins: Vec<String>,
     /// Timeout of one request to a backend, in ms (file transfers and long reads). Default 60000.
@@ -96,6 +121,12 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8189)),
             max_body_bytes: 100 << 20,
             header_read_timeout_ms: 10_000,
+            keepalive_timeout_ms: 75_000,
+            body_read_timeout_ms: 60_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 0,
+            max_header_bytes: 32 << 10,
+            max_uri_bytes: 8 << 10,
             allowed_origins: Vec::new(),
             upstream_timeout_ms: 60_000,
             state_dir: None,
@@ -360,6 +391,8 @@ pub struct Config {
     pub auth: Auth,
     pub audit: AuditConfig,
     pub access_log: AccessLog,
+    /// `[tls]`, validated: `None` is cleartext HTTP.
+    pub tls: Option<Tls>,
     pub backends: Vec<Backend>,
     /// Runtime index of the user-data home: its position in `backends` at start; after a
     /// reload, its index in the fleet (see `reload`).
@@ -384,6 +417,19 @@ pub struct Backend {
 impl Config {
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.server.header_read_timeout_ms)
+    }
+    /// The client listener's connection timeouts and caps (`[server]`), as the accept loop
+    /// takes them.
+    pub fn conn_limits(&self) -> comfy_wire::http::ConnLimits {
+        let s = &self.server;
+        comfy_wire::http::ConnLimits {
+            header_read_timeout: self.header_read_timeout(),
+            keepalive_timeout: Duration::from_millis(s.keepalive_timeout_ms),
+            max_connections: s.max_connections,
+            max_connections_per_ip: s.max_connections_per_ip,
+            max_header_bytes: s.max_header_bytes,
+            max_uri_bytes: s.max_uri_bytes,
+        }
     }
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_millis(self.server.upstream_timeout_ms)

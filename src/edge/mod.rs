@@ -10,6 +10,7 @@ pub mod access_log;
 pub mod auth;
 pub mod forwarded;
 pub mod headers;
+pub mod https_redirect;
 pub mod identity;
 pub mod origin;
 pub mod path;

@@ -282,9 +282,7 @@ pub async fn gate_with(
     let mut file = config::FileConfig::default();
     file.server.listen = "127.0.0.1:0".parse().unwrap();
     file.server.admin_listen = "127.0.0.1:0".parse().unwrap();
-    file.server.state_dir = Some(
-        std::env::temp_dir().join(format!("comfy-gate-test-{}", uuid::Uuid::new_v4().simple())),
-    );
+    file.server.state_dir = Some(fresh_state_dir());
     file.health.interval_ms = 100;
     file.health.timeout_ms = 500;
     file.backends = sims
@@ -294,6 +292,43 @@ pub async fn gate_with(
     tweak(&mut file);
     let cfg = config::validate(file, "", "(test)").expect("valid test config");
     comfy_gate::run(cfg).await.expect("gate starts")
+}
+
+/// A fresh state directory for one gate, under this test process's own folder
+/// (`$TMPDIR/comfy-gate-tests/PID/`). Gates in tests are dropped more often than shut down, so
+/// nothing removes one directory at a time: instead the first call in a process removes the
+/// folders of test processes that have ended (on Linux, where `/proc` says which are alive).
+pub fn fresh_state_dir() -> std::path::PathBuf {
+    static ROOT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| {
+        let parent = std::env::temp_dir().join("comfy-gate-tests");
+        #[cfg(target_os = "linux")]
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for entry in entries.flatten() {
+                let alive = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if !alive {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        parent.join(std::process::id().to_string())
+    });
+    root.join(uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// A gate started in-process from the file at `path`, which its reloads read again (as the
+/// binary's `--config`).
+pub async fn gate_from_file(path: &std::path::Path) -> comfy_gate::GateHandle {
+    let source = comfy_gate::config::Source::file(path);
+    let gate = comfy_gate::run(source.read().expect("valid config"))
+        .await
+        .expect("gate starts");
+    gate.reloader().set_source(source);
+    gate
 }
 
 pub async fn gate(sims: &[&SimHandle]) -> comfy_gate::GateHandle {

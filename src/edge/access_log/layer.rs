@@ -279,6 +279,7 @@ mod tests {
         req.extensions_mut().insert(ConnInfo {
             peer: "192.0.2.1:5000".parse().unwrap(),
             local: "127.0.0.1:8188".parse().unwrap(),
+            tls: false,
         });
         req
     }

@@ -137,6 +137,7 @@ async fn request_extensions_reach_the_inner_service() {
     let info = ConnInfo {
         peer: "192.0.2.1:5000".parse().unwrap(),
         local: "127.0.0.1:8188".parse().unwrap(),
+        tls: false,
     };
     let stack = stack_over(move |req| match req.extensions().get::<ConnInfo>() {
         Some(seen) if seen.peer == info.peer => status(StatusCode::NO_CONTENT),
