@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub audit: AuditConfig,
     #[serde(default)]
     pub access_log: AccessLog,
+    #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
