@@ -26,6 +26,10 @@ pub enum GateError {
     /// The body is larger than `server.max_body_bytes`.
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
+    /// The client sent no byte of its body for `server.body_read_timeout_ms` (nginx's
+    /// `client_body_timeout`): 408, and the connection closes.
+    #[error("the request body stopped arriving: {0}")]
+    BodyTimedOut(String),
     /// A client-chosen prompt_id the gate already knows.
     #[error("prompt_id {0} is already in use")]
     DuplicatePromptId(String),
@@ -91,6 +95,7 @@ impl GateError {
                 StatusCode::BAD_REQUEST
             }
             GateError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GateError::BodyTimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             GateError::ForbiddenOrigin | GateError::Forbidden(_) => StatusCode::FORBIDDEN,
             GateError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GateError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -106,6 +111,7 @@ impl GateError {
             GateError::BadJson(_) => "invalid_json",
             GateError::BadRequest(_) => "bad_request",
             GateError::TooLarge(_) => "request_too_large",
+            GateError::BodyTimedOut(_) => "request_timeout",
             GateError::DuplicatePromptId(_) => "duplicate_prompt_id",
             GateError::ForbiddenOrigin => "forbidden_origin",
             GateError::Unauthorized { .. } => "unauthorized",
@@ -170,6 +176,7 @@ impl From<crate::http::BodyError> for GateError {
         match e {
             crate::http::BodyError::TooLarge { limit } => GateError::TooLarge(limit),
             crate::http::BodyError::Read(m) => GateError::BadRequest(m),
+            crate::http::BodyError::TimedOut(m) => GateError::BodyTimedOut(m),
         }
     }
 }

@@ -322,3 +322,67 @@ async fn a_long_target_gets_414_and_a_large_head_431() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     gate.shutdown().await;
 }
+
+/// Sends `head` and the first bytes of a body that `head` declares longer, then nothing; the
+/// answer read until the gate closes (or `PATIENCE` passes), and when it came.
+async fn stalled_body(addr: SocketAddr, head: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream
+        .write_all(b"{\"prompt\": ")
+        .await
+        .expect("a first part");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// nginx's `client_body_timeout`: a body that stops arriving is answered 408 when the gate reads
+/// it (`POST /prompt`), and ends the request (the connection closes) when the gate streams it
+/// to a backend (a proxied route); meanwhile the gate serves everyone else.
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_at_the_body_read_timeout() {
+    let sim = sim().await;
+    let gate = gate_with(&[&sim], |f| {
+        f.server.body_read_timeout_ms = 1000;
+        f.server.header_read_timeout_ms = 60_000;
+        f.server.keepalive_timeout_ms = 60_000;
+    })
+    .await;
+    let head = "POST /prompt HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\n\r\n";
+    let (answer, took) = stalled_body(gate.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("request_timeout"),
+        "ComfyUI's error shape: {answer}"
+    );
+    assert!(
+        took >= Duration::from_millis(1000),
+        "not before the timeout: {took:?}"
+    );
+    assert!(took < Duration::from_millis(1000) + MARGIN, "{took:?}");
+
+    // A route the gate streams to a backend: the request ends at the timeout too.
+    let proxied = "POST /api/some_custom_node_route HTTP/1.1\r\nHost: gate\r\n\
+                   Content-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let (answer, took) = stalled_body(gate.addr, proxied).await;
+    assert!(
+        took < Duration::from_millis(1000) + MARGIN,
+        "{took:?}: {answer}"
+    );
+    assert!(
+        answer.is_empty() || !answer.starts_with("HTTP/1.1 2"),
+        "never a success: {answer}"
+    );
+    assert_eq!(
+        get_json(&gate.url(), "/queue").await.0,
+        200,
+        "others are served"
+    );
+    gate.shutdown().await;
+}

@@ -77,6 +77,7 @@ pub async fn handle(
             );
         }
         Err(BodyError::Read(_)) => return status(StatusCode::BAD_REQUEST),
+        Err(BodyError::TimedOut(_)) => return status(StatusCode::REQUEST_TIMEOUT),
     };
     if method == Method::POST
         && path == "/prompt"

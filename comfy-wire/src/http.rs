@@ -118,6 +118,10 @@ pub enum BodyError {
     TooLarge { limit: usize },
     #[error("request body could not be read: {0}")]
     Read(String),
+    /// The client stopped sending the body: no bytes for the server's body read timeout
+    /// (nginx's `client_body_timeout`, answered 408).
+    #[error("request body timed out: {0}")]
+    TimedOut(String),
 }
 
 /// Reads a whole body, refusing more than `limit` bytes (aiohttp's `client_max_size`).
@@ -138,11 +142,26 @@ where
                 .is_some()
             {
                 Err(BodyError::TooLarge { limit })
+            } else if is_timeout(err.as_ref()) {
+                Err(BodyError::TimedOut(err.to_string()))
             } else {
                 Err(BodyError::Read(err.to_string()))
             }
         }
     }
+}
+
+/// Whether a body error is a read timeout (tower-http's `TimeoutBody`, which the gate wraps
+/// client bodies in), anywhere in its chain of sources.
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(err);
+    while let Some(e) = at {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        at = e.source();
+    }
+    false
 }
 
 /// True when the request asks for a WebSocket upgrade.

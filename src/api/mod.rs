@@ -20,6 +20,12 @@ use crate::fleet::Fleet;
 use crate::sched::Scheduler;
 use crate::sessions::Sessions;
 
+/// A client request's body: hyper's, behind `server.body_read_timeout_ms` (nginx's
+/// `client_body_timeout`): a read that waits longer than that for the next bytes fails with
+/// tower-http's `TimeoutError`, which `http::read_body` turns into a 408 and a proxied upload
+/// into the end of that request.
+pub type ClientBody = tower_http::timeout::TimeoutBody<hyper::body::Incoming>;
+
 /// What every route may use.
 pub struct Ctx {
     pub config: Arc<crate::config::Live>,

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use super::ClientBody;
 use super::facts::AccessFacts;
 use super::{Ctx, control, files, merged};
 use crate::error::GateError;
@@ -76,7 +76,7 @@ pub fn owns(method: &Method, path: &str) -> bool {
 /// Answers one request [`owns`] accepts, from `caller`.
 pub async fn route(
     ctx: Arc<Ctx>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     caller: Caller,
 ) -> Result<Response<Body>, GateError> {
     let path = api_path(req.uri().path()).to_string();

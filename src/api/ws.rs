@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::ClientBody;
 use super::Ctx;
 use crate::http::{Body, serve_comfy_websocket};
 use crate::protocol::client_feature_flags;
@@ -20,7 +20,7 @@ use crate::sessions::{send_timeout, session_key};
 /// released when the socket ends.
 pub fn handle<H: Send + 'static>(
     ctx: Arc<Ctx>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     caller: &Caller,
     held: H,
 ) -> Response<Body> {

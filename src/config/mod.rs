@@ -87,7 +87,8 @@ pub struct ServerConfig {
     /// long after its last response, in ms (nginx `keepalive_timeout`). Default 75000.
     pub keepalive_timeout_ms: u64,
     /// Longest wait between two reads of a request body, in ms (nginx `client_body_timeout`).
-    /// Default 60000. Not enforced yet (`docs/gate.md`, known gaps).
+    /// Default 60000. Over it the request fails: 408 when the gate reads the body itself, the
+    /// end of the request (and its connection) when it streams it to a backend.
     pub body_read_timeout_ms: u64,
     /// Open client connections, all clients together (WebSockets included); one more is closed
     /// at once, unread. Default 10000.
@@ -418,6 +419,10 @@ pub struct Backend {
 impl Config {
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.server.header_read_timeout_ms)
+    }
+    /// `server.body_read_timeout_ms`: the longest wait between two reads of a request body.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.body_read_timeout_ms)
     }
     /// The client listener's connection timeouts and caps (`[server]`), as the accept loop
     /// takes them.

@@ -22,11 +22,10 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::api::facts::AccessFacts;
 use crate::api::limits::Class;
-use crate::api::{Ctx, router};
+use crate::api::{ClientBody, Ctx, router};
 use crate::config::Config;
 use crate::error::GateError;
 use crate::http::{Body, ConnInfo, status};
@@ -44,7 +43,7 @@ pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
 ///
 /// The answer carries the caller's [`AccessFacts`] (client address, user) for the access log,
 /// added to what the handler put there.
-pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+pub async fn handle(ctx: Arc<Ctx>, req: Request<ClientBody>, info: ConnInfo) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let mut caller = AccessFacts::default();
     let answer = AssertUnwindSafe(route(ctx, req, info, &mut caller))
@@ -81,7 +80,7 @@ fn is_user_data(path: &str) -> bool {
 /// `caller` is filled in as the edge learns who is asking (for the access log).
 async fn route(
     ctx: Arc<Ctx>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     info: ConnInfo,
     caller_facts: &mut AccessFacts,
 ) -> Result<Response<Body>, GateError> {

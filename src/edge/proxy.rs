@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::headers::{strip_for_downstream, strip_for_upstream};
+use crate::api::ClientBody;
 use crate::api::facts::AccessFacts;
 use crate::error::GateError;
 use crate::fleet::Fleet;
@@ -38,7 +38,7 @@ pub async fn passthrough(
     fleet: &Fleet,
     target: Target,
     limit: u64,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<Body>, GateError> {
     let backend = match target {
         Target::Only(t) => Some(t).filter(|t| fleet.get(*t).is_up()),

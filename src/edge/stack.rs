@@ -48,7 +48,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnRequest, DefaultOnResponse, T
 use tracing::Level;
 
 use super::access_log::{AccessLog, AccessLogLayer};
-use crate::api::Ctx;
+use crate::api::{ClientBody, Ctx};
 use crate::error::GateError;
 use crate::http::{Body, BoxError, ConnInfo};
 
@@ -72,8 +72,11 @@ pub fn client_handler(
     ctx: Arc<Ctx>,
     log: AccessLog,
 ) -> impl Fn(Request<Incoming>, ConnInfo) -> ClientFuture + Send + Sync + 'static {
-    let stack = around(EdgeService { ctx }, log);
-    move |mut req, info| {
+    let stack = around(EdgeService { ctx: ctx.clone() }, log);
+    move |req: Request<Incoming>, info| {
+        // `server.body_read_timeout_ms` of the configuration in force for this request.
+        let within = ctx.config.load().body_read_timeout();
+        let mut req = req.map(|body| ClientBody::new(within, body));
         req.extensions_mut().insert(info);
         let service = stack.clone();
         Box::pin(async move {
@@ -122,7 +125,7 @@ pub struct EdgeService {
     ctx: Arc<Ctx>,
 }
 
-impl Service<Request<Incoming>> for EdgeService {
+impl Service<Request<ClientBody>> for EdgeService {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -131,7 +134,7 @@ impl Service<Request<Incoming>> for EdgeService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<ClientBody>) -> Self::Future {
         let ctx = self.ctx.clone();
         let info = req.extensions().get::<ConnInfo>().copied();
         Box::pin(async move {
