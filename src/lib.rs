@@ -86,6 +86,11 @@ impl GateHandle {
         self.connections.open()
     }
 
+    /// The client listener's connection count itself, for a watcher that outlives `&self`.
+    pub fn connection_stats(&self) -> http::ConnectionStats {
+        self.connections.clone()
+    }
+
     /// Reopens the audit log file by name before its next line (what `SIGUSR1` does, after
     /// logrotate renamed it). Nothing without an audit log file.
     pub fn reopen_audit_log(&self) {
@@ -254,13 +259,20 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         limits: Default::default(),
     });
     let handler = Arc::new(edge::stack::client_handler(ctx, access_log.clone()));
+    // Each listener counts its own connections: a flood of clients never locks the operator
+    // out of the admin listener, which has no per-address cap (it is the operator's, on
+    // localhost by default).
     let limits: http::SharedLimits = Arc::new(arc_swap::ArcSwap::from_pointee(boot.conn_limits()));
+    let admin_limits: http::SharedLimits =
+        Arc::new(arc_swap::ArcSwap::from_pointee(admin_limits_of(&boot)));
     let admin_options = http::ServeOptions {
-        limits: limits.clone(),
+        limits: admin_limits.clone(),
         drain: Some(boot.drain_timeout()),
         ..Default::default()
     };
     let options = http::ServeOptions {
+        limits: limits.clone(),
+        stats: http::ConnectionStats::default(),
         proxy_protocol: boot.edge.proxy_protocol.then(|| {
             let live = config.clone();
             let trust: http::TrustedPeer = Arc::new(move |ip| {
@@ -277,10 +289,15 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         let redirect = Arc::new(move |req: hyper::Request<hyper::body::Incoming>, _info| {
             std::future::ready(edge::https_redirect::answer(&req, https_port))
         });
+        let redirect_options = http::ServeOptions {
+            limits: limits.clone(),
+            drain: Some(boot.drain_timeout()),
+            ..Default::default()
+        };
         tasks.push(tokio::spawn(http::serve(
             listener,
             redirect,
-            admin_options.clone(),
+            redirect_options,
             stop.clone(),
         )));
     }
@@ -301,9 +318,10 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         log.reconfigure(&c.access_log).map_err(|e| e.to_string())
     }));
     // Each connection reads the caps and timeouts at its accept: new ones get the new values.
-    let caps = limits.clone();
+    let (caps, admin_caps) = (limits.clone(), admin_limits.clone());
     reloader.add_hook(Box::new(move |c: &Config| {
         caps.store(Arc::new(c.conn_limits()));
+        admin_caps.store(Arc::new(admin_limits_of(c)));
         Ok(())
     }));
     // New handshakes get the new certificate; a pair that does not load keeps the old one.
@@ -364,6 +382,14 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         stop,
         tasks,
     })
+}
+
+/// The admin listener's connection limits: the client listener's, without the per-address cap.
+fn admin_limits_of(config: &Config) -> http::ConnLimits {
+    http::ConnLimits {
+        max_connections_per_ip: 0,
+        ..config.conn_limits()
+    }
 }
 
 /// Pause before a loop that panicked runs again: one that panics on every turn logs once a

@@ -67,8 +67,6 @@ async fn hostile(addr: SocketAddr, dribble: &'static [u8], give_up: Duration) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_dribbling_connections_are_closed_at_the_header_deadline_while_prompts_run() {
-    // Long enough that all 400 are open at once even on a loaded 2-core machine (a run beside
-    // other builds once needed more than 4 s to get them accepted).
     const TIMEOUT: Duration = Duration::from_millis(8000);
     const EACH: usize = 200;
     let sim = sim().await;
@@ -78,6 +76,19 @@ async fn silent_and_dribbling_connections_are_closed_at_the_header_deadline_whil
     .await;
     let baseline = gate.open_connections();
     let started = Instant::now();
+    // The most connections the gate held at once, sampled until the test ends. (All 400 open
+    // together is what usually happens; on a loaded machine the first may be closed before the
+    // last is accepted, so each connection is judged by its own deadline below.)
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (peak, stats) = (peak.clone(), gate.connection_stats());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(stats.open(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     let mut clients = Vec::new();
     for batch in 0..(2 * EACH / 50) {
         for i in 0..50 {
@@ -85,12 +96,14 @@ async fn silent_and_dribbling_connections_are_closed_at_the_header_deadline_whil
                 0 => b"GET /queue HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n\r\n",
                 _ => b"",
             };
-            clients.push(tokio::spawn(hostile(gate.addr, dribble, TIMEOUT + MARGIN)));
+            clients.push(tokio::spawn(hostile(
+                gate.addr,
+                dribble,
+                TIMEOUT + PATIENCE,
+            )));
         }
         tokio::task::yield_now().await;
     }
-    until_open(&gate, "400 accepted", |n| n >= baseline + 2 * EACH).await;
-    let all_accepted = started.elapsed();
 
     // Another client's prompts run normally meanwhile.
     let mut ws = Ws::connect(&gate.url(), Some("innocent")).await;
@@ -122,14 +135,17 @@ async fn silent_and_dribbling_connections_are_closed_at_the_header_deadline_whil
         );
         closed_after.push(after);
     }
+    sampler.abort();
     closed_after.sort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed) - baseline;
     eprintln!(
-        "400 connections accepted after {all_accepted:?}, all closed after {all_closed:?}; \
-         each closed {:?}..{:?} after its connect (deadline {TIMEOUT:?})",
+        "{peak} of the 400 hostile connections open at once; all closed {all_closed:?} after \
+         the first connect; each closed {:?}..{:?} after its connect (deadline {TIMEOUT:?})",
         closed_after[0],
         closed_after[closed_after.len() - 1]
     );
-    assert!(all_closed <= all_accepted + TIMEOUT + MARGIN);
+    assert!(peak > EACH, "they were held open together: {peak}");
+    assert!(all_closed <= TIMEOUT + PATIENCE + MARGIN, "{all_closed:?}");
     gate.shutdown().await;
 }
 
@@ -186,7 +202,9 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
         .expect("conn task");
     let idle_for = answered.elapsed();
     eprintln!("idle keep-alive connection closed {idle_for:?} after its response");
-    assert!(idle_for >= KEEPALIVE * 3 / 4, "not before the timeout");
+    // Timed from the client's side, after the gate's timer started: a loaded machine may see it
+    // late, never much early.
+    assert!(idle_for >= KEEPALIVE / 2, "not before the timeout");
 
     // Busy: a WebSocket, and a request whose body takes three keep-alive timeouts to arrive.
     let mut ws = Ws::connect(&gate.url(), Some("busy")).await;
@@ -341,9 +359,9 @@ async fn stalled_body(addr: SocketAddr, head: &str) -> (String, Duration) {
     )
 }
 
-/// nginx's `client_body_timeout`: a body that stops arriving is answered 408 when the gate reads
-/// it (`POST /prompt`), and ends the request (the connection closes) when the gate streams it
-/// to a backend (a proxied route); meanwhile the gate serves everyone else.
+/// nginx's `client_body_timeout`: a body that stops arriving is answered 408, whether the gate
+/// reads it (`POST /prompt`) or streams it to a backend (a proxied route); meanwhile the gate
+/// serves everyone else.
 #[tokio::test]
 async fn a_body_that_stops_arriving_gets_408_at_the_body_read_timeout() {
     let sim = sim().await;
@@ -367,7 +385,7 @@ async fn a_body_that_stops_arriving_gets_408_at_the_body_read_timeout() {
     );
     assert!(took < Duration::from_millis(1000) + MARGIN, "{took:?}");
 
-    // A route the gate streams to a backend: the request ends at the timeout too.
+    // A route the gate streams to a backend: the same.
     let proxied = "POST /api/some_custom_node_route HTTP/1.1\r\nHost: gate\r\n\
                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n";
     let (answer, took) = stalled_body(gate.addr, proxied).await;
@@ -375,10 +393,42 @@ async fn a_body_that_stops_arriving_gets_408_at_the_body_read_timeout() {
         took < Duration::from_millis(1000) + MARGIN,
         "{took:?}: {answer}"
     );
-    assert!(
-        answer.is_empty() || !answer.starts_with("HTTP/1.1 2"),
-        "never a success: {answer}"
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(
+        get_json(&gate.url(), "/queue").await.0,
+        200,
+        "others are served"
     );
+    gate.shutdown().await;
+}
+
+/// nginx's `send_timeout`: a client that asks and then reads nothing (here, 400 pipelined
+/// `/object_info` requests, many MB of answers, with a small receive buffer) holds its
+/// connection only until a write to it has waited `send_timeout_ms`; then the gate closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_at_the_send_timeout() {
+    let sim = sim().await;
+    let gate = gate_with(&[&sim], |f| f.server.send_timeout_ms = 1000).await;
+    let baseline = gate.open_connections();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let mut stream = socket.connect(gate.addr).await.expect("connect");
+    let ask = "GET /object_info HTTP/1.1\r\nHost: gate\r\n\r\n".repeat(400);
+    stream.write_all(ask.as_bytes()).await.expect("requests");
+    until_open(&gate, "the reader-less connection is open", |n| {
+        n > baseline
+    })
+    .await;
+    let stalled = Instant::now();
+    until_open(&gate, "closed at the send timeout", |n| n <= baseline).await;
+    eprintln!(
+        "a client that read nothing was closed {:?} after it asked",
+        stalled.elapsed()
+    );
+    // What it can still read ends: the gate closed the connection.
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the connection ends");
     assert_eq!(
         get_json(&gate.url(), "/queue").await.0,
         200,

@@ -51,6 +51,9 @@ pub struct ConnLimits {
     /// Longest request target (path and query) in bytes; a longer one is answered 414 URI Too
     /// Long (RFC 9110 §15.5.15) before the handler runs. Default 8192.
     pub max_uri_bytes: usize,
+    /// Longest a write to the client may wait because the client does not read (its socket
+    /// buffer full): then the connection is closed (nginx `send_timeout`). Default 60 s.
+    pub send_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -62,6 +65,7 @@ impl Default for ConnLimits {
             max_connections_per_ip: 0,
             max_header_bytes: 32 << 10,
             max_uri_bytes: 8 << 10,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -123,11 +127,14 @@ pub struct ConnSlot {
 
 impl ConnSlot {
     /// Counts the connection against its client address too; false (nothing counted) when
-    /// `max` connections from `ip` are open already. `max` 0 is no cap (nothing counted).
+    /// `max` connections from that client are open already. `max` 0 is no cap (nothing
+    /// counted). A client is an IPv4 address (an IPv4-mapped IPv6 one counts as its IPv4) or
+    /// an IPv6 /64: one host's usual share, which it can fill with addresses at will.
     pub fn claim_ip(&mut self, ip: IpAddr, max: usize) -> bool {
         if max == 0 || self.ip.is_some() {
             return true;
         }
+        let ip = client_key(ip);
         let mut per_ip = self.stats.per_ip();
         let open = per_ip.entry(ip).or_insert(0);
         if *open >= max {
@@ -139,6 +146,18 @@ impl ConnSlot {
         *open += 1;
         self.ip = Some(ip);
         true
+    }
+}
+
+/// The address a per-client cap counts: IPv4 as it is (an IPv4-mapped IPv6 address as its
+/// IPv4), IPv6 by its /64 prefix.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
     }
 }
 
@@ -158,15 +177,50 @@ impl Drop for ConnSlot {
 }
 
 /// A connection's stream holding its [`ConnSlot`]: the slot is freed when the stream is dropped,
-/// whoever owns it then (hyper's connection, or a WebSocket handler after an upgrade).
+/// whoever owns it then (hyper's connection, or a WebSocket handler after an upgrade). It also
+/// keeps [`ConnLimits::send_timeout`]: a write that has waited that long on a client that does
+/// not read fails with `TimedOut`, which ends the connection.
 pub struct CountedIo<T> {
     io: T,
     _slot: ConnSlot,
+    send_timeout: Duration,
+    /// Running while a write waits on the client.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> CountedIo<T> {
-    pub fn new(io: T, slot: ConnSlot) -> Self {
-        Self { io, _slot: slot }
+    /// `io`, counted by `slot`, its writes bounded by `send_timeout`.
+    pub fn new(io: T, slot: ConnSlot, send_timeout: Duration) -> Self {
+        Self {
+            io,
+            _slot: slot,
+            send_timeout,
+            stalled: None,
+        }
+    }
+
+    /// The outcome of a write (or flush) attempt, with the stall timer kept: started when the
+    /// client stops taking bytes, cleared when it takes some, an error when it ran out.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        attempt: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if attempt.is_ready() {
+            self.stalled = None;
+            return attempt;
+        }
+        let timeout = self.send_timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {timeout:?} (send_timeout)"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -186,10 +240,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let attempt = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, attempt)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let attempt = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, attempt)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
@@ -199,7 +255,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let attempt = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, attempt)
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -357,5 +414,22 @@ mod tests {
             Duration::from_secs(75),
             "keep-alive after the response"
         );
+    }
+
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_64() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(mapped), v4);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(other));
+        let stats = ConnectionStats::default();
+        let mut first = stats.admit(10).unwrap();
+        let mut second = stats.admit(10).unwrap();
+        assert!(first.claim_ip(a, 1));
+        assert!(!second.claim_ip(b, 1), "the same /64 is one client");
     }
 }

@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 
+pub use crate::body_timeout::{BodyReadTimeout, TimeoutBody};
 pub use crate::conn::{ConnLimits, ConnSlot, ConnectionStats, CountedIo, SharedLimits};
 pub use crate::serve::{ConnInfo, ServeOptions, TrustedPeer, serve};
 pub use crate::tls::{TlsAcceptor, TlsError};
@@ -151,12 +152,12 @@ where
     }
 }
 
-/// Whether a body error is a read timeout (tower-http's `TimeoutBody`, which the gate wraps
-/// client bodies in), anywhere in its chain of sources.
-fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether a body error is a read timeout ([`TimeoutBody`], which the gate wraps client
+/// bodies in), anywhere in its chain of sources.
+pub fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut at = Some(err);
     while let Some(e) = at {
-        if e.is::<tower_http::timeout::TimeoutError>() {
+        if e.is::<BodyReadTimeout>() {
             return true;
         }
         at = e.source();

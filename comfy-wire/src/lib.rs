@@ -10,6 +10,7 @@
 //! The price of sharing is that a bug here is invisible to gate-vs-sim tests; the shapes are
 //! also checked against what a real ComfyUI sends.
 
+pub mod body_timeout;
 pub mod conn;
 pub mod files;
 pub mod http;

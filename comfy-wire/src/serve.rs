@@ -27,6 +27,8 @@ use crate::conn::{ConnLimits, ConnSlot, ConnectionStats, CountedIo, Requests, Tr
 use crate::http::{Body, status};
 use crate::tls::TlsAcceptor;
 
+/// Streams one HTTP/2 connection may have open at once (nginx `http2_max_concurrent_streams`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Facts about the connection a request arrived on.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
@@ -211,7 +213,7 @@ async fn open(accepted: Accepted, options: &ServeOptions) -> Option<Opened> {
         }
         None => peer,
     };
-    let io = CountedIo::new(stream, slot);
+    let io = CountedIo::new(stream, slot, limits.send_timeout);
     let io = match &options.tls {
         Some(tls) => match tokio::time::timeout_at(deadline, tls.acceptor().accept(io)).await {
             Ok(Ok(tls)) => Either::Left(tls),
@@ -278,13 +280,19 @@ async fn serve_connection<I, H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper starts this timer as soon as a connection goes idle, not at the next head's
+        // first byte: given the header timeout alone it would close idle keep-alive connections
+        // before `keepalive_timeout`. The gate's own idle deadline bounds a head (a connection
+        // still waiting for one is idle); hyper's only needs to be no shorter.
+        .header_read_timeout(limits.header_read_timeout.max(limits.keepalive_timeout))
         // hyper refuses less than 8192; the config checks it, this keeps a bad value harmless.
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // nginx's `http2_max_concurrent_streams`: what one connection may hold in flight.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     let requests = Arc::new(Requests::default());
     let idle = requests.idle_deadline(deadline, limits.keepalive_timeout);
     let max_uri_bytes = limits.max_uri_bytes;

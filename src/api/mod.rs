@@ -22,9 +22,8 @@ use crate::sessions::Sessions;
 
 /// A client request's body: hyper's, behind `server.body_read_timeout_ms` (nginx's
 /// `client_body_timeout`): a read that waits longer than that for the next bytes fails with
-/// tower-http's `TimeoutError`, which `http::read_body` turns into a 408 and a proxied upload
-/// into the end of that request.
-pub type ClientBody = tower_http::timeout::TimeoutBody<hyper::body::Incoming>;
+/// [`crate::http::BodyReadTimeout`], which `http::read_body` and the proxy answer with 408.
+pub type ClientBody = crate::http::TimeoutBody<hyper::body::Incoming>;
 
 /// What every route may use.
 pub struct Ctx {

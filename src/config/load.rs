@@ -169,9 +169,10 @@ fn check_limits(raw: &FileConfig) -> Result<(), (&'static str, String)> {
         (
             server.header_read_timeout_ms == 0
                 || server.keepalive_timeout_ms == 0
-                || server.body_read_timeout_ms == 0,
+                || server.body_read_timeout_ms == 0
+                || server.send_timeout_ms == 0,
             "server",
-            "header_read_timeout_ms, keepalive_timeout_ms and body_read_timeout_ms must be positive",
+            "header_read_timeout_ms, keepalive_timeout_ms, body_read_timeout_ms and send_timeout_ms must be positive",
         ),
         (
             server.max_connections == 0,

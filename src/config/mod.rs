@@ -80,8 +80,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Time a client connection has, from accept, to send its first complete request head, in
     /// ms: PROXY header, TLS handshake, HTTP/2 preface and head together; a connection still
-    /// without a request then is closed (nginx `client_header_timeout`). Later heads get it from
-    /// their first byte. Default 10000.
+    /// without a request then is closed (nginx `client_header_timeout`). A later head is bounded
+    /// by `keepalive_timeout_ms` from the end of the last response. Default 10000.
     pub header_read_timeout_ms: u64,
     /// A client connection with no request in flight (HTTP/2: no open stream) is closed this
     /// long after its last response, in ms (nginx `keepalive_timeout`). Default 75000.
@@ -90,6 +90,9 @@ pub struct ServerConfig {
     /// Default 60000. Over it the request fails: 408 when the gate reads the body itself, the
     /// end of the request (and its connection) when it streams it to a backend.
     pub body_read_timeout_ms: u64,
+    /// Longest a write to a client may wait because the client reads nothing, in ms; then the
+    /// connection is closed (nginx `send_timeout`). Default 60000.
+    pub send_timeout_ms: u64,
     /// Open client connections, all clients together (WebSockets included); one more is closed
     /// at once, unread. Default 10000.
     pub max_connections: usize,
@@ -125,6 +128,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             keepalive_timeout_ms: 75_000,
             body_read_timeout_ms: 60_000,
+            send_timeout_ms: 60_000,
             max_connections: 10_000,
             max_connections_per_ip: 0,
             max_header_bytes: 32 << 10,
@@ -435,6 +439,7 @@ impl Config {
             max_connections_per_ip: s.max_connections_per_ip,
             max_header_bytes: s.max_header_bytes,
             max_uri_bytes: s.max_uri_bytes,
+            send_timeout: Duration::from_millis(s.send_timeout_ms),
         }
     }
     pub fn upstream_timeout(&self) -> Duration {

@@ -18,10 +18,12 @@ use crate::error::GateError;
 use crate::fleet::Fleet;
 use crate::http::Body;
 
-/// Passthrough body states: fine, over the size limit, ended early by the client.
+/// Passthrough body states: fine, over the size limit, ended early by the client, stalled past
+/// `server.body_read_timeout_ms`.
 const CLIENT_OK: u8 = 0;
 const CLIENT_TOO_LARGE: u8 = 1;
 const CLIENT_ABORTED: u8 = 2;
+const CLIENT_TIMED_OUT: u8 = 3;
 
 /// Where a proxied request goes.
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +70,8 @@ pub async fn passthrough(
                 .is_some()
             {
                 CLIENT_TOO_LARGE
+            } else if crate::http::is_timeout(e.as_ref()) {
+                CLIENT_TIMED_OUT
             } else {
                 CLIENT_ABORTED
             };
@@ -94,6 +98,9 @@ pub async fn passthrough(
         Err(e) => match client_fault.load(Ordering::SeqCst) {
             CLIENT_TOO_LARGE => Err(GateError::TooLarge(limit as usize)),
             CLIENT_ABORTED => Err(GateError::BadRequest("the request body ended early".into())),
+            CLIENT_TIMED_OUT => Err(GateError::BodyTimedOut(
+                "no part of the request body arrived within server.body_read_timeout_ms".into(),
+            )),
             _ => {
                 fleet.record_health(backend, false);
                 Err(e)

@@ -65,9 +65,11 @@ impl Arrived {
     fn of<B>(log: AccessLog, req: &Request<B>) -> Self {
         let header = |name: &str| req.headers().get(name).cloned();
         let uri = without_token(req.uri()).unwrap_or_else(|| req.uri().clone());
+        // `$request_uri`: the path and query, as an HTTP/1.1 request line has them; HTTP/2's
+        // `:scheme` and `:authority` (which hyper puts in the URI) are not part of it, as in
+        // nginx. An asterisk or authority form (`OPTIONS *`, `CONNECT`) is logged whole.
         let uri = match uri.path_and_query() {
-            // The origin form (`/x?y`), as the request line had it; any other form whole.
-            Some(pq) if uri.scheme().is_none() => pq.to_string(),
+            Some(pq) if req.method() != http::Method::CONNECT => pq.to_string(),
             _ => uri.to_string(),
         };
         let peer = req
@@ -317,6 +319,24 @@ mod tests {
             (&"alice".into(), &"gpu0".into())
         );
         assert_eq!(line["request_id"], "rid-1");
+    }
+
+    /// HTTP/2 requests carry `:scheme` and `:authority` in hyper's URI; `$request_uri` is still
+    /// the path and query, so HTTP/1.1 and HTTP/2 hits read the same.
+    #[tokio::test]
+    async fn an_http2_request_is_logged_by_its_path_and_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, read) = json_log(dir.path());
+        let inner = tower::service_fn(|_req: Request<GateBody>| async {
+            Ok::<_, Infallible>(status(StatusCode::OK))
+        });
+        let svc = AccessLogLayer::new(log).layer(inner);
+        let mut req = request("https://gate.example:8443/queue?a=1");
+        *req.version_mut() = Version::HTTP_2;
+        svc.oneshot(req).await.unwrap();
+        let line = &read(1)[0];
+        assert_eq!(line["request_uri"], "/queue?a=1");
+        assert_eq!(line["server_protocol"], "HTTP/2.0");
     }
 
     #[tokio::test]
