@@ -21,7 +21,8 @@
 //!
 //! Fields read once at start (the listen addresses, the state directory, the audit log, NVML
 //! telemetry, the placement policy, history retention, the PROXY protocol switch, TLS switched
-//! on or off and its redirect listener) keep their old values; the report names the ones that changed, to be applied by a restart.
+//! on or off and its redirect listener, the CA bundle trusted for `https://` backends) keep
+//! their old values; the report names the ones that changed, to be applied by a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -306,6 +307,7 @@ fn restart_needed(old: &Config, next: &Config) -> Vec<&'static str> {
             != next.tls.as_ref().and_then(|t| t.redirect_listen),
         "tls.redirect_listen",
     );
+    check(old.backend_ca != next.backend_ca, "tls.backend_ca");
     check(old.telemetry != next.telemetry, "telemetry");
     check(old.audit != next.audit, "audit");
     check(

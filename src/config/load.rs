@@ -17,16 +17,22 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Parses a backend URL into `(base, authority)`.
+/// Parses a backend URL, `http://host[:port]` or `https://host[:port]` (port 80 and 443 by
+/// default, RFC 9110 §4.2), into `(base, authority)`: `scheme://host:port` and `host:port`. The
+/// error says why in words (no scheme, another scheme, a path).
 pub fn parse_backend_url(url: &str) -> Result<(String, String), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some(other) => return Err(format!("scheme `{other}` is not supported (use http://)")),
+    let (scheme, default_port) = match uri.scheme_str() {
+        Some("http") => ("http", 80),
+        Some("https") => ("https", 443),
+        Some(other) => {
+            let message = format!("scheme `{other}` is not supported (use http:// or https://)");
+            return Err(message);
+        }
         None => return Err(format!("`{url}` has no scheme (expected http://host:port)")),
-    }
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| format!("`{url}` has no host"))?
@@ -39,9 +45,9 @@ pub fn parse_backend_url(url: &str) -> Result<(String, String), String> {
     let authority = if authority.contains(':') && !authority.ends_with(']') {
         authority
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
-    Ok((format!("http://{authority}"), authority))
+    Ok((format!("{scheme}://{authority}"), authority))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -98,6 +104,8 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
     let edge = check_edge(&raw, &err)?;
     let tls =
         super::tls::check(&raw.tls).map_err(|(span, field, message)| err(span, field, message))?;
+    let backend_ca = super::tls::check_backend_ca(&raw.tls)
+        .map_err(|(span, field, message)| err(span, field, message))?;
     let s = &raw.scheduler;
     let auth = super::tenancy::check(
         &raw.auth,
@@ -113,6 +121,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         audit: raw.audit,
         access_log: raw.access_log,
         tls,
+        backend_ca,
         server: raw.server,
         scheduler: raw.scheduler,
         health: raw.health,

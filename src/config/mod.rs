@@ -32,7 +32,7 @@ pub use tenancy::{
     AuditConfig, Auth, AuthConfig, AuthMode, DEFAULT_ADMIN_PATHS, LimitOverrides, Limits,
     LimitsConfig, User, UserConfig, parse_sha256, valid_name,
 };
-pub use tls::{Tls, TlsConfig};
+pub use tls::{BackendCa, Tls, TlsConfig};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -366,7 +366,9 @@ impl Default for RecoveryConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Base URL of the ComfyUI instance, `http://host:port`. Required.
+    /// Base URL of the ComfyUI instance, `http://host:port` or `https://host:port` (the port
+    /// defaults to 80 and 443). Over `https://` every request and the upstream WebSocket (`wss`)
+    /// use TLS 1.2 or 1.3, verified against `[tls] backend_ca` for the URL's host. Required.
     pub url: Spanned<String>,
     /// Name in logs and the admin API. Default: `host:port` of the URL.
     #[serde(default)]
@@ -399,6 +401,8 @@ pub struct Config {
     pub access_log: AccessLog,
     /// `[tls]`, validated: `None` is cleartext HTTP.
     pub tls: Option<Tls>,
+    /// `[tls] backend_ca`, read: `None` trusts Mozilla's roots for `https://` backends.
+    pub backend_ca: Option<BackendCa>,
     pub backends: Vec<Backend>,
     /// Runtime index of the user-data home: its position in `backends` at start; after a
     /// reload, its index in the fleet (see `reload`).
@@ -411,13 +415,30 @@ pub struct Backend {
     /// The line of its `url` in the file (0 from the command line), for errors.
     pub line: usize,
     pub name: String,
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` or `https://host:port`, no trailing slash.
     pub base: String,
     /// `host:port`, for connecting and the `Host` header.
     pub authority: String,
     pub max_inflight: usize,
     /// Its local GPU, for NVML.
     pub gpu: Option<GpuSelector>,
+}
+
+impl Backend {
+    /// Whether it is reached over TLS (an `https://` URL).
+    pub fn uses_tls(&self) -> bool {
+        self.base.starts_with("https://")
+    }
+
+    /// The host of its URL, without the port or an IPv6 address's brackets: the name its TLS
+    /// certificate is verified for (and sent as SNI unless it is an address).
+    pub fn host(&self) -> &str {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(host, _port)| host);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
 }
 
 impl Config {

@@ -7,6 +7,10 @@
 //!
 //! The channel is bounded: a scheduler that falls behind slows the sockets (TCP backpressure
 //! towards the backends) rather than growing memory without bound.
+//!
+//! An `https://` backend's socket is `wss://`: the TLS handshake is made here, with the HTTP
+//! client's own configuration ([`super::Upstream::tls_config`]), so the socket trusts exactly what
+//! the requests trust.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,12 +18,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use super::Fleet;
+use crate::config::Backend;
 
 /// Frames waiting for the scheduler before the sockets stop reading.
 pub const EVENTS_CAPACITY: usize = 4096;
@@ -94,17 +103,13 @@ pub async fn socket_loop(
         let b = fleet.get(i).clone();
         let client_id: String =
             form_urlencoded::byte_serialize(b.upstream_client_id.as_bytes()).collect();
-        let url = format!("ws://{}/ws?clientId={client_id}", b.config.authority);
+        let target = format!("/ws?clientId={client_id}");
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(
-                url,
-                Some(upstream_websocket_config()),
-                false,
-            ),
+            open(&b.config, &target, fleet.upstream.tls_config()),
         );
         match connect.await {
-            Ok(Ok((ws, _))) => {
+            Ok(Ok(ws)) => {
                 backoff = FIRST_BACKOFF;
                 b.ws_connected.store(true, Ordering::SeqCst);
                 b.saw_frame();
@@ -129,7 +134,11 @@ pub async fn socket_loop(
                 tracing::info!(backend = b.name(), "upstream socket closed");
                 let _ = events.send(UpstreamEvent::Closed { backend: i }).await;
             }
-            _ => fleet.record_health(i, false),
+            Ok(Err(why)) => {
+                tracing::debug!(backend = b.name(), error = %why, "upstream socket did not open");
+                fleet.record_health(i, false);
+            }
+            Err(_) => fleet.record_health(i, false),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -137,6 +146,38 @@ pub async fn socket_loop(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The stream under an upstream socket: TCP, or TLS over TCP for an `https://` backend.
+type Transport = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Opens the WebSocket at `target` (path and query) of `backend`: `ws://`, or `wss://` with
+/// `tls` verifying the URL's host (SNI the same unless it is an address). The error is why, in
+/// words (refused, certificate not trusted, handshake refused).
+async fn open(
+    backend: &Backend,
+    target: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<WebSocketStream<Transport>, String> {
+    let tcp = TcpStream::connect(&backend.authority)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (scheme, stream) = if backend.uses_tls() {
+        let name = ServerName::try_from(backend.host().to_string()).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        ("wss", Either::Right(stream))
+    } else {
+        ("ws", Either::Left(tcp))
+    };
+    let url = format!("{scheme}://{}{target}", backend.authority);
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(upstream_websocket_config()))
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
 /// Hands the socket's frames to the scheduler, in order, until the socket ends (true) or the
