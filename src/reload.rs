@@ -16,7 +16,8 @@
 //! 2. The snapshot ([`config::Live`]) is swapped: limits, users, tokens, bands, timeouts,
 //!    health and placement parameters are read from it from then on.
 //! 3. The hooks of the listeners and logs run (TLS certificates, access log, connection caps).
-//!    One that refuses its new settings (a bad certificate) keeps its old ones; the reload is
+//!    One that refuses its new settings (an access log path that cannot be opened; a
+//!    certificate is loaded during validation already) keeps its old ones; the reload is
 //!    otherwise in force and its report says what was kept and why.
 //!
 //! Fields read once at start (the listen addresses, the state directory, the audit log, NVML
@@ -51,8 +52,8 @@ pub struct ReloadReport {
     pub changed: Vec<String>,
     /// Fields that changed but are read only at start: a restart applies them.
     pub restart_needed: Vec<&'static str>,
-    /// Parts that refused their new settings and kept their old ones, with why (e.g. a TLS
-    /// certificate that does not parse). Empty when everything was applied.
+    /// Parts that refused their new settings and kept their old ones, with why (e.g. an access
+    /// log path that cannot be opened). Empty when everything was applied.
     pub kept_old: Vec<String>,
 }
 

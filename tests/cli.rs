@@ -96,3 +96,35 @@ async fn run_needs_no_file() {
     );
     child.kill().await.unwrap();
 }
+
+/// `docs/nginx-migration.md`'s `proxy.toml`, the nginx config translated field by field, is a
+/// valid configuration (its certificate paths pointed at a pair made here).
+#[test]
+fn the_nginx_guides_proxy_toml_passes_check() {
+    let guide = include_str!("../docs/nginx-migration.md");
+    let start = guide
+        .find("### The same in `proxy.toml`")
+        .expect("the guide's section");
+    let block = &guide[start..];
+    let block = &block[block.find("```toml\n").expect("its toml block") + 8..];
+    let toml = &block[..block.find("```").expect("the block's end")];
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("chain.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    let text = toml
+        .replace("/etc/ssl/comfy/chain.pem", cert.to_str().unwrap())
+        .replace("/etc/ssl/comfy/key.pem", key.to_str().unwrap());
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -82,6 +82,7 @@ pub struct ConnectionStats {
 #[derive(Default)]
 struct Counts {
     open: AtomicUsize,
+    accepted: std::sync::atomic::AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -99,8 +100,16 @@ impl ConnectionStats {
         self.inner.open.load(Ordering::Relaxed)
     }
 
-    /// A slot for one more connection, or `None` when `max` are open already.
+    /// Connections the listener has accepted since it started, those closed at once for a cap
+    /// included (nginx `stub_status` "accepts").
+    pub fn accepted(&self) -> u64 {
+        self.inner.accepted.load(Ordering::Relaxed)
+    }
+
+    /// A slot for one more connection (one more accepted), or `None` when `max` are open
+    /// already.
     pub fn admit(&self, max: usize) -> Option<ConnSlot> {
+        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
         self.inner
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

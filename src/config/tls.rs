@@ -68,11 +68,26 @@ type TlsProblem = (Option<Range<usize>>, &'static str, String);
 /// `None` without a certificate; the field and why when half configured.
 pub(super) fn check(raw: &TlsConfig) -> Result<Option<Tls>, TlsProblem> {
     match (&raw.cert, &raw.key) {
-        (Some(cert), Some(key)) => Ok(Some(Tls {
-            cert: cert.get_ref().clone(),
-            key: key.get_ref().clone(),
-            redirect_listen: raw.redirect_listen.as_ref().map(|r| *r.get_ref()),
-        })),
+        (Some(cert), Some(key)) => {
+            // Loaded here as the listener will load it, so that `comfy-gate check` and a reload
+            // refuse a pair that would not serve (nginx -t does the same).
+            if let Err(e) =
+                comfy_wire::tls::TlsAcceptor::from_pem_files(cert.get_ref(), key.get_ref())
+            {
+                let at_key = matches!(&e, comfy_wire::tls::TlsError::File { path, .. } if path == key.get_ref())
+                    || matches!(e, comfy_wire::tls::TlsError::Refused { .. });
+                return Err(if at_key {
+                    (Some(key.span()), "tls.key", e.to_string())
+                } else {
+                    (Some(cert.span()), "tls.cert", e.to_string())
+                });
+            }
+            Ok(Some(Tls {
+                cert: cert.get_ref().clone(),
+                key: key.get_ref().clone(),
+                redirect_listen: raw.redirect_listen.as_ref().map(|r| *r.get_ref()),
+            }))
+        }
         (Some(cert), None) => Err((
             Some(cert.span()),
             "tls.key",
@@ -133,11 +148,51 @@ mod tests {
 
     const BACKEND: &str = "[[backend]]\nurl = \"http://a:1\"\n";
 
+    /// A certificate and its key for `localhost`, written in `dir`: their paths.
+    fn pair(dir: &std::path::Path) -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    /// `comfy-gate check` loads the pair as the listener will: a missing file, garbage PEM or
+    /// a key of another certificate is an error at the field's line.
+    #[test]
+    fn a_pair_that_would_not_serve_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(dir.path());
+        let text = |c: &str, k: &str| format!("[tls]\ncert = {c:?}\nkey = {k:?}\n{BACKEND}");
+        let e = parse(&text("missing.pem", &key), "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "tls.cert"), "{e}");
+        std::fs::write(
+            dir.path().join("bad.pem"),
+            "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.pem").display().to_string();
+        let e = parse(&text(&bad, &key), "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "tls.cert"), "{e}");
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_key) = pair(other.path());
+        let e = parse(&text(&cert, &other_key), "p.toml").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "tls.key"), "{e}");
+    }
+
     #[test]
     fn cert_and_key_come_together() {
-        let c = parse(&format!("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nredirect_listen = \"0.0.0.0:80\"\n{BACKEND}"), "p.toml").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair(dir.path());
+        let c = parse(
+            &format!(
+                "[tls]\ncert = {cert:?}\nkey = {key:?}\nredirect_listen = \"0.0.0.0:80\"\n{BACKEND}"
+            ),
+            "p.toml",
+        )
+        .unwrap();
         let tls = c.tls.expect("tls on");
-        assert_eq!(tls.cert.to_str(), Some("c.pem"));
+        assert_eq!(tls.cert.display().to_string(), cert);
         assert_eq!(tls.redirect_listen.map(|a| a.port()), Some(80));
         assert!(parse(BACKEND, "p.toml").unwrap().tls.is_none());
         let e = parse(&format!("[tls]\ncert = \"c.pem\"\n{BACKEND}"), "p.toml").unwrap_err();
