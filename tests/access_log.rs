@@ -421,12 +421,7 @@ async fn sigusr1_reopens_the_access_log_of_the_running_binary() {
     json_lines(&log, 1).await;
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&child, "USR1");
     // The signal is handled on the gate's runtime: ask until a line lands at the old path
     // (each line before that goes to the renamed file, none is lost).
     let deadline = tokio::time::Instant::now() + PATIENCE;

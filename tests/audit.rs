@@ -373,12 +373,7 @@ async fn sigusr1_reopens_the_log_of_the_running_binary() {
     lines(&log, 1).await;
     let rotated = dir.path().join("audit.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-USR1", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&child, "USR1");
     // The signal is handled on the gate's runtime: give it a moment before the next line.
     tokio::time::sleep(Duration::from_millis(200)).await;
     submit(&base, "after", blur_graph(2)).await;

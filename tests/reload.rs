@@ -64,15 +64,6 @@ async fn held_by(sim: &comfy_sim::SimHandle) -> HashSet<String> {
     queue_ids(&q).into_iter().collect()
 }
 
-fn signal(child: &tokio::process::Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 /// Waits until `check` holds, polling (never a timing assertion: PATIENCE bounds a hang).
 async fn until<F, Fut>(what: &str, mut check: F)
 where

@@ -78,15 +78,6 @@ async fn until_notice(sock: &tokio::net::UnixDatagram, line: &str) -> Vec<String
     }
 }
 
-fn signal(child: &tokio::process::Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 /// The real binary with `NOTIFY_SOCKET` set to a socket of the test's own, as systemd runs a
 /// `Type=notify` unit.
 #[cfg(unix)]

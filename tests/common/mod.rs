@@ -320,6 +320,16 @@ pub fn fresh_state_dir() -> std::path::PathBuf {
     root.join(uuid::Uuid::new_v4().simple().to_string())
 }
 
+/// Sends signal `name` (`HUP`, `TERM`, `USR1` …) to a running child, as `kill -NAME PID`.
+pub fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// A gate started in-process from the file at `path`, which its reloads read again (as the
 /// binary's `--config`).
 pub async fn gate_from_file(path: &std::path::Path) -> comfy_gate::GateHandle {
