@@ -293,7 +293,11 @@ impl GateProcess {
             .prefix("comfy-gate-bench-")
             .tempdir()
             .expect("state dir");
-        let mut gate = Self::start_fleet(bin, &[backend.to_string()], state.path(), &[]).await;
+        // The RSS case connects 10,000 sockets, the default `max_connections`: room for more.
+        let config = state.path().join("bench.toml");
+        std::fs::write(&config, "[server]\nmax_connections = 1000000\n").expect("bench config");
+        let extra = ["--config", config.to_str().expect("a UTF-8 path")];
+        let mut gate = Self::start_fleet(bin, &[backend.to_string()], state.path(), &extra).await;
         gate._state = Some(state);
         gate
     }

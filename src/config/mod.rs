@@ -4,7 +4,6 @@
 //! field, so an operator never has to guess which of forty lines is wrong. Parsing and
 //! validation happen before anything starts; a config that fails them starts nothing.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,21 +11,25 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod access_log;
+mod edge;
 mod gpu;
 mod live;
 mod load;
 mod policy;
+mod server;
 mod source;
 mod tenancy;
 mod tls;
 
 pub use access_log::{AccessLog, AccessLogFormat};
+pub use edge::{Edge, EdgeConfig, RealIpHeader};
 pub use gpu::GpuSelector;
 pub use live::Live;
 pub use load::{
     ConfigError, backend_from_url, load, parse, parse_backend_url, parse_file, validate,
 };
 pub use policy::PlacementPolicy;
+pub use server::ServerConfig;
 pub use source::Source;
 pub use tenancy::{
     AuditConfig, Auth, AuthConfig, AuthMode, DEFAULT_ADMIN_PATHS, LimitOverrides, Limits,
@@ -66,116 +69,6 @@ pub struct FileConfig {
     pub tls: TlsConfig,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
-}
-
-/// `[server]`: the client-facing listener and its limits.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Client-facing address. Default `127.0.0.1:8188` (ComfyUI's own default).
-    pub listen: SocketAddr,
-    /// Admin listener (`/healthz`, `/readyz`). Default `127.0.0.1:8189`.
-    pub admin_listen: SocketAddr,
-    /// Largest request body in bytes; more gets 413. Default 104857600 (100 MiB, as ComfyUI).
-    pub max_body_bytes: u64,
-    /// Time a client connection has, from accept, to send its first complete request head, in
-    /// ms: PROXY header, TLS handshake, HTTP/2 preface and head together; a connection still
-    /// without a request then is closed (nginx `client_header_timeout`). A later head is bounded
-    /// by `keepalive_timeout_ms` from the end of the last response. Default 10000.
-    pub header_read_timeout_ms: u64,
-    /// A client connection with no request in flight (HTTP/2: no open stream) is closed this
-    /// long after its last response, in ms (nginx `keepalive_timeout`). Default 75000.
-    pub keepalive_timeout_ms: u64,
-    /// Longest wait between two reads of a request body, in ms (nginx `client_body_timeout`).
-    /// Default 60000. Over it the request fails: 408 when the gate reads the body itself, the
-    /// end of the request (and its connection) when it streams it to a backend.
-    pub body_read_timeout_ms: u64,
-    /// Longest a write to a client may wait because the client reads nothing, in ms; then the
-    /// connection is closed (nginx `send_timeout`). Default 60000.
-    pub send_timeout_ms: u64,
-    /// Open client connections, all clients together (WebSockets included); one more is closed
-    /// at once, unread. Default 10000.
-    pub max_connections: usize,
-    /// Open client connections from one client address (the TCP peer, or the client a trusted
-    /// PROXY header names); one more is closed at once. Default 0 = no cap (as nginx
-    /// `limit_conn`, off unless configured).
-    pub max_connections_per_ip: usize,
-    /// Largest request head, in bytes (HTTP/1 request line and headers; HTTP/2 header list);
-    /// a larger one gets 431. Default 32768 (nginx `large_client_header_buffers 4 8k`); at
-    /// least 8192.
-    pub max_header_bytes: usize,
-    /// Longest request target (path and query), in bytes; a longer one gets 414. Default 8192.
-    pub max_uri_bytes: usize,
-    /// Origins allowed besides the gate's own (e.g. `https://studio.example.com`). Default none.
-    pub allowed_origins: Vec<String>,
-    /// Timeout of one request to a backend, in ms (file transfers and long reads). Default 60000.
-    pub upstream_timeout_ms: u64,
-    /// Where the durable state (queue, owners, history, uploads) lives; `--state-dir` overrides
-    /// it. Default: `$STATE_DIRECTORY` (set by systemd) if set, else `./comfy-gate-state`.
-    pub state_dir: Option<PathBuf>,
-    /// Test-only faults: when true, a client request carrying the header
-    /// `x-comfy-gate-test-fault: panic` panics in the gate's handling of it (tests/panics.rs
-    /// shows the panic is contained). Never enable it in production. Default false.
-    pub test_faults: bool,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8188)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8189)),
-            max_body_bytes: 100 << 20,
-            header_read_timeout_ms: 10_000,
-            keepalive_timeout_ms: 75_000,
-            body_read_timeout_ms: 60_000,
-            send_timeout_ms: 60_000,
-            max_connections: 10_000,
-            max_connections_per_ip: 0,
-            max_header_bytes: 32 << 10,
-            max_uri_bytes: 8 << 10,
-            allowed_origins: Vec::new(),
-            upstream_timeout_ms: 60_000,
-            state_dir: None,
-            test_faults: false,
-        }
-    }
-}
-
-/// `[edge]`: who the client is when the gate sits behind other proxies
-/// ([`crate::edge::forwarded`], nginx's `set_real_ip_from` / `real_ip_header`).
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EdgeConfig {
-    /// Peers whose forwarding header is believed: CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or
-    /// single addresses. Default none (every client is its peer address; headers ignored).
-    pub trusted_proxies: Vec<toml::Spanned<String>>,
-    /// The header those peers name the client in: `"X-Forwarded-For"` (default) or
-    /// `"Forwarded"` (RFC 7239). Only this one is read.
-    pub real_ip_header: RealIpHeader,
-    /// Every connection to the client listener starts with a PROXY protocol header (v1 or v2,
-    /// HAProxy's `send-proxy`, AWS NLB), whose client address is the peer when the connection
-    /// comes from a trusted proxy. A connection without one is closed. Default false.
-    pub proxy_protocol: bool,
-}
-
-/// Which header names the client (`[edge] real_ip_header`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-pub enum RealIpHeader {
-    /// `X-Forwarded-For` (nginx's usual `real_ip_header X-Forwarded-For`). The default.
-    #[default]
-    #[serde(rename = "X-Forwarded-For", alias = "x-forwarded-for")]
-    XForwardedFor,
-    /// RFC 7239 `Forwarded`, its `for=` parameters.
-    #[serde(rename = "Forwarded", alias = "forwarded")]
-    Forwarded,
-}
-
-/// `[edge]`, validated.
-#[derive(Clone, Debug, Default)]
-pub struct Edge {
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub real_ip_header: RealIpHeader,
-    pub proxy_protocol: bool,
 }
 
 /// `[scheduler]`: the gate queue.
