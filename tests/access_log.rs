@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use comfy_gate::config::{AccessLog, AccessLogFormat, FileConfig};
@@ -407,15 +406,7 @@ async fn sigusr1_reopens_the_access_log_of_the_running_binary() {
         sim.url()
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = gate_binary(BIN, &config).spawn().unwrap();
     let base = listening_urls(&mut child).await.remove(0);
     get_json(&base, "/queue").await;
     json_lines(&log, 1).await;

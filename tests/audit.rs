@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use comfy_sim::Fault;
@@ -358,15 +357,7 @@ async fn sigusr1_reopens_the_log_of_the_running_binary() {
         sim.url()
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = gate_binary(BIN, &config).spawn().unwrap();
     let base = listening_urls(&mut child).await.remove(0);
     submit(&base, "before", blur_graph(1)).await;
     wait_history(&base, "before").await;

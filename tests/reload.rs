@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -92,14 +91,7 @@ async fn sighup_under_load_adds_a_backend_and_retires_another_dropping_nothing()
     let path = dir.path().join("proxy.toml");
     let fleet_ab = [("a", a.url()), ("b", b.url())];
     std::fs::write(&path, config_text(dir.path(), "", &fleet_ab)).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = gate_binary(BIN, &path).spawn().unwrap();
     let urls = listening_urls(&mut child).await;
     let (base, admin) = (urls[0].clone(), urls[1].clone());
     until("both backends up", || async {

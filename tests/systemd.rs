@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
@@ -95,15 +93,10 @@ async fn the_gate_notifies_ready_reloading_ready_and_stopping() {
         sim.url()
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
+    let mut child = gate_binary(BIN, &config)
         .env("NOTIFY_SOCKET", &notify_path)
         // systemd's watchdog of 2 s: a WATCHDOG=1 every second.
         .env("WATCHDOG_USEC", "2000000")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let ready = until_notice(&sock, "READY=1").await;

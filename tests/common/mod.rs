@@ -320,6 +320,20 @@ pub fn fresh_state_dir() -> std::path::PathBuf {
     root.join(uuid::Uuid::new_v4().simple().to_string())
 }
 
+/// `BIN run --config CONFIG` (`BIN`: the test's `env!("CARGO_BIN_EXE_comfy-gate")`) as the
+/// tests start the real binary: warnings only on stderr, stdout piped (for
+/// [`listening_urls`]), killed when dropped. Add any `.env(…)`, then `.spawn()`.
+pub fn gate_binary(bin: &str, config: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Sends signal `name` (`HUP`, `TERM`, `USR1` …) to a running child, as `kill -NAME PID`.
 pub fn signal(child: &tokio::process::Child, name: &str) {
     let pid = child.id().expect("running").to_string();
