@@ -27,6 +27,7 @@ pub mod files;
 pub mod fleet;
 pub mod loadtest;
 pub mod logfile;
+pub mod metrics;
 pub mod reload;
 pub mod sched;
 pub mod sessions;
@@ -44,7 +45,6 @@ use tokio_util::sync::CancellationToken;
 use config::Config;
 use fleet::Fleet;
 use sched::Scheduler;
-use sched::prompts::PromptTable;
 use sessions::Sessions;
 
 /// How long shutdown waits for client sockets to send their close frames.
@@ -186,7 +186,13 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         None => None,
     };
     let stop = CancellationToken::new();
-    let fleet = Arc::new(Fleet::new(config.clone(), &loaded.gate_id, stop.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let fleet = Arc::new(Fleet::new(
+        config.clone(),
+        &loaded.gate_id,
+        stop.clone(),
+        metrics.clone(),
+    ));
     let files = Arc::new(files::Files::open(
         &state_dir,
         store.clone(),
@@ -194,7 +200,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         boot.recovery.max_output_names,
     )?);
     let sessions = Arc::new(Sessions::default());
-    let table = restore_table(&fleet, loaded.counter, loaded.records);
+    let table = sched::restore::restore_table(&fleet, loaded.counter, loaded.records);
     files.hold_kept_history(loaded.history.iter().map(|(_, _, entry)| entry));
     let history = sched::history::History::new(store.clone(), loaded.history, &boot.recovery);
     let sched = Arc::new(Scheduler::new(
@@ -335,9 +341,21 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         }));
     }
     let for_admin = reloader.clone();
+    let dashboard = Arc::new(admin::dashboard::Dashboard::default());
+    metrics.register_collector(Box::new(admin::gauges::FleetGauges {
+        sched: sched.clone(),
+        connections: connections.clone(),
+    }));
+    tasks.push(tokio::spawn(admin::dashboard::sample_loop(
+        dashboard.clone(),
+        sched.clone(),
+        connections.clone(),
+        stop.clone(),
+    )));
     let admin = Arc::new(admin::Admin {
         sched,
         fleet: fleet.clone(),
+        dashboard,
         reload: Arc::new(move || {
             let reloader = for_admin.clone();
             Box::pin(async move {
@@ -422,44 +440,6 @@ where
             _ = tokio::time::sleep(RESTART_PAUSE) => {}
         }
     }
-}
-
-/// The prompt table as the store left it: waiting prompts queued again; a prompt on a backend
-/// re-attached once that backend's socket opens (`recovery::reconcile`), or run again if its
-/// backend is no longer configured.
-fn restore_table(
-    fleet: &Fleet,
-    counter: i64,
-    records: Vec<sched::prompts::PromptRecord>,
-) -> PromptTable {
-    use sched::prompts::Stage;
-    let mut table = PromptTable::default();
-    table.set_counter(counter);
-    let restored = records.len();
-    for r in records {
-        let owner_known = r
-            .owner
-            .as_deref()
-            .is_some_and(|o| fleet.index_of(o).is_some());
-        let requeue = match r.stage {
-            Stage::Queued => true,
-            Stage::Dispatching | Stage::OnBackend | Stage::Finishing => !owner_known,
-            Stage::Done => false,
-        };
-        let id = r.id.clone();
-        table.admit(r);
-        if requeue {
-            table.enqueue(&id);
-        }
-    }
-    if restored > 0 {
-        tracing::info!(
-            prompts = restored,
-            queued = table.queue_len(),
-            "state restored"
-        );
-    }
-    table
 }
 
 #[cfg(test)]

@@ -337,6 +337,10 @@ async fn run_demo(
 ) -> anyhow::Result<()> {
     let demo = comfy_gate::demo::start(listen, admin_listen, time_scale).await?;
     println!("comfy-gate demo listening on http://{}", demo.gate.addr);
+    println!(
+        "dashboard: http://{}/  (the fleet live, with an hour of replay; Prometheus: /metrics)",
+        demo.gate.admin_addr
+    );
     for s in &demo.sims {
         let c = s.config();
         println!(

@@ -24,7 +24,7 @@ struct Layer {
 
 #[rustfmt::skip]
 const LAYERS: &[Layer] = &[
-    Layer { name: "wire",      rank: 0, modules: &["protocol", "http", "comfy_wire", "config", "error", "logfile"] },
+    Layer { name: "wire",      rank: 0, modules: &["protocol", "http", "comfy_wire", "config", "error", "logfile", "metrics"] },
     // A client tool: it may import only the wire.
     Layer { name: "loadtest",  rank: 1, modules: &["loadtest"] },
     Layer { name: "fleet",     rank: 2, modules: &["fleet"] },

@@ -7,6 +7,15 @@
 //! (`sched::usage`), the sums of the audit log's lines. `POST /admin/reload`: the configuration
 //! file read again and put in force (200 with what changed; 400 with file, line and field when
 //! it is invalid, and nothing changed).
+//!
+//! What operators look at (issue 15): `GET /metrics` (OpenMetrics text, [`crate::metrics`] and
+//! [`gauges`]), `GET /admin/prompts/{id}/timeline` (a prompt's timeline, attempts and nodes,
+//! [`crate::sched::timeline`]), and the live dashboard at `/` with its socket at
+//! `/dashboard/ws` ([`dashboard`]).
+
+pub mod dashboard;
+pub mod gauges;
+pub mod view;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,6 +32,8 @@ use crate::sched::{Scheduler, recovery, usage};
 pub struct Admin {
     pub sched: Arc<Scheduler>,
     pub fleet: Arc<Fleet>,
+    /// The replay ring and live frames of the dashboard.
+    pub dashboard: Arc<dashboard::Dashboard>,
     /// `POST /admin/reload`: the gate's reload (the wiring's, which this layer cannot name).
     pub reload: ReloadFn,
 }
@@ -33,9 +44,39 @@ pub type ReloadFn =
     Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, Result<Value, String>> + Send + Sync>;
 
 /// Serves one admin request.
-pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(admin: Arc<Admin>, mut req: Request<Incoming>) -> Response<Body> {
     let fleet = &admin.fleet;
     match req.uri().path() {
+        "/" | "/dashboard" if req.method() == http::Method::GET => {
+            let mut resp = Response::new(crate::http::full(dashboard::PAGE));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp
+        }
+        "/dashboard/ws" => {
+            dashboard::socket(&mut req, admin.dashboard.clone(), admin.sched.clone())
+        }
+        "/metrics" if req.method() == http::Method::GET => {
+            let mut resp = Response::new(crate::http::full(fleet.metrics.encode()));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            resp
+        }
+        p if p.starts_with("/admin/prompts/") && p.ends_with("/timeline") => {
+            let id = &p["/admin/prompts/".len()..p.len() - "/timeline".len()];
+            let id = crate::http::percent_decode(id);
+            match admin.sched.timeline(&id) {
+                Some(t) => json_resp(StatusCode::OK, &t),
+                None => json_resp(
+                    StatusCode::NOT_FOUND,
+                    &json!({ "error": format!("no prompt {id} is known (or its history entry was pruned)") }),
+                ),
+            }
+        }
         "/healthz" => json_resp(StatusCode::OK, &json!({ "status": "ok" })),
         "/readyz" => {
             let backends: Vec<_> = fleet

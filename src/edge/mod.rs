@@ -46,12 +46,24 @@ pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
 pub async fn handle(ctx: Arc<Ctx>, req: Request<ClientBody>, info: ConnInfo) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let mut caller = AccessFacts::default();
+    let metrics = ctx.fleet.metrics.clone();
     let answer = AssertUnwindSafe(route(ctx, req, info, &mut caller))
         .catch_unwind()
         .await;
     let mut resp = match answer {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => e.into_response(),
+        Ok(Err(e)) => {
+            let limit = match &e {
+                GateError::RateLimited { limit, .. } => Some(*limit),
+                GateError::QueueFull(_) => Some("max_queued"),
+                _ => None,
+            };
+            if let Some(limit) = limit {
+                let label = crate::metrics::LimitLabel { limit };
+                metrics.rate_limited.get_or_create(&label).inc();
+            }
+            e.into_response()
+        }
         Err(payload) => {
             let message = crate::http::panic_message(payload.as_ref());
             tracing::error!(%method, %path, panic = %message, "request handling panicked; answered 500");
@@ -64,7 +76,37 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<ClientBody>, info: ConnInfo) -> 
         ..AccessFacts::take(&mut resp)
     };
     facts.attach(&mut resp);
+    metrics.request(route_class(&path), resp.status().as_u16());
     resp
+}
+
+/// The class of a client request's path, for the `route` label of
+/// `comfy_gate_http_requests_total`: one of a fixed set (ComfyUI's route groups, `/api/…` the
+/// same as without), so a client cannot grow the label set with paths of its own.
+pub fn route_class(path: &str) -> &'static str {
+    let path = match path.strip_prefix("/api") {
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    };
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    match first {
+        "prompt" => "prompt",
+        "queue" => "queue",
+        "history" => "history",
+        "view" | "view_metadata" => "view",
+        "upload" => "upload",
+        "ws" => "ws",
+        "object_info" => "object_info",
+        "system_stats" => "system_stats",
+        "interrupt" | "free" => "control",
+        "jobs" => "jobs",
+        "userdata" | "v2" | "settings" | "users" => "userdata",
+        "models" | "embeddings" | "extensions" | "experiment" => "models",
+        "features" | "internal" | "i18n" | "workflow_templates" => "frontend",
+        "" | "assets" | "templates" | "scripts" | "fonts" => "frontend",
+        f if f.ends_with(".js") || f.ends_with(".css") || f.ends_with(".html") => "frontend",
+        _ => "other",
+    }
 }
 
 /// User data lives on the home backend (ComfyUI's `/userdata`, `/v2/userdata`, `/settings`,

@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::config::{Backend, Config};
+use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 pub use backend::{BackendState, Health, Telemetry};
 use capabilities::Capabilities;
@@ -68,12 +69,20 @@ pub struct Fleet {
     /// undrained). One waiter (the dispatcher); a notice sent while it is busy is kept for its
     /// next wait.
     pub changed: Notify,
+    /// The gate's metrics: every layer above reaches them through the fleet it already holds
+    /// ([`crate::metrics`]).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Fleet {
     /// The fleet of `config.backends`, in configuration order; `gate_id` names this gate's
     /// upstream clientIds. Starts NVML sampling for backends mapped to a local GPU.
-    pub fn new(config: Arc<crate::config::Live>, gate_id: &str, stop: CancellationToken) -> Self {
+    pub fn new(
+        config: Arc<crate::config::Live>,
+        gate_id: &str,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let current = config.load();
         let backends = current
             .backends
@@ -91,6 +100,7 @@ impl Fleet {
             membership: std::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             changed: Notify::new(),
+            metrics,
         }
     }
 

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Fleet;
 use crate::config::Backend;
+use crate::metrics::BackendLabel;
 
 /// Frames waiting for the scheduler before the sockets stop reading.
 pub const EVENTS_CAPACITY: usize = 4096;
@@ -96,6 +97,7 @@ pub async fn socket_loop(
     stop: CancellationToken,
 ) {
     let mut backoff = FIRST_BACKOFF;
+    let mut opened_before = false;
     loop {
         if stop.is_cancelled() {
             return;
@@ -112,6 +114,14 @@ pub async fn socket_loop(
             Ok(Ok(ws)) => {
                 backoff = FIRST_BACKOFF;
                 b.ws_connected.store(true, Ordering::SeqCst);
+                if std::mem::replace(&mut opened_before, true) {
+                    let backend = b.name().to_string();
+                    fleet
+                        .metrics
+                        .upstream_reconnects
+                        .get_or_create(&BackendLabel { backend })
+                        .inc();
+                }
                 b.saw_frame();
                 tracing::debug!(backend = b.name(), "upstream socket open");
                 let (mut sink, mut stream) = ws.split();

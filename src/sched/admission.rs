@@ -128,7 +128,7 @@ pub async fn submit(
     };
     within_daily_quota(sched, caller)?;
     let id = sub.id.clone();
-    let (number, direct) = {
+    let (number, direct, band) = {
         let mut s = sched.lock();
         if s.table.contains(&id) {
             return Err(GateError::DuplicatePromptId(id));
@@ -153,6 +153,7 @@ pub async fn submit(
             caller.tenant(&sched.config.load().auth),
         );
         rec.front = sub.front;
+        let band = rec.tenant.band.clone();
         s.table.admit(rec);
         s.table.enqueue(&id);
         let direct = if nothing_waits {
@@ -163,13 +164,20 @@ pub async fn submit(
         if direct.is_some() {
             s.table.await_first_answer(&id);
         }
-        (number, direct)
+        (number, direct, band)
     };
     // Durable before anyone hears of it: a gate killed from here on still runs it.
     if let Err(e) = sched.try_persist(&[&id]) {
         sched.lock().table.remove(&id);
         return Err(GateError::Unavailable(e.to_string()));
     }
+    let submitted = crate::metrics::BandLabel { band };
+    sched
+        .fleet
+        .metrics
+        .prompts_submitted
+        .get_or_create(&submitted)
+        .inc();
     let queued_answer = || {
         json_resp(
             StatusCode::OK,

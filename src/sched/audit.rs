@@ -58,7 +58,7 @@ pub const MAX_SIZED: usize = 256;
 const SIZED_AT_ONCE: usize = 8;
 
 /// How a prompt ended, for [`Scheduler::account`].
-pub(super) enum Ending<'a> {
+pub enum Ending<'a> {
     /// It ran to its end on its backend; its history entry.
     Ran(&'a Value),
     /// The gate ended it: its error entry and the failure's `exception_type`.
@@ -251,7 +251,7 @@ fn backend_run(entry: &Value) -> Option<(i64, u64)> {
 }
 
 /// `(outcome, error type)` of a prompt that ended.
-fn outcome_of(ending: &Ending<'_>) -> (&'static str, Option<String>) {
+pub(super) fn outcome_of(ending: &Ending<'_>) -> (&'static str, Option<String>) {
     match ending {
         Ending::Deleted => ("deleted", None),
         Ending::Failed(_, kind) => ("failed", Some(kind.to_string())),
@@ -333,6 +333,7 @@ impl Scheduler {
         let run_ms = run.filter(|_| charged).map_or(0, |(_, ms)| ms);
         let gpu_ms = run_ms * u64::from(gpus);
         let waited_until = run.map_or(end_ms, |(start, _)| start);
+        self.observe(r, &ending, run.map(|(_, ms)| ms), waited_until, end_ms);
         let mut tenant = r.tenant.clone();
         if tenant.key.is_empty() {
             // A record from before tenants were kept.

@@ -14,10 +14,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::prompts::PromptRecord;
+use super::timeline::Happened;
 use super::{Outcome, Scheduler, recovery};
 use crate::fleet::picker::profile;
 use crate::fleet::socket::UpstreamEvent;
-use crate::protocol::frames;
+use crate::metrics::BackendLabel;
+use crate::protocol::{frames, now_ms};
 
 /// Routes upstream events until the fleet's sockets are gone.
 pub async fn event_loop(sched: Arc<Scheduler>, events: &mut mpsc::Receiver<UpstreamEvent>) {
@@ -48,10 +50,17 @@ fn owner_client(r: Option<&PromptRecord>, backend: &str) -> Option<Option<String
         .then(|| r.session().filter(|_| !r.retry_after_run))
 }
 
-fn running_client(sched: &Scheduler, backend: &str) -> Option<String> {
-    let s = sched.lock();
-    let running = s.table.running_on(backend)?;
-    owner_client(s.table.get(running), backend).flatten()
+/// The client of the prompt `backend` is running (see [`owner_client`]); a `preview` is
+/// counted on its timeline.
+fn running_client(sched: &Scheduler, backend: &str, preview: bool) -> Option<String> {
+    let mut s = sched.lock();
+    let running = s.table.running_on(backend)?.to_string();
+    let r = s.table.get_mut(&running)?;
+    if preview {
+        let node = r.last_node.clone();
+        r.timeline.preview(now_ms(), node.as_deref());
+    }
+    owner_client(Some(r), backend).flatten()
 }
 
 /// Whether an event of `r` from `backend` belongs to the run the gate is waiting for. Every run
@@ -113,7 +122,7 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
         // No prompt_id: the reconnect replay or a custom event; it belongs to whatever this
         // backend is running.
         if kind != "executing"
-            && let Some(sid) = running_client(sched, b.name())
+            && let Some(sid) = running_client(sched, b.name(), false)
         {
             sched.sessions.send_json(&sid, &kind, data);
         }
@@ -169,9 +178,11 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
 }
 
 /// Updates a prompt's run state from one of its events: liveness, the run log, the start, the
-/// node now executing and checkpoint load times (a loader node's time is a load time).
+/// node now executing and checkpoint load times (a loader node's time is a load time); its
+/// timeline and the per-node metrics ([`super::timeline`], [`crate::metrics`]).
 fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, data: &Value) {
     let name = sched.fleet.get(backend).name().to_string();
+    let metrics = &sched.fleet.metrics;
     let mut s = sched.lock();
     let state = &mut *s;
     if kind == "execution_start" {
@@ -183,25 +194,89 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
         return;
     };
     let now = Instant::now();
+    let at = now_ms();
     r.last_event = Some(now);
     r.reports_progress = kind == "progress";
     recovery::log_event(r, kind, data);
-    if kind != "executing" {
-        return;
+    match kind {
+        "execution_start" => r.timeline.mark(at, Happened::Started { backend: name }),
+        "execution_cached" => {
+            let nodes: Vec<String> = data["nodes"]
+                .as_array()
+                .map(|n| {
+                    n.iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for node in &nodes {
+                let class = class_of(&r.body, node);
+                metrics
+                    .nodes_cached
+                    .get_or_create(&metrics.class_label(class))
+                    .inc();
+            }
+            r.timeline.mark(at, Happened::Cached { nodes });
+        }
+        "progress" => {
+            let (value, max) = (data["value"].as_f64(), data["max"].as_f64());
+            r.progress = value.zip(max).filter(|(_, max)| *max > 0.0);
+            return;
+        }
+        "executing" => r.progress = None,
+        _ => return,
     }
-    if let (Some(prev), Some(at)) = (r.last_node.clone(), r.last_node_at) {
+    if let (Some(prev), Some(since)) = (r.last_node.clone(), r.last_node_at) {
+        let secs = (now - since).as_secs_f64();
+        let class = class_of(&r.body, &prev);
+        metrics
+            .node_time
+            .get_or_create(&metrics.class_label(class))
+            .observe(secs);
         let node = &r.body["prompt"][&prev];
-        let is_loader = node["class_type"]
-            .as_str()
-            .is_some_and(|c| c.contains("CheckpointLoader"));
+        let is_loader = class.contains("CheckpointLoader");
         if let (true, Some(ckpt)) = (is_loader, node["inputs"]["ckpt_name"].as_str()) {
-            let secs = (now - at).as_secs_f64();
             r.load_measured_s += secs;
             state.learned.observe_load(backend, ckpt, secs);
+            let backend = BackendLabel {
+                backend: sched.fleet.get(backend).name().to_string(),
+            };
+            metrics.checkpoint_loads.get_or_create(&backend).inc();
+            metrics
+                .checkpoint_load_time
+                .get_or_create(&backend)
+                .observe(secs);
         }
     }
     r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string);
     r.last_node_at = Some(now);
+    match &r.last_node {
+        Some(node) => {
+            let class = class_of(&r.body, node).to_string();
+            r.timeline.mark(
+                at,
+                Happened::Node {
+                    node: node.clone(),
+                    class,
+                },
+            );
+        }
+        None => r.timeline.mark(at, Happened::Ran),
+    }
+}
+
+/// The class of node `node` in a prompt's graph: its `class_type`, or that of the node it was
+/// expanded from (ComfyUI shows nodes inside a subgraph or expansion as `PARENT.CHILD…`);
+/// empty when unknown.
+fn class_of<'a>(body: &'a serde_json::Map<String, Value>, node: &str) -> &'a str {
+    let graph = &body.get("prompt").unwrap_or(&Value::Null);
+    graph[node]["class_type"]
+        .as_str()
+        .or_else(|| {
+            let parent = node.split(['.', ':']).next()?;
+            graph[parent]["class_type"].as_str()
+        })
+        .unwrap_or("")
 }
 
 /// Routes one binary frame from `backend`.
@@ -213,12 +288,18 @@ pub fn route_binary(sched: &Scheduler, backend: usize, frame: Bytes) {
             .get("prompt_id")
             .and_then(Value::as_str)
             .and_then(|id| {
-                let s = sched.lock();
-                let r = s.table.get(id).filter(|r| is_fresh(r, name, "preview"))?;
+                let mut s = sched.lock();
+                let r = s
+                    .table
+                    .get_mut(id)
+                    .filter(|r| is_fresh(r, name, "preview"))?;
+                let node = meta.get("node_id").and_then(Value::as_str);
+                r.timeline
+                    .preview(now_ms(), node.or(r.last_node.as_deref()));
                 owner_client(Some(r), name)
             })
             .flatten(),
-        None => running_client(sched, name),
+        None => running_client(sched, name, true),
     };
     if let Some(sid) = client {
         sched.sessions.send_binary(&sid, frame);
@@ -235,7 +316,11 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         let Some(r) = s.table.get(id).filter(|r| r.holds_slot(Some(b.name()))) else {
             return;
         };
-        let retry = r.retry_after_run;
+        // The out-of-memory retry leaves its VRAM floor; the other is `max_run_time`'s.
+        let retry = r.retry_after_run.then_some(match r.min_vram_total {
+            Some(_) => "out_of_memory",
+            None => "max_run_time",
+        });
         let started_at = r.started_at.filter(|_| !r.start_unseen);
         let run = (r.body["prompt"].clone(), started_at, r.load_measured_s);
         s.table.ran(id, b.name());
@@ -245,8 +330,8 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         (retry, run)
     };
     sched.wake();
-    if retry {
-        sched.requeue(&[id.to_string()], false);
+    if let Some(reason) = retry {
+        sched.requeue(&[id.to_string()], false, reason);
         return;
     }
     b.completed.fetch_add(1, Ordering::SeqCst);

@@ -24,10 +24,12 @@
 //! guarantee it happens once.
 
 pub mod access;
+pub mod activity;
 pub mod admission;
 pub mod audit;
 pub mod decide;
 pub mod dispatch;
+mod ending;
 pub mod events;
 pub mod fair;
 pub mod fit;
@@ -39,10 +41,12 @@ pub mod prompts;
 pub mod quarantine;
 pub mod record;
 pub mod recovery;
+pub mod restore;
 pub mod snapshot;
 pub mod stall;
 pub mod store;
 pub mod tenant;
+pub mod timeline;
 pub mod usage;
 pub mod views;
 pub mod watchdog;
@@ -295,6 +299,18 @@ impl Scheduler {
                 }
             };
             let finished_at = completion_time(&entry).unwrap_or_else(now_ms);
+            let outcome = ending::outcome_label(
+                r,
+                &match &failure {
+                    Ok(f) => audit::Ending::Failed(&entry, &f.exception_type),
+                    Err(_) => audit::Ending::Ran(&entry),
+                },
+            );
+            if let Some(r) = s.table.get_mut(id) {
+                let outcome = outcome.to_string();
+                r.timeline
+                    .mark(now_ms(), timeline::Happened::Finished { outcome });
+            }
             let entry = Arc::new(entry);
             let record = s.table.finish(id).cloned();
             let replaced = self.history.get(id);

@@ -19,8 +19,10 @@ use super::fair::{self, Entry};
 use super::prompts::PromptRecord;
 use super::snapshot::{BackendView, Cap, FleetView, Owned, Waiting};
 use super::tenant::Tenant;
+use super::timeline::Happened;
 use super::{SchedState, Scheduler};
 use crate::config::Auth;
+use crate::metrics::PlacementLabels;
 use crate::protocol::now_ms;
 
 /// Prompts offered beyond a capped user's `n` left: those `decide` may pass over (held for a
@@ -212,6 +214,18 @@ fn apply(
         "band": planned.and_then(|p| sched.config.load().auth.bands.get(p.band).cloned()),
     });
     Scheduler::record_decision(s, decision);
+    let backend = name(a.choice.id);
+    let metrics = &sched.fleet.metrics;
+    let labels = PlacementLabels {
+        backend: backend.clone(),
+        reason: a.choice.kind,
+    };
+    metrics.placements.get_or_create(&labels).inc();
+    if let Some(r) = s.table.get_mut(&a.prompt) {
+        let reason = a.choice.reason.clone();
+        r.timeline
+            .mark(now_ms(), Happened::Dispatched { backend, reason });
+    }
     Some(a.backend)
 }
 

@@ -9,6 +9,7 @@ use serde_json::{Map, Number, Value, json};
 use tokio::time::Instant;
 
 use super::tenant::Tenant;
+use super::timeline::{Happened, Timeline};
 use crate::fleet::picker::profile::{self, Profile};
 
 /// Where a prompt is.
@@ -75,6 +76,9 @@ pub struct PromptRecord {
     /// Only backends with at least this much VRAM (bytes) may take it (after an OOM).
     #[serde(default)]
     pub min_vram_total: Option<u64>,
+    /// What happened to it, when ([`super::timeline`]); persisted with it.
+    #[serde(default)]
+    pub timeline: Timeline,
     /// `execution_start` seen on the owner.
     #[serde(skip)]
     pub started: bool,
@@ -121,6 +125,9 @@ pub struct PromptRecord {
     /// Checkpoint load seconds measured in the current run.
     #[serde(skip)]
     pub load_measured_s: f64,
+    /// The running node's last `progress` (`value`, `max`), for the dashboard's progress bar.
+    #[serde(skip)]
+    pub progress: Option<(f64, f64)>,
     /// Times the dispatcher passed it over for another prompt's checkpoint affinity.
     #[serde(skip)]
     pub skips: u32,
@@ -146,6 +153,9 @@ impl PromptRecord {
         identity: String,
         tenant: Tenant,
     ) -> Self {
+        let create_time = crate::protocol::now_ms();
+        let mut timeline = Timeline::default();
+        timeline.mark(create_time, Happened::Submitted);
         Self {
             id,
             number,
@@ -156,7 +166,8 @@ impl PromptRecord {
             front: false,
             stage: Stage::Queued,
             owner: None,
-            create_time: crate::protocol::now_ms(),
+            create_time,
+            timeline,
             attempts: 0,
             tried: Vec::new(),
             suspected_on: Vec::new(),
@@ -175,6 +186,7 @@ impl PromptRecord {
             deadline_interrupt: None,
             log: RunLog::default(),
             last_node_at: None,
+            progress: None,
             load_measured_s: 0.0,
             skips: 0,
             unplaceable_since: None,
@@ -245,6 +257,7 @@ impl PromptRecord {
         self.log = RunLog::default();
         self.last_node_at = None;
         self.load_measured_s = 0.0;
+        self.progress = None;
     }
 
     /// The client-facing 5-element queue item `[number, id, prompt, extra_data, outputs]`.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::prompts::{PromptRecord, Stage};
+use super::timeline::Happened;
 use super::{Failure, Outcome, Scheduler, quarantine};
 use crate::fleet::probe::{queue_lists, queue_runs};
 
@@ -63,7 +64,7 @@ pub async fn reconcile(sched: &Arc<Scheduler>, backend: usize) {
         }
     }
     if !lost.is_empty() {
-        sched.give_back(backend, &lost, true);
+        sched.give_back(backend, &lost, true, "backend_lost");
     }
 }
 
@@ -109,7 +110,7 @@ pub async fn take_back_unstarted(sched: &Arc<Scheduler>, backend: usize) -> Vec<
             moved.push(id);
         }
     }
-    sched.give_back(backend, &moved, false);
+    sched.give_back(backend, &moved, false, "taken_back");
     moved
 }
 
@@ -248,19 +249,31 @@ pub fn history_from_events(sched: &Scheduler, id: &str) -> Value {
 impl Scheduler {
     /// [`Scheduler::requeue`] of those of `ids` that still hold a slot on `backend` (a prompt
     /// that finished or moved meanwhile is not given back twice).
-    pub fn give_back(&self, backend: usize, ids: &[String], failure: bool) {
-        self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure);
+    pub fn give_back(&self, backend: usize, ids: &[String], failure: bool, reason: &'static str) {
+        self.requeue_from(Some(self.fleet.get(backend).name()), ids, failure, reason);
     }
 
     /// Puts prompts back at the head of the gate queue. `failure` counts the run against
-    /// `max_retries`; a prompt out of retries ends failed instead.
-    pub fn requeue(&self, ids: &[String], failure: bool) {
-        self.requeue_from(None, ids, failure);
+    /// `max_retries`; a prompt out of retries ends failed instead. `reason`, one fixed word
+    /// (`backend_failed`, `backend_lost`, `stalled`, `taken_back`, `out_of_memory`,
+    /// `max_run_time`), goes on its timeline and labels `comfy_gate_prompts_retried_total`
+    /// (a run lost, or one to run again) or `comfy_gate_prompts_evacuated_total` (moved before
+    /// it ran there).
+    pub fn requeue(&self, ids: &[String], failure: bool, reason: &'static str) {
+        self.requeue_from(None, ids, failure, reason);
     }
 
     /// [`Scheduler::requeue`]; with `from`, only prompts that still hold a slot there, checked
     /// under the same lock.
-    fn requeue_from(&self, from: Option<&str>, ids: &[String], failure: bool) {
+    fn requeue_from(
+        &self,
+        from: Option<&str>,
+        ids: &[String],
+        failure: bool,
+        reason: &'static str,
+    ) {
+        let metrics = &self.fleet.metrics;
+        let label = crate::metrics::ReasonLabel { reason };
         let mut back = Vec::new();
         let mut out_of_retries = Vec::new();
         let mut quarantined = Vec::new();
@@ -288,6 +301,19 @@ impl Scheduler {
                 if charged {
                     r.attempts += 1;
                 }
+                let counted = if charged || r.retry_after_run {
+                    &metrics.prompts_retried
+                } else {
+                    &metrics.prompts_evacuated
+                };
+                counted.get_or_create(&label).inc();
+                let at = crate::protocol::now_ms();
+                r.timeline.mark(
+                    at,
+                    Happened::Requeued {
+                        reason: reason.into(),
+                    },
+                );
                 let attempts = r.attempts;
                 let out_of_retries_now = attempts > self.config.load().recovery.max_retries;
                 if let (true, Some(o)) = (charged, owner.as_deref()) {
@@ -363,6 +389,6 @@ impl Scheduler {
                     .await;
             }
         });
-        self.give_back(backend, &ids, true);
+        self.give_back(backend, &ids, true, "backend_failed");
     }
 }

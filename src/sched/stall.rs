@@ -115,7 +115,7 @@ pub async fn corroborate(sched: &Arc<Scheduler>, id: &str, owner: usize) {
                 sched.end(id, Outcome::Ran(entry));
             }
         }
-        Verdict::Lost => sched.give_back(owner, &[id.to_string()], true),
+        Verdict::Lost => sched.give_back(owner, &[id.to_string()], true, "stalled"),
         Verdict::Stalled(reason) => stall(sched, owner, reason),
     }
 }

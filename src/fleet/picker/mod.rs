@@ -54,6 +54,11 @@ pub struct Choice {
     /// `(backend, score)`, lower is better, for every candidate considered.
     pub scores: Vec<(usize, f64)>,
     pub reason: String,
+    /// Why it won, as one fixed word (the `reason` label of
+    /// `comfy_gate_placement_decisions_total`): `only_candidate`, `sooner`,
+    /// `resident_checkpoint`, `runner_up_full`, `more_headroom`, `least_inflight`,
+    /// `round_robin`.
+    pub kind: &'static str,
 }
 
 /// A placement policy.
@@ -64,6 +69,7 @@ pub trait Picker: Send + Sync {
 
 fn ranked(
     mut scored: Vec<(usize, f64)>,
+    kind: &'static str,
     reason: impl Fn(usize, Option<usize>) -> String,
 ) -> Option<Choice> {
     scored.sort_by(|a, b| {
@@ -77,6 +83,7 @@ fn ranked(
         id,
         runner_up,
         reason: reason(id, runner_up),
+        kind,
         scores: scored,
     })
 }
@@ -178,15 +185,17 @@ impl Picker for GpuAware {
             )
         };
         let mut reason = format!("expected {}", describe(chosen));
+        let mut kind = "only_candidate";
         if let Some(u) = runner_up {
-            let why = if !near(u) {
-                "later"
+            let why;
+            (why, kind) = if !near(u) {
+                ("later", "sooner")
             } else if u.load_s > 0.0 && chosen.load_s == 0.0 {
-                "checkpoint not resident"
+                ("checkpoint not resident", "resident_checkpoint")
             } else if !u.free && chosen.free {
-                "full"
+                ("full", "runner_up_full")
             } else {
-                "less headroom"
+                ("less headroom", "more_headroom")
             };
             reason.push_str(&format!("; runner-up {} ({why}): {}", u.id, describe(u)));
         }
@@ -195,6 +204,7 @@ impl Picker for GpuAware {
             runner_up: runner_up.map(|c| c.id),
             scores: order.iter().map(|c| (c.id, self.score_s(c))).collect(),
             reason,
+            kind,
         })
     }
 }
@@ -213,7 +223,9 @@ impl Picker for LeastInFlight {
             .iter()
             .map(|c| (c.id, c.inflight as f64))
             .collect();
-        ranked(scored, |_, _| "fewest prompts in flight".into())
+        ranked(scored, "least_inflight", |_, _| {
+            "fewest prompts in flight".into()
+        })
     }
 }
 
@@ -243,7 +255,7 @@ impl Picker for RoundRobin {
             self.next.fetch_add(1, Ordering::Relaxed);
         }
         let scored = (0..n).map(|k| (ids[(start + k) % n], k as f64)).collect();
-        ranked(scored, |_, _| "round robin".into())
+        ranked(scored, "round_robin", |_, _| "round robin".into())
     }
 }
 
