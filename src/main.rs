@@ -118,6 +118,14 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also write the run as one self-contained HTML page of charts (latency, throughput
+        /// over time, prompts per backend) to this file.
+        #[arg(long, value_name = "FILE.html")]
+        report: Option<PathBuf>,
+        /// The gate's admin listener, http://HOST:PORT: read which backend ran each prompt from
+        /// its /admin/decisions (the client API cannot tell) for the per-backend share.
+        #[arg(long, value_name = "URL")]
+        admin_url: Option<String>,
     },
 }
 
@@ -294,6 +302,8 @@ async fn main() -> anyhow::Result<()> {
             vary,
             timeout,
             json,
+            report,
+            admin_url,
         } => {
             use comfy_gate::loadtest::{self, LoadTest, Options};
             let graph = match workflow.as_deref().map(loadtest::workflow::load_file) {
@@ -313,13 +323,43 @@ async fn main() -> anyhow::Result<()> {
                 vary_seed: vary.is_some(),
                 timeout,
                 progress: true,
+                admin_url,
                 ..Options::new(&url)
             };
-            match LoadTest::new(options).run().await {
-                Ok(report) if json => println!("{}", report.to_json()),
-                Ok(report) => print!("{report}"),
+            // The report's file is opened before the run, so a bad path fails in a second,
+            // not after an hour of load; it is removed again when the run cannot start.
+            let page = match &report {
+                None => None,
+                Some(path) => match std::fs::File::create(path) {
+                    Ok(file) => Some((path, file)),
+                    Err(e) => {
+                        eprintln!("comfy-gate loadtest: cannot write {}: {e}", path.display());
+                        std::process::exit(1);
+                    }
+                },
+            };
+            let result = match LoadTest::new(options).run().await {
+                Ok(result) => result,
                 Err(e) => {
+                    if let Some((path, _)) = page {
+                        let _ = std::fs::remove_file(path);
+                    }
                     eprintln!("comfy-gate loadtest: {e}");
+                    std::process::exit(1);
+                }
+            };
+            if json {
+                println!("{}", result.to_json());
+            } else {
+                print!("{result}");
+            }
+            if let Some((path, mut file)) = page {
+                use std::io::Write;
+                if let Err(e) = file
+                    .write_all(result.to_html().as_bytes())
+                    .and_then(|()| file.flush())
+                {
+                    eprintln!("comfy-gate loadtest: cannot write {}: {e}", path.display());
                     std::process::exit(1);
                 }
             }

@@ -95,8 +95,9 @@ impl User {
         }
     }
 
-    /// Submits one prompt and follows it to its end (or `timeout`, counted from submission).
-    pub async fn run_prompt(&self, graph: Value, timeout: Duration) -> Outcome {
+    /// Submits one prompt and follows it to its end (or `timeout`, counted from submission);
+    /// its times are counted from `run_start`.
+    pub async fn run_prompt(&self, graph: Value, timeout: Duration, run_start: Instant) -> Outcome {
         let prompt_id = uuid::Uuid::new_v4().to_string();
         let events = {
             let mut routes = self.routes.0.lock().unwrap();
@@ -121,6 +122,10 @@ impl User {
         let end = Instant::now();
         let ok = matches!(status, Status::Succeeded);
         Outcome {
+            prompt_id,
+            submitted_at: submitted.saturating_duration_since(run_start),
+            ended_at: end.saturating_duration_since(run_start),
+            backend: None,
             queue_wait: started.map(|s: Instant| s.saturating_duration_since(submitted)),
             run_time: started
                 .filter(|_| ok)

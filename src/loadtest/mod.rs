@@ -4,6 +4,8 @@
 //! follow their prompts over `/ws?clientId=`, falling back to polling `/history/{id}`. Either
 //! closed loop (each user submits its next prompt when the last one ends) or open loop (prompts
 //! arrive as a Poisson process at `rate` per second, spread over the users' sockets).
+//! The [`Report`] prints as a table or JSON, or draws itself as one HTML page of charts
+//! ([`Report::to_html`], `--report FILE.html`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), comfy_gate::loadtest::LoadTestError> {
@@ -19,10 +21,13 @@
 //! # Ok(()) }
 //! ```
 
+mod backends;
 mod client;
 mod follow;
+mod html;
 mod progress;
 mod report;
+mod svg;
 pub mod workflow;
 
 use std::sync::{Arc, Mutex};
@@ -34,7 +39,7 @@ use tokio::task::JoinSet;
 use client::Target;
 use follow::User;
 use progress::{Bar, Progress};
-pub use report::{Outcome, Percentiles, Report, Status};
+pub use report::{Outcome, Percentiles, Report, Status, UNKNOWN_BACKEND};
 
 /// How long a prompt may take, by default, before it counts as timed out (`--timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -61,9 +66,14 @@ pub struct Options {
     pub timeout: Duration,
     /// Draw a progress bar on stderr (only when stderr is a terminal).
     pub progress: bool,
+    /// The gate's admin listener, `http://HOST:PORT`: when set, which backend ran each prompt
+    /// is read from its `/admin/decisions` during the run ([`Report::backends`]). The client
+    /// API cannot tell (see `backends`).
+    pub admin_url: Option<String>,
 }
 
 impl Options {
+    /// The defaults (one user, one prompt, the built-in workflow) against `url`.
     pub fn new(url: &str) -> Self {
         Self {
             url: url.to_string(),
@@ -75,6 +85,7 @@ impl Options {
             vary_seed: false,
             timeout: DEFAULT_TIMEOUT,
             progress: false,
+            admin_url: None,
         }
     }
 }
@@ -92,6 +103,8 @@ pub enum LoadTestError {
     NotComfyUi { url: String, status: u16 },
     #[error("workflow {name}: {reason}")]
     Workflow { name: String, reason: String },
+    #[error("{url}/admin/decisions cannot be read (--admin-url): {reason}")]
+    Admin { url: String, reason: String },
     #[error("{0}")]
     Options(String),
 }
@@ -102,6 +115,7 @@ pub struct LoadTest {
 }
 
 impl LoadTest {
+    /// A load test of `options` (nothing is checked or sent until [`LoadTest::run`]).
     pub fn new(options: Options) -> Self {
         Self { options }
     }
@@ -119,6 +133,8 @@ struct Shared {
     timeout: Duration,
     progress: Arc<Progress>,
     outcomes: Mutex<Vec<Outcome>>,
+    /// Prompts' times are counted from here.
+    start: Instant,
 }
 
 impl Shared {
@@ -130,7 +146,7 @@ impl Shared {
         self.progress
             .submitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let outcome = user.run_prompt(graph, self.timeout).await;
+        let outcome = user.run_prompt(graph, self.timeout, self.start).await;
         self.progress.record(&outcome.status);
         self.outcomes.lock().unwrap().push(outcome);
     }
@@ -145,6 +161,10 @@ pub async fn run(options: Options) -> Result<Report, LoadTestError> {
         reason,
     })?;
     preflight(&target).await?;
+    let placements = match &options.admin_url {
+        Some(url) => Some(backends::Placements::start(url).await?),
+        None => None,
+    };
 
     let requests = match (options.requests_per_user, options.duration) {
         (None, None) => Some(1),
@@ -159,7 +179,9 @@ pub async fn run(options: Options) -> Result<Report, LoadTestError> {
     let progress = Arc::new(Progress::default());
     let total = requests.map(|m| m * options.users as u64);
     let bar = Bar::start(options.progress, progress.clone(), total, options.duration);
+    let start = Instant::now();
     let shared = Arc::new(Shared {
+        start,
         workflow: options.workflow.clone(),
         vary_seed: options.vary_seed,
         timeout: options.timeout,
@@ -167,7 +189,6 @@ pub async fn run(options: Options) -> Result<Report, LoadTestError> {
         outcomes: Mutex::new(Vec::new()),
     });
 
-    let start = Instant::now();
     let deadline = options.duration.map(|d| start + d);
     let open = move |now: Instant| deadline.is_none_or(|d| now < d);
     let mut tasks = JoinSet::new();
@@ -205,19 +226,47 @@ pub async fn run(options: Options) -> Result<Report, LoadTestError> {
     while tasks.join_next().await.is_some() {}
     let wall = start.elapsed();
     drop(bar);
-    let outcomes = shared.outcomes.lock().unwrap().clone();
+    let mut outcomes = shared.outcomes.lock().unwrap().clone();
+    if let Some(placements) = placements {
+        let chosen = placements.finish().await;
+        for o in &mut outcomes {
+            let name = chosen.get(&o.prompt_id).map(String::as_str);
+            o.backend = Some(name.unwrap_or(UNKNOWN_BACKEND).to_string());
+        }
+    }
     let mode = if options.rate.is_some() {
         "open"
     } else {
         "closed"
     };
-    Ok(Report::from_outcomes(
-        &target.base,
-        mode,
-        options.users,
-        &outcomes,
-        wall,
-    ))
+    let mut report = Report::from_outcomes(&target.base, mode, options.users, &outcomes, wall);
+    report.settings = settings(&options, requests);
+    Ok(report)
+}
+
+/// The options as the HTML report's summary lists them.
+fn settings(o: &Options, requests: Option<u64>) -> Vec<(String, String)> {
+    let nodes = o.workflow.as_object().map_or(0, |g| g.len());
+    let mut out = vec![
+        ("users", o.users.to_string()),
+        (
+            "prompts per user",
+            requests.map_or("until the duration is over".into(), |r| r.to_string()),
+        ),
+    ];
+    if let Some(d) = o.duration {
+        out.push(("duration", format!("{} s", d.as_secs_f64())));
+    }
+    if let Some(r) = o.rate {
+        out.push(("arrival rate", format!("{r} prompts/s (Poisson)")));
+    }
+    out.push(("vary seed", o.vary_seed.to_string()));
+    out.push(("timeout", format!("{} s", o.timeout.as_secs_f64())));
+    out.push(("workflow", format!("{nodes} nodes")));
+    if let Some(a) = &o.admin_url {
+        out.push(("admin URL", a.clone()));
+    }
+    out.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 fn check_options(o: &Options) -> Result<(), LoadTestError> {

@@ -1,5 +1,7 @@
 //! What a load test measured: per-prompt outcomes folded into counts, nearest-rank percentiles,
-//! throughput and errors by kind, printable as a table or as JSON.
+//! throughput and errors by kind, printable as a table or as JSON. The outcomes themselves, with
+//! their times in the run, stay in the report (not in its JSON, which stays one screen long) for
+//! the charts of `--report FILE.html` (see `html`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +22,18 @@ pub enum Status {
 /// One prompt's result and timings.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The `prompt_id` the load generator gave it.
+    pub prompt_id: String,
     pub status: Status,
+    /// When it was submitted, counted from the run's start.
+    pub submitted_at: Duration,
+    /// When it ended (or timed out), counted from the run's start.
+    pub ended_at: Duration,
+    /// The name of the backend that ran it: `None` without [`super::Options::admin_url`] (the
+    /// gate's client API does not say which backend ran a prompt); with it, the name its last
+    /// placement chose, or [`UNKNOWN_BACKEND`] when none was seen (never placed, or its
+    /// decision left the gate's list before it was read).
+    pub backend: Option<String>,
     /// Submit → `execution_start` (when the start was seen).
     pub queue_wait: Option<Duration>,
     /// `execution_start` → end (succeeded prompts).
@@ -79,9 +92,23 @@ pub struct Report {
     pub run_time_s: Option<Percentiles>,
     pub latency_s: Option<Percentiles>,
     pub errors: BTreeMap<String, u64>,
+    /// Prompts (any outcome) by the name of the backend that ran them; `(unknown)` for those
+    /// no placement named. Empty when the backends were not known (no `admin_url`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, u64>,
+    /// The options the run was given, as (name, value) for the HTML report's summary.
+    #[serde(skip)]
+    pub settings: Vec<(String, String)>,
+    /// Every prompt's outcome, in the order they ended (for the HTML report's charts).
+    #[serde(skip)]
+    pub outcomes: Vec<Outcome>,
 }
 
+/// The name [`Report::backends`] counts a prompt under when no placement named its backend.
+pub const UNKNOWN_BACKEND: &str = "(unknown)";
+
 impl Report {
+    /// Folds `outcomes` into counts and percentiles; `wall` is the run's duration.
     pub fn from_outcomes(
         url: &str,
         mode: &str,
@@ -104,6 +131,13 @@ impl Report {
                 }
             }
         }
+        let mut backends = BTreeMap::new();
+        if outcomes.iter().any(|o| o.backend.is_some()) {
+            for o in outcomes {
+                let name = o.backend.as_deref().unwrap_or(UNKNOWN_BACKEND);
+                *backends.entry(name.to_string()).or_insert(0) += 1;
+            }
+        }
         let minutes = wall.as_secs_f64() / 60.0;
         Self {
             url: url.to_string(),
@@ -123,6 +157,9 @@ impl Report {
             run_time_s: Percentiles::of(outcomes.iter().filter_map(|o| o.run_time)),
             latency_s: Percentiles::of(outcomes.iter().filter_map(|o| o.latency)),
             errors,
+            backends,
+            settings: Vec::new(),
+            outcomes: outcomes.to_vec(),
         }
     }
 
@@ -190,6 +227,12 @@ impl fmt::Display for Report {
             writeln!(f, "\n  errors by kind")?;
             for (kind, n) in &self.errors {
                 writeln!(f, "    {kind:<40} {n}")?;
+            }
+        }
+        if !self.backends.is_empty() {
+            writeln!(f, "\n  prompts by backend")?;
+            for (name, n) in &self.backends {
+                writeln!(f, "    {name:<40} {n}")?;
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! real HTTP (reqwest) and WebSocket (tokio-tungstenite) clients.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake_nvml;
 pub mod files;
 
