@@ -343,7 +343,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     let for_admin = reloader.clone();
     let dashboard = Arc::new(admin::dashboard::Dashboard::default());
     metrics.register_collector(Box::new(admin::gauges::FleetGauges {
-        sched: sched.clone(),
+        sched: Arc::downgrade(&sched),
         connections: connections.clone(),
     }));
     tasks.push(tokio::spawn(admin::dashboard::sample_loop(

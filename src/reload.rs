@@ -90,6 +90,7 @@ impl BackendLoops {
             return Vec::new(); // the gate is stopping
         };
         let stop = self.fleet.get(i).stop_token();
+        self.fleet.metrics.zero_backend(self.fleet.get(i).name());
         let (f, s) = (self.fleet.clone(), stop.clone());
         let probe = tokio::spawn(crate::supervise("probe loop", stop.clone(), move || {
             fleet::probe::probe_loop(f.clone(), i, s.clone())

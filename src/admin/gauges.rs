@@ -1,10 +1,11 @@
 //! The state half of `/metrics`: gauges read from a fresh [`FleetView`] at every scrape (see
 //! [`crate::metrics`] for why state is not copied into gauges as it changes).
 
-use std::sync::Arc;
+use std::sync::Weak;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::registry::Unit;
 
 use super::view::FleetView;
@@ -23,9 +24,11 @@ struct VramLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NoLabels {}
 
-/// Reads the fleet and the gate queue at scrape time.
+/// Reads the fleet and the gate queue at scrape time. It holds the scheduler weakly: the
+/// registry it sits in belongs to the fleet, which the scheduler holds (a strong reference
+/// would keep a stopped gate's store open forever).
 pub struct FleetGauges {
-    pub sched: Arc<Scheduler>,
+    pub sched: Weak<Scheduler>,
     pub connections: ConnectionStats,
 }
 
@@ -43,7 +46,10 @@ fn backend(name: &str) -> BackendLabel {
 
 impl Collector for FleetGauges {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let v = FleetView::now(&self.sched, &self.connections);
+        let Some(sched) = self.sched.upgrade() else {
+            return Ok(());
+        };
+        let v = FleetView::now(&sched, &self.connections);
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let per_backend = |f: &dyn Fn(&super::view::BackendView) -> Option<f64>| {
             v.backends
@@ -177,13 +183,15 @@ impl Collector for FleetGauges {
             None,
             one(v.connections_open as f64),
         )?;
-        encode_gauges(
-            &mut e,
+        // A count kept by the listener (nginx's `accepts`): a counter read at scrape time.
+        let accepted = ConstCounter::new(v.connections_accepted);
+        let metric = e.encode_descriptor(
             "connections_accepted",
-            "Client connections accepted since the gate started (a count, never less)",
+            "Client connections accepted since the gate started",
             None,
-            one(v.connections_accepted as f64),
+            accepted.metric_type(),
         )?;
+        accepted.encode(metric)?;
         Ok(())
     }
 }

@@ -37,6 +37,41 @@ pub use labels::{
     RequestLabels,
 };
 
+/// The `outcome` label's values (`comfy_gate_prompts_finished_total`).
+pub const OUTCOMES: [&str; 6] = [
+    "success",
+    "error",
+    "interrupted",
+    "failed",
+    "timeout",
+    "deleted",
+];
+
+/// The `reason` label's values of `comfy_gate_prompts_retried_total` and `_evacuated_total`
+/// (the reasons `Scheduler::requeue` is given).
+pub const REQUEUE_REASONS: [&str; 6] = [
+    "backend_failed",
+    "backend_lost",
+    "stalled",
+    "taken_back",
+    "out_of_memory",
+    "max_run_time",
+];
+
+/// The `limit` label's values of `comfy_gate_rate_limited_total`: the `[limits]` and queue
+/// caps that answer 429 or 503 (`GateError::RateLimited`, `GateError::QueueFull`).
+pub const LIMITS: [&str; 9] = [
+    "requests_per_second (submit)",
+    "requests_per_second (files)",
+    "requests_per_second (read)",
+    "prompts_per_minute",
+    "upload_bytes_per_second",
+    "ws_per_ip",
+    "gpu_seconds_per_day",
+    "max_waiting",
+    "max_queued",
+];
+
 /// How many distinct node classes get a series of their own; later ones count as `other`.
 /// ComfyUI with many custom node packs has a few thousand classes, of which a fleet runs a few
 /// dozen; the cap keeps a client that invents class names from growing the scrape.
@@ -139,7 +174,42 @@ impl Metrics {
             classes: Mutex::new(HashSet::new()),
         };
         metrics.register_all();
+        metrics.zero_known_series();
         metrics
+    }
+
+    /// Counters whose label values are a fixed set start at 0, so `rate()` and `increase()`
+    /// see their first event (Prometheus' advice: a series that appears with its first event
+    /// hides that event).
+    fn zero_known_series(&self) {
+        for outcome in OUTCOMES {
+            let _ = self
+                .prompts_finished
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for reason in REQUEUE_REASONS {
+            let _ = self.prompts_retried.get_or_create(&ReasonLabel { reason });
+            let _ = self
+                .prompts_evacuated
+                .get_or_create(&ReasonLabel { reason });
+        }
+        for limit in LIMITS {
+            let _ = self.rate_limited.get_or_create(&LimitLabel { limit });
+        }
+    }
+
+    /// Gives backend `name` its series at 0 (reconnects, checkpoint loads, and the prompt-time
+    /// histograms), so a new backend shows on dashboards before its first prompt. Called when
+    /// its loops start (at start and when a reload adds it).
+    pub fn zero_backend(&self, name: &str) {
+        let label = BackendLabel {
+            backend: name.to_string(),
+        };
+        let _ = self.upstream_reconnects.get_or_create(&label);
+        let _ = self.checkpoint_loads.get_or_create(&label);
+        for h in [&self.queue_wait, &self.run_time, &self.end_to_end] {
+            let _ = h.get_or_create(&label);
+        }
     }
 
     fn register_all(&self) {

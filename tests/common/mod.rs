@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod fake_nvml;
 pub mod files;
+pub mod metric_names;
 
 use std::time::Duration;
 
