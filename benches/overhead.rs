@@ -10,10 +10,15 @@
 //!   delay from the backend's `execution_start` `timestamp` (epoch ms) to the client's receipt;
 //! - the gate's RSS (the real `comfy-gate` binary) idle and with 10,000 idle WebSocket clients.
 //!
+//! - what metrics and timelines cost (issue 15): a second gate with `[metrics]` off, measured in
+//!   turn with the first on a proxied request and on whole prompts ([`metrics_cost`]);
+//!
 //! and prints a markdown table. `cargo bench --bench overhead -- WORD` runs only the HTTP cases
-//! whose name contains WORD. Run without `--bench` (as `cargo test --all-targets` does), it only
+//! whose name contains WORD (`cost`: only the metrics cost). Run without `--bench` (as `cargo test --all-targets` does), it only
 //! says how to run it.
 
+#[path = "overhead/metrics_cost.rs"]
+mod metrics_cost;
 #[allow(dead_code)]
 mod support;
 
@@ -231,6 +236,16 @@ async fn run() {
         });
     }
 
+    // Issue 15: the cost of metrics and timelines, the same gate with them off beside it.
+    let mut costs = Vec::new();
+    if filter.is_none() || filter.as_deref() == Some("cost") {
+        let off = GateProcess::start_with(&ctx.gate_bin, &ctx.sim.url(), metrics_cost::OFF).await;
+        let path = format!("/history/{proxied_history_id}");
+        let case = "GET /history/{id} (asked of the backend)";
+        costs.push(metrics_cost::http_cost(&gate, &off, case, &path).await);
+        costs.push(metrics_cost::prompt_cost(&gate, &off).await);
+    }
+
     drop(nginx);
     drop(gate);
 
@@ -241,8 +256,10 @@ async fn run() {
     };
 
     println!();
-    println!("| case | path | req/s | p50 | p99 | ratio vs direct |");
-    println!("|---|---|---:|---:|---:|---|");
+    if !rows.is_empty() {
+        println!("| case | path | req/s | p50 | p99 | ratio vs direct |");
+        println!("|---|---|---:|---:|---:|---|");
+    }
     for r in &rows {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
@@ -298,6 +315,21 @@ async fn run() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    if !costs.is_empty() {
+        println!();
+        println!(
+            "| metrics and timelines (issue 15) | on: median (range) | off: median (range) | on/off |"
+        );
+        println!("|---|---:|---:|---|");
+        for c in &costs {
+            println!("{}", c.row());
+        }
+        println!(
+            "- on = the default configuration; off = `[metrics] enabled = false, timelines = \
+             false`; two gate processes over the same sim, measured in turn, 5 rounds each; \
+             target (acceptance 6): on/off ≥ 0.97 in req/s."
+        );
+    }
     println!(
         "- total bench time {:.1} s",
         started.elapsed().as_secs_f64()

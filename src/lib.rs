@@ -186,7 +186,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         None => None,
     };
     let stop = CancellationToken::new();
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = Arc::new(metrics::Metrics::new(boot.metrics.enabled));
     let fleet = Arc::new(Fleet::new(
         config.clone(),
         &loaded.gate_id,

@@ -289,13 +289,19 @@ pub struct GateProcess {
 impl GateProcess {
     /// The gate in front of one backend, on a temporary state dir.
     pub async fn start(bin: &Path, backend: &str) -> GateProcess {
+        Self::start_with(bin, backend, "").await
+    }
+
+    /// [`GateProcess::start`] with `more` appended to its configuration file (TOML sections).
+    pub async fn start_with(bin: &Path, backend: &str, more: &str) -> GateProcess {
         let state = tempfile::Builder::new()
             .prefix("comfy-gate-bench-")
             .tempdir()
             .expect("state dir");
         // The RSS case connects 10,000 sockets, the default `max_connections`: room for more.
         let config = state.path().join("bench.toml");
-        std::fs::write(&config, "[server]\nmax_connections = 1000000\n").expect("bench config");
+        let text = format!("[server]\nmax_connections = 1000000\n{more}");
+        std::fs::write(&config, text).expect("bench config");
         let extra = ["--config", config.to_str().expect("a UTF-8 path")];
         let mut gate = Self::start_fleet(bin, &[backend.to_string()], state.path(), &extra).await;
         gate._state = Some(state);

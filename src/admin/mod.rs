@@ -58,6 +58,10 @@ pub async fn handle(admin: Arc<Admin>, mut req: Request<Incoming>) -> Response<B
         "/dashboard/ws" => {
             dashboard::socket(&mut req, admin.dashboard.clone(), admin.sched.clone())
         }
+        "/metrics" if fleet.metrics.on().is_none() => json_resp(
+            StatusCode::NOT_FOUND,
+            &json!({ "error": "metrics are off ([metrics] enabled = false)" }),
+        ),
         "/metrics" if req.method() == http::Method::GET => {
             let mut resp = Response::new(crate::http::full(fleet.metrics.encode()));
             resp.headers_mut().insert(

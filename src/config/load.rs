@@ -128,6 +128,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         recovery: raw.recovery,
         placement: raw.placement,
         telemetry: raw.telemetry,
+        metrics: raw.metrics,
         backends,
         home: home.unwrap_or(0),
     })

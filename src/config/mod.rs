@@ -54,6 +54,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub edge: EdgeConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -150,6 +152,29 @@ impl Default for TelemetryConfig {
             nvml: true,
             nvml_library: None,
             interval_ms: 500,
+        }
+    }
+}
+
+/// `[metrics]`: what the gate records for operators (docs/monitoring.md). Both are read at
+/// start (a reload that changes them says `restart_needed`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Count requests, prompts, node times, placements … for `GET /metrics` on the admin
+    /// listener. Default true; false answers `/metrics` with 404 and records nothing.
+    pub enabled: bool,
+    /// Keep each prompt's timeline (`GET /admin/prompts/{id}/timeline`, the dashboard's
+    /// waterfall), persisted with its history entry. Default true; at most 2,048 marks (about
+    /// 100 bytes each) per prompt.
+    pub timelines: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timelines: true,
         }
     }
 }
@@ -287,6 +312,7 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     pub placement: PlacementConfig,
     pub telemetry: TelemetryConfig,
+    pub metrics: MetricsConfig,
     pub edge: Edge,
     /// `[auth]`, `[[users]]`, `[limits]` and `scheduler.bands`, validated.
     pub auth: Auth,

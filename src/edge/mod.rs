@@ -58,7 +58,7 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<ClientBody>, info: ConnInfo) -> 
                 GateError::QueueFull(_) => Some("max_queued"),
                 _ => None,
             };
-            if let Some(limit) = limit {
+            if let (Some(limit), Some(metrics)) = (limit, metrics.on()) {
                 let label = crate::metrics::LimitLabel { limit };
                 metrics.rate_limited.get_or_create(&label).inc();
             }

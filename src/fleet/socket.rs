@@ -114,13 +114,12 @@ pub async fn socket_loop(
             Ok(Ok(ws)) => {
                 backoff = FIRST_BACKOFF;
                 b.ws_connected.store(true, Ordering::SeqCst);
-                if std::mem::replace(&mut opened_before, true) {
+                if std::mem::replace(&mut opened_before, true)
+                    && let Some(metrics) = fleet.metrics.on()
+                {
                     let backend = b.name().to_string();
-                    fleet
-                        .metrics
-                        .upstream_reconnects
-                        .get_or_create(&BackendLabel { backend })
-                        .inc();
+                    let label = BackendLabel { backend };
+                    metrics.upstream_reconnects.get_or_create(&label).inc();
                 }
                 b.saw_frame();
                 tracing::debug!(backend = b.name(), "upstream socket open");

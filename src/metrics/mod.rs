@@ -107,6 +107,8 @@ pub type Histograms<L> = Family<L, Histogram, Buckets>;
 /// registered collectors read at scrape time. One per gate (tests run several in a process).
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// `[metrics] enabled`: when false nothing is recorded ([`Metrics::on`]).
+    enabled: bool,
     /// `comfy_gate_http_requests_total{route, code}`: client requests by route class and status.
     pub requests: Family<RequestLabels, Counter>,
     /// `comfy_gate_prompts_submitted_total{band}`: prompts accepted by `POST /prompt`.
@@ -147,15 +149,17 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(true)
     }
 }
 
 impl Metrics {
-    /// Empty metrics, with `build_info` and `start_time_seconds` (now) registered.
-    pub fn new() -> Self {
+    /// Empty metrics, with `build_info` and `start_time_seconds` (now) registered; `enabled`
+    /// false (`[metrics] enabled = false`) records nothing.
+    pub fn new(enabled: bool) -> Self {
         let metrics = Self {
             registry: Mutex::new(Registry::with_prefix("comfy_gate")),
+            enabled,
             requests: Family::default(),
             prompts_submitted: Family::default(),
             prompts_finished: Family::default(),
@@ -310,6 +314,12 @@ impl Metrics {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// These metrics if they are being recorded (`[metrics] enabled`), for a record site:
+    /// `if let Some(m) = metrics.on() { … }`.
+    pub fn on(&self) -> Option<&Self> {
+        self.enabled.then_some(self)
+    }
+
     /// Adds a collector whose state is read at every scrape (the admin layer's fleet view).
     pub fn register_collector(&self, collector: Box<dyn Collector>) {
         self.lock().register_collector(collector);
@@ -340,6 +350,9 @@ impl Metrics {
 
     /// Counts one client request (called as its response is done).
     pub fn request(&self, route: &'static str, code: u16) {
+        if !self.enabled {
+            return;
+        }
         self.requests
             .get_or_create(&RequestLabels { route, code })
             .inc();

@@ -2,7 +2,7 @@ use super::*;
 
 #[test]
 fn the_exposition_is_openmetrics_with_units_and_prefix() {
-    let m = Metrics::new();
+    let m = Metrics::new(true);
     m.request("prompt", 200);
     m.queue_wait
         .get_or_create(&BackendLabel {
@@ -30,7 +30,7 @@ fn the_exposition_is_openmetrics_with_units_and_prefix() {
 
 #[test]
 fn node_classes_past_the_cap_count_as_other() {
-    let m = Metrics::new();
+    let m = Metrics::new(true);
     for i in 0..MAX_NODE_CLASSES {
         assert_eq!(
             m.class_label(&format!("Class{i}")).class,

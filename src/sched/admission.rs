@@ -153,6 +153,9 @@ pub async fn submit(
             caller.tenant(&sched.config.load().auth),
         );
         rec.front = sub.front;
+        if !sched.config.load().metrics.timelines {
+            rec.timeline = super::timeline::Timeline::off();
+        }
         let band = rec.tenant.band.clone();
         s.table.admit(rec);
         s.table.enqueue(&id);
@@ -171,13 +174,10 @@ pub async fn submit(
         sched.lock().table.remove(&id);
         return Err(GateError::Unavailable(e.to_string()));
     }
-    let submitted = crate::metrics::BandLabel { band };
-    sched
-        .fleet
-        .metrics
-        .prompts_submitted
-        .get_or_create(&submitted)
-        .inc();
+    if let Some(metrics) = sched.fleet.metrics.on() {
+        let submitted = crate::metrics::BandLabel { band };
+        metrics.prompts_submitted.get_or_create(&submitted).inc();
+    }
     let queued_answer = || {
         json_resp(
             StatusCode::OK,

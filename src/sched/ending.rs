@@ -45,7 +45,9 @@ impl Scheduler {
         waited_until: i64,
         end_ms: i64,
     ) {
-        let metrics = &self.fleet.metrics;
+        let Some(metrics) = self.fleet.metrics.on() else {
+            return;
+        };
         // `end` wrote the outcome on the timeline before its end cleared the run's state.
         let outcome = match r.timeline.marks.last().map(|m| &m.what) {
             Some(Happened::Finished { outcome }) => finished_word(outcome),

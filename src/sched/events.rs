@@ -182,7 +182,7 @@ pub fn route_json(sched: &Arc<Scheduler>, backend: usize, mut v: Value) {
 /// timeline and the per-node metrics ([`super::timeline`], [`crate::metrics`]).
 fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, data: &Value) {
     let name = sched.fleet.get(backend).name().to_string();
-    let metrics = &sched.fleet.metrics;
+    let metrics = sched.fleet.metrics.on();
     let mut s = sched.lock();
     let state = &mut *s;
     if kind == "execution_start" {
@@ -209,12 +209,11 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
                         .collect()
                 })
                 .unwrap_or_default();
-            for node in &nodes {
-                let class = class_of(&r.body, node);
-                metrics
-                    .nodes_cached
-                    .get_or_create(&metrics.class_label(class))
-                    .inc();
+            if let Some(m) = metrics {
+                for node in &nodes {
+                    let class = m.class_label(class_of(&r.body, node));
+                    m.nodes_cached.get_or_create(&class).inc();
+                }
             }
             r.timeline.mark(at, Happened::Cached { nodes });
         }
@@ -229,23 +228,23 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
     if let (Some(prev), Some(since)) = (r.last_node.clone(), r.last_node_at) {
         let secs = (now - since).as_secs_f64();
         let class = class_of(&r.body, &prev);
-        metrics
-            .node_time
-            .get_or_create(&metrics.class_label(class))
-            .observe(secs);
+        if let Some(m) = metrics {
+            m.node_time
+                .get_or_create(&m.class_label(class))
+                .observe(secs);
+        }
         let node = &r.body["prompt"][&prev];
         let is_loader = class.contains("CheckpointLoader");
         if let (true, Some(ckpt)) = (is_loader, node["inputs"]["ckpt_name"].as_str()) {
             r.load_measured_s += secs;
             state.learned.observe_load(backend, ckpt, secs);
-            let backend = BackendLabel {
-                backend: sched.fleet.get(backend).name().to_string(),
-            };
-            metrics.checkpoint_loads.get_or_create(&backend).inc();
-            metrics
-                .checkpoint_load_time
-                .get_or_create(&backend)
-                .observe(secs);
+            if let Some(m) = metrics {
+                let backend = BackendLabel {
+                    backend: sched.fleet.get(backend).name().to_string(),
+                };
+                m.checkpoint_loads.get_or_create(&backend).inc();
+                m.checkpoint_load_time.get_or_create(&backend).observe(secs);
+            }
         }
     }
     r.last_node = data.get("node").and_then(Value::as_str).map(str::to_string);

@@ -215,12 +215,13 @@ fn apply(
     });
     Scheduler::record_decision(s, decision);
     let backend = name(a.choice.id);
-    let metrics = &sched.fleet.metrics;
-    let labels = PlacementLabels {
-        backend: backend.clone(),
-        reason: a.choice.kind,
-    };
-    metrics.placements.get_or_create(&labels).inc();
+    if let Some(metrics) = sched.fleet.metrics.on() {
+        let labels = PlacementLabels {
+            backend: backend.clone(),
+            reason: a.choice.kind,
+        };
+        metrics.placements.get_or_create(&labels).inc();
+    }
     if let Some(r) = s.table.get_mut(&a.prompt) {
         let reason = a.choice.reason.clone();
         r.timeline

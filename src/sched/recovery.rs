@@ -272,7 +272,7 @@ impl Scheduler {
         failure: bool,
         reason: &'static str,
     ) {
-        let metrics = &self.fleet.metrics;
+        let metrics = self.fleet.metrics.on();
         let label = crate::metrics::ReasonLabel { reason };
         let mut back = Vec::new();
         let mut out_of_retries = Vec::new();
@@ -301,12 +301,14 @@ impl Scheduler {
                 if charged {
                     r.attempts += 1;
                 }
-                let counted = if charged || r.retry_after_run {
-                    &metrics.prompts_retried
-                } else {
-                    &metrics.prompts_evacuated
-                };
-                counted.get_or_create(&label).inc();
+                if let Some(m) = metrics {
+                    let counted = if charged || r.retry_after_run {
+                        &m.prompts_retried
+                    } else {
+                        &m.prompts_evacuated
+                    };
+                    counted.get_or_create(&label).inc();
+                }
                 let at = crate::protocol::now_ms();
                 r.timeline.mark(
                     at,

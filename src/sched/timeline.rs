@@ -59,6 +59,9 @@ pub struct Timeline {
     /// Marks not kept past [`MAX_MARKS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped: u32,
+    /// Keeps nothing (`[metrics] timelines = false`).
+    #[serde(skip)]
+    off: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -66,8 +69,19 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Timeline {
+    /// A timeline that keeps nothing (`[metrics] timelines = false`).
+    pub fn off() -> Self {
+        Self {
+            off: true,
+            ..Self::default()
+        }
+    }
+
     /// Adds a mark at `at` (ms).
     pub fn mark(&mut self, at: i64, what: Happened) {
+        if self.off {
+            return;
+        }
         if self.marks.len() >= MAX_MARKS {
             self.dropped += 1;
             return;
@@ -77,6 +91,9 @@ impl Timeline {
 
     /// Counts a preview: the last mark grows if it is the same node's previews.
     pub fn preview(&mut self, at: i64, node: Option<&str>) {
+        if self.off {
+            return;
+        }
         if let Some(Mark {
             what: Happened::Previews { node: n, count },
             ..
