@@ -187,6 +187,7 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
     };
     let stop = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new(boot.metrics.enabled));
+    metrics.zero_bands(&boot.auth.bands);
     let fleet = Arc::new(Fleet::new(
         config.clone(),
         &loaded.gate_id,
@@ -341,16 +342,21 @@ pub async fn run(config: Config) -> std::io::Result<GateHandle> {
         }));
     }
     let for_admin = reloader.clone();
-    let dashboard = Arc::new(admin::dashboard::Dashboard::default());
+    let dashboard = Arc::new(admin::dashboard::Dashboard::new(stop.clone()));
     metrics.register_collector(Box::new(admin::gauges::FleetGauges {
         sched: Arc::downgrade(&sched),
         connections: connections.clone(),
     }));
-    tasks.push(tokio::spawn(admin::dashboard::sample_loop(
+    let (d, sc, conns, st) = (
         dashboard.clone(),
         sched.clone(),
         connections.clone(),
         stop.clone(),
+    );
+    tasks.push(tokio::spawn(supervise(
+        "dashboard sampler",
+        stop.clone(),
+        move || admin::dashboard::sample_loop(d.clone(), sc.clone(), conns.clone(), st.clone()),
     )));
     let admin = Arc::new(admin::Admin {
         sched,

@@ -264,5 +264,19 @@ async fn requests_per_second_per_route_class() {
     let view = get("/view?filename=none.png&type=output").await;
     assert_eq!(view.status(), 404, "a files request still goes");
     assert_eq!(submit(&http(), &base, "p", blur_graph(1), &[]).await.0, 200);
+    // Issue 15: the refusal is counted by its limit, and as a 429 of its route class.
+    let metrics = format!("http://{}/metrics", gate.admin_addr);
+    let text = http()
+        .get(metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let limit = "comfy_gate_rate_limited_total{limit=\"requests_per_second (read)\"} 1\n";
+    assert!(text.contains(limit), "{text}");
+    assert!(text.contains("comfy_gate_http_requests_total{route=\"history\",code=\"429\"} 1\n"));
+    assert!(text.contains("comfy_gate_rate_limited_total{limit=\"max_waiting\"} 0\n"));
     gate.shutdown().await;
 }

@@ -13,6 +13,7 @@
 //! The socket protocol (JSON text messages):
 //! - server → page, once: `{"type": "replay", "interval_ms": N, "frames": [FRAME, …]}`, oldest
 //!   first;
+//! - server → page, once after it: `{"type": "decisions", "decisions": [...]}` (as below);
 //! - server → page, per sample: `{"type": "frame", "frame": FRAME, "decisions": [{at,
 //!   prompt_id, chosen, reason}, …], "timeline": TIMELINE | null}`, where `TIMELINE` is that
 //!   of the prompt the page watches (see `GET /admin/prompts/{id}/timeline`);
@@ -22,6 +23,7 @@
 //! `FRAME` is a [`FleetView`] as JSON.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,56 +45,92 @@ pub const PAGE: &str = include_str!("dashboard.html");
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// How far back the replay ring reaches: 1 hour.
 pub const REPLAY_SPAN: Duration = Duration::from_secs(3600);
+/// The most the replay ring holds, in bytes of JSON: 64 MiB. Three backends take about 5 MB
+/// for the hour; a large fleet keeps less than an hour rather than growing without bound.
+pub const REPLAY_MAX_BYTES: usize = 64 << 20;
 /// Placement decisions sent with each live frame (the newest).
 const DECISIONS_SHOWN: usize = 20;
 
-/// The frames kept for replay and the channel that carries new ones to open sockets.
-pub struct Dashboard {
-    ring: Mutex<VecDeque<Arc<str>>>,
-    keep: usize,
-    live: broadcast::Sender<Arc<str>>,
+/// The replay ring: frames oldest first, and their total size.
+#[derive(Default)]
+struct Ring {
+    frames: VecDeque<Arc<str>>,
+    bytes: usize,
 }
 
-impl Default for Dashboard {
-    fn default() -> Self {
-        let keep = (REPLAY_SPAN.as_millis() / SAMPLE_INTERVAL.as_millis()) as usize;
-        Self {
-            ring: Mutex::new(VecDeque::with_capacity(keep)),
-            keep,
-            live: broadcast::channel(16).0,
-        }
-    }
+/// Dashboards open at once, at most (each holds the replay while it is sent).
+pub const MAX_SOCKETS: usize = 16;
+
+/// A sample as the open sockets get it: the frame and the decisions then, as JSON.
+pub struct Live {
+    frame: Arc<str>,
+    decisions: String,
+}
+
+/// The frames kept for replay and the channel that carries new ones to open sockets.
+pub struct Dashboard {
+    ring: Mutex<Ring>,
+    keep: usize,
+    max_bytes: usize,
+    live: broadcast::Sender<Arc<Live>>,
+    sockets: AtomicUsize,
+    /// The gate's stop: open sockets close with it.
+    stop: CancellationToken,
 }
 
 impl Dashboard {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<str>>> {
+    /// A dashboard keeping the last [`REPLAY_SPAN`] of frames (at most [`REPLAY_MAX_BYTES`]),
+    /// whose sockets close at `stop`.
+    pub fn new(stop: CancellationToken) -> Self {
+        let keep = (REPLAY_SPAN.as_millis() / SAMPLE_INTERVAL.as_millis()) as usize;
+        Self::with_bounds(keep, REPLAY_MAX_BYTES, stop)
+    }
+
+    /// A dashboard keeping at most `keep` frames and `max_bytes` of them.
+    pub fn with_bounds(keep: usize, max_bytes: usize, stop: CancellationToken) -> Self {
+        Self {
+            ring: Mutex::new(Ring::default()),
+            keep,
+            max_bytes,
+            live: broadcast::channel(16).0,
+            sockets: AtomicUsize::new(0),
+            stop,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `view` as the newest frame (the oldest goes past [`REPLAY_SPAN`]) and sends it to
-    /// every open socket.
-    pub fn record(&self, view: &FleetView) {
+    /// Keeps `view` as the newest frame (the oldest go past [`REPLAY_SPAN`] or
+    /// [`REPLAY_MAX_BYTES`]) and sends it, with `decisions`, to every open socket.
+    pub fn record(&self, view: &FleetView, decisions: Value) {
         let frame: Arc<str> = serde_json::to_string(view).unwrap_or_default().into();
         {
             let mut ring = self.lock();
-            if ring.len() == self.keep {
-                ring.pop_front();
+            ring.bytes += frame.len();
+            ring.frames.push_back(frame.clone());
+            while ring.frames.len() > self.keep || ring.bytes > self.max_bytes {
+                match ring.frames.pop_front() {
+                    Some(old) => ring.bytes -= old.len(),
+                    None => break,
+                }
             }
-            ring.push_back(frame.clone());
         }
         // No socket open is not an error.
-        let _ = self.live.send(frame);
+        let decisions = decisions.to_string();
+        let _ = self.live.send(Arc::new(Live { frame, decisions }));
     }
 
     /// The replay message: every kept frame, oldest first.
     pub fn replay_message(&self) -> String {
         let ring = self.lock();
-        let mut out = String::with_capacity(ring.iter().map(|f| f.len() + 1).sum::<usize>() + 64);
+        let mut out = String::with_capacity(ring.bytes + ring.frames.len() + 64);
         out.push_str(&format!(
             "{{\"type\":\"replay\",\"interval_ms\":{},\"frames\":[",
             SAMPLE_INTERVAL.as_millis()
         ));
-        for (i, f) in ring.iter().enumerate() {
+        for (i, f) in ring.frames.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
@@ -102,9 +140,10 @@ impl Dashboard {
         out
     }
 
-    /// How many frames are kept.
-    pub fn frames(&self) -> usize {
-        self.lock().len()
+    /// How many frames are kept, and their bytes.
+    pub fn kept(&self) -> (usize, usize) {
+        let ring = self.lock();
+        (ring.frames.len(), ring.bytes)
     }
 }
 
@@ -120,37 +159,75 @@ pub async fn sample_loop(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => dashboard.record(&FleetView::now(&sched, &connections)),
+            _ = tick.tick() => {
+                let view = FleetView::now(&sched, &connections);
+                dashboard.record(&view, recent_decisions(&sched));
+            }
         }
     }
 }
 
-/// `GET /dashboard/ws`: the upgrade, then the replay and the live frames (module docs).
+/// Whether a WebSocket upgrade comes from a page of the admin listener itself: no `Origin`
+/// (not a browser), or one whose host and port are the request's `Host`. Any web page the
+/// operator visits could otherwise read the fleet, users and timelines from a loopback
+/// admin listener (cross-site WebSocket hijacking; browsers do not apply the same-origin
+/// policy to WebSocket handshakes, RFC 6455 §10.2).
+fn same_origin<B>(req: &Request<B>) -> bool {
+    let header = |name: http::header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase)
+    };
+    let Some(origin) = header(http::header::ORIGIN) else {
+        return true;
+    };
+    let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+    header(http::header::HOST).is_some_and(|host| host == authority)
+}
+
+/// `GET /dashboard/ws`: the upgrade, then the replay and the live frames (module docs). 403
+/// for a page of another origin; 503 past [`MAX_SOCKETS`] open at once. The socket closes when
+/// the gate stops.
 pub fn socket<B>(
     req: &mut Request<B>,
     dashboard: Arc<Dashboard>,
     sched: Arc<Scheduler>,
 ) -> http::Response<Body> {
+    if !same_origin(req) {
+        let error =
+            json!({ "error": "the dashboard's socket is for the admin listener's own page" });
+        return crate::http::json(http::StatusCode::FORBIDDEN, &error);
+    }
+    let Some(seat) = Seat::take(&dashboard) else {
+        let error = json!({ "error": format!("{MAX_SOCKETS} dashboards are open; close one") });
+        return crate::http::json(http::StatusCode::SERVICE_UNAVAILABLE, &error);
+    };
     crate::http::serve_comfy_websocket(req, move |_sid, ws| async move {
+        let _seat = seat;
         let (mut tx, mut rx) = ws.split();
         let mut frames = dashboard.live.subscribe();
-        if tx
-            .send(Message::text(dashboard.replay_message()))
-            .await
-            .is_err()
-        {
-            return;
+        // The replay, then the decisions so far at once rather than a sample later.
+        let decisions = json!({ "type": "decisions", "decisions": recent_decisions(&sched) });
+        for message in [dashboard.replay_message(), decisions.to_string()] {
+            if tx.send(Message::text(message)).await.is_err() {
+                return;
+            }
         }
         let mut watched: Option<String> = None;
         loop {
             tokio::select! {
+                _ = dashboard.stop.cancelled() => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
                 got = frames.recv() => {
-                    let frame = match got {
-                        Ok(frame) => frame,
+                    let live = match got {
+                        Ok(live) => live,
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    let message = live_message(&sched, &frame, watched.as_deref());
+                    let message = live_message(&sched, &live, watched.as_deref());
                     if tx.send(Message::text(message)).await.is_err() {
                         return;
                     }
@@ -171,13 +248,31 @@ pub fn socket<B>(
     })
 }
 
-/// One live message: the frame, the newest decisions, the watched prompt's timeline.
-fn live_message(sched: &Scheduler, frame: &str, watched: Option<&str>) -> String {
+/// One of the [`MAX_SOCKETS`] places for an open dashboard, given back when dropped.
+struct Seat(Arc<Dashboard>);
+
+impl Seat {
+    fn take(dashboard: &Arc<Dashboard>) -> Option<Seat> {
+        let taken = dashboard.sockets.fetch_add(1, Ordering::SeqCst);
+        if taken >= MAX_SOCKETS {
+            dashboard.sockets.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Seat(dashboard.clone()))
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The newest placement decisions, newest first, as the page shows them (JSON).
+fn recent_decisions(sched: &Scheduler) -> Value {
     let decisions: Vec<Value> = sched
-        .recent_decisions()
+        .recent_decisions_newest(DECISIONS_SHOWN)
         .into_iter()
-        .rev()
-        .take(DECISIONS_SHOWN)
         .map(|d| {
             json!({
                 "at": d["at"], "prompt_id": d["prompt_id"], "chosen": d["chosen"],
@@ -185,8 +280,76 @@ fn live_message(sched: &Scheduler, frame: &str, watched: Option<&str>) -> String
             })
         })
         .collect();
-    let timeline = watched.and_then(|id| sched.timeline(id));
-    let rest = json!({ "decisions": decisions, "timeline": timeline }).to_string();
-    // `{"decisions": …}` with the frame spliced in front, without parsing it again.
-    format!("{{\"type\":\"frame\",\"frame\":{frame},{}", &rest[1..])
+    Value::Array(decisions)
+}
+
+/// One live message: the frame and the decisions as sampled, and the watched prompt's
+/// timeline.
+fn live_message(sched: &Scheduler, live: &Live, watched: Option<&str>) -> String {
+    let timeline = watched
+        .and_then(|id| sched.timeline(id))
+        .unwrap_or(Value::Null);
+    format!(
+        "{{\"type\":\"frame\",\"frame\":{},\"decisions\":{},\"timeline\":{}}}",
+        live.frame, live.decisions, timeline
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sched::activity::Activity;
+
+    fn view(at: i64) -> FleetView {
+        FleetView {
+            at,
+            backends: Vec::new(),
+            activity: Activity::default(),
+            queue_depth: 0,
+            websocket_clients: 0,
+            connections_open: 0,
+            connections_accepted: 0,
+            alerts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_socket_from_another_origin_is_refused() {
+        let req = |origin: Option<&str>| {
+            let mut b = Request::builder()
+                .uri("/dashboard/ws")
+                .header("host", "127.0.0.1:8189");
+            if let Some(o) = origin {
+                b = b.header("origin", o);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(same_origin(&req(None)), "not a browser");
+        assert!(same_origin(&req(Some("http://127.0.0.1:8189"))));
+        assert!(!same_origin(&req(Some("https://evil.example"))));
+        assert!(!same_origin(&req(Some("http://127.0.0.1:8188"))));
+        assert!(!same_origin(&req(Some("null"))));
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_frames_within_its_count_and_bytes() {
+        let d = Dashboard::with_bounds(3, 1 << 20, CancellationToken::new());
+        for at in 0..5 {
+            d.record(&view(at), Value::Null);
+        }
+        let replay: Value = serde_json::from_str(&d.replay_message()).unwrap();
+        let ats: Vec<i64> = replay["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["at"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ats, [2, 3, 4], "the oldest went first");
+        let one = d.kept().1 / 3;
+        let d = Dashboard::with_bounds(100, one * 2, CancellationToken::new());
+        for at in 100..110 {
+            d.record(&view(at), Value::Null);
+        }
+        assert!(d.kept().0 <= 2 && d.kept().1 <= one * 2, "{:?}", d.kept());
+    }
 }

@@ -113,16 +113,14 @@ impl Collector for FleetGauges {
         let vram = |free: bool| {
             v.backends
                 .iter()
-                .filter_map(|b| {
-                    let source = b.vram_source?.as_str();
-                    let value = if free { b.vram_free? } else { b.vram_total? };
-                    Some((
-                        VramLabels {
+                .flat_map(|b| {
+                    b.by_source.iter().map(move |(source, total, left)| {
+                        let labels = VramLabels {
                             backend: b.name.clone(),
-                            source,
-                        },
-                        value as f64,
-                    ))
+                            source: source.as_str(),
+                        };
+                        (labels, if free { *left } else { *total } as f64)
+                    })
                 })
                 .collect::<Vec<_>>()
         };

@@ -70,9 +70,10 @@ pub async fn handle(admin: Arc<Admin>, mut req: Request<Incoming>) -> Response<B
             );
             resp
         }
-        p if p.starts_with("/admin/prompts/") && p.ends_with("/timeline") => {
-            let id = &p["/admin/prompts/".len()..p.len() - "/timeline".len()];
-            let id = crate::http::percent_decode(id);
+        p if p.starts_with("/admin/prompts/") => {
+            let Some(id) = timeline_id(p) else {
+                return status(StatusCode::NOT_FOUND);
+            };
             match admin.sched.timeline(&id) {
                 Some(t) => json_resp(StatusCode::OK, &t),
                 None => json_resp(
@@ -156,6 +157,16 @@ pub async fn handle(admin: Arc<Admin>, mut req: Request<Incoming>) -> Response<B
     }
 }
 
+/// The prompt id of `/admin/prompts/{id}/timeline` (percent-decoded), or `None` for any other
+/// path under `/admin/prompts/`.
+fn timeline_id(path: &str) -> Option<String> {
+    let id = path
+        .strip_prefix("/admin/prompts/")?
+        .strip_suffix("/timeline")
+        .filter(|id| !id.is_empty())?;
+    Some(crate::http::percent_decode(id))
+}
+
 /// `GET /admin/usage`: per tenant, GPU-seconds, run seconds and prompts that ended (by
 /// outcome), largest first. `user`: a user name or a tenant key (`user:NAME`, `ip:ADDR` for
 /// anonymous clients); `since`: RFC 3339 or seconds since the epoch, counted from the start of
@@ -230,4 +241,18 @@ fn describe(fleet: &Fleet, b: &BackendState, inflight: usize) -> Value {
         "stalled": b.is_stalled(),
         "busy": b.busy.load(Ordering::SeqCst),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_prompt_id_between_prefix_and_suffix_is_a_timeline() {
+        assert_eq!(
+            super::timeline_id("/admin/prompts/a%2Fb/timeline").as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(super::timeline_id("/admin/prompts/timeline"), None);
+        assert_eq!(super::timeline_id("/admin/prompts//timeline"), None);
+        assert_eq!(super::timeline_id("/admin/prompts/x"), None);
+    }
 }

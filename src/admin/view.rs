@@ -52,6 +52,10 @@ pub struct BackendView {
     pub mem_util: Option<f64>,
     pub temperature_c: Option<f64>,
     pub power_w: Option<f64>,
+    /// Each source's own `(total, free)` bytes, for `/metrics` (which exports both where both
+    /// read: NVML counts PyTorch's cache as used, `/system_stats` as free).
+    #[serde(skip)]
+    pub by_source: Vec<(VramSource, u64, u64)>,
     /// The prompt it runs now.
     pub running: Option<Running>,
     /// Prompts it finished since the gate started.
@@ -80,6 +84,34 @@ pub struct FleetView {
     pub connections_open: usize,
     pub connections_accepted: u64,
     pub alerts: Vec<Alert>,
+}
+
+/// Users shown with their waiting prompts: the ones with the most (a flood of anonymous
+/// clients would otherwise fill every frame of the replay ring).
+pub const USERS_SHOWN: usize = 50;
+
+/// Keeps the `n` entries of `map` with the most prompts waiting.
+fn keep_largest(
+    map: &mut std::collections::BTreeMap<String, crate::sched::activity::Waiting>,
+    n: usize,
+) {
+    if map.len() <= n {
+        return;
+    }
+    let mut counts: Vec<usize> = map.values().map(|w| w.prompts).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let floor = counts[n - 1];
+    let mut room = counts.iter().take(n).filter(|c| **c == floor).count();
+    map.retain(|_, w| {
+        if w.prompts > floor {
+            true
+        } else if w.prompts == floor && room > 0 {
+            room -= 1;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// A queue longer than this many times the fleet's slots is a backlog (the
@@ -132,12 +164,23 @@ impl FleetView {
                         .as_ref()
                         .and_then(|r| r.power_mw)
                         .map(|p| f64::from(p) / 1000.0),
+                    by_source: {
+                        let stats = b.telemetry.load();
+                        let nvml = nvml.as_ref().map(|r| (VramSource::Nvml, r.total, r.free));
+                        let stats = (stats.read_at.is_some() && stats.vram_total > 0).then_some((
+                            VramSource::SystemStats,
+                            stats.vram_total,
+                            stats.vram_free,
+                        ));
+                        nvml.into_iter().chain(stats).collect()
+                    },
                     running: activity.running.remove(b.name()),
                     completed: b.completed.load(Ordering::SeqCst),
                 }
             })
             .collect();
         let queue_depth = activity.by_band.values().map(|w| w.prompts).sum();
+        keep_largest(&mut activity.by_user, USERS_SHOWN);
         let mut view = Self {
             at: now_ms(),
             backends,
@@ -218,4 +261,83 @@ pub fn alerts(view: &FleetView) -> Vec<Alert> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(name: &str, up: bool, slots: usize) -> BackendView {
+        BackendView {
+            name: name.into(),
+            health: if up { "up" } else { "down" },
+            state: if up { "up" } else { "down" },
+            up,
+            draining: false,
+            slots_used: 0,
+            slots,
+            vram_total: Some(24_000_000_000),
+            vram_free: Some(12_000_000_000),
+            vram_source: Some(VramSource::SystemStats),
+            gpu_util: None,
+            mem_util: None,
+            temperature_c: None,
+            power_w: None,
+            by_source: Vec::new(),
+            running: None,
+            completed: 0,
+        }
+    }
+
+    fn view(backends: Vec<BackendView>, queue_depth: usize) -> FleetView {
+        FleetView {
+            at: 0,
+            backends,
+            activity: Activity::default(),
+            queue_depth,
+            websocket_clients: 0,
+            connections_open: 0,
+            connections_accepted: 0,
+            alerts: Vec::new(),
+        }
+    }
+
+    fn names(v: &FleetView) -> Vec<&'static str> {
+        alerts(v).iter().map(|a| a.name).collect()
+    }
+
+    #[test]
+    fn one_backend_down_is_that_backend_every_one_down_is_one_critical_alert() {
+        let v = view(vec![backend("a", true, 2), backend("b", false, 2)], 0);
+        assert_eq!(names(&v), ["ComfyGateBackendDown"]);
+        assert!(alerts(&v)[0].summary.contains('b'));
+        let v = view(vec![backend("a", false, 2), backend("b", false, 2)], 0);
+        assert_eq!(names(&v), ["ComfyGateAllBackendsDown"]);
+        assert_eq!(alerts(&v)[0].severity, "critical");
+    }
+
+    #[test]
+    fn a_backlog_is_more_than_two_waiting_per_usable_slot() {
+        let fleet = || vec![backend("a", true, 2), backend("b", false, 2)];
+        assert!(
+            names(&view(fleet(), 4))
+                .iter()
+                .all(|n| *n != "ComfyGateQueueBacklog")
+        );
+        assert!(names(&view(fleet(), 5)).contains(&"ComfyGateQueueBacklog"));
+    }
+
+    #[test]
+    fn vram_headroom_and_saturation() {
+        let mut low = backend("a", true, 2);
+        low.vram_free = Some(1_000_000_000);
+        assert_eq!(names(&view(vec![low], 0)), ["ComfyGateGpuVramLow"]);
+        let mut busy = backend("a", true, 2);
+        busy.gpu_util = Some(0.99);
+        assert!(
+            names(&view(vec![busy.clone()], 0)).is_empty(),
+            "busy with nothing waiting"
+        );
+        assert_eq!(names(&view(vec![busy], 1)), ["ComfyGateGpuSaturated"]);
+    }
 }

@@ -202,6 +202,16 @@ impl Metrics {
         }
     }
 
+    /// Gives each priority band its `prompts_submitted_total` series at 0 (`scheduler.bands`,
+    /// read at start).
+    pub fn zero_bands(&self, bands: &[String]) {
+        for band in bands {
+            let _ = self
+                .prompts_submitted
+                .get_or_create(&BandLabel { band: band.clone() });
+        }
+    }
+
     /// Gives backend `name` its series at 0 (reconnects, checkpoint loads, and the prompt-time
     /// histograms), so a new backend shows on dashboards before its first prompt. Called when
     /// its loops start (at start and when a reload adds it).

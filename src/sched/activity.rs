@@ -100,12 +100,16 @@ impl Scheduler {
     /// ([`super::timeline::Timeline::view`]), with its stage; `None` for an unknown id (or one
     /// whose history entry was pruned).
     pub fn timeline(&self, id: &str) -> Option<serde_json::Value> {
-        let s = self.lock();
-        let r = s.table.get(id)?;
-        let mut v = r.timeline.view();
+        // Copied under the lock, written out after it.
+        let (timeline, stage, user) = {
+            let s = self.lock();
+            let r = s.table.get(id)?;
+            (r.timeline.clone(), r.stage, r.tenant.user.clone())
+        };
+        let mut v = timeline.view();
         v["prompt_id"] = id.into();
-        v["stage"] = serde_json::to_value(r.stage).unwrap_or_default();
-        v["user"] = r.tenant.user.clone().into();
+        v["stage"] = serde_json::to_value(stage).unwrap_or_default();
+        v["user"] = user.into();
         Some(v)
     }
 }

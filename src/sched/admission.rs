@@ -153,7 +153,7 @@ pub async fn submit(
             caller.tenant(&sched.config.load().auth),
         );
         rec.front = sub.front;
-        if !sched.config.load().metrics.timelines {
+        if !sched.timelines {
             rec.timeline = super::timeline::Timeline::off();
         }
         let band = rec.tenant.band.clone();
@@ -174,10 +174,13 @@ pub async fn submit(
         sched.lock().table.remove(&id);
         return Err(GateError::Unavailable(e.to_string()));
     }
-    if let Some(metrics) = sched.fleet.metrics.on() {
-        let submitted = crate::metrics::BandLabel { band };
-        metrics.prompts_submitted.get_or_create(&submitted).inc();
-    }
+    // Counted once it is the gate's: a prompt its backend refused at once was never admitted.
+    let count_submitted = move |sched: &Scheduler| {
+        if let Some(metrics) = sched.fleet.metrics.on() {
+            let submitted = crate::metrics::BandLabel { band };
+            metrics.prompts_submitted.get_or_create(&submitted).inc();
+        }
+    };
     let queued_answer = || {
         json_resp(
             StatusCode::OK,
@@ -185,6 +188,7 @@ pub async fn submit(
         )
     };
     let Some(backend) = direct else {
+        count_submitted(sched);
         sched.broadcast_status();
         sched.wake();
         return Ok(queued_answer());
@@ -195,7 +199,7 @@ pub async fn submit(
         let (sched, id) = (sched.clone(), id.clone());
         tokio::spawn(async move {
             let answer = forward(&sched, &id, backend).await;
-            match &answer {
+            let settled = match &answer {
                 Forwarded::Accepted(_) => Some(answer),
                 Forwarded::Rejected(_) => sched.refused_at_submit(&id, backend).then_some(answer),
                 Forwarded::Failed => {
@@ -203,7 +207,11 @@ pub async fn submit(
                     sched.broadcast_status();
                     Some(Forwarded::Failed)
                 }
+            };
+            if !matches!(settled, Some(Forwarded::Rejected(_))) {
+                count_submitted(&sched);
             }
+            settled
         })
     };
     // `None`: refused, but by a backend that had already lost the prompt to another: it waits.

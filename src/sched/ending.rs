@@ -5,7 +5,6 @@
 use super::Scheduler;
 use super::audit::{Ending, outcome_of};
 use super::prompts::PromptRecord;
-use super::timeline::Happened;
 use crate::metrics::{BackendLabel, OutcomeLabel};
 
 /// How `ending` of `r` counts in `comfy_gate_prompts_finished_total{outcome}` and on the
@@ -17,21 +16,6 @@ pub(super) fn outcome_label(r: &PromptRecord, ending: &Ending<'_>) -> &'static s
         (_, "interrupted") if r.deadline_interrupt.is_some() => "timeout",
         (_, outcome) => outcome,
     }
-}
-
-/// The `&'static` word for an outcome written on a timeline.
-fn finished_word(outcome: &str) -> &'static str {
-    [
-        "success",
-        "error",
-        "interrupted",
-        "failed",
-        "timeout",
-        "deleted",
-    ]
-    .into_iter()
-    .find(|w| *w == outcome)
-    .unwrap_or("error")
 }
 
 impl Scheduler {
@@ -48,16 +32,14 @@ impl Scheduler {
         let Some(metrics) = self.fleet.metrics.on() else {
             return;
         };
-        // `end` wrote the outcome on the timeline before its end cleared the run's state.
-        let outcome = match r.timeline.marks.last().map(|m| &m.what) {
-            Some(Happened::Finished { outcome }) => finished_word(outcome),
-            _ => outcome_label(r, ending),
-        };
+        // `end` took the outcome before its end cleared the run's state.
+        let outcome = r.outcome.unwrap_or_else(|| outcome_label(r, ending));
         metrics
             .prompts_finished
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
-        let (Some(backend), false) = (&r.owner, matches!(ending, Ending::Deleted)) else {
+        // Only a prompt that ran somewhere has a wait, a run and an end to end there.
+        let (Some(backend), Some(run_ms)) = (&r.owner, run_ms) else {
             return;
         };
         let label = BackendLabel {
@@ -72,11 +54,9 @@ impl Scheduler {
             .end_to_end
             .get_or_create(&label)
             .observe(seconds(end_ms - r.create_time));
-        if let Some(ms) = run_ms {
-            metrics
-                .run_time
-                .get_or_create(&label)
-                .observe(ms as f64 / 1000.0);
-        }
+        metrics
+            .run_time
+            .get_or_create(&label)
+            .observe(run_ms as f64 / 1000.0);
     }
 }

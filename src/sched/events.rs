@@ -94,6 +94,7 @@ fn oom_retry(sched: &Scheduler, backend: usize, prompt_id: &str, data: &Value) -
     }
     r.oom_retried = true;
     r.retry_after_run = true;
+    r.retry_reason = Some("out_of_memory");
     r.min_vram_total = Some(total + 1);
     tracing::info!(
         prompt = prompt_id,
@@ -209,13 +210,16 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
                         .collect()
                 })
                 .unwrap_or_default();
+            let classes: Vec<String> = nodes
+                .iter()
+                .map(|n| class_of(&r.body, n).to_string())
+                .collect();
             if let Some(m) = metrics {
-                for node in &nodes {
-                    let class = m.class_label(class_of(&r.body, node));
-                    m.nodes_cached.get_or_create(&class).inc();
+                for class in &classes {
+                    m.nodes_cached.get_or_create(&m.class_label(class)).inc();
                 }
             }
-            r.timeline.mark(at, Happened::Cached { nodes });
+            r.timeline.mark(at, Happened::Cached { nodes, classes });
         }
         "progress" => {
             let (value, max) = (data["value"].as_f64(), data["max"].as_f64());
@@ -315,11 +319,9 @@ pub fn completed(sched: &Arc<Scheduler>, backend: usize, id: &str) {
         let Some(r) = s.table.get(id).filter(|r| r.holds_slot(Some(b.name()))) else {
             return;
         };
-        // The out-of-memory retry leaves its VRAM floor; the other is `max_run_time`'s.
-        let retry = r.retry_after_run.then_some(match r.min_vram_total {
-            Some(_) => "out_of_memory",
-            None => "max_run_time",
-        });
+        let retry = r
+            .retry_after_run
+            .then(|| r.retry_reason.unwrap_or("max_run_time"));
         let started_at = r.started_at.filter(|_| !r.start_unseen);
         let run = (r.body["prompt"].clone(), started_at, r.load_measured_s);
         s.table.ran(id, b.name());

@@ -107,6 +107,8 @@ pub struct Scheduler {
     status_order: Mutex<()>,
     /// The audit log and the usage ledger: every end is accounted there ([`audit`]).
     audit: Arc<audit::Audit>,
+    /// `[metrics] timelines` as the gate started (read once: a reload says restart).
+    pub timelines: bool,
     pub stop: CancellationToken,
 }
 
@@ -125,6 +127,7 @@ impl Scheduler {
         stop: CancellationToken,
     ) -> Self {
         Self {
+            timelines: config.load().metrics.timelines,
             picker: picker::for_policy(config.load().placement.policy),
             config,
             fleet,
@@ -246,6 +249,17 @@ impl Scheduler {
         self.lock().decisions.iter().cloned().collect()
     }
 
+    /// The newest `n` placement decisions, newest first.
+    pub fn recent_decisions_newest(&self, n: usize) -> Vec<Value> {
+        self.lock()
+            .decisions
+            .iter()
+            .rev()
+            .take(n)
+            .cloned()
+            .collect()
+    }
+
     /// Slots in use on each backend, by fleet index.
     pub fn slots_used(&self) -> Vec<usize> {
         let s = self.lock();
@@ -307,6 +321,7 @@ impl Scheduler {
                 },
             );
             if let Some(r) = s.table.get_mut(id) {
+                r.outcome = Some(outcome);
                 let outcome = outcome.to_string();
                 r.timeline
                     .mark(now_ms(), timeline::Happened::Finished { outcome });
@@ -454,7 +469,14 @@ impl Scheduler {
     pub fn unreserve(&self, id: &str, backend: usize) {
         let b = self.fleet.get(backend);
         let name = b.name();
-        if self.lock().table.unreserve(id, name) {
+        let mut s = self.lock();
+        if s.table.unreserve(id, name) {
+            if let Some(r) = s.table.get_mut(id) {
+                let reason = "not_sent".to_string();
+                r.timeline
+                    .mark(now_ms(), timeline::Happened::Requeued { reason });
+            }
+            drop(s);
             self.persist(&[id]);
             self.wake();
         }

@@ -125,6 +125,14 @@ pub struct PromptRecord {
     /// Checkpoint load seconds measured in the current run.
     #[serde(skip)]
     pub load_measured_s: f64,
+    /// Why the current run will be run again (`out_of_memory`, `max_run_time`), with
+    /// `retry_after_run`.
+    #[serde(skip)]
+    pub retry_reason: Option<&'static str>,
+    /// How it ended, as `comfy_gate_prompts_finished_total` counts it: taken by `end` before
+    /// the end clears the run's state (a `max_run_time` interrupt is a `timeout`).
+    #[serde(skip)]
+    pub outcome: Option<&'static str>,
     /// The running node's last `progress` (`value`, `max`), for the dashboard's progress bar.
     #[serde(skip)]
     pub progress: Option<(f64, f64)>,
@@ -187,6 +195,8 @@ impl PromptRecord {
             log: RunLog::default(),
             last_node_at: None,
             progress: None,
+            outcome: None,
+            retry_reason: None,
             load_measured_s: 0.0,
             skips: 0,
             unplaceable_since: None,
@@ -253,6 +263,7 @@ impl PromptRecord {
         self.last_node = None;
         self.terminal_sent = false;
         self.retry_after_run = false;
+        self.retry_reason = None;
         self.deadline_interrupt = None;
         self.log = RunLog::default();
         self.last_node_at = None;

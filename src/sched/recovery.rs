@@ -301,21 +301,7 @@ impl Scheduler {
                 if charged {
                     r.attempts += 1;
                 }
-                if let Some(m) = metrics {
-                    let counted = if charged || r.retry_after_run {
-                        &m.prompts_retried
-                    } else {
-                        &m.prompts_evacuated
-                    };
-                    counted.get_or_create(&label).inc();
-                }
-                let at = crate::protocol::now_ms();
-                r.timeline.mark(
-                    at,
-                    Happened::Requeued {
-                        reason: reason.into(),
-                    },
-                );
+                let is_retry = charged || r.retry_after_run;
                 let attempts = r.attempts;
                 let out_of_retries_now = attempts > self.config.load().recovery.max_retries;
                 if let (true, Some(o)) = (charged, owner.as_deref()) {
@@ -328,9 +314,22 @@ impl Scheduler {
                 }
                 if out_of_retries_now {
                     out_of_retries.push((id.clone(), attempts, owner));
-                } else {
-                    back.push(id.clone());
+                    continue;
                 }
+                if let Some(m) = metrics {
+                    let counted = if is_retry {
+                        &m.prompts_retried
+                    } else {
+                        &m.prompts_evacuated
+                    };
+                    counted.get_or_create(&label).inc();
+                }
+                if let Some(r) = s.table.get_mut(id) {
+                    let reason = reason.to_string();
+                    r.timeline
+                        .mark(crate::protocol::now_ms(), Happened::Requeued { reason });
+                }
+                back.push(id.clone());
             }
             s.table.enqueue_front(&back);
         }

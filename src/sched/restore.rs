@@ -3,6 +3,7 @@
 //! again if the backend is no longer configured.
 
 use super::prompts::{PromptRecord, PromptTable, Stage};
+use super::timeline::Happened;
 use crate::fleet::Fleet;
 
 /// The prompt table as the store left it: waiting prompts queued again; a prompt on a backend
@@ -12,7 +13,7 @@ pub fn restore_table(fleet: &Fleet, counter: i64, records: Vec<PromptRecord>) ->
     let mut table = PromptTable::default();
     table.set_counter(counter);
     let restored = records.len();
-    for r in records {
+    for mut r in records {
         let owner_known = r
             .owner
             .as_deref()
@@ -22,6 +23,12 @@ pub fn restore_table(fleet: &Fleet, counter: i64, records: Vec<PromptRecord>) ->
             Stage::Dispatching | Stage::OnBackend | Stage::Finishing => !owner_known,
             Stage::Done => false,
         };
+        if requeue && r.stage != Stage::Queued {
+            // Its backend is no longer configured: the attempt there ended with the gate.
+            let reason = "backend_removed".to_string();
+            r.timeline
+                .mark(crate::protocol::now_ms(), Happened::Requeued { reason });
+        }
         let id = r.id.clone();
         table.admit(r);
         if requeue {

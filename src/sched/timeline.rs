@@ -12,13 +12,18 @@
 //! long as the entry is kept. Node marks come only from the `executing` transitions the gate
 //! relays anyway (ComfyUI's only per-node timing on the wire: a node ends when the next one
 //! starts, the last when `executing {node: null}` arrives). A timeline holds at most
-//! [`MAX_MARKS`] marks; later ones are counted, not kept.
+//! [`MAX_MARKS`] node, cache and preview marks (later ones are counted, not kept); the marks of
+//! its life (dispatched, started, ran, requeued, finished) have [`LIFE_ROOM`] more, so a graph
+//! with thousands of nodes still shows how each attempt and the prompt ended.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// The most marks one timeline keeps (a graph of a few hundred nodes run three times fits).
-pub const MAX_MARKS: usize = 2048;
+/// The most node, cache and preview marks one timeline keeps (a graph of a few hundred nodes
+/// run twice fits; about 100 bytes each).
+pub const MAX_MARKS: usize = 1024;
+/// Room past [`MAX_MARKS`] for the marks of a prompt's life.
+pub const LIFE_ROOM: usize = 64;
 
 /// What happened (a mark's `kind`, with what it needs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,8 +37,13 @@ pub enum Happened {
     Started { backend: String },
     /// `executing {node}`: this node began (the previous one ended).
     Node { node: String, class: String },
-    /// `execution_cached`: these nodes were answered from ComfyUI's cache.
-    Cached { nodes: Vec<String> },
+    /// `execution_cached`: these nodes were answered from ComfyUI's cache; `classes` are their
+    /// classes, in the same order (empty in marks written before they were kept).
+    Cached {
+        nodes: Vec<String>,
+        #[serde(default)]
+        classes: Vec<String>,
+    },
     /// Previews received while `node` ran (a run of previews is one mark, its `count` grows).
     Previews { node: Option<String>, count: u32 },
     /// `executing {node: null}`: the run on its backend ended.
@@ -59,8 +69,9 @@ pub struct Timeline {
     /// Marks not kept past [`MAX_MARKS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped: u32,
-    /// Keeps nothing (`[metrics] timelines = false`).
-    #[serde(skip)]
+    /// Keeps nothing (`[metrics] timelines = false` when it was submitted; kept in the store
+    /// so a restart does not start one half way).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     off: bool,
 }
 
@@ -82,7 +93,16 @@ impl Timeline {
         if self.off {
             return;
         }
-        if self.marks.len() >= MAX_MARKS {
+        let life = !matches!(
+            what,
+            Happened::Node { .. } | Happened::Cached { .. } | Happened::Previews { .. }
+        );
+        let room = if life {
+            MAX_MARKS + LIFE_ROOM
+        } else {
+            MAX_MARKS
+        };
+        if self.marks.len() >= room {
             self.dropped += 1;
             return;
         }
@@ -133,7 +153,16 @@ impl Timeline {
             match what {
                 Happened::Submitted => submitted_at = Some(at),
                 Happened::Dispatched { backend, reason } => {
-                    if let Some((a, _)) = open.take() {
+                    // Sent again without a requeue mark (a timeline from before they were
+                    // kept): the earlier attempt ended here.
+                    if let Some((mut a, mut running)) = open.take() {
+                        close_node(&mut a, &mut running, at);
+                        if a["ended_at"].is_null() {
+                            a["ended_at"] = json!(at);
+                        }
+                        if a["end"].is_null() {
+                            a["end"] = json!("requeued");
+                        }
                         attempts.push(a);
                     }
                     let attempt = json!({
@@ -160,13 +189,13 @@ impl Timeline {
                         }
                     }
                 }
-                Happened::Cached { nodes } => {
+                Happened::Cached { nodes, classes } => {
                     if let Some((a, _)) = &mut open
                         && let Some(list) = a["nodes"].as_array_mut()
                     {
-                        for node in nodes {
+                        for (i, node) in nodes.iter().enumerate() {
                             list.push(json!({
-                                "node": node, "class": null, "start": at, "end": at,
+                                "node": node, "class": classes.get(i), "start": at, "end": at,
                                 "cached": true, "previews": 0,
                             }));
                         }
@@ -252,6 +281,7 @@ mod tests {
             20,
             Happened::Cached {
                 nodes: vec!["1".into()],
+                classes: vec!["CheckpointLoaderSimple".into()],
             },
         );
         t.mark(21, node("2", "KSampler"));
@@ -285,6 +315,7 @@ mod tests {
         assert_eq!(a[0]["backend"], "a");
         assert_eq!(a[0]["end"], "requeued: the backend is down");
         assert_eq!(a[0]["nodes"][0]["cached"], true);
+        assert_eq!(a[0]["nodes"][0]["class"], "CheckpointLoaderSimple");
         assert_eq!(
             a[0]["nodes"][1]["end"], 40,
             "the node cut short ends with the attempt"
@@ -304,11 +335,46 @@ mod tests {
     }
 
     #[test]
-    fn marks_past_the_cap_are_counted_not_kept() {
+    fn marks_past_the_cap_are_counted_not_kept_but_the_end_still_shows() {
         let mut t = Timeline::default();
         for i in 0..MAX_MARKS + 5 {
             t.mark(i as i64, node(&i.to_string(), "X"));
         }
         assert_eq!((t.marks.len(), t.dropped), (MAX_MARKS, 5));
+        t.mark(
+            9999,
+            Happened::Finished {
+                outcome: "success".into(),
+            },
+        );
+        assert_eq!(t.view()["outcome"], "success");
+    }
+
+    #[test]
+    fn an_attempt_sent_again_without_a_requeue_mark_is_closed() {
+        let mut t = Timeline::default();
+        let sent = |b: &str| Happened::Dispatched {
+            backend: b.into(),
+            reason: "r".into(),
+        };
+        t.mark(1, sent("a"));
+        t.mark(5, sent("b"));
+        let v = t.view();
+        assert_eq!(v["attempts"][0]["end"], "requeued");
+        assert_eq!(v["attempts"][0]["ended_at"], 5);
+        assert!(
+            v["attempts"][1]["end"].is_null(),
+            "the second is still going"
+        );
+    }
+
+    #[test]
+    fn a_timeline_that_is_off_stays_off_across_the_store() {
+        let mut t = Timeline::off();
+        t.mark(1, Happened::Submitted);
+        let back: Timeline = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        let mut back = back;
+        back.mark(2, Happened::Submitted);
+        assert!(back.marks.is_empty());
     }
 }

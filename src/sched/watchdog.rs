@@ -124,6 +124,7 @@ fn look(sched: &Scheduler) -> Findings {
             r.deadline_interrupt = Some(Instant::now());
             if retry {
                 r.retry_after_run = true;
+                r.retry_reason = Some("max_run_time");
                 r.attempts += 1;
             }
             found.interrupt.push((id, owner));
