@@ -30,6 +30,13 @@ pub(crate) struct Placements {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A run that ends early (an error before `finish`) stops the reading too.
+impl Drop for Placements {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Placements {
     /// Checks that `admin_url` answers `/admin/decisions` and starts reading it.
     pub async fn start(admin_url: &str) -> Result<Self, LoadTestError> {

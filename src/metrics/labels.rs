@@ -28,7 +28,7 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
-/// `{reason}`: a fixed word (backend_failed, out_of_memory, max_run_time, drain, retired …).
+/// `{reason}`: a fixed word, one of `metrics::REQUEUE_REASONS`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
