@@ -11,6 +11,8 @@
 
 #[path = "common/metric_names.rs"]
 mod metric_names;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,17 +35,8 @@ fn read(path: &str) -> String {
 /// `promtool` on PATH, or `None` outside CI when it is missing (in CI, where `.ci/run`
 /// installs it, a missing one fails the test).
 fn promtool() -> Option<&'static str> {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("promtool");
-    }
-    let why = "promtool not found: install Debian's `prometheus` package (promtool)";
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-    eprintln!("skipped: {why}");
-    None
+    let install = "install Debian's `prometheus` package (promtool)";
+    tools::find_tool(&[("promtool", &["--version"])], install)
 }
 
 /// Runs promtool with `args` in the repository root: whether it succeeded, and all it said.

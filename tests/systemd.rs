@@ -11,17 +11,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_comfy-gate");
 /// `systemd-analyze`, or `None` outside CI when it is missing (in CI, where `.ci/run` installs
 /// it, a missing one fails the test).
 fn systemd_analyze() -> Option<&'static str> {
-    let found = std::process::Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("systemd-analyze");
-    }
-    let why = "systemd-analyze not found: install Debian's `systemd` package";
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-    eprintln!("skipped: {why}");
-    None
+    let install = "install Debian's `systemd` package";
+    common::tools::find_tool(&[("systemd-analyze", &["--version"])], install)
 }
 
 /// The unit in `systemd/` as shipped, verified with its binary path pointing at this build

@@ -62,49 +62,54 @@ fn median_and_range(mut v: Vec<f64>) -> (f64, (f64, f64)) {
     (v[v.len() / 2], (v[0], v[v.len() - 1]))
 }
 
-fn side(round: usize) -> &'static str {
-    if round.is_multiple_of(2) { "on" } else { "off" }
+/// `measure` of each gate in turn (on, off, on …), `ROUNDS` times each: the two sides' rates.
+async fn in_turn(
+    on: &GateProcess,
+    off: &GateProcess,
+    mut measure: impl AsyncFnMut(&GateProcess, &'static str) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        a.push(measure(on, "on").await);
+        b.push(measure(off, "off").await);
+    }
+    (a, b)
 }
 
-/// The proxied request, `ROUNDS` times per side, alternating.
+impl Cost {
+    /// The medians and ranges of each side's rates.
+    fn of(case: String, (on, off): (Vec<f64>, Vec<f64>)) -> Self {
+        let ((on, spread_on), (off, spread_off)) = (median_and_range(on), median_and_range(off));
+        Cost {
+            case,
+            on,
+            off,
+            spread_on,
+            spread_off,
+        }
+    }
+}
+
+/// The proxied request, `ROUNDS` times per side, in turn.
 pub async fn http_cost(on: &GateProcess, off: &GateProcess, case: &str, path: &str) -> Cost {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS * 2 {
-        let (gate, into) = if round.is_multiple_of(2) {
-            (on, &mut a)
-        } else {
-            (off, &mut b)
-        };
+    let rates = in_turn(on, off, async |gate, side| {
         let s = http_load(gate.addr, path, 100, 32, HTTP_WARMUP, HTTP_MEASURE).await;
         assert_eq!(s.errors, 0, "errors measuring {path}");
-        into.push(s.rps());
         println!(
-            "metrics cost: {case} via gate ({}): {:.0} req/s, p99 {}",
-            side(round),
+            "metrics cost: {case} via gate ({side}): {:.0} req/s, p99 {}",
             s.rps(),
             fmt_ms(s.p99_ms())
         );
-    }
-    let ((on, spread_on), (off, spread_off)) = (median_and_range(a), median_and_range(b));
-    Cost {
-        case: format!("{case}, req/s"),
-        on,
-        off,
-        spread_on,
-        spread_off,
-    }
+        s.rps()
+    })
+    .await;
+    Cost::of(format!("{case}, req/s"), rates)
 }
 
 /// Whole prompts (the loadtest's txt2img, a fresh seed each), `PROMPT_USERS` closed-loop users
-/// for `PROMPT_MEASURE`, `ROUNDS` times per side, alternating.
+/// for `PROMPT_MEASURE`, `ROUNDS` times per side, in turn.
 pub async fn prompt_cost(on: &GateProcess, off: &GateProcess) -> Cost {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS * 2 {
-        let (gate, into) = if round.is_multiple_of(2) {
-            (on, &mut a)
-        } else {
-            (off, &mut b)
-        };
+    let rates = in_turn(on, off, async |gate, side| {
         let report = LoadTest::new(Options {
             users: PROMPT_USERS,
             duration: Some(PROMPT_MEASURE),
@@ -116,20 +121,15 @@ pub async fn prompt_cost(on: &GateProcess, off: &GateProcess) -> Cost {
         .expect("the load test runs");
         assert_eq!(report.failed + report.timed_out, 0, "prompts failed");
         let per_s = report.succeeded as f64 / report.wall_time_s;
-        into.push(per_s);
         println!(
-            "metrics cost: prompts via gate ({}): {per_s:.1} prompts/s ({} in {:.1} s)",
-            side(round),
-            report.succeeded,
-            report.wall_time_s
+            "metrics cost: prompts via gate ({side}): {per_s:.1} prompts/s ({} in {:.1} s)",
+            report.succeeded, report.wall_time_s
         );
-    }
-    let ((on, spread_on), (off, spread_off)) = (median_and_range(a), median_and_range(b));
-    Cost {
-        case: format!("whole prompts, {PROMPT_USERS} users closed loop, prompts/s"),
-        on,
-        off,
-        spread_on,
-        spread_off,
-    }
+        per_s
+    })
+    .await;
+    Cost::of(
+        format!("whole prompts, {PROMPT_USERS} users closed loop, prompts/s"),
+        rates,
+    )
 }

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod fake_nvml;
 pub mod files;
 pub mod metric_names;
+pub mod tools;
 
 use std::time::Duration;
 
