@@ -168,11 +168,12 @@ pub async fn sample_loop(
 }
 
 /// Whether a WebSocket upgrade comes from a page of the admin listener itself: no `Origin`
-/// (not a browser), or one whose host and port are the request's `Host`. Any web page the
-/// operator visits could otherwise read the fleet, users and timelines from a loopback
-/// admin listener (cross-site WebSocket hijacking; browsers do not apply the same-origin
-/// policy to WebSocket handshakes, RFC 6455 §10.2).
-fn same_origin<B>(req: &Request<B>) -> bool {
+/// (not a browser), one whose host and port are the request's `Host`, or one of
+/// `server.allowed_origins` (a reverse proxy in front of the admin listener that rewrites
+/// `Host`). Any web page the operator visits could otherwise read the fleet, users and
+/// timelines from a loopback admin listener (cross-site WebSocket hijacking; browsers do not
+/// apply the same-origin policy to WebSocket handshakes, RFC 6455 §10.2).
+fn same_origin<B>(req: &Request<B>, allowed: &[String]) -> bool {
     let header = |name: http::header::HeaderName| {
         req.headers()
             .get(name)
@@ -182,8 +183,32 @@ fn same_origin<B>(req: &Request<B>) -> bool {
     let Some(origin) = header(http::header::ORIGIN) else {
         return true;
     };
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(&origin))
+    {
+        return true;
+    }
     let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
     header(http::header::HOST).is_some_and(|host| host == authority)
+}
+
+/// How long one message to a dashboard may take to send before the page counts as gone (a
+/// tab that stopped reading must not hold its seat and the scheduler forever).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `text` unless the gate stops first or it takes longer than [`SEND_TIMEOUT`]: `false`
+/// when the socket is done.
+async fn send<S>(tx: &mut S, stop: &CancellationToken, text: String) -> bool
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        sent = tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::text(text))) => {
+            matches!(sent, Ok(Ok(())))
+        }
+    }
 }
 
 /// `GET /dashboard/ws`: the upgrade, then the replay and the live frames (module docs). 403
@@ -194,7 +219,7 @@ pub fn socket<B>(
     dashboard: Arc<Dashboard>,
     sched: Arc<Scheduler>,
 ) -> http::Response<Body> {
-    if !same_origin(req) {
+    if !same_origin(req, &sched.config.load().server.allowed_origins) {
         let error =
             json!({ "error": "the dashboard's socket is for the admin listener's own page" });
         return crate::http::json(http::StatusCode::FORBIDDEN, &error);
@@ -209,16 +234,18 @@ pub fn socket<B>(
         let mut frames = dashboard.live.subscribe();
         // The replay, then the decisions so far at once rather than a sample later.
         let decisions = json!({ "type": "decisions", "decisions": recent_decisions(&sched) });
+        let stop = dashboard.stop.clone();
         for message in [dashboard.replay_message(), decisions.to_string()] {
-            if tx.send(Message::text(message)).await.is_err() {
+            if !send(&mut tx, &stop, message).await {
                 return;
             }
         }
         let mut watched: Option<String> = None;
         loop {
             tokio::select! {
-                _ = dashboard.stop.cancelled() => {
-                    let _ = tx.send(Message::Close(None)).await;
+                _ = stop.cancelled() => {
+                    let close = tx.send(Message::Close(None));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
                     return;
                 }
                 got = frames.recv() => {
@@ -228,7 +255,7 @@ pub fn socket<B>(
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
                     let message = live_message(&sched, &live, watched.as_deref());
-                    if tx.send(Message::text(message)).await.is_err() {
+                    if !send(&mut tx, &stop, message).await {
                         return;
                     }
                 }
@@ -324,11 +351,14 @@ mod tests {
             }
             b.body(()).unwrap()
         };
-        assert!(same_origin(&req(None)), "not a browser");
-        assert!(same_origin(&req(Some("http://127.0.0.1:8189"))));
-        assert!(!same_origin(&req(Some("https://evil.example"))));
-        assert!(!same_origin(&req(Some("http://127.0.0.1:8188"))));
-        assert!(!same_origin(&req(Some("null"))));
+        let none: &[String] = &[];
+        assert!(same_origin(&req(None), none), "not a browser");
+        assert!(same_origin(&req(Some("http://127.0.0.1:8189")), none));
+        assert!(!same_origin(&req(Some("https://evil.example")), none));
+        assert!(!same_origin(&req(Some("http://127.0.0.1:8188")), none));
+        assert!(!same_origin(&req(Some("null")), none));
+        let proxied = ["https://dash.example/".to_string()];
+        assert!(same_origin(&req(Some("https://dash.example")), &proxied));
     }
 
     #[test]

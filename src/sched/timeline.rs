@@ -93,14 +93,13 @@ impl Timeline {
         if self.off {
             return;
         }
-        let life = !matches!(
-            what,
-            Happened::Node { .. } | Happened::Cached { .. } | Happened::Previews { .. }
-        );
-        let room = if life {
-            MAX_MARKS + LIFE_ROOM
-        } else {
-            MAX_MARKS
+        let room = match what {
+            Happened::Node { .. } | Happened::Cached { .. } | Happened::Previews { .. } => {
+                MAX_MARKS
+            }
+            // A prompt ends once: how is always kept.
+            Happened::Finished { .. } => usize::MAX,
+            _ => MAX_MARKS + LIFE_ROOM,
         };
         if self.marks.len() >= room {
             self.dropped += 1;
