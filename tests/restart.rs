@@ -375,3 +375,147 @@ async fn a_client_that_was_away_hears_how_its_prompt_ended() {
         "{kinds:?}"
     );
 }
+
+/// What became of one `POST /prompt` of the burst below.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Sent {
+    /// Answered 200: it must complete, exactly once.
+    Acknowledged,
+    /// Answered, but not 200: it must never appear.
+    Refused,
+    /// No answer (the gate died with the request in flight): it may have been made durable
+    /// before the answer was cut off, so it may appear, and then completes once.
+    Unanswered,
+}
+
+/// Issue 16, acceptance 2: a burst of 2,000 `POST /prompt` from 100 connections, and SIGKILL
+/// once 500 are acknowledged. After a restart on the same state, every prompt that got a 200
+/// completes exactly once (the backends ran as many prompts as the gate has history entries),
+/// none that was refused appears, and of those whose answer the kill cut off, any that appears
+/// completed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_a_burst_keeps_every_acknowledged_prompt() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const CONNECTIONS: usize = 100;
+    const PER_CONNECTION: usize = 20;
+    const KILL_AT: usize = 500;
+    let (a, b) = (sim().await, sim().await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &[&a, &b], 2000);
+    let mut gate = start_gate(&config).await;
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sent: Arc<Mutex<HashMap<String, Sent>>> = Default::default();
+    let mut burst = tokio::task::JoinSet::new();
+    for c in 0..CONNECTIONS {
+        let (url, acked, sent) = (gate.url.clone(), acked.clone(), sent.clone());
+        burst.spawn(async move {
+            // One keep-alive connection per task, its prompts one after another.
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .timeout(PATIENCE)
+                .build()
+                .unwrap();
+            for i in 0..PER_CONNECTION {
+                let id = format!("burst-{c}-{i}");
+                let color = (c * PER_CONNECTION + i) as u32;
+                let body = json!({"prompt": blur_graph(color), "prompt_id": id});
+                let answer = client
+                    .post(format!("{url}/prompt"))
+                    .json(&body)
+                    .send()
+                    .await;
+                let outcome = match answer {
+                    Ok(r) if r.status() != 200 => Sent::Refused,
+                    // A 200 counts once its whole body arrived.
+                    Ok(r) => match r.bytes().await {
+                        Ok(_) => Sent::Acknowledged,
+                        Err(_) => Sent::Unanswered,
+                    },
+                    Err(_) => Sent::Unanswered,
+                };
+                sent.lock().unwrap().insert(id, outcome);
+                match outcome {
+                    Sent::Acknowledged => {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // The gate is gone: this connection sends no more.
+                    Sent::Unanswered => return,
+                    Sent::Refused => {}
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    let deadline = started + PATIENCE;
+    while acked.load(Ordering::SeqCst) < KILL_AT {
+        assert!(
+            Instant::now() < deadline,
+            "the burst never reached {KILL_AT} acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // (A figure for the log, not an assertion: speed is the benches' business.)
+    let rate = KILL_AT as f64 / started.elapsed().as_secs_f64();
+    gate.child.start_kill().unwrap();
+    gate.child.wait().await.unwrap();
+    while burst.join_next().await.is_some() {}
+    let sent = sent.lock().unwrap().clone();
+    let count = |what: Sent| sent.values().filter(|s| **s == what).count();
+    let (ok, refused, cut) = (
+        count(Sent::Acknowledged),
+        count(Sent::Refused),
+        count(Sent::Unanswered),
+    );
+    assert!(
+        (KILL_AT..CONNECTIONS * PER_CONNECTION).contains(&ok),
+        "killed mid-burst: {ok} acknowledged"
+    );
+    eprintln!(
+        "burst: {ok} acknowledged ({rate:.0}/s, debug build), {refused} refused, {cut} \
+         unanswered when the gate was killed"
+    );
+
+    let gate = start_gate(&config).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let history = loop {
+        let (_, history) = get_json(&gate.url, "/history?max_items=100000").await;
+        let done = history.as_object().cloned().unwrap_or_default();
+        let missing = sent
+            .iter()
+            .filter(|(id, s)| **s == Sent::Acknowledged && !done.contains_key(*id))
+            .count();
+        let (_, q) = get_json(&gate.url, "/queue").await;
+        let busy = q["queue_running"].as_array().unwrap().len()
+            + q["queue_pending"].as_array().unwrap().len();
+        if missing == 0 && busy == 0 {
+            break done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} acknowledged prompts never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (id, entry) in &history {
+        let how = sent.get(id).copied();
+        assert!(
+            matches!(how, Some(Sent::Acknowledged | Sent::Unanswered)),
+            "{id} appears though it was {how:?}"
+        );
+        assert_eq!(entry["status"]["status_str"], "success", "{id}: {entry}");
+    }
+    let ran = a.counters().prompts_finished + b.counters().prompts_finished;
+    assert_eq!(
+        ran as usize,
+        history.len(),
+        "every prompt in history ran once, no more"
+    );
+    eprintln!(
+        "after the restart: {} in history ({} of the unanswered among them), {ran} runs on the backends",
+        history.len(),
+        history.len() - ok
+    );
+}
