@@ -10,6 +10,8 @@
 //!   delay from the backend's `execution_start` `timestamp` (epoch ms) to the client's receipt;
 //! - the gate's RSS (the real `comfy-gate` binary) idle and with 10,000 idle WebSocket clients.
 //!
+//! - a burst of 10,000 `POST /prompt` from 100 connections, each acknowledged once durable
+//!   (issue 16; `-- burst` runs only this), on a fresh gate three times ([`burst`]);
 //! - what metrics and timelines cost (issue 15): a second gate with `[metrics]` off, measured in
 //!   turn with the first on a proxied request and on whole prompts ([`metrics_cost`]);
 //!
@@ -17,6 +19,8 @@
 //! whose name contains WORD (`cost`: only the metrics cost). Run without `--bench` (as `cargo test --all-targets` does), it only
 //! says how to run it.
 
+#[path = "overhead/burst.rs"]
+mod burst;
 #[path = "overhead/metrics_cost.rs"]
 mod metrics_cost;
 #[allow(dead_code)]
@@ -236,6 +240,15 @@ async fn run() {
         });
     }
 
+    // Issue 16: a burst of submissions, durably accepted, on a gate of its own (fresh store).
+    let mut bursts = Vec::new();
+    if filter.is_none() || filter.as_deref() == Some("burst") {
+        for _ in 0..3 {
+            let fresh = GateProcess::start(&ctx.gate_bin, &ctx.sim.url()).await;
+            bursts.push(burst::burst(&fresh).await);
+        }
+    }
+
     // Issue 15: the cost of metrics and timelines, the same gate with them off beside it.
     let mut costs = Vec::new();
     if filter.is_none() || filter.as_deref() == Some("cost") {
@@ -315,6 +328,24 @@ async fn run() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    if !bursts.is_empty() {
+        let mut rates: Vec<f64> = bursts.iter().map(burst::Burst::rate).collect();
+        rates.sort_by(f64::total_cmp);
+        println!();
+        println!(
+            "- burst of {} `POST /prompt` from {} connections, each acknowledged only once \
+             durable: median {:.0} accepted/s over {} runs (range {:.0}–{:.0}), p99 of the last \
+             {}, refused {}",
+            burst::PROMPTS,
+            burst::CONNECTIONS,
+            rates[rates.len() / 2],
+            rates.len(),
+            rates[0],
+            rates[rates.len() - 1],
+            fmt_ms(bursts.last().map_or(f64::NAN, |b| b.p99_ms)),
+            bursts.iter().map(|b| b.refused).sum::<usize>()
+        );
+    }
     if !costs.is_empty() {
         println!();
         println!(
