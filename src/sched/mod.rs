@@ -39,6 +39,7 @@ pub mod outlook;
 pub mod placing;
 pub mod prompts;
 pub mod quarantine;
+pub mod queue;
 pub mod record;
 pub mod recovery;
 pub mod restore;

@@ -24,13 +24,14 @@ use tokio::time::Instant;
 
 use serde_json::Number;
 
+use super::queue::{GateQueue, Key};
 pub use super::record::{PromptRecord, RunLog, Stage};
 
 /// All records, the gate queue, and the slots in use per backend.
 #[derive(Default)]
 pub struct PromptTable {
     records: HashMap<String, PromptRecord>,
-    queue: Vec<String>,
+    queue: GateQueue,
     counter: i64,
     /// Backend name → prompts holding a slot there (`Dispatching` or `OnBackend`).
     slots: HashMap<String, usize>,
@@ -402,7 +403,7 @@ impl PromptTable {
             if let Some(rec) = self.records.get_mut(id) {
                 rec.reset_run();
             }
-            self.queue.insert(0, id.clone());
+            self.queue.push_front(id.clone());
         }
     }
 
@@ -415,25 +416,18 @@ impl PromptTable {
         self.unqueue(id);
         let rec = self.records.get_mut(id).expect("checked above");
         rec.reset_run();
-        let k = (key(&rec.number), id.to_string());
+        let k = Key(key(&rec.number));
         let records = &self.records;
-        let pos = self
-            .queue
-            .iter()
-            .position(|q| (key(&records[q].number), q.clone()) > k)
-            .unwrap_or(self.queue.len());
-        self.queue.insert(pos, id.to_string());
+        let key_of = |q: &str| Key(records.get(q).map_or(0.0, |r| key(&r.number)));
+        self.queue.insert(k, id.to_string(), key_of);
     }
 
     /// Removes from the gate queue; true if it was there.
     fn unqueue(&mut self, id: &str) -> bool {
-        match self.queue.iter().position(|q| q == id) {
-            Some(i) => {
-                self.queue.remove(i);
-                true
-            }
-            None => false,
-        }
+        let Some(r) = self.records.get(id) else {
+            return false;
+        };
+        self.queue.remove(Key(key(&r.number)), id)
     }
 
     /// Whether it waits in the gate queue.
