@@ -12,7 +12,9 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, VecDeque};
 
-/// A prompt's `number` as the queue orders it (ComfyUI's numbers are JSON numbers: finite).
+/// A prompt's `number` as the queue orders it: by value, so -0 and 0 are equal and the id
+/// decides, as they were in the list this replaces (ComfyUI's numbers are JSON numbers, so
+/// never NaN; a NaN would count as equal to everything).
 #[derive(Clone, Copy, Debug)]
 pub struct Key(pub f64);
 
@@ -29,7 +31,7 @@ impl PartialOrd for Key {
 }
 impl Ord for Key {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
+        self.0.partial_cmp(&other.0).unwrap_or(Ordering::Equal)
     }
 }
 
@@ -110,9 +112,13 @@ mod tests {
         for step in 0..3000 {
             let id = format!("p{}", rng.gen_range(0..300));
             let waiting = list.contains(&id);
-            let n = *numbers
-                .entry(id.clone())
-                .or_insert(rng.gen_range(-50..400) as f64);
+            // Whole numbers, halves, and both zeros (a client may send `-0`).
+            let drawn = match rng.gen_range(0..20) {
+                0 => -0.0,
+                1 => 0.0,
+                _ => rng.gen_range(-100..800) as f64 / 2.0,
+            };
+            let n = *numbers.entry(id.clone()).or_insert(drawn);
             match rng.gen_range(0..10) {
                 0..=4 if !waiting => {
                     queue.insert(Key(n), id.clone(), |q| Key(numbers[q]));
