@@ -73,10 +73,12 @@ impl Scheduler {
             let Some(r) = s.table.get(id).filter(|r| r.stage != Stage::Done) else {
                 continue;
             };
-            let class = r.last_node.as_ref().and_then(|n| {
-                let graph = r.body.get("prompt")?;
-                graph[n.as_str()]["class_type"].as_str().map(str::to_string)
-            });
+            let class = r
+                .last_node
+                .as_deref()
+                .map(|n| r.class_of(n))
+                .filter(|c| !c.is_empty())
+                .map(str::to_string);
             let started_at = r.timeline.marks.iter().rev().find_map(|m| match m.what {
                 super::timeline::Happened::Started { .. } => Some(m.at),
                 _ => None,

@@ -210,10 +210,7 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
                         .collect()
                 })
                 .unwrap_or_default();
-            let classes: Vec<String> = nodes
-                .iter()
-                .map(|n| class_of(&r.body, n).to_string())
-                .collect();
+            let classes: Vec<String> = nodes.iter().map(|n| r.class_of(n).to_string()).collect();
             if let Some(m) = metrics {
                 for class in &classes {
                     m.nodes_cached.get_or_create(&m.class_label(class)).inc();
@@ -231,7 +228,7 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
     }
     if let (Some(prev), Some(since)) = (r.last_node.clone(), r.last_node_at) {
         let secs = (now - since).as_secs_f64();
-        let class = class_of(&r.body, &prev);
+        let class = r.class_of(&prev);
         if let Some(m) = metrics {
             m.node_time
                 .get_or_create(&m.class_label(class))
@@ -255,7 +252,7 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
     r.last_node_at = Some(now);
     match &r.last_node {
         Some(node) => {
-            let class = class_of(&r.body, node).to_string();
+            let class = r.class_of(node).to_string();
             r.timeline.mark(
                 at,
                 Happened::Node {
@@ -266,20 +263,6 @@ fn note_event(sched: &Scheduler, backend: usize, prompt_id: &str, kind: &str, da
         }
         None => r.timeline.mark(at, Happened::Ran),
     }
-}
-
-/// The class of node `node` in a prompt's graph: its `class_type`, or that of the node it was
-/// expanded from (ComfyUI shows nodes inside a subgraph or expansion as `PARENT.CHILD…`);
-/// empty when unknown.
-fn class_of<'a>(body: &'a serde_json::Map<String, Value>, node: &str) -> &'a str {
-    let graph = &body.get("prompt").unwrap_or(&Value::Null);
-    graph[node]["class_type"]
-        .as_str()
-        .or_else(|| {
-            let parent = node.split(['.', ':']).next()?;
-            graph[parent]["class_type"].as_str()
-        })
-        .unwrap_or("")
 }
 
 /// Routes one binary frame from `backend`.

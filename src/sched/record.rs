@@ -152,6 +152,20 @@ pub struct PromptRecord {
 }
 
 impl PromptRecord {
+    /// The class of node `node` in its graph: its `class_type`, or that of the node it was
+    /// expanded from (ComfyUI shows nodes inside a subgraph or expansion as `PARENT.CHILD…`);
+    /// empty when unknown.
+    pub fn class_of(&self, node: &str) -> &str {
+        let graph = self.body.get("prompt").unwrap_or(&Value::Null);
+        graph[node]["class_type"]
+            .as_str()
+            .or_else(|| {
+                let parent = node.split(['.', ':']).next()?;
+                graph[parent]["class_type"].as_str()
+            })
+            .unwrap_or("")
+    }
+
     /// A freshly accepted prompt, waiting.
     pub fn new(
         id: String,
