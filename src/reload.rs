@@ -21,7 +21,7 @@
 //!    otherwise in force and its report says what was kept and why.
 //!
 //! Fields read once at start (the listen addresses, the state directory, the audit log, NVML
-//! telemetry, `[metrics]`, the placement policy, history retention, the PROXY protocol switch, TLS switched
+//! telemetry, `[metrics]`, `[cache]`, the placement policy, history retention, the PROXY protocol switch, TLS switched
 //! on or off and its redirect listener, the CA bundle trusted for `https://` backends) keep
 //! their old values; the report names the ones that changed, to be applied by a restart.
 
@@ -312,6 +312,7 @@ fn restart_needed(old: &Config, next: &Config) -> Vec<&'static str> {
     check(old.backend_ca != next.backend_ca, "tls.backend_ca");
     check(old.telemetry != next.telemetry, "telemetry");
     check(old.metrics != next.metrics, "metrics");
+    check(old.cache != next.cache, "cache");
     check(old.audit != next.audit, "audit");
     check(
         old.placement.policy != next.placement.policy,

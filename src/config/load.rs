@@ -129,6 +129,7 @@ pub fn validate(raw: FileConfig, text: &str, file: &str) -> Result<Config, Confi
         placement: raw.placement,
         telemetry: raw.telemetry,
         metrics: raw.metrics,
+        cache: raw.cache,
         backends,
         home: home.unwrap_or(0),
     })

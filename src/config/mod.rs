@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod access_log;
+mod cache;
 mod edge;
 mod gpu;
 mod live;
@@ -22,6 +23,7 @@ mod tenancy;
 mod tls;
 
 pub use access_log::{AccessLog, AccessLogFormat};
+pub use cache::CacheConfig;
 pub use edge::{Edge, EdgeConfig, RealIpHeader};
 pub use gpu::GpuSelector;
 pub use live::Live;
@@ -55,6 +57,8 @@ pub struct FileConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     #[serde(default)]
     pub edge: EdgeConfig,
     #[serde(default)]
@@ -313,6 +317,7 @@ pub struct Config {
     pub placement: PlacementConfig,
     pub telemetry: TelemetryConfig,
     pub metrics: MetricsConfig,
+    pub cache: CacheConfig,
     pub edge: Edge,
     /// `[auth]`, `[[users]]`, `[limits]` and `scheduler.bands`, validated.
     pub auth: Auth,

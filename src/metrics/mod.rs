@@ -116,6 +116,9 @@ pub struct Metrics {
     /// `comfy_gate_prompts_finished_total{outcome}`: success, error, interrupted, failed (the
     /// gate ended it), timeout (`max_run_time`), deleted.
     pub prompts_finished: Family<OutcomeLabel, Counter>,
+    /// `comfy_gate_result_cache_hits_total`: prompts answered from the result cache
+    /// (`[cache]`), without a GPU.
+    pub cache_hits: Counter,
     /// `comfy_gate_prompts_retried_total{reason}`: runs lost to a failure and run again.
     pub prompts_retried: Family<ReasonLabel, Counter>,
     /// `comfy_gate_prompts_evacuated_total{reason}`: prompts moved off a backend before they
@@ -163,6 +166,7 @@ impl Metrics {
             requests: Family::default(),
             prompts_submitted: Family::default(),
             prompts_finished: Family::default(),
+            cache_hits: Counter::default(),
             prompts_retried: Family::default(),
             prompts_evacuated: Family::default(),
             queue_wait: Family::new_with_constructor(Buckets(&PROMPT_BUCKETS)),
@@ -239,6 +243,11 @@ impl Metrics {
             self.prompts_submitted.clone(),
         );
         r.register("prompts_finished", "Prompts that ended, by outcome (success, error, interrupted, failed, timeout, deleted)", self.prompts_finished.clone());
+        r.register(
+            "result_cache_hits",
+            "Prompts answered from the result cache, without a GPU",
+            self.cache_hits.clone(),
+        );
         r.register(
             "prompts_retried",
             "Runs lost to a failure and run again, by reason",

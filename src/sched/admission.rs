@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use super::dispatch::{Forwarded, forward};
 use super::prompts::{PromptRecord, PromptTable};
 use super::tenant::Caller;
-use super::{Scheduler, fit, placing};
+use super::{Scheduler, cache, cached, fit, placing};
 use crate::config::Config;
 use crate::error::GateError;
 use crate::error::QUEUE_FULL_RETRY_S;
@@ -127,21 +127,23 @@ pub async fn submit(
         Err(answer) => return Ok(json_resp(StatusCode::BAD_REQUEST, &answer)),
     };
     within_daily_quota(sched, caller)?;
+    // The result cache: an identical prompt that already ran is answered without a GPU.
+    let cache_key = (sched.cache.enabled() && !cache::opted_out(&sub.body)).then(|| {
+        let scope = sched
+            .cache
+            .scope(caller.user.as_ref().map(|u| u.name.as_str()));
+        cache::key_of(&scope, &sub.body, &sched.files)
+    });
+    if let Some(run) = cache_key.as_ref().and_then(|k| sched.cache.get(k)) {
+        return cached::answer(sched, caller, sub, &run);
+    }
     let id = sub.id.clone();
     let (number, direct, band) = {
         let mut s = sched.lock();
         if s.table.contains(&id) {
             return Err(GateError::DuplicatePromptId(id));
         }
-        let number = match sub.number {
-            Some(Value::Number(n)) => {
-                let f = n.as_f64().unwrap_or(0.0);
-                serde_json::Number::from_f64(f)
-                    .ok_or_else(|| GateError::BadRequest("`number` must be finite".into()))?
-            }
-            Some(_) => return Err(GateError::BadRequest("`number` must be a number".into())),
-            None => s.table.next_number(sub.front),
-        };
+        let number = number_of(sub.number, &mut s.table, sub.front)?;
         admit_within_caps(&sched.config.load(), &s.table, caller)?;
         let nothing_waits = placing::nothing_waits(sched, &s);
         let mut rec = PromptRecord::new(
@@ -153,6 +155,7 @@ pub async fn submit(
             caller.tenant(&sched.config.load().auth),
         );
         rec.front = sub.front;
+        rec.cache_key = cache_key;
         if !sched.timelines {
             rec.timeline = super::timeline::Timeline::off();
         }
@@ -228,6 +231,25 @@ pub async fn submit(
         // Refused at once: the client hears the 400 itself, so nothing else remains of it.
         Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
         Forwarded::Failed => Ok(queued_answer()),
+    }
+}
+
+/// The gate number of a new prompt: the client's `number` (any JSON number, kept as a float as
+/// ComfyUI's `float(number)` does), else the next one at the back (or front, with `front`).
+/// 400 for a `number` that is not a finite number.
+pub(super) fn number_of(
+    number: Option<Value>,
+    table: &mut PromptTable,
+    front: bool,
+) -> Result<serde_json::Number, GateError> {
+    match number {
+        Some(Value::Number(n)) => {
+            let f = n.as_f64().unwrap_or(0.0);
+            serde_json::Number::from_f64(f)
+                .ok_or_else(|| GateError::BadRequest("`number` must be finite".into()))
+        }
+        Some(_) => Err(GateError::BadRequest("`number` must be a number".into())),
+        None => Ok(table.next_number(front)),
     }
 }
 

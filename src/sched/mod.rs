@@ -15,6 +15,7 @@
 //! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
 //! - [`stall`]: a silent prompt's backend asked before anything moves;
 //! - [`history`], [`store`]: what survives;
+//! - [`cache`]: the result cache (`[cache]`, opt-in): identical prompts answered without a GPU;
 //! - [`audit`], [`usage`]: what each prompt that ended cost, and whose it was;
 //! - [`tenant`], [`access`]: whose a prompt is, and what a caller may see and touch.
 //!
@@ -27,6 +28,8 @@ pub mod access;
 pub mod activity;
 pub mod admission;
 pub mod audit;
+pub mod cache;
+mod cached;
 pub mod decide;
 pub mod dispatch;
 mod ending;
@@ -110,6 +113,8 @@ pub struct Scheduler {
     audit: Arc<audit::Audit>,
     /// `[metrics] timelines` as the gate started (read once: a reload says restart).
     pub timelines: bool,
+    /// The result cache (`[cache]` as the gate started).
+    pub cache: cache::ResultCache,
     pub stop: CancellationToken,
 }
 
@@ -129,6 +134,7 @@ impl Scheduler {
     ) -> Self {
         Self {
             timelines: config.load().metrics.timelines,
+            cache: cache::ResultCache::new(config.load().cache.clone(), files.clone()),
             picker: picker::for_policy(config.load().placement.policy),
             config,
             fleet,
@@ -363,6 +369,9 @@ impl Scheduler {
                 Err(_) => audit::Ending::Ran(&entry),
             },
         );
+        if let (Some(key), Some("success")) = (record.cache_key, record.outcome) {
+            self.cache.remember(key, id, &entry);
+        }
         let session = record.session();
         if let (Some(sid), Some(error)) = (&session, &error) {
             self.sessions

@@ -142,6 +142,10 @@ pub struct PromptRecord {
     /// Since when no backend that is up can run it (while it waits).
     #[serde(skip)]
     pub unplaceable_since: Option<Instant>,
+    /// Its key in the result cache (`[cache]` on, not opted out): a successful run is
+    /// remembered under it ([`super::cache`]).
+    #[serde(skip)]
+    pub cache_key: Option<super::cache::Key>,
     /// Its graph (`body.prompt`) shared, and what it asks of a GPU: derived once, on first use
     /// (every dispatch pass reads both).
     #[serde(skip)]
@@ -214,6 +218,7 @@ impl PromptRecord {
             load_measured_s: 0.0,
             skips: 0,
             unplaceable_since: None,
+            cache_key: None,
             graph: OnceLock::new(),
             extra: OnceLock::new(),
         }

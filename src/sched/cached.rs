@@ -1,0 +1,161 @@
+//! A prompt answered from the result cache ([`super::cache`]): it is admitted like any other
+//! (its own id, number, record and history entry), then ends at once, with the events one
+//! ComfyUI sends for a run whose every node is in its cache (`execution.py`,
+//! `PromptExecutor.execute_async`): `execution_start`, `execution_cached` listing every node,
+//! then for each output node, in the order it executes them, `executed` with its cached UI
+//! output and `progress_state` marking it finished; then `execution_success`, `status`,
+//! `executing {node: null}` ([`Scheduler::end`]). Upstream nodes of cached outputs are never
+//! staged there, so they get no `executed`. No backend hears of the prompt.
+
+use std::sync::Arc;
+
+use http::{Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+use super::admission::Submission;
+use super::cache::CachedRun;
+use super::prompts::PromptRecord;
+use super::tenant::Caller;
+use super::timeline::Happened;
+use super::{Outcome, Scheduler};
+use crate::error::GateError;
+use crate::http::{Body, json as json_resp};
+use crate::protocol::now_ms;
+
+/// Answers `sub` from `run`: records it, sends its events, ends it with its own history entry
+/// (durable before the answer), and answers as ComfyUI does for an accepted prompt. The errors
+/// of any submit: a duplicate id (400), a `number` that is not a finite number (400).
+pub(super) fn answer(
+    sched: &Arc<Scheduler>,
+    caller: &Caller,
+    sub: Submission,
+    run: &CachedRun,
+) -> Result<Response<Body>, GateError> {
+    let id = sub.id.clone();
+    let (number, session, nodes) = {
+        let mut s = sched.lock();
+        if s.table.contains(&id) {
+            return Err(GateError::DuplicatePromptId(id));
+        }
+        let number = super::admission::number_of(sub.number, &mut s.table, sub.front)?;
+        let mut rec = PromptRecord::new(
+            id.clone(),
+            number.clone(),
+            sub.body,
+            sub.client_id,
+            caller.identity.clone(),
+            caller.tenant(&sched.config.load().auth),
+        );
+        rec.front = sub.front;
+        if !sched.timelines {
+            rec.timeline = super::timeline::Timeline::off();
+        }
+        let nodes: Vec<String> = rec
+            .graph()
+            .0
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect();
+        let classes = nodes.iter().map(|n| rec.class_of(n).to_string()).collect();
+        rec.timeline.mark(
+            now_ms(),
+            Happened::Cached {
+                nodes: nodes.clone(),
+                classes,
+            },
+        );
+        let session = rec.session();
+        // Admitted, never queued: the dispatcher never sees it.
+        s.table.admit(rec);
+        (number, session, nodes)
+    };
+    if let Some(metrics) = sched.fleet.metrics.on() {
+        let band = sched
+            .lock()
+            .table
+            .get(&id)
+            .map(|r| r.tenant.band.clone())
+            .unwrap_or_default();
+        metrics
+            .prompts_submitted
+            .get_or_create(&crate::metrics::BandLabel { band })
+            .inc();
+        metrics.cache_hits.inc();
+    }
+    sched.broadcast_status();
+    let start = now_ms();
+    let started = json!({ "prompt_id": id, "timestamp": start });
+    let cached = json!({ "nodes": nodes, "prompt_id": id, "timestamp": start });
+    if let Some(sid) = &session {
+        sched
+            .sessions
+            .send_json(sid, "execution_start", started.clone());
+        sched
+            .sessions
+            .send_json(sid, "execution_cached", cached.clone());
+        let mut finished = Map::new();
+        for node in &run.outputs_to_execute {
+            let display = run.meta[node]["display_node"]
+                .as_str()
+                .unwrap_or(node)
+                .to_string();
+            let output = run.outputs.get(node).cloned().unwrap_or(Value::Null);
+            sched.sessions.send_json(
+                sid,
+                "executed",
+                json!({ "node": node, "display_node": display, "output": output, "prompt_id": id }),
+            );
+            finished.insert(node.clone(), finished_state(&id, node, &display));
+            sched.sessions.send_json(
+                sid,
+                "progress_state",
+                json!({ "prompt_id": id, "nodes": finished.clone() }),
+            );
+        }
+    }
+    let mut item = {
+        let s = sched.lock();
+        s.table
+            .get(&id)
+            .map(|r| r.queue_item(run.outputs_to_execute.clone()))
+            .unwrap_or(Value::Null)
+    };
+    if item.is_null() {
+        item = json!([number, id, {}, {}, run.outputs_to_execute]);
+    }
+    let success = json!({ "prompt_id": id, "timestamp": now_ms() });
+    let entry = json!({
+        "prompt": item,
+        "outputs": run.outputs,
+        "status": {
+            "status_str": "success",
+            "completed": true,
+            "messages": [
+                ["execution_start", started],
+                ["execution_cached", cached],
+                ["execution_success", success],
+            ],
+        },
+        "meta": run.meta,
+    });
+    // Its history entry is kept (and written) before the answer; `end` sends
+    // `execution_success` from it, `status` and `executing {node: null}`.
+    sched.end(&id, Outcome::Ran(entry));
+    tracing::debug!(prompt = %id, from = %run.from, "answered from the result cache");
+    Ok(json_resp(
+        StatusCode::OK,
+        &json!({ "prompt_id": id, "number": number, "node_errors": {} }),
+    ))
+}
+
+/// A node's entry in `progress_state` once finished, as ComfyUI's registry reports a node that
+/// never started (a cache hit): `value` = `max` = 1 (`comfy_execution/progress.py`).
+fn finished_state(prompt_id: &str, node: &str, display: &str) -> Value {
+    json!({
+        "value": 1, "max": 1, "state": "finished", "node_id": node,
+        "prompt_id": prompt_id, "display_node_id": display,
+        "parent_node_id": null, "real_node_id": node,
+    })
+}
