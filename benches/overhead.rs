@@ -12,6 +12,9 @@
 //!
 //! - a burst of 10,000 `POST /prompt` from 100 connections, each acknowledged once durable
 //!   (issue 16; `-- burst` runs only this), on a fresh gate three times ([`burst`]);
+//! - the gate's RSS with 10,000 finished prompts in its history, each with an 80 KB UI
+//!   workflow (issue 16; `-- memory`, [`history_rss`]);
+//! - a repeated prompt with the result cache on (issue 16; `-- cache`, [`cache_repeat`]);
 //! - what metrics and timelines cost (issue 15): a second gate with `[metrics]` off, measured in
 //!   turn with the first on a proxied request and on whole prompts ([`metrics_cost`]);
 //!
@@ -21,6 +24,10 @@
 
 #[path = "overhead/burst.rs"]
 mod burst;
+#[path = "overhead/cache_repeat.rs"]
+mod cache_repeat;
+#[path = "overhead/history_rss.rs"]
+mod history_rss;
 #[path = "overhead/metrics_cost.rs"]
 mod metrics_cost;
 #[allow(dead_code)]
@@ -249,6 +256,17 @@ async fn run() {
         }
     }
 
+    // Issue 16: a history of 10,000 prompts with big workflows, and repeats answered from the
+    // result cache, each on a gate of its own (`-- memory`, `-- cache` run only these).
+    let mut history_memory = None;
+    if filter.is_none() || filter.as_deref() == Some("memory") {
+        history_memory = Some(history_rss::history_rss(&ctx.gate_bin, &ctx.sim.url()).await);
+    }
+    let mut repeats = None;
+    if filter.is_none() || filter.as_deref() == Some("cache") {
+        repeats = Some(cache_repeat::cache_repeat(&ctx.gate_bin, &ctx.sim).await);
+    }
+
     // Issue 15: the cost of metrics and timelines, the same gate with them off beside it.
     let mut costs = Vec::new();
     if filter.is_none() || filter.as_deref() == Some("cost") {
@@ -345,6 +363,12 @@ async fn run() {
             fmt_ms(bursts.last().map_or(f64::NAN, |b| b.p99_ms)),
             bursts.iter().map(|b| b.refused).sum::<usize>()
         );
+    }
+    if let Some(h) = &history_memory {
+        println!("- {}", h.line());
+    }
+    if let Some(c) = &repeats {
+        println!("- {}", c.line());
     }
     if !costs.is_empty() {
         println!();

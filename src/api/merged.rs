@@ -137,7 +137,19 @@ async fn queue_with_strangers(ctx: &Ctx, view: QueueView, scope: &Scope) -> Valu
 pub async fn history(ctx: &Ctx, caller: &Caller, max_items: Option<i64>, offset: i64) -> Value {
     let scope = Scope::of(ctx, caller);
     let entries = with_stranger_history(ctx, ctx.sched.history.all(), &scope).await;
-    page_history(entries, max_items, offset)
+    let mut page = page_history(entries, max_items, offset);
+    whole_entries(ctx, &mut page);
+    page
+}
+
+/// The gate's entries in a page of history made whole: memory keeps them slim, the store
+/// whole (`sched::history`). Backends' entries are whole already.
+fn whole_entries(ctx: &Ctx, page: &mut Value) {
+    for (id, entry) in page.as_object_mut().into_iter().flatten() {
+        if let Some(whole) = ctx.sched.history.get(id) {
+            *entry = whole;
+        }
+    }
 }
 
 /// `entries` (the gate's, those `scope` shows) with backends' entries for prompts the gate
@@ -186,9 +198,16 @@ pub async fn history_one(ctx: &Ctx, caller: &Caller, id: &str) -> Vec<u8> {
     if !ctx.sched.may_touch(caller, id) {
         return b"{}".to_vec();
     }
-    if let Some(entry) = ctx.sched.history.get(id) {
-        let one: std::collections::BTreeMap<&str, &Value> = [(id, &*entry)].into();
-        return serde_json::to_vec(&one).unwrap_or_else(|_| b"{}".to_vec());
+    if let Some(entry) = ctx.sched.history.get_json(id) {
+        // `{"<id>": <entry>}`, the entry as the store holds it (not parsed again).
+        let key = serde_json::to_vec(id).unwrap_or_default();
+        let mut out = Vec::with_capacity(entry.len() + key.len() + 3);
+        out.push(b'{');
+        out.extend_from_slice(&key);
+        out.push(b':');
+        out.extend_from_slice(&entry);
+        out.push(b'}');
+        return out;
     }
     if ctx.sched.knows(id) {
         return b"{}".to_vec();
@@ -302,6 +321,15 @@ pub async fn jobs(
     };
     let items = |k: &str| queue[k].as_array().cloned().unwrap_or_default();
     let (running, pending) = (items("queue_running"), items("queue_pending"));
+    let mut history = history;
+    // One job's detail shows the prompt and its `extra_data`: the whole entry, if the caller
+    // sees it at all (the map holds only what its scope shows).
+    if let Some(id) = id
+        && history.contains_key(id)
+        && let Some(whole) = ctx.sched.history.get(id)
+    {
+        history.insert(id.to_string(), whole);
+    }
     match (query, id) {
         (_, Some(id)) => {
             crate::protocol::jobs::one(id, &running, &pending, &history).unwrap_or(Value::Null)

@@ -58,7 +58,7 @@ impl Scheduler {
         let mut found = vec![false; refs.len()];
         let s = self.lock();
         for rec in s.table.records_of_user(name) {
-            let entry = self.history.get(&rec.id);
+            let entry = self.history.summary(&rec.id);
             let outputs = rec
                 .log
                 .outputs

@@ -335,7 +335,10 @@ impl Scheduler {
             }
             let entry = Arc::new(entry);
             let record = s.table.finish(id).cloned();
-            let replaced = self.history.get(id);
+            if let Some(r) = s.table.get_mut(id) {
+                r.shed_body();
+            }
+            let replaced = self.history.summary(id);
             let dropped = self.history.insert(id, finished_at, entry.clone());
             // Its outputs' names are held before any other entry's go (they may share some).
             self.files.hold_outputs(&entry);

@@ -243,6 +243,15 @@ impl PromptRecord {
         })
     }
 
+    /// Once it is done its body lives in its history entry, in the store: the graph and
+    /// `extra_data` (whose UI workflow can be megabytes) leave memory, with what was derived
+    /// from them. Nothing reads the body of a prompt that ended.
+    pub fn shed_body(&mut self) {
+        self.body = Map::new();
+        self.graph = OnceLock::new();
+        self.extra = OnceLock::new();
+    }
+
     /// Accepted and not started yet: waiting in the gate queue, being sent, or queued on its
     /// backend (what `[limits] max_waiting` counts).
     pub fn is_waiting_to_start(&self) -> bool {

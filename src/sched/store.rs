@@ -170,15 +170,20 @@ impl Store {
             for t in record["tried"].as_array_mut().into_iter().flatten() {
                 by_name(t, names);
             }
-            loaded.records.push(serde_json::from_value(record)?);
+            let mut record: PromptRecord = serde_json::from_value(record)?;
+            if record.stage == super::record::Stage::Done {
+                record.shed_body();
+            }
+            loaded.records.push(record);
         }
         for row in read.open_table(HISTORY)?.iter()? {
             let (k, v) = row?;
             let stored: Value = serde_json::from_slice(v.value())?;
+            // Memory keeps entries slim; the store keeps them whole ([`Store::history_entry`]).
             loaded.history.push((
                 k.value().to_string(),
                 stored["finished_at"].as_i64().unwrap_or(0),
-                stored["entry"].clone(),
+                super::history::slim(&stored["entry"]),
             ));
         }
         loaded.history.sort_by_key(|(_, t, _)| *t);
@@ -246,6 +251,28 @@ impl Store {
             }
         }
         txn.commit().map_err(write_err)
+    }
+
+    /// The whole history entry of prompt `id` as written by [`Store::save_history`], as JSON
+    /// text (not parsed: `GET /history/{id}` sends it as it is); `Ok(None)` if there is none.
+    pub fn history_entry_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        /// A stored row, its entry left unparsed.
+        #[derive(serde::Deserialize)]
+        struct Stored<'a> {
+            #[serde(borrow)]
+            entry: &'a serde_json::value::RawValue,
+        }
+        let read = self.db.begin_read().map_err(write_err)?;
+        let table = match read.open_table(HISTORY) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(write_err(e)),
+        };
+        let Some(row) = table.get(id).map_err(write_err)? else {
+            return Ok(None);
+        };
+        let stored: Stored<'_> = serde_json::from_slice(row.value()).map_err(write_err)?;
+        Ok(Some(stored.entry.get().as_bytes().to_vec()))
     }
 
     /// Stores a finished prompt's history entry together with its final record.
