@@ -92,13 +92,12 @@ async fn an_identical_prompt_from_another_client_is_answered_from_the_cache() {
     assert_eq!(code, 200);
 
     // Another client, the same graph written otherwise: a UI title, other key order, a workflow.
-    let mut same = json!({
+    let same = json!({
         "3": {"inputs": {"filename_prefix": "ComfyUI", "images": ["2", 0]}, "class_type": "SaveImage",
               "_meta": {"title": "Save"}},
         "2": graph["2"].clone(),
         "1": graph["1"].clone(),
     });
-    same["2"]["inputs"]["sigma"] = json!(1);
     let body =
         json!({"prompt": same, "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}});
     let (second, frames) = run_as(&base, "client-b", body).await;
@@ -147,17 +146,20 @@ async fn an_identical_prompt_from_another_client_is_answered_from_the_cache() {
     assert_eq!(code, 200);
     assert_eq!(bytes, earlier_bytes, "the same output bytes");
 
-    // The first client's entry is still its own; deleting it leaves the cached one viewable.
-    let (code, _) = post_json(&base, "/history", &json!({"delete": [first]})).await;
+    // Both entries deleted, the cache still holds the files' names: a third client gets them.
+    let (code, _) = post_json(&base, "/history", &json!({"delete": [first, second]})).await;
     assert_eq!(code, 200);
-    let (code, bytes) = view_bytes(&base, &image_query(&item)).await;
+    let (third, _) = run_as(&base, "client-c", json!({"prompt": graph})).await;
+    assert_eq!(ran(&sim), 1);
+    let entry = wait_history(&base, &third).await;
+    let (code, bytes) = view_bytes(&base, &image_query(&entry["outputs"]["3"]["images"][0])).await;
     assert_eq!((code, bytes == earlier_bytes), (200, true));
 
     let admin = format!("http://{}", gate.admin_addr);
     let (_, metrics) = get_bytes(&admin, "/metrics").await;
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(
-        metrics.contains("comfy_gate_result_cache_hits_total 1"),
+        metrics.contains("comfy_gate_result_cache_hits_total 2"),
         "{metrics}"
     );
 

@@ -88,16 +88,23 @@ pub async fn history_rss(bin: &std::path::Path, sim_url: &str) -> HistoryRss {
     let idle_kib = gate.rss_kib();
     let url = Arc::new(gate.url());
     let next = Arc::new(AtomicUsize::new(0));
+    // `HISTORY_PROMPTS=N` runs a shorter case (a quick look; the target is for 10,000).
+    let prompts: usize = std::env::var("HISTORY_PROMPTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(PROMPTS);
+    let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..WORKERS {
         let (url, next) = (url.clone(), next.clone());
+        let done = done.clone();
         workers.spawn(async move {
             let client = reqwest::Client::new();
             let mut last = String::new();
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= PROMPTS {
+                if i >= prompts {
                     return last;
                 }
                 let body = json!({
@@ -130,6 +137,10 @@ pub async fn history_rss(bin: &std::path::Path, sim_url: &str) -> HistoryRss {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 last = id;
+                let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+                if n.is_multiple_of(1000) {
+                    println!("overhead: history: {n} prompts finished");
+                }
             }
         });
     }

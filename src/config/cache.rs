@@ -14,6 +14,9 @@ pub struct CacheConfig {
     /// Finished prompts remembered at most; beyond it the least recently used go first.
     /// Default 1000.
     pub max_entries: usize,
+    /// Bytes of remembered outputs at most (their UI dicts and `meta`, as JSON; the files stay
+    /// on the backends); beyond it the least recently used go first. Default 67108864 (64 MiB).
+    pub max_bytes: usize,
     /// A remembered result older than this (seconds since its run ended) is not served and is
     /// forgotten. Default 86400 (a day).
     pub max_age_s: u64,
@@ -28,6 +31,7 @@ impl Default for CacheConfig {
         Self {
             enabled: false,
             max_entries: 1000,
+            max_bytes: 64 << 20,
             max_age_s: 86_400,
             share_between_users: false,
         }

@@ -152,16 +152,19 @@ impl AliasIndex {
     }
 
     /// A history entry that listed `shown` is gone: whether no kept entry lists it now.
+    /// A name nobody listed (its entry's hold found it already gone) is left alone: it may have
+    /// been given to another file since.
     pub(super) fn unlist(&mut self, shown: &FileKey) -> bool {
         match self.listed.get_mut(shown) {
             Some(n) if *n > 1 => {
                 *n -= 1;
                 false
             }
-            _ => {
+            Some(_) => {
                 self.listed.remove(shown);
                 true
             }
+            None => false,
         }
     }
 

@@ -303,7 +303,7 @@ fn file_item(map: &serde_json::Map<String, Value>) -> Option<Option<FileKey>> {
 
 /// The `(type, subfolder, filename)` of every file item (type not `input`) in a history
 /// entry's `outputs`, at any depth.
-fn collect_file_items(value: &Value, out: &mut Vec<FileKey>) {
+pub(crate) fn collect_file_items(value: &Value, out: &mut Vec<FileKey>) {
     match value {
         Value::Object(map) => match file_item(map) {
             Some(key) => out.extend(key),

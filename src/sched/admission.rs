@@ -135,7 +135,19 @@ pub async fn submit(
         cache::key_of(&scope, &sub.body, &sched.files)
     });
     if let Some(run) = cache_key.as_ref().and_then(|k| sched.cache.get(k)) {
-        return cached::answer(sched, caller, sub, &run);
+        // Served only while the backends holding its files are up (else it runs again).
+        let up = |b: &String| {
+            sched
+                .fleet
+                .index_of(b)
+                .is_some_and(|i| sched.fleet.get(i).is_up())
+        };
+        if run.owners.iter().all(up) {
+            let answer = cached::answer(sched, caller, sub, &run);
+            sched.cache.release(&run);
+            return answer;
+        }
+        sched.cache.release(&run);
     }
     let id = sub.id.clone();
     let (number, direct, band) = {

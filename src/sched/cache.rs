@@ -7,18 +7,25 @@
 //! The gate sees every prompt and every result, so it can keep the one cache the fleet lacks.
 //!
 //! **Identical** means the same [`Key`]: the graph after normalising (each node's
-//! `class_type` and `inputs`, objects in key order, `_meta` and other UI fields left out, `1`
-//! and `1.0` equal as in Python), so the same seeds and checkpoint names; the contents (SHA-256)
+//! `class_type` and `inputs`, objects in key order, `_meta` and other UI fields left out), so
+//! the same seeds and checkpoint names; the contents (SHA-256)
 //! of every input file the gate holds that the graph names, and the backend and real name of
 //! every output it names; `partial_execution_targets`; and the caller's scope (with `[auth]` on,
 //! the user, unless `share_between_users`). `extra_data` (the UI workflow, the client id) is
 //! not part of it: ComfyUI's own cache ignores it too.
 //!
-//! What is kept per key ([`CachedRun`]) is the earlier history entry's `outputs`, `meta` and
-//! outputs to execute: the files stay on the backends that made them, under the names the gate
-//! showed for them, which the cache holds (as a kept history entry does) until it forgets the
-//! run. Bounded by `[cache] max_entries` (least recently used first) and `max_age_s`. Kept in
+//! What is kept per key ([`CachedRun`]) is the earlier history entry's outputs of its output
+//! nodes, their `meta` and the output nodes: the files stay on the backends that made them,
+//! under the names the gate showed for them, which the cache holds (as a kept history entry
+//! does) until it forgets the run. A hit is served only while those backends are up; a run with
+//! `temp` outputs (previews, emptied when a ComfyUI restarts) is not remembered. Bounded by
+//! `[cache] max_entries` (least recently used first), `max_bytes` and `max_age_s`. Kept in
 //! memory only: a restart starts with an empty cache.
+//!
+//! Holds on the names are taken under the cache's lock ([`ResultCache::get`] for the prompt a
+//! hit answers, until its own history entry holds them; [`ResultCache::remember`] is called
+//! under the scheduler's lock, with the entry's own hold), so no delete in between can free a
+//! name a remembered run still shows. Lock order: scheduler, cache, files.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,14 +46,19 @@ pub struct Key([u8; 32]);
 /// What a finished run left for later identical prompts.
 #[derive(Debug)]
 pub struct CachedRun {
-    /// The earlier history entry's `outputs`: UI dicts by node id, with the gate's file names.
+    /// The earlier history entry's `outputs` of its output nodes: UI dicts by node id, with
+    /// the gate's file names.
     pub outputs: Value,
-    /// Its `meta` (`node_id`, `display_node`, `parent_node`, `real_node_id` by node).
+    /// Their `meta` (`node_id`, `display_node`, `parent_node`, `real_node_id` by node).
     pub meta: Value,
-    /// Its output nodes, in the order ComfyUI executed them (`prompt[4]` of the entry).
+    /// Its output nodes (`prompt[4]` of the entry).
     pub outputs_to_execute: Vec<String>,
+    /// The backends (configured names) its output files are on: a hit needs them up.
+    pub owners: Vec<String>,
     /// The prompt that ran on a GPU.
     pub from: String,
+    /// Bytes of `outputs` and `meta` as JSON (what `max_bytes` counts).
+    size: usize,
     /// When it was remembered (its run's end).
     at: Instant,
 }
@@ -60,8 +72,8 @@ pub fn opted_out(body: &Map<String, Value>) -> bool {
         .is_some_and(|c| c == &Value::Bool(false))
 }
 
-/// `v` as canonical JSON into `out`: object keys sorted, numbers that are whole written as
-/// integers (Python's `1 == 1.0`; integers past 2^53 keep every digit).
+/// `v` as canonical JSON into `out`: object keys sorted; numbers as sent (`1` and `1.0` differ:
+/// ComfyUI turns a STRING input into `str(value)` before its own cache compares it).
 fn canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
@@ -87,14 +99,6 @@ fn canonical(v: &Value, out: &mut Vec<u8>) {
                 canonical(item, out);
             }
             out.push(b']');
-        }
-        Value::Number(n) if n.is_f64() => {
-            let f = n.as_f64().unwrap_or(0.0);
-            if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                out.extend_from_slice(format!("{}", f as i64).as_bytes());
-            } else {
-                out.extend_from_slice(format!("{f:?}").as_bytes());
-            }
         }
         other => out.extend_from_slice(other.to_string().as_bytes()),
     }
@@ -220,66 +224,96 @@ impl ResultCache {
     }
 
     /// The run remembered for `key`, if it is not older than `max_age_s` (an older one is
-    /// forgotten); it becomes the most recently used.
+    /// forgotten); it becomes the most recently used. The names its outputs are shown under
+    /// are held once more for the caller, taken under the cache's lock: the caller gives the
+    /// hold back with [`ResultCache::release`] once its own history entry holds them.
     pub fn get(&self, key: &Key) -> Option<Arc<CachedRun>> {
-        let (found, expired) = {
-            let mut runs = self.lock();
-            match runs.get(key) {
-                Some(run) if run.at.elapsed() <= self.max_age() => {
-                    let run = run.clone();
-                    if let Some(i) = runs.get_index_of(key) {
-                        let last = runs.len() - 1;
-                        runs.move_index(i, last);
-                    }
-                    (Some(run), None)
-                }
-                Some(_) => (None, runs.shift_remove(key)),
-                None => (None, None),
-            }
-        };
-        if let Some(old) = expired {
-            self.release(&old);
+        let mut runs = self.lock();
+        let run = runs.get(key)?.clone();
+        if run.at.elapsed() > self.max_age() {
+            runs.shift_remove(key);
+            self.release(&run);
+            return None;
         }
-        found
+        if let Some(i) = runs.get_index_of(key) {
+            let last = runs.len() - 1;
+            runs.move_index(i, last);
+        }
+        self.hold(&run);
+        Some(run)
     }
 
-    /// Remembers a successful run's history `entry` (its `outputs`, `meta`, `prompt[4]`) under
-    /// `key`, holding the names its outputs are shown under; forgets the least recently used
-    /// and the expired beyond the bounds.
+    /// Remembers a successful run's history `entry` under `key`: the outputs of its output
+    /// nodes (`prompt[4]`), their `meta`, holding the names they are shown under; then forgets
+    /// the expired, and the least recently used beyond `max_entries` and `max_bytes`. Called
+    /// under the scheduler's lock, right after the entry itself holds its names. A run with a
+    /// `temp` output is not remembered (ComfyUI empties `temp/` when it restarts).
     pub fn remember(&self, key: Key, from: &str, entry: &Value) {
-        let outputs_to_execute = entry["prompt"][4]
+        let outputs_to_execute: Vec<String> = entry["prompt"][4]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
+        let pick = |field: &str| -> Value {
+            let of = |n: &String| entry[field].get(n).map(|v| (n.clone(), v.clone()));
+            Value::Object(outputs_to_execute.iter().filter_map(of).collect())
+        };
+        let (outputs, meta) = (pick("outputs"), pick("meta"));
+        let mut items = Vec::new();
+        crate::files::collect_file_items(&outputs, &mut items);
+        if items.iter().any(|(kind, _, _)| kind == "temp") {
+            return;
+        }
+        let mut owners: Vec<String> = items
+            .iter()
+            .filter_map(|(kind, sub, name)| {
+                let r = FileRef::new(comfy_wire::files::refs::Kind::parse(kind)?, sub, name);
+                match self.files.locate(&r) {
+                    Location::Backend { backend, .. } => Some(backend),
+                    _ => None,
+                }
+            })
+            .collect();
+        owners.sort();
+        owners.dedup();
+        let size = outputs.to_string().len() + meta.to_string().len();
+        if size > self.cfg.max_bytes {
+            return;
+        }
         let run = Arc::new(CachedRun {
-            outputs: entry.get("outputs").cloned().unwrap_or(Value::Null),
-            meta: entry.get("meta").cloned().unwrap_or(Value::Null),
+            outputs,
+            meta,
             outputs_to_execute,
+            owners,
             from: from.to_string(),
+            size,
             at: Instant::now(),
         });
+        let mut runs = self.lock();
         self.hold(&run);
-        let mut gone = Vec::new();
-        {
-            let mut runs = self.lock();
-            if let Some(old) = runs.shift_remove(&key) {
-                gone.push(old);
-            }
-            runs.insert(key, run);
-            let max_age = self.max_age();
-            while let Some((_, oldest)) = runs.first() {
-                if runs.len() <= self.cfg.max_entries && oldest.at.elapsed() <= max_age {
-                    break;
-                }
-                if let Some((_, old)) = runs.shift_remove_index(0) {
-                    gone.push(old);
-                }
+        if let Some(old) = runs.shift_remove(&key) {
+            self.release(&old);
+        }
+        runs.insert(key, run);
+        let max_age = self.max_age();
+        let expired: Vec<Key> = runs
+            .iter()
+            .filter(|(_, r)| r.at.elapsed() > max_age)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some(old) = runs.shift_remove(&k) {
+                self.release(&old);
             }
         }
-        for old in &gone {
-            self.release(old);
+        let mut bytes: usize = runs.values().map(|r| r.size).sum();
+        while runs.len() > self.cfg.max_entries || bytes > self.cfg.max_bytes {
+            let Some((_, old)) = runs.shift_remove_index(0) else {
+                break;
+            };
+            bytes -= old.size;
+            self.release(&old);
         }
     }
 
@@ -298,7 +332,8 @@ impl ResultCache {
             .hold_outputs(&serde_json::json!({ "outputs": run.outputs }));
     }
 
-    fn release(&self, run: &CachedRun) {
+    /// Gives back one hold on the names of `run`'s outputs (taken by [`ResultCache::get`]).
+    pub fn release(&self, run: &CachedRun) {
         self.files
             .forget_outputs(&serde_json::json!({ "outputs": run.outputs }));
     }

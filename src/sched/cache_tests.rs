@@ -36,17 +36,24 @@ fn graph(seed: Value) -> Value {
 fn the_same_graph_written_differently_has_one_key() {
     let (_dir, files) = files();
     let a = body(json!({"prompt": graph(json!(5))}));
-    // Other key order, a UI title, a float that is whole, another client and workflow.
+    // Other key order, a UI title, another client and workflow.
     let b = body(json!({
         "prompt": {
             "2": {"inputs": {"ckpt_name": "a.safetensors"}, "class_type": "CheckpointLoaderSimple",
                   "_meta": {"title": "Load"}},
-            "1": {"inputs": {"model": ["2", 0], "steps": 20.0, "seed": 5}, "class_type": "KSampler"}
+            "1": {"inputs": {"model": ["2", 0], "steps": 20, "seed": 5}, "class_type": "KSampler"}
         },
         "client_id": "other",
         "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}
     }));
     assert_eq!(key_of("", &a, &files), key_of("", &b, &files));
+    // Numbers count as sent: ComfyUI makes a STRING input `str(value)`, so 1 and 1.0 differ.
+    let mut float = graph(json!(5));
+    float["1"]["inputs"]["steps"] = json!(20.0);
+    assert_ne!(
+        key_of("", &a, &files),
+        key_of("", &body(json!({"prompt": float})), &files)
+    );
 }
 
 #[test]
@@ -137,22 +144,28 @@ fn the_least_recently_used_goes_first() {
     c.remember(k(1), "p1", &entry("a.png"));
     c.remember(k(2), "p2", &entry("b.png"));
     let hit = c.get(&k(1)).expect("remembered");
+    c.release(&hit);
     assert_eq!(hit.from, "p1");
     assert_eq!(hit.outputs_to_execute, vec!["9".to_string()]);
     assert_eq!(hit.outputs["9"]["images"][0]["filename"], "a.png");
     c.remember(k(3), "p3", &entry("c.png"));
     assert_eq!(c.len(), 2);
     assert!(c.get(&k(2)).is_none(), "2 was the least recently used");
-    assert!(c.get(&k(1)).is_some() && c.get(&k(3)).is_some());
+    for seed in [1, 3] {
+        let hit = c.get(&k(seed)).expect("kept");
+        c.release(&hit);
+    }
 }
 
 #[test]
 fn an_expired_run_is_not_served() {
     let (_dir, files) = files();
-    let c = cache(&files, 10, 0);
+    let c = cache(&files, 10, 1);
     let k = key_of("", &body(json!({"prompt": graph(json!(1))})), &files);
     c.remember(k, "p1", &entry("a.png"));
-    std::thread::sleep(Duration::from_millis(5));
+    let hit = c.get(&k).expect("fresh");
+    c.release(&hit);
+    std::thread::sleep(Duration::from_millis(1100));
     assert!(c.get(&k).is_none());
     assert!(c.is_empty(), "forgotten once found expired");
 }
@@ -173,6 +186,24 @@ fn the_names_of_remembered_outputs_are_held_until_forgotten() {
     c.remember(k(1), "p1", &entry(&name));
     files.forget_outputs(&listed);
     assert_eq!(held(&files), 1, "the cache still shows it");
+    // A hit holds it until its own entry does, whatever the cache forgets meanwhile.
+    let hit = c.get(&k(1)).unwrap();
     c.remember(k(2), "p2", &entry("other.png"));
-    assert_eq!(held(&files), 0, "forgotten with the run that held it");
+    assert_eq!(held(&files), 1, "the hit's hold");
+    c.release(&hit);
+    assert_eq!(held(&files), 0, "forgotten with the last hold");
+}
+
+#[test]
+fn a_run_with_a_temp_output_or_over_max_bytes_is_not_remembered() {
+    let (_dir, files) = files();
+    let mut c = cache(&files, 10, 3600);
+    let k = key_of("", &body(json!({"prompt": graph(json!(1))})), &files);
+    let mut preview = entry("a.png");
+    preview["outputs"]["9"]["images"][0]["type"] = json!("temp");
+    c.remember(k, "p1", &preview);
+    assert!(c.is_empty(), "previews vanish when a ComfyUI restarts");
+    c.cfg.max_bytes = 10;
+    c.remember(k, "p1", &entry("a.png"));
+    assert!(c.is_empty());
 }

@@ -1,11 +1,13 @@
 //! A prompt answered from the result cache ([`super::cache`]): it is admitted like any other
 //! (its own id, number, record and history entry), then ends at once, with the events one
 //! ComfyUI sends for a run whose every node is in its cache (`execution.py`,
-//! `PromptExecutor.execute_async`): `execution_start`, `execution_cached` listing every node,
-//! then for each output node, in the order it executes them, `executed` with its cached UI
-//! output and `progress_state` marking it finished; then `execution_success`, `status`,
-//! `executing {node: null}` ([`Scheduler::end`]). Upstream nodes of cached outputs are never
-//! staged there, so they get no `executed`. No backend hears of the prompt.
+//! `PromptExecutor.execute_async`): `execution_start`, `execution_cached` listing every node the
+//! outputs need (what the earlier run executed, so what ComfyUI's cache would hold), then for
+//! each output node, in the prompt's order, `executed` with its cached UI output and
+//! `progress_state` marking it finished; then `execution_success`, `status`, `executing {node:
+//! null}` ([`Scheduler::end`]). Upstream nodes of cached outputs are never staged there, so they
+//! get no `executed`. No backend hears of the prompt. It is admitted straight to `Finishing`
+//! (listed as running until its entry is kept), so no delete or dispatch touches it meanwhile.
 
 use std::sync::Arc;
 
@@ -50,14 +52,8 @@ pub(super) fn answer(
         if !sched.timelines {
             rec.timeline = super::timeline::Timeline::off();
         }
-        let nodes: Vec<String> = rec
-            .graph()
-            .0
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k.clone())
-            .collect();
+        let graph = rec.graph().0.clone();
+        let nodes = upstream_of(&graph, &run.outputs_to_execute);
         let classes = nodes.iter().map(|n| rec.class_of(n).to_string()).collect();
         rec.timeline.mark(
             now_ms(),
@@ -67,8 +63,7 @@ pub(super) fn answer(
             },
         );
         let session = rec.session();
-        // Admitted, never queued: the dispatcher never sees it.
-        s.table.admit(rec);
+        s.table.admit_answered(rec);
         (number, session, nodes)
     };
     if let Some(metrics) = sched.fleet.metrics.on() {
@@ -85,6 +80,12 @@ pub(super) fn answer(
         metrics.cache_hits.inc();
     }
     sched.broadcast_status();
+    // The output nodes in the order this prompt lists them.
+    let outputs: Vec<String> = nodes
+        .iter()
+        .filter(|n| run.outputs_to_execute.contains(n))
+        .cloned()
+        .collect();
     let start = now_ms();
     let started = json!({ "prompt_id": id, "timestamp": start });
     let cached = json!({ "nodes": nodes, "prompt_id": id, "timestamp": start });
@@ -96,7 +97,7 @@ pub(super) fn answer(
             .sessions
             .send_json(sid, "execution_cached", cached.clone());
         let mut finished = Map::new();
-        for node in &run.outputs_to_execute {
+        for node in &outputs {
             let display = run.meta[node]["display_node"]
                 .as_str()
                 .unwrap_or(node)
@@ -119,11 +120,11 @@ pub(super) fn answer(
         let s = sched.lock();
         s.table
             .get(&id)
-            .map(|r| r.queue_item(run.outputs_to_execute.clone()))
+            .map(|r| r.queue_item(outputs.clone()))
             .unwrap_or(Value::Null)
     };
     if item.is_null() {
-        item = json!([number, id, {}, {}, run.outputs_to_execute]);
+        item = json!([number, id, {}, {}, outputs]);
     }
     let success = json!({ "prompt_id": id, "timestamp": now_ms() });
     let entry = json!({
@@ -143,11 +144,47 @@ pub(super) fn answer(
     // Its history entry is kept (and written) before the answer; `end` sends
     // `execution_success` from it, `status` and `executing {node: null}`.
     sched.end(&id, Outcome::Ran(entry));
+    if sched.history.summary(&id).is_none() {
+        return Err(GateError::Unavailable(
+            "the answer from the result cache could not be kept".into(),
+        ));
+    }
     tracing::debug!(prompt = %id, from = %run.from, "answered from the result cache");
     Ok(json_resp(
         StatusCode::OK,
         &json!({ "prompt_id": id, "number": number, "node_errors": {} }),
     ))
+}
+
+/// The nodes of `graph` that `outputs` need (themselves and every node a link leads back to),
+/// in the graph's order: what ComfyUI's executor ran, so what its cache holds for a repeat
+/// (`execution_cached` lists them).
+fn upstream_of(graph: &Value, outputs: &[String]) -> Vec<String> {
+    let mut needed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut todo: Vec<String> = outputs.to_vec();
+    while let Some(node) = todo.pop() {
+        if graph.get(&node).is_none() || !needed.insert(node.clone()) {
+            continue;
+        }
+        for v in graph[&node]["inputs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| v)
+        {
+            if let Some([Value::String(from), Value::Number(_)]) = v.as_array().map(Vec::as_slice) {
+                todo.push(from.clone());
+            }
+        }
+    }
+    graph
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| needed.contains(*k))
+        .cloned()
+        .collect()
 }
 
 /// A node's entry in `progress_state` once finished, as ComfyUI's registry reports a node that

@@ -302,6 +302,11 @@ impl Scheduler {
             Outcome::Ran(entry) => Err(entry),
             Outcome::Failed(f) => Ok(f),
         };
+        // Its key in the result cache, if its inputs are as they were at submit.
+        let cache_key = match &failure {
+            Err(_) => self.cache_key_at_end(id),
+            Ok(_) => None,
+        };
         let writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let ended = {
             let mut s = self.lock();
@@ -342,6 +347,9 @@ impl Scheduler {
             let dropped = self.history.insert(id, finished_at, entry.clone());
             // Its outputs' names are held before any other entry's go (they may share some).
             self.files.hold_outputs(&entry);
+            if let (Some(key), "success") = (cache_key, outcome) {
+                self.cache.remember(key, id, &entry);
+            }
             for (id, _) in &dropped {
                 s.table.remove(id);
             }
@@ -372,9 +380,6 @@ impl Scheduler {
                 Err(_) => audit::Ending::Ran(&entry),
             },
         );
-        if let (Some(key), Some("success")) = (record.cache_key, record.outcome) {
-            self.cache.remember(key, id, &entry);
-        }
         let session = record.session();
         if let (Some(sid), Some(error)) = (&session, &error) {
             self.sessions
@@ -392,6 +397,19 @@ impl Scheduler {
             self.sessions
                 .send_json(sid, "executing", json!({ "node": null, "prompt_id": id }));
         }
+    }
+
+    /// The result-cache key of prompt `id` if it has one (`[cache]` on, not opted out, not
+    /// itself a cache hit) and its inputs are still what they were at submit: an input file
+    /// overwritten while it waited or ran makes its result no answer for either contents.
+    fn cache_key_at_end(&self, id: &str) -> Option<cache::Key> {
+        let (key, body, user) = {
+            let s = self.lock();
+            let r = s.table.get(id)?;
+            (r.cache_key?, r.body.clone(), r.tenant.user.clone())
+        };
+        let scope = self.cache.scope(user.as_deref());
+        (cache::key_of(&scope, &body, &self.files) == key).then_some(key)
     }
 
     /// A delete of a prompt that never ran (`from` `None`: waiting in the gate queue; `Some`:

@@ -313,6 +313,18 @@ impl PromptTable {
         self.running.insert(backend.to_string(), id.to_string());
     }
 
+    /// A new prompt whose result exists already (the result cache, [`super::cache`]): admitted
+    /// straight to Finishing (listed as running, as ComfyUI lists a prompt until its history
+    /// entry is kept), never queued nor sent, so no delete or dispatch acts on it before it
+    /// ends.
+    pub fn admit_answered(&mut self, rec: PromptRecord) {
+        let id = rec.id.clone();
+        self.admit(rec);
+        if let Some(r) = self.records.get_mut(&id) {
+            r.stage = Stage::Finishing;
+        }
+    }
+
     /// Dispatching/OnBackend → Finishing: it ran to its end on `backend`, whose slot is free
     /// again. False if it was not in flight there.
     pub fn ran(&mut self, id: &str, backend: &str) -> bool {

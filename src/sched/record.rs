@@ -245,9 +245,11 @@ impl PromptRecord {
 
     /// Once it is done its body lives in its history entry, in the store: the graph and
     /// `extra_data` (whose UI workflow can be megabytes) leave memory, with what was derived
-    /// from them. Nothing reads the body of a prompt that ended.
+    /// from them and the run's event log. Nothing reads them once a prompt ended.
     pub fn shed_body(&mut self) {
         self.body = Map::new();
+        // What the run's events said is in the entry too (its outputs, status and meta).
+        self.log = RunLog::default();
         self.graph = OnceLock::new();
         self.extra = OnceLock::new();
     }

@@ -23,6 +23,9 @@ const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: &str = "1";
+/// Memory redb may keep for pages it read or wrote (its default is 1 GiB, which a history of
+/// big entries fills: the entries are read from the store on demand, not held).
+const CACHE_BYTES: usize = 32 << 20;
 /// Marks the file as comfy-gate's.
 const MAGIC: &str = "comfy-gate state";
 
@@ -79,7 +82,10 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| refuse(format!("cannot create its directory: {e}")))?;
         let existed = path.exists();
-        let db = Database::create(&path).map_err(|e| {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| {
             refuse(format!(
                 "cannot be opened ({e}); it is corrupt, in use by another comfy-gate, or not a comfy-gate store. \
                  Nothing was changed: move it aside to start with an empty state"
