@@ -1,16 +1,25 @@
-//! Scheduling quality: one fixed, seeded workload on a simulated heterogeneous fleet (speeds 2, 1,
-//! 1, 0.5; VRAM 80, 24, 24, 12 GB; two checkpoints; mixed sizes; Poisson arrivals at 70 % and 95 %
-//! of fleet capacity), replayed against each policy: the gate's default (late binding), the
-//! gate binding immediately (no gate queue), round robin and least connections as gate pickers
-//! bound immediately (nginx's policies), and real nginx (`round robin`, `least_conn`) in front of
-//! the same fleet when `nginx` is on PATH. Prints a markdown table per load with each policy's
-//! job latency, makespan, GPU busy share, checkpoint loads and failures, and their ratios to a
-//! computed lower bound (each job's service time on the fastest GPU that fits it; total work
-//! over total speed), plus a computed queueing reference (greedy earliest finish with exact
-//! times and no loads) that shows what queueing alone costs on the trace. Times are simulated
+//! Scheduling quality end to end: one fixed, seeded workload on a simulated heterogeneous fleet
+//! (speeds 2, 1, 1, 0.5; VRAM 80, 24, 24, 12 GB; two checkpoints; mixed sizes; Poisson arrivals
+//! at 70 % and 95 % of fleet capacity), replayed against each policy: the gate's default (late
+//! binding), the gate binding immediately (no gate queue), round robin and least connections as
+//! gate pickers bound immediately (nginx's policies), and real nginx (`round robin`,
+//! `least_conn`) in front of the same fleet when `nginx` is on PATH. The sims run with
+//! `fast_images`, so their own CPU work per image (unscaled, so it would count ten times at time
+//! scale 0.1) stays small. Prints a markdown table per load with each policy's job latency,
+//! makespan, GPU busy share, checkpoint loads and failures, and their ratios to the clairvoyant
+//! reference of the same trace (`support/clairvoyant.rs`: every job on the GPU where it finishes
+//! first, exact times, checkpoint loads paid; the lowest-p95 of its three rules). Below each
+//! gate row, the discrete-event simulation's figures for the same trace and policy
+//! (`scheduling_des/sim.rs`): the check that the simulation tells the truth. Times are simulated
 //! seconds (wall time / time scale). `cargo bench --bench scheduling -- WORD` runs only the
 //! policies whose name contains WORD.
 
+#[path = "support/clairvoyant.rs"]
+mod clairvoyant;
+// Its where-the-time-went shares are the DES bench's.
+#[allow(dead_code)]
+#[path = "scheduling_des/sim.rs"]
+mod des;
 #[path = "support/proc.rs"]
 mod proc;
 #[path = "support/workload.rs"]
@@ -25,11 +34,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comfy_gate::config::{self, FileConfig};
+use comfy_gate::fleet::picker::{GpuAware, LeastInFlight, Picker, RoundRobin};
+use comfy_gate::sched::decide::Rules;
 use comfy_sim::{SimBackend, SimConfig, SimHandle};
 use futures_util::StreamExt;
 use nginx::{Balance, NginxProcess};
 use serde_json::{Value, json};
-use workload::{Bound, FLEET, Job, Outcome, print_head, print_row, trace};
+use workload::{FLEET, Job, Outcome, print_head, print_row, trace};
 
 /// Simulated seconds per wall second; 0.1 keeps per-request overhead small against job times.
 const TIME_SCALE: f64 = 0.1;
@@ -53,6 +64,7 @@ async fn start_fleet() -> Vec<SimHandle> {
             speed: *speed,
             vram_total_gb: *vram,
             time_scale: TIME_SCALE,
+            fast_images: true,
             ..Default::default()
         };
         sims.push(SimBackend::start(cfg).await.expect("sim"));
@@ -275,16 +287,33 @@ fn main() {
     }
     for load in [0.70, 0.95] {
         let jobs = trace(load, 42, JOBS);
-        let lb = Bound::of(&jobs);
+        let (refs, best) = clairvoyant::references(&jobs, &FLEET, Rules::default().max_skips);
+        let r = refs[best].summary();
         println!("## Load {:.0} % of capacity\n", load * 100.0);
-        print_head(&jobs, &lb);
+        print_head();
+        clairvoyant::print_rows(&refs, &r);
         for (name, front) in &policies {
             if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
                 continue;
             }
             let o = rt.block_on(run_policy(&jobs, *front, nginx_bin.as_deref()));
-            print_row(name, &o, &lb);
+            print_row(name, &o, &r);
+            if let Front::Gate(policy, max_inflight) = front {
+                let (o, _) =
+                    des::simulate(&jobs, &FLEET, des_picker(policy).as_ref(), *max_inflight);
+                print_row("↳ the DES, same trace and policy", &o, &r);
+            }
         }
         println!();
+    }
+}
+
+/// The gate's picker of a `placement.policy` name, for the DES.
+fn des_picker(policy: &str) -> Box<dyn Picker> {
+    match policy {
+        "gpu_aware" => Box::new(GpuAware::default()),
+        "round_robin" => Box::new(RoundRobin::default()),
+        "least_inflight" => Box::new(LeastInFlight),
+        other => panic!("no DES picker for {other}"),
     }
 }

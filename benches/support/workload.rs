@@ -1,6 +1,6 @@
-//! The scheduling benches' common ground: the simulated fleet, the seeded trace, comfy-sim's
-//! cost model for a job, the computed lower bound and queueing reference, and the markdown
-//! table they print. Shared by `scheduling` (end to end, real gate and sims) and
+//! The scheduling benches' common ground: the fleet shapes, the seeded trace, comfy-sim's cost
+//! model for a job, and the markdown rows they print against the clairvoyant reference
+//! (`clairvoyant.rs`). Shared by `scheduling` (end to end, real gate and sims) and
 //! `scheduling_des` (the same decision in simulated time).
 
 // Each bench uses its own part of this file.
@@ -14,6 +14,46 @@ pub use comfy_sim::cost;
 
 /// The fleet: (relative speed, VRAM in GB) per GPU.
 pub const FLEET: [(f64, f64); 4] = [(2.0, 80.0), (1.0, 24.0), (1.0, 24.0), (0.5, 12.0)];
+/// comfy-sim's VRAM held by the process itself (GB).
+pub const BASELINE_GB: f64 = 0.4;
+
+/// A fleet shape: a name and (relative speed, VRAM in GB) per GPU.
+pub struct Shape {
+    pub name: &'static str,
+    pub gpus: Vec<(f64, f64)>,
+}
+
+impl Shape {
+    /// The end-to-end bench's fleet: [`FLEET`].
+    pub fn heterogeneous4() -> Self {
+        Self {
+            name: "heterogeneous 4 (speeds 2/1/1/0.5, VRAM 80/24/24/12 GB)",
+            gpus: FLEET.to_vec(),
+        }
+    }
+
+    /// Eight equal GPUs: speed 1, 24 GB each.
+    pub fn equal8() -> Self {
+        Self {
+            name: "8 equal (speed 1, 24 GB)",
+            gpus: vec![(1.0, 24.0); 8],
+        }
+    }
+
+    /// 64 mixed: 16 of each of [`FLEET`]'s four kinds, interleaved.
+    pub fn mixed64() -> Self {
+        Self {
+            name: "64 mixed (16 each of the four kinds)",
+            gpus: (0..64).map(|i| FLEET[i % FLEET.len()]).collect(),
+        }
+    }
+
+    /// The three shapes the DES reports.
+    pub fn all() -> Vec<Self> {
+        vec![Self::heterogeneous4(), Self::equal8(), Self::mixed64()]
+    }
+}
+
 /// The trace's two checkpoints (comfy-sim's default models).
 pub const CKPTS: [&str; 2] = [
     "sd_xl_base_1.0.safetensors",
@@ -70,8 +110,13 @@ impl Job {
 
 /// A seeded trace of `n` jobs: 70 % small (512²), 25 % large (1024²), 5 % very large (1536² ×
 /// 2, which the 12 GB card cannot hold with SDXL); checkpoints half and half; Poisson arrivals
-/// at `load` × the fleet's capacity (its summed speed over the mean service time at speed 1).
+/// at `load` × [`FLEET`]'s capacity (its summed speed over the mean service time at speed 1).
 pub fn trace(load: f64, seed: u64, n: usize) -> Vec<Job> {
+    trace_on(load, seed, n, &FLEET)
+}
+
+/// [`trace`] with arrivals at `load` × the capacity of `fleet` ((speed, VRAM GB) per GPU).
+pub fn trace_on(load: f64, seed: u64, n: usize, fleet: &[(f64, f64)]) -> Vec<Job> {
     let mut x = seed;
     let mut rnd = move || {
         x = x
@@ -99,7 +144,7 @@ pub fn trace(load: f64, seed: u64, n: usize) -> Vec<Job> {
         })
         .collect();
     let mean_service: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum::<f64>() / n as f64;
-    let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
+    let capacity: f64 = fleet.iter().map(|f| f.0).sum();
     let rate = load * capacity / mean_service;
     let mut t = 0.0;
     for j in &mut jobs {
@@ -107,34 +152,6 @@ pub fn trace(load: f64, seed: u64, n: usize) -> Vec<Job> {
         j.at_s = t;
     }
     jobs
-}
-
-/// A queueing reference, computed, not run: each job in arrival order on the GPU where it would
-/// finish first, with exact service times, checkpoints always resident and no overhead. What
-/// queueing alone costs on this trace (the lower bound ignores it).
-/// Returns (latencies, makespan).
-pub fn greedy_reference(jobs: &[Job]) -> (Vec<f64>, f64) {
-    let models = SimConfig::default();
-    let mut free_at = [0.0f64; FLEET.len()];
-    let mut latencies = Vec::new();
-    for j in jobs {
-        let ckpt_gb = models
-            .model_size_gb("checkpoints", j.ckpt)
-            .expect("the sims list the trace's checkpoints");
-        let megapixels = (j.side * j.side) as f64 / 1e6 * j.batch as f64;
-        let need = ckpt_gb + cost::sampling_working_gb(megapixels / j.batch as f64, j.batch as u32);
-        let best = FLEET
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, vram))| need <= *vram)
-            .map(|(b, (speed, _))| (b, free_at[b].max(j.at_s) + j.service_s(*speed)))
-            .min_by(|x, y| x.1.total_cmp(&y.1));
-        if let Some((b, end)) = best {
-            free_at[b] = end;
-            latencies.push(end - j.at_s);
-        }
-    }
-    (latencies, free_at.iter().copied().fold(0.0, f64::max))
 }
 
 pub fn pct(v: &[f64], p: f64) -> f64 {
@@ -146,31 +163,6 @@ pub fn pct(v: &[f64], p: f64) -> f64 {
     s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
 }
 
-/// The lower bound of a trace: p50/p95/p99 of each job's service time on the fastest GPU, and
-/// total work over total speed (or the last arrival) for the makespan.
-pub struct Bound {
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub makespan: f64,
-}
-
-impl Bound {
-    pub fn of(jobs: &[Job]) -> Self {
-        let fastest = FLEET.iter().map(|f| f.0).fold(0.0, f64::max);
-        let capacity: f64 = FLEET.iter().map(|f| f.0).sum();
-        let total_work: f64 = jobs.iter().map(|j| j.service_s(1.0)).sum();
-        let makespan = (total_work / capacity).max(jobs.last().map(|j| j.at_s).unwrap_or(0.0));
-        let lat: Vec<f64> = jobs.iter().map(|j| j.service_s(fastest)).collect();
-        Self {
-            p50: pct(&lat, 0.5),
-            p95: pct(&lat, 0.95),
-            p99: pct(&lat, 0.99),
-            makespan,
-        }
-    }
-}
-
 /// What one policy did on a trace. Times in simulated seconds.
 pub struct Outcome {
     pub latencies: Vec<f64>,
@@ -180,41 +172,64 @@ pub struct Outcome {
     pub failed: usize,
 }
 
-/// The table's header, the lower bound's row and the queueing reference's row.
-pub fn print_head(jobs: &[Job], lb: &Bound) {
-    println!(
-        "| policy | p50 s (×LB) | p95 s (×LB) | p99 s (×LB) | makespan s (×LB) | GPU busy | ckpt loads | failed |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    println!(
-        "| lower bound | {:.2} | {:.2} | {:.2} | {:.1} | | | |",
-        lb.p50, lb.p95, lb.p99, lb.makespan
-    );
-    let (g, g_makespan) = greedy_reference(jobs);
-    let (g50, g95, g99) = (pct(&g, 0.5), pct(&g, 0.95), pct(&g, 0.99));
-    println!(
-        "| queueing reference (computed: greedy, exact times, no loads) | {g50:.2} ({:.2}) | {g95:.2} ({:.2}) | {g99:.2} ({:.2}) | {g_makespan:.1} ({:.2}) | | 0 | 0 |",
-        g50 / lb.p50,
-        g95 / lb.p95,
-        g99 / lb.p99,
-        g_makespan / lb.makespan
-    );
+/// p50, p95, p99 latency and makespan, simulated seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Summary {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub makespan: f64,
 }
 
-/// One policy's row.
-pub fn print_row(name: &str, o: &Outcome, lb: &Bound) {
-    let (p50, p95, p99) = (
-        pct(&o.latencies, 0.5),
-        pct(&o.latencies, 0.95),
-        pct(&o.latencies, 0.99),
-    );
+impl Summary {
+    pub fn of(latencies: &[f64], makespan: f64) -> Self {
+        Self {
+            p50: pct(latencies, 0.5),
+            p95: pct(latencies, 0.95),
+            p99: pct(latencies, 0.99),
+            makespan,
+        }
+    }
+
+    /// Each figure over `r`'s.
+    pub fn ratio(&self, r: &Summary) -> [f64; 4] {
+        [
+            self.p50 / r.p50,
+            self.p95 / r.p95,
+            self.p99 / r.p99,
+            self.makespan / r.makespan,
+        ]
+    }
+}
+
+impl Outcome {
+    pub fn summary(&self) -> Summary {
+        Summary::of(&self.latencies, self.makespan)
+    }
+}
+
+/// The header of a one-trace table: figures with their ratio to the reference.
+pub fn print_head() {
     println!(
-        "| {name} | {p50:.2} ({:.2}) | {p95:.2} ({:.2}) | {p99:.2} ({:.2}) | {:.1} ({:.2}) | {:.0} % | {} | {} |",
-        p50 / lb.p50,
-        p95 / lb.p95,
-        p99 / lb.p99,
-        o.makespan,
-        o.makespan / lb.makespan,
+        "| policy | p50 s (×ref) | p95 s (×ref) | p99 s (×ref) | makespan s (×ref) | GPU busy | ckpt loads | failed |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+}
+
+/// One policy's row of a one-trace table, against the reference `r`.
+pub fn print_row(name: &str, o: &Outcome, r: &Summary) {
+    let s = o.summary();
+    let x = s.ratio(r);
+    println!(
+        "| {name} | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.2} ({:.2}) | {:.1} ({:.2}) | {:.0} % | {} | {} |",
+        s.p50,
+        x[0],
+        s.p95,
+        x[1],
+        s.p99,
+        x[2],
+        s.makespan,
+        x[3],
         o.busy_share * 100.0,
         o.loads,
         o.failed

@@ -23,6 +23,7 @@ use comfy_wire::files::images::Image;
 use comfy_wire::protocol::frames;
 use comfy_wire::protocol::now_ms;
 
+mod pixels;
 mod utility;
 
 /// A value flowing between simulated nodes.
@@ -797,7 +798,10 @@ async fn run_node(
             )
             .await?;
             let images = (0..batch)
-                .map(|i| Image::synthesize(width, height, seed.wrapping_add(i as u64)))
+                .map(|i| {
+                    let seed = seed.wrapping_add(i as u64);
+                    pixels::decoded(width, height, seed, inst.config.fast_images)
+                })
                 .collect();
             Ok((vec![Val::Image(Arc::new(images))], None))
         }
@@ -918,7 +922,7 @@ async fn run_node(
                     "{}_{counter:05}_.png",
                     stem.replace("%batch_num%", &batch_number.to_string())
                 );
-                let png = image.to_png(&text, temp);
+                let png = image.to_png(&text, temp || inst.config.fast_images);
                 std::fs::write(folder.join(&name), png).map_err(|e| NodeError::Failed {
                     exception_type: "OSError".into(),
                     message: e.to_string(),

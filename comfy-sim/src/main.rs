@@ -37,6 +37,10 @@ struct Args {
     /// Send latent previews while sampling.
     #[arg(long)]
     previews: bool,
+    /// Cheap images: solid pictures written with the fast PNG encoder, so the sim's own CPU
+    /// work per image stays small (for benchmarks). Off by default.
+    #[arg(long)]
+    fast_images: bool,
     /// Directory for input/, output/, temp/ and user/ (default: a temporary directory).
     #[arg(long)]
     base_dir: Option<PathBuf>,
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         },
         time_scale: args.time_scale,
         previews: args.previews,
+        fast_images: args.fast_images,
         base_dir: args.base_dir,
         max_upload_size: (args.max_upload_size * 1024.0 * 1024.0).round() as u64,
     };
