@@ -260,7 +260,7 @@ async fn run() {
     // result cache, each on a gate of its own (`-- memory`, `-- cache` run only these).
     let mut history_memory = None;
     if filter.is_none() || filter.as_deref() == Some("memory") {
-        history_memory = Some(history_rss::history_rss(&ctx.gate_bin, &ctx.sim.url()).await);
+        history_memory = Some(history_rss::history_rss(&ctx.gate_bin).await);
     }
     let mut repeats = None;
     if filter.is_none() || filter.as_deref() == Some("cache") {

@@ -81,9 +81,15 @@ fn workflow(seed: usize) -> Value {
     json!({"id": format!("wf-{seed}"), "revision": 0, "last_node_id": i, "nodes": nodes, "links": [], "version": 0.4})
 }
 
-/// Fills a fresh gate's history over `sim_url` and measures it.
-pub async fn history_rss(bin: &std::path::Path, sim_url: &str) -> HistoryRss {
-    let gate = GateProcess::start(bin, sim_url).await;
+/// Fills a fresh gate's history over a sim of its own (cheap images: its CPU is not what is
+/// measured) and measures it.
+pub async fn history_rss(bin: &std::path::Path) -> HistoryRss {
+    let sim = crate::support::sim_on_own_runtime(comfy_sim::SimConfig {
+        time_scale: 0.01,
+        fast_images: true,
+        ..Default::default()
+    });
+    let gate = GateProcess::start(bin, &sim.url()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_kib = gate.rss_kib();
     let url = Arc::new(gate.url());
