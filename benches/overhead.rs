@@ -1,15 +1,17 @@
 //! Proxy overhead: the same requests through the gate, straight to one comfy-sim backend and (with
-//! `nginx` on PATH) through nginx, with the same load generator and connection count.
+//! `nginx` on PATH) through nginx, with the same load generator and connection count, each path
+//! measured in turn for a few rounds ([`rounds`]) and summed up by medians with their spread.
 //!
 //! `cargo bench --bench overhead` measures
 //! - `GET /history/{id}` (small JSON) of a prompt that ran through the gate (the gate answers it
 //!   from its own store) and of one sent to the sim directly (the gate asks the backend: the
-//!   proxy path), and `GET /view` of a 4 MB PNG: a closed-loop hyper client, keep-alive, `CONNS`
-//!   connections, `WARMUP` then `MEASURE` per case: req/s, p50, p99;
+//!   proxy path), `GET /userdata/{file}` (passed through) and `GET /view` of a 4 MB PNG: a
+//!   closed-loop hyper client, keep-alive connections, direct, gate and nginx in turn
+//!   ([`paths`]): median req/s, p50, p99, req/s range;
 //! - WebSocket event delivery: 1,000 connected clients, one tiny prompt per client in turn, the
-//!   delay from the backend's `execution_start` `timestamp` (epoch ms) to the client's receipt;
-//! - the gate's RSS (the real `comfy-gate` binary) idle and with 10,000 idle WebSocket clients.
-//!
+//!   delay from the backend's `execution_start` `timestamp` (epoch ms) to the client's receipt,
+//!   direct and gate in turn ([`ws_rounds`]): what the gate adds, median and range;
+//! - the gate's RSS (the real `comfy-gate` binary) idle and with 10,000 idle WebSocket clients;
 //! - a burst of 10,000 `POST /prompt` from 100 connections, each acknowledged once durable
 //!   (issue 16; `-- burst` runs only this), on a fresh gate three times ([`burst`]);
 //! - the gate's RSS with 10,000 finished prompts in its history, each with an 80 KB UI
@@ -18,9 +20,12 @@
 //! - what metrics and timelines cost (issue 15): a second gate with `[metrics]` off, measured in
 //!   turn with the first on a proxied request and on whole prompts ([`metrics_cost`]);
 //!
-//! and prints a markdown table. `cargo bench --bench overhead -- WORD` runs only the HTTP cases
-//! whose name contains WORD (`cost`: only the metrics cost). Run without `--bench` (as `cargo test --all-targets` does), it only
-//! says how to run it.
+//! and prints a markdown table, then issue 16's targets with the measured ratios. `cargo bench
+//! --bench overhead -- WORD` runs only the HTTP cases whose name contains WORD (`ws`: only the
+//! WebSocket rounds; `cost`: only the metrics cost). With `OVERHEAD_BASELINE_GATE` set to
+//! another `comfy-gate` binary, it is measured as a fourth path, `gate-before`, in the same
+//! rounds: a change's before and after side by side. Run without `--bench` (as `cargo test
+//! --all-targets` does), it only says how to run it.
 
 #[path = "overhead/burst.rs"]
 mod burst;
@@ -30,27 +35,20 @@ mod cache_repeat;
 mod history_rss;
 #[path = "overhead/metrics_cost.rs"]
 mod metrics_cost;
+#[path = "overhead/paths.rs"]
+mod paths;
+#[path = "overhead/rounds.rs"]
+mod rounds;
 #[allow(dead_code)]
 mod support;
-
-use std::time::Duration;
+#[path = "overhead/ws_rounds.rs"]
+mod ws_rounds;
 
 use support::nginx::Balance;
 use support::{
-    Ctx, GateProcess, HttpCase, LoadStats, NginxProcess, fmt_ms, http_load, open_files_limits,
-    raise_open_files, ws_latency, ws_rss,
+    Ctx, GateProcess, HttpCase, NginxProcess, fmt_ms, open_files_limits, raise_open_files, ws_rss,
 };
 
-/// Concurrent keep-alive connections of the HTTP load generator.
-const CONNS: usize = 32;
-/// Warm-up before each HTTP measurement.
-const WARMUP: Duration = Duration::from_secs(1);
-/// Length of each HTTP measurement.
-const MEASURE: Duration = Duration::from_secs(5);
-/// WebSocket clients of the delivery-latency case.
-const WS_CLIENTS: usize = 1_000;
-/// Prompts (one `execution_start` each) of the delivery-latency case.
-const WS_PROMPTS: usize = 1_000;
 /// Idle WebSocket clients of the RSS case.
 const RSS_CLIENTS: usize = 10_000;
 
@@ -64,15 +62,6 @@ fn main() {
         .build()
         .expect("tokio runtime");
     rt.block_on(run());
-}
-
-struct Row {
-    case: String,
-    path: &'static str,
-    rate: String,
-    p50_ms: f64,
-    p99_ms: f64,
-    ratio: String,
 }
 
 async fn run() {
@@ -95,6 +84,15 @@ async fn run() {
 
     let gate = GateProcess::start(&ctx.gate_bin, &ctx.sim.url()).await;
     println!("overhead: gate (pid {}) at {}", gate.pid(), gate.addr);
+    // A second gate binary to compare with, measured in the same rounds.
+    let baseline = match std::env::var_os("OVERHEAD_BASELINE_GATE") {
+        Some(bin) => {
+            let b = GateProcess::start(std::path::Path::new(&bin), &ctx.sim.url()).await;
+            println!("overhead: gate-before (pid {}) at {}", b.pid(), b.addr);
+            Some(b)
+        }
+        None => None,
+    };
     let history_id = ctx.prepare_history(&gate.url()).await;
     let view_name = ctx.prepare_view().await;
 
@@ -142,10 +140,16 @@ async fn run() {
         },
     ];
 
-    let mut rows = Vec::new();
-    let mut nginx_lines = Vec::new();
     // `cargo bench --bench overhead -- WORD`: only the HTTP cases whose name contains WORD.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let mut paths = vec![("direct", ctx.sim.addr()), ("gate", gate.addr)];
+    if let Some(n) = &nginx {
+        paths.push(("nginx", n.addr));
+    }
+    if let Some(b) = &baseline {
+        paths.push(("gate-before", b.addr));
+    }
+    let mut results = Vec::new();
     for case in &cases {
         if filter
             .as_ref()
@@ -153,99 +157,16 @@ async fn run() {
         {
             continue;
         }
-        let mut targets = vec![("direct", ctx.sim.addr()), ("gate", gate.addr)];
-        if let Some(n) = &nginx {
-            targets.push(("nginx", n.addr));
-        }
-        let mut results: Vec<(&'static str, LoadStats)> = Vec::new();
-        for (label, addr) in targets {
-            let s = http_load(
-                addr,
-                &case.path,
-                case.expect_min_bytes,
-                CONNS,
-                WARMUP,
-                MEASURE,
-            )
-            .await;
-            println!(
-                "overhead: {} via {label}: {:.0} req/s, p50 {}, p99 {}, {} errors",
-                case.name,
-                s.rps(),
-                fmt_ms(s.p50_ms()),
-                fmt_ms(s.p99_ms()),
-                s.errors
-            );
-            results.push((label, s));
-        }
-        let direct = results[0].1.clone();
-        for (label, s) in &results {
-            rows.push(Row {
-                case: case.name.clone(),
-                path: label,
-                rate: format!("{:.0}", s.rps()),
-                p50_ms: s.p50_ms(),
-                p99_ms: s.p99_ms(),
-                ratio: if *label == "direct" {
-                    "1.00".to_string()
-                } else {
-                    http_ratio(s, &direct)
-                },
-            });
-        }
-        if nginx.is_some() {
-            let g = &results[1].1;
-            let n = &results[2].1;
-            nginx_lines.push(format!(
-                "- {}: nginx/direct {}; gate/nginx {}",
-                case.name,
-                http_ratio(n, &direct),
-                http_ratio(g, n)
-            ));
-        }
+        results.push(paths::measure(case, &paths).await);
     }
 
-    // WebSocket delivery latency: 1,000 clients, direct then through the gate.
-    let mut ws = Vec::new();
-    let ws_targets = [("direct", ctx.sim.url()), ("gate", gate.url())];
-    for (label, url) in ws_targets.into_iter().filter(|_| filter.is_none()) {
-        let r = ws_latency(&url, label, WS_CLIENTS, WS_PROMPTS).await;
-        println!(
-            "overhead: ws delivery via {label}: {} clients, {} events, p50 {}, p99 {} ({:.1} s)",
-            r.clients,
-            r.latencies_ms.len(),
-            fmt_ms(r.p50_ms()),
-            fmt_ms(r.p99_ms()),
-            r.elapsed.as_secs_f64()
-        );
-        ws.push((label, r));
-    }
-    let direct_p50 = ws.first().map_or(f64::NAN, |w| w.1.p50_ms());
-    let direct_p99 = ws.first().map_or(f64::NAN, |w| w.1.p99_ms());
-    for (label, r) in &ws {
-        rows.push(Row {
-            case: format!(
-                "WS execution_start delivery ({} clients)",
-                support::group_thousands(r.clients)
-            ),
-            path: label,
-            rate: format!(
-                "{:.0} ev/s",
-                r.latencies_ms.len() as f64 / r.elapsed.as_secs_f64()
-            ),
-            p50_ms: r.p50_ms(),
-            p99_ms: r.p99_ms(),
-            ratio: if *label == "direct" {
-                "—".to_string()
-            } else {
-                format!(
-                    "p50 {:+.1} ms, p99 {:+.1} ms",
-                    r.p50_ms() - direct_p50,
-                    r.p99_ms() - direct_p99
-                )
-            },
-        });
-    }
+    // WebSocket delivery latency: 1,000 clients, direct and through the gate in turn.
+    let mut ws_urls = vec![("direct", ctx.sim.url()), ("gate", gate.url())];
+    ws_urls.extend(baseline.as_ref().map(|b| ("gate-before", b.url())));
+    let ws = match filter.as_deref() {
+        None | Some("ws") => Some(ws_rounds::measure(&ws_urls).await),
+        Some(_) => None,
+    };
 
     // Issue 16: a burst of submissions, durably accepted, on a gate of its own (fresh store).
     let mut bursts = Vec::new();
@@ -279,6 +200,7 @@ async fn run() {
 
     drop(nginx);
     drop(gate);
+    drop(baseline);
 
     // RSS of a fresh gate with idle WebSocket clients.
     let rss = match filter {
@@ -287,28 +209,21 @@ async fn run() {
     };
 
     println!();
-    if !rows.is_empty() {
-        println!("| case | path | req/s | p50 | p99 | ratio vs direct |");
-        println!("|---|---|---:|---:|---:|---|");
-    }
-    for r in &rows {
+    if !results.is_empty() || ws.is_some() {
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.case,
-            r.path,
-            r.rate,
-            fmt_ms(r.p50_ms),
-            fmt_ms(r.p99_ms),
-            r.ratio
+            "| case | path | req/s median (range) | p50 | p99 | req/s vs direct | req/s vs nginx |"
         );
+        println!("|---|---|---:|---:|---:|---|---|");
+    }
+    for r in &results {
+        for row in r.rows() {
+            println!("{row}");
+        }
+    }
+    for row in ws.iter().flat_map(ws_rounds::WsResult::rows) {
+        println!("{row}");
     }
     println!();
-    for l in &nginx_lines {
-        println!("{l}");
-    }
-    if nginx_lines.is_empty() {
-        println!("- nginx: not measured (not on PATH or did not start)");
-    }
     if let Some(rss) = &rss {
         println!("- {}", rss.line());
         if let Some(note) = &rss.note {
@@ -316,11 +231,14 @@ async fn run() {
         }
     }
     println!(
-        "- HTTP: closed loop, {CONNS} keep-alive HTTP/1.1 connections, {:.0} s warm-up + {:.0} s \
-         per row, latency = request sent → whole body read. ratio = path/direct (req/s ×, p50 ×, \
-         p99 ×).",
-        WARMUP.as_secs_f64(),
-        MEASURE.as_secs_f64()
+        "- HTTP: closed loop, {} keep-alive HTTP/1.1 connections; {} rounds, each path in turn \
+         ({:.1} s warm-up + {:.0} s each); latency = request sent → whole body read; req/s, p50 \
+         and p99 are medians over the rounds, the range is req/s's min–max; vs = ratio of \
+         median req/s.",
+        paths::CONNS,
+        paths::ROUNDS,
+        paths::WARMUP.as_secs_f64(),
+        paths::MEASURE.as_secs_f64()
     );
     println!(
         "- /history/{{id}}, the gate's own prompt: it ran through the gate, so the gate answers \
@@ -336,8 +254,11 @@ async fn run() {
     println!(
         "- WS: latency = client receive time − `execution_start.timestamp` set by the sim when it \
          sends; both epoch ms, the timestamp is whole ms (up to +1 ms bias, same for both \
-         paths). {WS_PROMPTS} prompts (EmptyImage 8×8 → SaveImage), each for the next client in \
-         turn, the next submitted once the previous execution_start arrived."
+         paths). {} rounds, direct then gate in each, {} prompts a round (EmptyImage 8×8 → \
+         SaveImage), each for the next client in turn, the next submitted once the previous \
+         execution_start arrived; added = gate − direct of the same round, median (range).",
+        ws_rounds::ROUNDS,
+        ws_rounds::PROMPTS
     );
     println!(
         "- gate = the release `comfy-gate` binary as a separate process; the sim runs in this \
@@ -385,19 +306,136 @@ async fn run() {
              target (acceptance 6): on/off ≥ 0.97 in req/s."
         );
     }
+    print_targets(&results, ws.as_ref());
+    print_capacity_targets(
+        &bursts,
+        rss.as_ref(),
+        history_memory.as_ref(),
+        repeats.as_ref(),
+    );
     println!(
         "- total bench time {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
 
-/// `req/s ×a, p50 ×b, p99 ×c` of `s` against `base`.
-fn http_ratio(s: &LoadStats, base: &LoadStats) -> String {
-    let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    format!(
-        "req/s ×{:.2}, p50 ×{:.2}, p99 ×{:.2}",
-        div(s.rps(), base.rps()),
-        div(s.p50_ms(), base.p50_ms()),
-        div(s.p99_ms(), base.p99_ms())
-    )
+/// Issue 16's targets, one line each: the measured ratio, its spread, holds or misses.
+fn print_targets(results: &[paths::CaseResult], ws: Option<&ws_rounds::WsResult>) {
+    let verdict = |ok: bool| if ok { "holds" } else { "misses" };
+    let find = |word: &str| results.iter().find(|r| r.name.contains(word));
+    println!();
+    println!("targets (issue 16, medians of interleaved rounds):");
+    let spread = |r: &paths::CaseResult, label: &str| {
+        r.get(label)
+            .map_or("—".to_string(), |p| format!("{label} {}", p.rps.range(0)))
+    };
+    if let Some(r) = find("asked of the backend") {
+        let x = r.rps_ratio("gate", "nginx");
+        println!(
+            "- proxied small JSON (/history/{{id}} asked of the backend): gate/nginx req/s ×{x:.2} \
+             (target ≥ ×1.10; {}, {}): {}",
+            spread(r, "gate"),
+            spread(r, "nginx"),
+            verdict(x >= 1.1)
+        );
+        if let (Some(g), Some(n)) = (r.get("gate"), r.get("nginx")) {
+            println!(
+                "- proxied small JSON p99: gate {} vs nginx {} (target ≤ nginx's; gate \
+                 {}–{} ms, nginx {}–{} ms over rounds): {}",
+                fmt_ms(g.p99.median),
+                fmt_ms(n.p99.median),
+                format_args!("{:.2}", g.p99.min),
+                format_args!("{:.2}", g.p99.max),
+                format_args!("{:.2}", n.p99.min),
+                format_args!("{:.2}", n.p99.max),
+                verdict(g.p99.median <= n.p99.median)
+            );
+        }
+    }
+    if let Some(r) = find("/view") {
+        let (xn, xd) = (r.rps_ratio("gate", "nginx"), r.rps_ratio("gate", "direct"));
+        println!(
+            "- 4 MB /view: gate/nginx req/s ×{xn:.2} (target ≥ ×1.10): {}; gate/direct ×{xd:.2} \
+             (target ≥ ×0.80): {} ({}, {}, {})",
+            verdict(xn >= 1.1),
+            verdict(xd >= 0.8),
+            spread(r, "gate"),
+            spread(r, "nginx"),
+            spread(r, "direct")
+        );
+    }
+    if let Some(g) = ws.and_then(|w| w.get("gate")) {
+        println!(
+            "- WS event to {} clients: added p99 {:+.2} ms (range {} ms; target ≤ +2 ms): {}",
+            support::group_thousands(ws.map_or(0, |w| w.clients)),
+            g.added_p99.median,
+            g.added_p99.range(2),
+            verdict(g.added_p99.median <= 2.0)
+        );
+    }
+    for r in results {
+        if r.get("gate-before").is_some() {
+            println!(
+                "- {}: gate/gate-before req/s ×{:.2}",
+                r.name,
+                r.rps_ratio("gate", "gate-before")
+            );
+        }
+    }
+}
+
+/// Issue 16's other targets of this bench: the burst, the idle sockets' and the history's
+/// memory, the cached repeat; each with its ratio to the target and its spread where it has
+/// rounds. (The scheduling targets are `scheduling_des`'s.)
+fn print_capacity_targets(
+    bursts: &[burst::Burst],
+    rss: Option<&support::RssResult>,
+    history: Option<&history_rss::HistoryRss>,
+    repeats: Option<&cache_repeat::CacheRepeat>,
+) {
+    let verdict = |ok: bool| if ok { "holds" } else { "misses" };
+    if !bursts.is_empty() {
+        let mut rates: Vec<f64> = bursts.iter().map(burst::Burst::rate).collect();
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        println!(
+            "- burst of 10,000 POST /prompt from 100 connections: {median:.0} accepted/s durable \
+             (range {:.0}–{:.0} over {} bursts; target ≥ 3,000/s: ×{:.2}): {}",
+            rates[0],
+            rates[rates.len() - 1],
+            rates.len(),
+            median / 3000.0,
+            verdict(median >= 3000.0)
+        );
+    }
+    if let Some(r) = rss {
+        let mb = r.loaded_kib as f64 * 1024.0 / 1e6;
+        println!(
+            "- {} idle WebSocket clients: RSS {mb:.1} MB (target ≤ 80 MB: ×{:.2}): {}",
+            support::group_thousands(r.clients),
+            mb / 80.0,
+            verdict(mb <= 80.0 && r.clients >= r.wanted)
+        );
+    }
+    if let Some(h) = history {
+        println!(
+            "- {} finished prompts in history, 80 KB workflow each: RSS {:.1} MB (target ≤ 300 \
+             MB: ×{:.2}): {}",
+            support::group_thousands(h.kept),
+            h.rss_mb(),
+            h.rss_mb() / 300.0,
+            verdict(h.rss_mb() <= 300.0 && h.kept >= history_rss::PROMPTS)
+        );
+    }
+    if let Some(c) = repeats {
+        let p99 = support::percentile(&c.cached_ms, 99.0);
+        println!(
+            "- a repeated prompt with the cache on: p99 {} (target ≤ 20 ms: ×{:.2}), {} runs on \
+             a GPU: {}",
+            support::fmt_ms(p99),
+            p99 / cache_repeat::TARGET_MS,
+            c.ran_on_sim,
+            verdict(p99 <= cache_repeat::TARGET_MS && c.ran_on_sim == 0)
+        );
+    }
 }

@@ -1,11 +1,13 @@
 //! `/view` through the gate as a file server (issue 11, input 2; acceptance 3), over two
 //! comfy-sim backends: ranges, validators and HEAD, for the gate's own uploads and for outputs
-//! of either backend.
+//! of either backend; and the names a backend's own history entry shows for the files `/view`
+//! serves.
 
 mod common;
 
 use common::files::*;
 use common::*;
+use serde_json::json;
 
 /// The headers a file answer carries, for comparing GET with HEAD.
 fn file_headers(r: &reqwest::Response) -> Vec<(String, String)> {
@@ -164,4 +166,35 @@ async fn a_backslash_subfolder_reads_nothing_outside_the_store() {
         }
     }
     std::fs::remove_file(secret).unwrap();
+}
+
+/// `GET /history/{id}` of a prompt the gate never placed is the backend's entry: as the backend
+/// wrote it while no name changes; with an output whose name a file of the other backend holds,
+/// the same entry with that output under its gate-wide name.
+#[tokio::test]
+async fn a_backends_own_history_passes_with_gate_wide_names() {
+    let f = Fleet::start().await;
+    let base = f.base();
+    let mut ids = Vec::new();
+    for (sim, color) in [(&f.a, 0x113355), (&f.b, 0x224466)] {
+        let (code, r) =
+            post_json(&sim.url(), "/prompt", &json!({"prompt": blur_graph(color)})).await;
+        assert_eq!(code, 200, "{r}");
+        let id = r["prompt_id"].as_str().unwrap().to_string();
+        wait_history(&sim.url(), &id).await;
+        ids.push(id);
+    }
+    let path = |id: &str| format!("/history/{id}");
+    let (code, from_a) = get_bytes(&f.a.url(), &path(&ids[0])).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        get_bytes(&base, &path(&ids[0])).await,
+        (200, from_a),
+        "the first name keeps its name: the backend's bytes"
+    );
+    let (_, mut from_b) = get_json(&f.b.url(), &path(&ids[1])).await;
+    let image = &mut from_b[&ids[1]]["outputs"]["3"]["images"][0];
+    assert_eq!(image["filename"], "ComfyUI_00001_.png", "b's own name");
+    image["filename"] = json!("ComfyUI_00002_.png");
+    assert_eq!(get_json(&base, &path(&ids[1])).await, (200, from_b));
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use comfy_gate::loadtest::{LoadTest, Options};
 
+use crate::rounds::median_and_range;
 use crate::support::{GateProcess, fmt_ms, http_load};
 
 /// Rounds per side (alternating).
@@ -55,11 +56,6 @@ impl Cost {
             (self.ratio() - 1.0) * 100.0
         )
     }
-}
-
-fn median_and_range(mut v: Vec<f64>) -> (f64, (f64, f64)) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], (v[0], v[v.len() - 1]))
 }
 
 /// `measure` of each gate in turn (on, off, on …), `ROUNDS` times each: the two sides' rates.

@@ -3,10 +3,13 @@
 //! whatever comes back is shown as from one ComfyUI: the gate's clientId replaced by the
 //! client's own, the gate's numbers, gate-wide file names.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::future::join_all;
+use http::Method;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::Ctx;
@@ -191,12 +194,13 @@ fn page_history(ordered: Vec<(String, Arc<Value>)>, max_items: Option<i64>, offs
 }
 
 /// `GET /history/{id}`, serialized: the gate's entry for its prompts (`{}` until finished),
-/// a backend's for prompts it does not know. The gate's own entries are written out from the
-/// shared entry (a hot path for clients that poll). Another user's prompt is `{}`, as an
+/// a backend's for prompts it does not know. The gate's own entries are sent as the store holds
+/// them, unparsed (a hot path for clients that poll). Another user's prompt is `{}`, as an
 /// unknown one.
-pub async fn history_one(ctx: &Ctx, caller: &Caller, id: &str) -> Vec<u8> {
+pub async fn history_one(ctx: &Ctx, caller: &Caller, id: &str) -> Bytes {
+    let empty = || Bytes::from_static(b"{}");
     if !ctx.sched.may_touch(caller, id) {
-        return b"{}".to_vec();
+        return empty();
     }
     if let Some(entry) = ctx.sched.history.get_json(id) {
         // `{"<id>": <entry>}`, the entry as the store holds it (not parsed again).
@@ -207,23 +211,66 @@ pub async fn history_one(ctx: &Ctx, caller: &Caller, id: &str) -> Vec<u8> {
         out.push(b':');
         out.extend_from_slice(&entry);
         out.push(b'}');
-        return out;
+        return Bytes::from(out);
     }
     if ctx.sched.knows(id) {
-        return b"{}".to_vec();
+        return empty();
     }
     let path = format!("/history/{}", crate::fleet::upstream::encode_segment(id));
     for i in ctx.fleet.up() {
         let b = ctx.fleet.get(i);
-        if let Ok((code, mut v)) = ctx.fleet.upstream.get_json(&b.config, &path).await
+        if let Ok((code, _, body)) = ctx
+            .fleet
+            .upstream
+            .call(&b.config, Method::GET, &path, None, None, None)
+            .await
             && code.is_success()
-            && let Some(entry) = v.get_mut(id)
+            && let Some(answer) = backend_history(ctx, i, id, body)
         {
-            restore_entry(&ctx.sched, i, entry);
-            return serde_json::to_vec(&v).unwrap_or_else(|_| b"{}".to_vec());
+            return answer;
         }
     }
-    b"{}".to_vec()
+    empty()
+}
+
+/// A backend's `/history/{id}` answer `body` as the client sees it; `None` without an entry
+/// for `id`. Of a prompt the gate never placed only the output file names may change (to their
+/// gate-wide names), so only `outputs` is parsed: the answer is the backend's bytes as they
+/// came when no name changes, else those bytes with the new `outputs` put in place. An answer
+/// naming the gate's own clientId (a prompt the gate sent that it no longer knows) is read
+/// whole and written out by [`restore_entry`].
+fn backend_history(ctx: &Ctx, backend: usize, id: &str, body: Bytes) -> Option<Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Entry<'a> {
+        #[serde(borrow)]
+        outputs: Option<&'a RawValue>,
+    }
+    let b = ctx.fleet.get(backend);
+    let text = std::str::from_utf8(&body).ok()?;
+    if text.contains(b.upstream_client_id.as_str()) {
+        let mut v: Value = serde_json::from_str(text).ok()?;
+        restore_entry(&ctx.sched, backend, v.get_mut(id)?);
+        return serde_json::to_vec(&v).ok().map(Bytes::from);
+    }
+    let answer: HashMap<String, &RawValue> = serde_json::from_str(text).ok()?;
+    let entry: Entry = serde_json::from_str(answer.get(id)?.get()).ok()?;
+    let Some(raw) = entry.outputs else {
+        return Some(body);
+    };
+    let mut outputs: Value = serde_json::from_str(raw.get()).ok()?;
+    let before = outputs.clone();
+    ctx.files.alias_outputs(b.name(), &mut outputs);
+    if outputs == before {
+        return Some(body);
+    }
+    // `raw` borrows from `text`: its offset there is where the backend's `outputs` lie.
+    let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+    let end = start + raw.get().len();
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.extend_from_slice(&body[..start]);
+    serde_json::to_writer(&mut out, &outputs).ok()?;
+    out.extend_from_slice(&body[end..]);
+    Some(Bytes::from(out))
 }
 
 /// `GET /system_stats`: `system` from one backend, every backend's device.

@@ -134,10 +134,9 @@ pub async fn route(
         }
         (Method::GET, p) if p.starts_with("/history/") => {
             let id = percent_decode(&p["/history/".len()..]);
-            Ok(json_bytes(
-                StatusCode::OK,
-                merged::history_one(&ctx, &caller, &id).await,
-            ))
+            // A backend's answer passed on is a slice of its read buffer: copied once here.
+            let answer = merged::history_one(&ctx, &caller, &id).await;
+            Ok(json_bytes(StatusCode::OK, Vec::from(answer)))
         }
         (Method::GET, "/api/jobs") => match jobs::parse_query(&query) {
             Ok(q) => ok(merged::jobs(&ctx, &caller, Some(&q), None).await),

@@ -1,6 +1,8 @@
 //! `GET /ws` on the gate: issues the client its sid (honouring `?clientId=`), sends the first
 //! `status` and the node its running prompt is on (the reconnect replay), answers
-//! `feature_flags` itself, and writes the session's outbox ([`crate::sessions`]) to the socket.
+//! `feature_flags` itself, and writes the session's outbox ([`crate::sessions`]) to the socket:
+//! what has queued up by the time the socket's task runs goes out in one write (a broadcast
+//! and the event after it cost one system call, not two).
 
 use std::sync::Arc;
 
@@ -15,6 +17,9 @@ use crate::http::{Body, serve_comfy_websocket};
 use crate::protocol::client_feature_flags;
 use crate::sched::tenant::Caller;
 use crate::sessions::{send_timeout, session_key};
+
+/// Most frames written to a socket before one flush.
+const MAX_BATCH: usize = 64;
 
 /// Upgrades a `GET /ws` of `caller`; `held` (a connection slot of the per-address cap) is
 /// released when the socket ends.
@@ -60,16 +65,33 @@ async fn serve<S>(
             tokio::select! {
                 _ = dropped.cancelled() => break,
                 out = reg.next() => {
-                    let Some(msg) = out else { break };
-                    let closing = matches!(msg, Message::Close(_));
-                    let text = match &msg {
-                        Message::Text(t) => Some(t.clone()),
-                        _ => None,
+                    let Some(first) = out else { break };
+                    // Frames already waiting go out with it: one flush, one write to the socket.
+                    let mut batch = vec![first];
+                    let open = |b: &[Message]| !matches!(b.last(), Some(Message::Close(_)));
+                    while batch.len() < MAX_BATCH && open(&batch) {
+                        let Some(msg) = reg.next_ready() else { break };
+                        batch.push(msg);
+                    }
+                    let closing = matches!(batch.last(), Some(Message::Close(_)));
+                    let size = batch.iter().map(Message::len).sum();
+                    let texts: Vec<_> = batch
+                        .iter()
+                        .filter_map(|m| match m {
+                            Message::Text(t) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let write = async {
+                        for msg in batch {
+                            sink.feed(msg).await?;
+                        }
+                        sink.flush().await
                     };
-                    let sent = tokio::time::timeout(send_timeout(msg.len()), sink.send(msg)).await;
+                    let sent = tokio::time::timeout(send_timeout(size), write).await;
                     if !matches!(sent, Ok(Ok(()))) {
-                        // Not delivered: an ending in it is kept for the client's return.
-                        if let Some(text) = text {
+                        // Not delivered: the endings in it are kept for the client's return.
+                        for text in texts {
                             sessions.keep_if_terminal(&key, text.as_str());
                         }
                         break;

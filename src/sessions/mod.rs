@@ -103,6 +103,16 @@ impl Registration {
     /// The next frame to write to the socket (`None` once the session is gone).
     pub async fn next(&mut self) -> Option<Message> {
         let msg = self.outbox.recv().await?;
+        Some(self.taken(msg))
+    }
+
+    /// The next frame if one is queued now, taken off the count as [`Registration::next`] does.
+    pub fn next_ready(&mut self) -> Option<Message> {
+        let msg = self.outbox.try_recv().ok()?;
+        Some(self.taken(msg))
+    }
+
+    fn taken(&self, msg: Message) -> Message {
         let size = msg.len();
         // Saturating: close frames the gate adds on its own are not counted in.
         let _ = self
@@ -110,7 +120,7 @@ impl Registration {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                 Some(w.saturating_sub(size))
             });
-        Some(msg)
+        msg
     }
 }
 
