@@ -139,20 +139,34 @@ async fn queue_with_strangers(ctx: &Ctx, view: QueueView, scope: &Scope) -> Valu
 /// time, then paged with ComfyUI's rules; with auth on, a user's own only (admins: all).
 pub async fn history(ctx: &Ctx, caller: &Caller, max_items: Option<i64>, offset: i64) -> Value {
     let scope = Scope::of(ctx, caller);
-    let entries = with_stranger_history(ctx, ctx.sched.history.all(), &scope).await;
+    let gate = ctx.sched.history.all();
+    let ours: std::collections::HashSet<String> =
+        gate.iter().map(|(_, id, _)| id.clone()).collect();
+    let entries = with_stranger_history(ctx, gate, &scope).await;
     let mut page = page_history(entries, max_items, offset);
-    whole_entries(ctx, &mut page);
+    whole_entries(ctx, &ours, &mut page);
     page
 }
 
-/// The gate's entries in a page of history made whole: memory keeps them slim, the store
-/// whole (`sched::history`). Backends' entries are whole already.
-fn whole_entries(ctx: &Ctx, page: &mut Value) {
-    for (id, entry) in page.as_object_mut().into_iter().flatten() {
-        if let Some(whole) = ctx.sched.history.get(id) {
-            *entry = whole;
+/// The gate's entries (`ours`) in a page of history made whole: memory keeps them slim, the
+/// store whole (`sched::history`); one deleted or pruned since the page was taken leaves it, as
+/// a later read would not show it. Backends' entries are whole already.
+fn whole_entries(ctx: &Ctx, ours: &std::collections::HashSet<String>, page: &mut Value) {
+    let Some(map) = page.as_object_mut() else {
+        return;
+    };
+    map.retain(|id, entry| {
+        if !ours.contains(id) {
+            return true;
         }
-    }
+        match ctx.sched.history.get(id) {
+            Some(whole) => {
+                *entry = whole;
+                true
+            }
+            None => false,
+        }
+    });
 }
 
 /// `entries` (the gate's, those `scope` shows) with backends' entries for prompts the gate

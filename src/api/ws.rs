@@ -68,19 +68,28 @@ async fn serve<S>(
                     let Some(first) = out else { break };
                     // Frames already waiting go out with it: one flush, one write to the socket.
                     let mut batch = vec![first];
-                    let open = |b: &[Message]| !matches!(b.last(), Some(Message::Close(_)));
+                    // A batch ends at a close, and at a terminal event: kept for the client's
+                    // return if its write fails, it must be the batch's last frame, so one that
+                    // did reach the client is never replayed.
+                    let open = |b: &[Message]| match b.last() {
+                        Some(Message::Close(_)) => false,
+                        Some(Message::Text(t)) => !crate::sessions::is_terminal_text(t.as_str()),
+                        _ => true,
+                    };
                     while batch.len() < MAX_BATCH && open(&batch) {
                         let Some(msg) = reg.next_ready() else { break };
                         batch.push(msg);
                     }
                     let closing = matches!(batch.last(), Some(Message::Close(_)));
                     let size = batch.iter().map(Message::len).sum();
+                    // Only the last frame can be a terminal event (see `open`).
                     let texts: Vec<_> = batch
-                        .iter()
-                        .filter_map(|m| match m {
+                        .last()
+                        .and_then(|m| match m {
                             Message::Text(t) => Some(t.clone()),
                             _ => None,
                         })
+                        .into_iter()
                         .collect();
                     let write = async {
                         for msg in batch {

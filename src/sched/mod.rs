@@ -362,7 +362,10 @@ impl Scheduler {
             self.files.forget_outputs(&old);
         }
         self.wake();
-        self.history.save(&record, finished_at, &entry);
+        // Stored shed: its body is in the entry (a restart would only shed it again).
+        let mut stored = record.clone();
+        stored.shed_body();
+        self.history.save(&stored, finished_at, &entry);
         if !dropped.is_empty() {
             let ids: Vec<String> = dropped.iter().map(|(id, _)| id.clone()).collect();
             if let Err(e) = self.store.remove(&ids) {

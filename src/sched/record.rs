@@ -245,11 +245,18 @@ impl PromptRecord {
 
     /// Once it is done its body lives in its history entry, in the store: the graph and
     /// `extra_data` (whose UI workflow can be megabytes) leave memory, with what was derived
-    /// from them and the run's event log. Nothing reads them once a prompt ended.
+    /// from them and the run's event log (all but its outputs). Nothing reads them once a
+    /// prompt ended.
     pub fn shed_body(&mut self) {
-        self.body = Map::new();
-        // What the run's events said is in the entry too (its outputs, status and meta).
-        self.log = RunLog::default();
+        // `prompt` stays, empty: code that indexes it reads nothing instead of panicking.
+        self.body = Map::from_iter([("prompt".to_string(), json!({}))]);
+        // The run's event log goes, but for the outputs its client was shown: with auth on
+        // they are what lets it `/view` them when the gate ended the run (its entry then has
+        // none).
+        self.log = RunLog {
+            outputs: std::mem::take(&mut self.log.outputs),
+            ..RunLog::default()
+        };
         self.graph = OnceLock::new();
         self.extra = OnceLock::new();
     }

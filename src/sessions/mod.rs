@@ -124,6 +124,23 @@ impl Registration {
     }
 }
 
+/// Whether a text frame is a prompt's terminal event ([`missed::is_terminal`]).
+pub fn is_terminal_text(text: &str) -> bool {
+    // Cheap first: every terminal event names its type.
+    let may_be = [
+        "execution_success",
+        "execution_error",
+        "execution_interrupted",
+        "\"node\":null",
+        "\"node\": null",
+    ];
+    if !may_be.iter().any(|k| text.contains(k)) {
+        return false;
+    }
+    serde_json::from_str::<Value>(text)
+        .is_ok_and(|v| missed::is_terminal(v["type"].as_str().unwrap_or(""), &v["data"]))
+}
+
 /// Connected client sockets by sid.
 #[derive(Default)]
 pub struct Sessions {
@@ -248,10 +265,7 @@ impl Sessions {
     /// Keeps `text` (an event message that was not delivered to `sid`) for the client's return
     /// if it is a terminal event.
     pub fn keep_if_terminal(&self, sid: &str, text: &str) {
-        let Ok(v) = serde_json::from_str::<Value>(text) else {
-            return;
-        };
-        if missed::is_terminal(v["type"].as_str().unwrap_or(""), &v["data"]) {
+        if is_terminal_text(text) {
             self.missed.keep(sid, text.to_string());
         }
     }
