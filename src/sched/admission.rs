@@ -122,7 +122,7 @@ pub async fn submit(
             .or_else(|| sched.fleet.refusal(prompt, &|n| sched.files.uploaded(n)))
             .or_else(|| never_fits(sched, prompt))
     };
-    let sub = match parse(body, &refuse)? {
+    let mut sub = match parse(body, &refuse)? {
         Ok(sub) => sub,
         Err(answer) => return Ok(json_resp(StatusCode::BAD_REQUEST, &answer)),
     };
@@ -155,22 +155,11 @@ pub async fn submit(
         if s.table.contains(&id) {
             return Err(GateError::DuplicatePromptId(id));
         }
-        let number = number_of(sub.number, &mut s.table, sub.front)?;
+        let number = number_of(sub.number.take(), &mut s.table, sub.front)?;
         admit_within_caps(&sched.config.load(), &s.table, caller)?;
         let nothing_waits = placing::nothing_waits(sched, &s);
-        let mut rec = PromptRecord::new(
-            id.clone(),
-            number.clone(),
-            sub.body,
-            sub.client_id,
-            caller.identity.clone(),
-            caller.tenant(&sched.config.load().auth),
-        );
-        rec.front = sub.front;
+        let mut rec = new_record(sched, caller, id.clone(), number.clone(), sub);
         rec.cache_key = cache_key;
-        if !sched.timelines {
-            rec.timeline = super::timeline::Timeline::off();
-        }
         let band = rec.tenant.band.clone();
         s.table.admit(rec);
         s.table.enqueue(&id);
@@ -244,6 +233,31 @@ pub async fn submit(
         Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
         Forwarded::Failed => Ok(queued_answer()),
     }
+}
+
+/// The record of a new prompt of `caller` numbered `number`: its body, client id and `front`
+/// from `sub`, its identity and tenant from the caller; no timeline with `[metrics]
+/// timelines = false`.
+pub(super) fn new_record(
+    sched: &Scheduler,
+    caller: &Caller,
+    id: String,
+    number: serde_json::Number,
+    sub: Submission,
+) -> PromptRecord {
+    let mut rec = PromptRecord::new(
+        id,
+        number,
+        sub.body,
+        sub.client_id,
+        caller.identity.clone(),
+        caller.tenant(&sched.config.load().auth),
+    );
+    rec.front = sub.front;
+    if !sched.timelines {
+        rec.timeline = super::timeline::Timeline::off();
+    }
+    rec
 }
 
 /// The gate number of a new prompt: the client's `number` (any JSON number, kept as a float as

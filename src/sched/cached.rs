@@ -16,7 +16,6 @@ use serde_json::{Map, Value, json};
 
 use super::admission::Submission;
 use super::cache::CachedRun;
-use super::prompts::PromptRecord;
 use super::tenant::Caller;
 use super::timeline::Happened;
 use super::{Outcome, Scheduler};
@@ -30,7 +29,7 @@ use crate::protocol::now_ms;
 pub(super) fn answer(
     sched: &Arc<Scheduler>,
     caller: &Caller,
-    sub: Submission,
+    mut sub: Submission,
     run: &CachedRun,
 ) -> Result<Response<Body>, GateError> {
     let id = sub.id.clone();
@@ -39,19 +38,8 @@ pub(super) fn answer(
         if s.table.contains(&id) {
             return Err(GateError::DuplicatePromptId(id));
         }
-        let number = super::admission::number_of(sub.number, &mut s.table, sub.front)?;
-        let mut rec = PromptRecord::new(
-            id.clone(),
-            number.clone(),
-            sub.body,
-            sub.client_id,
-            caller.identity.clone(),
-            caller.tenant(&sched.config.load().auth),
-        );
-        rec.front = sub.front;
-        if !sched.timelines {
-            rec.timeline = super::timeline::Timeline::off();
-        }
+        let number = super::admission::number_of(sub.number.take(), &mut s.table, sub.front)?;
+        let mut rec = super::admission::new_record(sched, caller, id.clone(), number.clone(), sub);
         let graph = rec.graph().0.clone();
         let nodes = upstream_of(&graph, &run.outputs_to_execute);
         let classes = nodes.iter().map(|n| rec.class_of(n).to_string()).collect();
