@@ -237,6 +237,18 @@ mod tests {
         }))
     }
 
+    /// Prompt `p`'s record (what `save` stores beside the entry).
+    fn record() -> PromptRecord {
+        PromptRecord::new(
+            "p".into(),
+            3.into(),
+            Default::default(),
+            None,
+            "x".into(),
+            Default::default(),
+        )
+    }
+
     #[test]
     fn memory_keeps_an_entry_slim_once_written_and_the_store_keeps_it_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -245,14 +257,7 @@ mod tests {
         let whole = entry();
         history.insert("p", 10, whole.clone());
         assert_eq!(history.summary("p").unwrap(), whole, "whole until written");
-        let record = PromptRecord::new(
-            "p".into(),
-            3.into(),
-            Default::default(),
-            None,
-            "x".into(),
-            Default::default(),
-        );
+        let record = record();
         history.save(&record, 10, &whole);
         let kept = history.summary("p").unwrap();
         assert_eq!(
@@ -280,14 +285,7 @@ mod tests {
         let whole = entry();
         {
             let (store, _) = Store::open(dir.path(), &[]).unwrap();
-            let record = PromptRecord::new(
-                "p".into(),
-                3.into(),
-                Default::default(),
-                None,
-                "x".into(),
-                Default::default(),
-            );
+            let record = record();
             store.save_history(&record, 10, &whole).unwrap();
         }
         let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
