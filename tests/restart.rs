@@ -481,15 +481,18 @@ async fn sigkill_in_a_burst_keeps_every_acknowledged_prompt() {
     let gate = start_gate(&config).await;
     let deadline = Instant::now() + Duration::from_secs(180);
     let history = loop {
+        // The queue first: once it is empty, every prompt that ended is in the history read
+        // after it (an end moves a prompt from one to the other under one lock), including
+        // unanswered prompts that ended between the two reads.
+        let (_, q) = get_json(&gate.url, "/queue").await;
+        let busy = q["queue_running"].as_array().unwrap().len()
+            + q["queue_pending"].as_array().unwrap().len();
         let (_, history) = get_json(&gate.url, "/history?max_items=100000").await;
         let done = history.as_object().cloned().unwrap_or_default();
         let missing = sent
             .iter()
             .filter(|(id, s)| **s == Sent::Acknowledged && !done.contains_key(*id))
             .count();
-        let (_, q) = get_json(&gate.url, "/queue").await;
-        let busy = q["queue_running"].as_array().unwrap().len()
-            + q["queue_pending"].as_array().unwrap().len();
         if missing == 0 && busy == 0 {
             break done;
         }
@@ -508,11 +511,29 @@ async fn sigkill_in_a_burst_keeps_every_acknowledged_prompt() {
         assert_eq!(entry["status"]["status_str"], "success", "{id}: {entry}");
     }
     let ran = a.counters().prompts_finished + b.counters().prompts_finished;
-    assert_eq!(
-        ran as usize,
-        history.len(),
-        "every prompt in history ran once, no more"
-    );
+    if ran as usize != history.len() {
+        // Which prompts: those a backend ran that the gate's history lacks, and those both ran.
+        let mut on_backends: HashMap<String, Vec<&str>> = HashMap::new();
+        for (name, sim) in [("a", &a), ("b", &b)] {
+            let (_, h) = get_json(&sim.url(), "/history?max_items=100000").await;
+            for id in h.as_object().unwrap().keys() {
+                on_backends.entry(id.clone()).or_default().push(name);
+            }
+        }
+        let twice: Vec<_> = on_backends.iter().filter(|(_, w)| w.len() > 1).collect();
+        let unknown: Vec<_> = on_backends
+            .keys()
+            .filter(|id| !history.contains_key(*id))
+            .map(|id| (id, sent.get(id)))
+            .collect();
+        panic!(
+            "every prompt in history ran once, no more: {ran} runs, {} in history; \
+             {} distinct on the backends; on both: {twice:?}; not in the gate's history: \
+             {unknown:?}",
+            history.len(),
+            on_backends.len()
+        );
+    }
     eprintln!(
         "after the restart: {} in history ({} of the unanswered among them), {ran} runs on the backends",
         history.len(),

@@ -150,7 +150,7 @@ pub async fn submit(
         sched.cache.release(&run);
     }
     let id = sub.id.clone();
-    let (number, direct, band) = {
+    let (number, direct, band, stored) = {
         let mut s = sched.lock();
         if s.table.contains(&id) {
             return Err(GateError::DuplicatePromptId(id));
@@ -171,11 +171,14 @@ pub async fn submit(
         if direct.is_some() {
             s.table.await_first_answer(&id);
         }
-        (number, direct, band)
+        // Appended under the lock, in the order of the table's changes; committed (with
+        // whatever else was appended meanwhile) after it is released.
+        let stored = sched.stage(&s, &[&id]);
+        (number, direct, band, stored)
     };
     // Durable before anyone hears of it: a gate killed from here on still runs it.
-    if let Err(e) = sched.try_persist(&[&id]) {
-        sched.lock().table.remove(&id);
+    if let Err(e) = stored.durable().await {
+        sched.unadmit(&id);
         return Err(GateError::Unavailable(e.to_string()));
     }
     // Counted once it is the gate's: a prompt its backend refused at once was never admitted.

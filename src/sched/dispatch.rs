@@ -98,7 +98,7 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
                 }
                 return Forwarded::Failed;
             }
-            sched.persist(&[id]);
+            sched.persist_durably(&[id]).await;
             tracing::debug!(prompt = id, backend = b.name(), "dispatched");
             Forwarded::Accepted(bytes)
         }
@@ -144,12 +144,22 @@ pub fn drop_copy(sched: &Scheduler, backend: usize, id: &str) {
 /// can); sleeps until woken (or [`IDLE_TICK`]).
 pub async fn dispatcher_loop(sched: Arc<Scheduler>) {
     loop {
-        let placed = {
+        let (placed, owners_stored) = {
             let mut s = sched.lock();
-            placing::dispatch_pass(&sched, &mut s)
+            let placed = placing::dispatch_pass(&sched, &mut s);
+            let ids: Vec<&str> = placed.iter().map(|(id, _)| id.as_str()).collect();
+            let stored = (!ids.is_empty()).then(|| sched.stage(&s, &ids));
+            (placed, stored)
         };
+        // Each owner is durable before its prompt is sent (a restart looks for it there): one
+        // commit for the whole pass, awaited off the scheduler's lock.
+        if let Some(Err(e)) = match owners_stored {
+            Some(ticket) => Some(ticket.durable().await),
+            None => None,
+        } {
+            tracing::error!(error = %e, "could not persist prompt state");
+        }
         for (id, backend) in placed {
-            sched.persist(&[&id]);
             let sched = sched.clone();
             tokio::spawn(async move {
                 match forward(&sched, &id, backend).await {

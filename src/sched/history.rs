@@ -9,14 +9,13 @@
 //! [`slim`] (outputs, status, meta, and of the prompt only what `/api/jobs` lists: number, id,
 //! `create_time`, `client_id`, the workflow's id); [`History::get`] reads the whole entry from
 //! the store. An entry is kept whole in memory from the moment it is kept until it is written
-//! ([`History::save`]), so a reader never misses it in between.
+//! ([`History::written`]), so a reader never misses it in between.
 
 use std::sync::{Arc, Mutex};
 
 use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 
-use super::prompts::PromptRecord;
 use super::store::Store;
 use crate::config::RecoveryConfig;
 use crate::protocol::now_ms;
@@ -137,15 +136,13 @@ impl History {
         dropped
     }
 
-    /// Writes a kept entry to disk with its prompt's final record; once written, memory keeps
-    /// it [`slim`]. If the store refuses it, memory keeps it whole (it is still shown).
-    pub fn save(&self, record: &PromptRecord, finished_at: i64, entry: &Arc<Value>) {
-        if let Err(e) = self.store.save_history(record, finished_at, entry) {
-            tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
-            return;
-        }
+    /// Entry `entry` of prompt `id` is in the store (written with its prompt's final record by
+    /// `Scheduler::end`, `store::history_writes`): memory keeps it [`slim`] from now on, unless
+    /// another entry replaced it meanwhile. Until this is called memory keeps it whole, so a
+    /// reader never misses it.
+    pub fn written(&self, id: &str, entry: &Arc<Value>) {
         let slim = Arc::new(slim(entry));
-        if let Some(kept) = self.lock().get_mut(&record.id)
+        if let Some(kept) = self.lock().get_mut(id)
             && Arc::ptr_eq(&kept.entry, entry)
         {
             kept.entry = slim;
@@ -224,6 +221,7 @@ pub fn completion_time(entry: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sched::prompts::PromptRecord;
 
     fn entry() -> Arc<Value> {
         let workflow =
@@ -258,7 +256,8 @@ mod tests {
         history.insert("p", 10, whole.clone());
         assert_eq!(history.summary("p").unwrap(), whole, "whole until written");
         let record = record();
-        history.save(&record, 10, &whole);
+        history.store.save_history(&record, 10, &whole).unwrap();
+        history.written("p", &whole);
         let kept = history.summary("p").unwrap();
         assert_eq!(
             kept["prompt"],

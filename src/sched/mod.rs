@@ -14,7 +14,8 @@
 //!   queue when their backend fails (`requeue`, `evacuate`);
 //! - [`watchdog`]: `max_run_time`, silent prompts, backends that went down, unplaceable prompts;
 //! - [`stall`]: a silent prompt's backend asked before anything moves;
-//! - [`history`], [`store`]: what survives;
+//! - [`history`], [`store`], [`writer`], `persist`: what survives, and how (one ordered log of
+//!   changes, appended under the scheduler's lock, committed in groups off it);
 //! - [`cache`]: the result cache (`[cache]`, opt-in): identical prompts answered without a GPU;
 //! - [`audit`], [`usage`]: what each prompt that ended cost, and whose it was;
 //! - [`tenant`], [`access`]: whose a prompt is, and what a caller may see and touch.
@@ -39,6 +40,7 @@ pub mod fit;
 pub mod history;
 pub mod outcome;
 pub mod outlook;
+mod persist;
 pub mod placing;
 pub mod prompts;
 pub mod quarantine;
@@ -54,6 +56,7 @@ pub mod timeline;
 pub mod usage;
 pub mod views;
 pub mod watchdog;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -75,6 +78,7 @@ use outcome::failure_entry;
 pub use outcome::{Failure, Outcome};
 use prompts::{PromptRecord, PromptTable, Stage};
 use store::Store;
+use writer::Ticket;
 
 /// Placement decisions kept for `/admin/decisions`.
 pub const DECISIONS_KEPT: usize = 256;
@@ -104,9 +108,6 @@ pub struct Scheduler {
     picker: Box<dyn Picker>,
     /// Wakes the dispatcher: a slot freed, a prompt arrived.
     wake: Notify,
-    /// Held while a record is copied and written, so the store always ends with a record's
-    /// latest state (two writers could otherwise commit their copies in the other order).
-    writes: Mutex<()>,
     /// Held while a `status` count is taken and sent (see [`views`]).
     status_order: Mutex<()>,
     /// The audit log and the usage ledger: every end is accounted there ([`audit`]).
@@ -150,7 +151,6 @@ impl Scheduler {
             history,
             store,
             wake: Notify::new(),
-            writes: Mutex::new(()),
             status_order: Mutex::new(()),
             audit,
             stop,
@@ -194,28 +194,6 @@ impl Scheduler {
     /// quota; see [`usage::Usage::gpu_seconds_today`]). Cheap: no scan, its own short lock.
     pub fn gpu_seconds_today(&self, tenant_key: &str) -> f64 {
         self.audit.usage().gpu_seconds_today(tenant_key)
-    }
-
-    /// Persists the current state of some records and the number counter, durably.
-    pub fn try_persist(&self, ids: &[&str]) -> Result<(), store::StoreError> {
-        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let (records, counter) = {
-            let s = self.lock();
-            let records: Vec<prompts::PromptRecord> = ids
-                .iter()
-                .filter_map(|id| s.table.get(id).cloned())
-                .collect();
-            (records, s.table.counter())
-        };
-        let refs: Vec<&prompts::PromptRecord> = records.iter().collect();
-        self.store.save(&refs, Some(counter))
-    }
-
-    /// [`Scheduler::try_persist`], logging a failure (the state in memory stays authoritative).
-    pub fn persist(&self, ids: &[&str]) {
-        if let Err(e) = self.try_persist(ids) {
-            tracing::error!(error = %e, "could not persist prompt state");
-        }
     }
 
     /// The node now executing for a client's running prompt (the reconnect replay); `session`
@@ -307,7 +285,6 @@ impl Scheduler {
             Err(_) => self.cache_key_at_end(id),
             Ok(_) => None,
         };
-        let writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let ended = {
             let mut s = self.lock();
             let Some(r) = s
@@ -353,29 +330,39 @@ impl Scheduler {
             for (id, _) in &dropped {
                 s.table.remove(id);
             }
-            record.map(|r| (r, error, finished_at, entry, dropped, replaced))
+            // Appended under the lock of the transition: the store's order is the table's.
+            // Stored shed: its body is in the entry (a restart would only shed it again).
+            let saved = record.as_ref().map(|r| {
+                let mut stored = r.clone();
+                stored.shed_body();
+                let pruned = dropped.iter().flat_map(|(id, _)| store::forget_writes(id));
+                match store::history_writes(&stored, finished_at, &entry) {
+                    Ok(writes) => self
+                        .store
+                        .append(writes.into_iter().chain(pruned).collect()),
+                    Err(e) => Ticket::failed(&e),
+                }
+            });
+            record.map(|r| (r, error, entry, dropped, replaced, saved))
         };
-        let Some((record, error, finished_at, entry, dropped, replaced)) = ended else {
+        let Some((record, error, entry, dropped, replaced, saved)) = ended else {
             return;
         };
         if let Some(old) = replaced {
             self.files.forget_outputs(&old);
         }
         self.wake();
-        // Stored shed: its body is in the entry (a restart would only shed it again).
-        let mut stored = record.clone();
-        stored.shed_body();
-        self.history.save(&stored, finished_at, &entry);
-        if !dropped.is_empty() {
-            let ids: Vec<String> = dropped.iter().map(|(id, _)| id.clone()).collect();
-            if let Err(e) = self.store.remove(&ids) {
-                tracing::error!(error = %e, "could not prune history");
+        // Durable before its client hears it ended; from then on memory keeps the entry slim.
+        match saved.map(Ticket::wait) {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, prompt = %record.id, "could not persist a history entry");
             }
-            for (_, entry) in &dropped {
-                self.files.forget_outputs(entry);
-            }
+            Some(Ok(())) => self.history.written(id, &entry),
+            None => {}
         }
-        drop(writing);
+        for (_, entry) in &dropped {
+            self.files.forget_outputs(entry);
+        }
         self.account(
             &record,
             match &failure {
@@ -431,23 +418,23 @@ impl Scheduler {
                         }
                     }
             });
-            if never_ran { s.table.remove(id) } else { None }
+            let removed = if never_ran { s.table.remove(id) } else { None };
+            removed.map(|r| (r, self.store.append(store::forget_writes(id).into())))
         };
-        if let Some(r) = removed {
+        if let Some((r, forgotten)) = removed {
             self.account(&r, audit::Ending::Deleted);
-            self.forget(id, true);
+            self.forget(forgotten, true);
         }
     }
 
     /// A prompt that leaves without a history entry: its slot may have freed, its record goes
-    /// from the store, and clients hear the new queue length.
-    fn forget(&self, id: &str, was_listed: bool) {
+    /// from the store (`forgotten`: the removal, appended under the lock that removed it from
+    /// the table), and clients hear the new queue length.
+    fn forget(&self, forgotten: Ticket, was_listed: bool) {
         self.wake();
-        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = self.store.remove(&[id.to_string()]) {
+        if let Err(e) = forgotten.wait() {
             tracing::error!(error = %e, "could not forget a prompt");
         }
-        drop(_writing);
         if was_listed {
             self.broadcast_status();
         }
@@ -458,15 +445,15 @@ impl Scheduler {
     /// be used again, as on ComfyUI). The names its outputs were shown under go too
     /// ([`Files::forget_outputs`]).
     pub fn forget_history(&self, id: &str) {
-        let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = {
+        let (entry, forgotten) = {
             let mut s = self.lock();
             if s.table.get(id).is_some_and(|r| r.stage == Stage::Done) {
                 s.table.remove(id);
             }
-            self.history.remove(id)
+            let forgotten = self.store.append(store::forget_writes(id).into());
+            (self.history.remove(id), forgotten)
         };
-        if let Err(e) = self.store.remove(&[id.to_string()]) {
+        if let Err(e) = forgotten.wait() {
             tracing::error!(error = %e, "could not delete a history entry");
         }
         if let Some(entry) = entry {
@@ -486,14 +473,16 @@ impl Scheduler {
     pub fn refused_at_submit(&self, id: &str, backend: usize) -> bool {
         let b = self.fleet.get(backend);
         let name = b.name();
-        let (removed, was_listed) = {
+        let (forgotten, was_listed) = {
             let mut s = self.lock();
             let was_listed = s.table.get(id).and_then(|r| s.table.listed(r)).is_some();
             let removed = s.table.is_dispatching_to(id, name) && s.table.remove(id).is_some();
-            (removed, was_listed)
+            let forgotten = removed.then(|| self.store.append(store::forget_writes(id).into()));
+            (forgotten, was_listed)
         };
-        if removed {
-            self.forget(id, was_listed);
+        let removed = forgotten.is_some();
+        if let Some(forgotten) = forgotten {
+            self.forget(forgotten, was_listed);
         }
         removed
     }

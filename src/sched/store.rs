@@ -2,24 +2,30 @@
 //! history entries, the file alias index and the GPU usage ledger, in one redb file under the
 //! state directory.
 //!
-//! Writes are synchronous and durable before the gate answers, so a gate killed at any moment
-//! restarts knowing every prompt it had accepted. A file that is corrupt, from another program or
+//! Every change goes through one writer ([`super::writer`]): callers append changes to an
+//! ordered log (under the lock that ordered them) and wait for their commit; one thread applies
+//! everything appended meanwhile in one transaction and commits it durably (group commit: one
+//! fsync for many requests' changes, never under the scheduler's lock). A change is durable
+//! before the gate answers for it, so a gate killed at any moment restarts knowing every prompt
+//! it had acknowledged. A file that is corrupt, from another program or
 //! from an incompatible schema is refused with a message naming it, never silently replaced.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde_json::Value;
 
 use super::prompts::PromptRecord;
+use super::writer::{Table, Ticket, Write, Writer};
 
-const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-const PROMPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("prompts");
-const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
-const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
+pub(super) const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+pub(super) const PROMPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("prompts");
+pub(super) const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+pub(super) const ALIASES: TableDefinition<&str, &[u8]> = TableDefinition::new("aliases");
 /// `[hour, tenant key]` → a usage row (`sched::usage`). Created by its first write: a store
 /// from before it reads as having none, and an older gate ignores it.
-const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+pub(super) const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: &str = "1";
@@ -55,8 +61,11 @@ pub struct Loaded {
     pub usage: Vec<(String, Value)>,
 }
 
+/// The store: reads open their own transaction; every write goes through [`Store::append`].
 pub struct Store {
-    db: Database,
+    /// Declared first: dropping the store commits what was appended before the file closes.
+    writer: Writer,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -91,7 +100,11 @@ impl Store {
                  Nothing was changed: move it aside to start with an empty state"
             ))
         })?;
+        let db = Arc::new(db);
+        let writer = Writer::start(db.clone())
+            .map_err(|e| refuse(format!("cannot start its writer thread: {e}")))?;
         let store = Store {
+            writer,
             db,
             path: path.clone(),
         };
@@ -214,23 +227,21 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Persists records (and the number counter) in one durable transaction.
+    /// Appends changes to the store's log, in order after every change appended before; the
+    /// [`Ticket`] says when they are durable (or why their batch failed). Cheap, no I/O: call
+    /// it under the lock that ordered the changes, and wait after releasing it.
+    pub fn append(&self, writes: Vec<Write>) -> Ticket {
+        self.writer.append(writes)
+    }
+
+    /// Persists records (and the number counter) durably. Blocking.
     pub fn save(&self, records: &[&PromptRecord], counter: Option<i64>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
-            for r in records {
-                let bytes = serde_json::to_vec(r).map_err(write_err)?;
-                t.insert(r.id.as_str(), bytes.as_slice())
-                    .map_err(write_err)?;
-            }
-            if let Some(c) = counter {
-                let mut meta = txn.open_table(META).map_err(write_err)?;
-                meta.insert("counter", c.to_string().as_str())
-                    .map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)
+        let mut writes = records
+            .iter()
+            .map(|r| record_write(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        writes.extend(counter.map(Write::Counter));
+        self.append(writes).wait()
     }
 
     /// How many entries each table holds: `(prompts, history, aliases)` (for `/admin/records`).
@@ -246,17 +257,10 @@ impl Store {
         Ok((count(PROMPTS)?, count(HISTORY)?, count(ALIASES)?))
     }
 
+    /// Removes prompts' records and history entries durably. Blocking.
     pub fn remove(&self, ids: &[String]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
-            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
-            for id in ids {
-                t.remove(id.as_str()).map_err(write_err)?;
-                h.remove(id.as_str()).map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)
+        self.append(ids.iter().flat_map(|id| forget_writes(id)).collect())
+            .wait()
     }
 
     /// The whole history entry of prompt `id` as written by [`Store::save_history`], as JSON
@@ -281,74 +285,67 @@ impl Store {
         Ok(Some(stored.entry.get().as_bytes().to_vec()))
     }
 
-    /// Stores a finished prompt's history entry together with its final record.
+    /// Stores a finished prompt's history entry together with its final record. Blocking.
     pub fn save_history(
         &self,
         record: &PromptRecord,
         finished_at: i64,
         entry: &Value,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut h = txn.open_table(HISTORY).map_err(write_err)?;
-            let stored = serde_json::json!({ "finished_at": finished_at, "entry": entry });
-            let bytes = serde_json::to_vec(&stored).map_err(write_err)?;
-            h.insert(record.id.as_str(), bytes.as_slice())
-                .map_err(write_err)?;
-            let mut t = txn.open_table(PROMPTS).map_err(write_err)?;
-            let rec = serde_json::to_vec(record).map_err(write_err)?;
-            t.insert(record.id.as_str(), rec.as_slice())
-                .map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
+        self.append(history_writes(record, finished_at, entry)?)
+            .wait()
     }
 
-    /// Writes usage rows (`(key, row as JSON)`) and removes others, in one durable
-    /// transaction.
+    /// Writes usage rows (`(key, row as JSON)`) and removes others, in one batch. Blocking.
     pub fn save_usage(
         &self,
         rows: &[(String, Vec<u8>)],
         removed: &[String],
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut u = txn.open_table(USAGE).map_err(write_err)?;
-            for (k, v) in rows {
-                u.insert(k.as_str(), v.as_slice()).map_err(write_err)?;
-            }
-            for k in removed {
-                u.remove(k.as_str()).map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)
+        let puts = rows.iter().map(|(k, v)| Write::Put {
+            table: Table::Usage,
+            key: k.clone(),
+            value: v.clone(),
+        });
+        let deletes = removed.iter().map(|k| Write::Delete {
+            table: Table::Usage,
+            key: k.clone(),
+        });
+        self.append(puts.chain(deletes).collect()).wait()
     }
 
+    /// Stores a shown file name's target durably. Blocking.
     pub fn save_alias(
         &self,
         key: &(String, String, String),
         target: &(String, String),
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut a = txn.open_table(ALIASES).map_err(write_err)?;
-            let k = serde_json::to_string(key).map_err(write_err)?;
-            let v = serde_json::to_vec(target).map_err(write_err)?;
-            a.insert(k.as_str(), v.as_slice()).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
+        let write = Write::Put {
+            table: Table::Aliases,
+            key: serde_json::to_string(key).map_err(write_err)?,
+            value: serde_json::to_vec(target).map_err(write_err)?,
+        };
+        self.append(vec![write]).wait()
     }
 
-    /// Removes shown names from the alias table, in one transaction.
+    /// Removes shown names from the alias table, in one batch. Blocking.
     pub fn remove_aliases(&self, keys: &[(String, String, String)]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut a = txn.open_table(ALIASES).map_err(write_err)?;
-            for key in keys {
-                let k = serde_json::to_string(key).map_err(write_err)?;
-                a.remove(k.as_str()).map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)
+        let writes = keys
+            .iter()
+            .map(|key| {
+                Ok(Write::Delete {
+                    table: Table::Aliases,
+                    key: serde_json::to_string(key).map_err(write_err)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.append(writes).wait()
+    }
+
+    /// Makes the next batch's commit fail (tests of the error path).
+    #[cfg(test)]
+    pub fn fail_next_commit(&self) {
+        self.writer.fail_next_commit();
     }
 
     pub fn path(&self) -> &Path {
@@ -368,6 +365,40 @@ impl crate::files::AliasStore for Store {
     fn remove_aliases(&self, shown: &[crate::files::FileKey]) -> Result<(), String> {
         Store::remove_aliases(self, shown).map_err(|e| e.to_string())
     }
+}
+
+/// A prompt's record as the change that stores it. Errors: a record that cannot be encoded.
+pub fn record_write(record: &PromptRecord) -> Result<Write, StoreError> {
+    Ok(Write::Put {
+        table: Table::Prompts,
+        key: record.id.clone(),
+        value: serde_json::to_vec(record).map_err(write_err)?,
+    })
+}
+
+/// A finished prompt's history entry (`finished_at` in ms) and its final record, as changes.
+pub fn history_writes(
+    record: &PromptRecord,
+    finished_at: i64,
+    entry: &Value,
+) -> Result<Vec<Write>, StoreError> {
+    let stored = serde_json::json!({ "finished_at": finished_at, "entry": entry });
+    Ok(vec![
+        Write::Put {
+            table: Table::History,
+            key: record.id.clone(),
+            value: serde_json::to_vec(&stored).map_err(write_err)?,
+        },
+        record_write(record)?,
+    ])
+}
+
+/// The changes that forget prompt `id`: its record and its history entry.
+pub fn forget_writes(id: &str) -> [Write; 2] {
+    [Table::Prompts, Table::History].map(|table| Write::Delete {
+        table,
+        key: id.to_string(),
+    })
 }
 
 /// A backend named by its position (schema 1 before names) becomes its configured name; a
@@ -447,6 +478,91 @@ mod tests {
         assert_eq!(loaded.records[0].owner.as_deref(), Some("b"));
         assert_eq!(loaded.records[0].tried, ["a"]);
         assert_eq!(loaded.aliases[0].1, ("b".to_string(), "y.png".to_string()));
+    }
+
+    /// A row of the usage table (the test rows are JSON numbers, so a reopen loads them).
+    fn prompt_row(store: &Store, id: &str) -> Option<Vec<u8>> {
+        let read = store.db.begin_read().unwrap();
+        let t = read.open_table(USAGE).unwrap();
+        t.get(id).unwrap().map(|v| v.value().to_vec())
+    }
+
+    fn put(id: &str, value: &[u8]) -> Write {
+        Write::Put {
+            table: Table::Usage,
+            key: id.into(),
+            value: value.to_vec(),
+        }
+    }
+
+    #[test]
+    fn appends_from_many_threads_commit_in_their_order_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), &[]).unwrap();
+            let store = Arc::new(store);
+            // Each thread rewrites its own key; the last value appended must be what stays.
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..50u32 {
+                            let key = format!("k{t}");
+                            let ticket = store.append(vec![
+                                put(&key, i.to_string().as_bytes()),
+                                Write::Counter(i64::from(i)),
+                            ]);
+                            ticket.wait().unwrap();
+                            assert_eq!(prompt_row(&store, &key).unwrap(), i.to_string().as_bytes());
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            // Put then delete in one append: applied in order, nothing stays.
+            store
+                .append(vec![
+                    put("gone", b"0"),
+                    Write::Delete {
+                        table: Table::Usage,
+                        key: "gone".into(),
+                    },
+                ])
+                .wait()
+                .unwrap();
+            assert_eq!(prompt_row(&store, "gone"), None);
+            // Appended and not waited for: still committed before the store closes.
+            drop(store.append(vec![put("late", b"1")]));
+        }
+        let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
+        assert_eq!(loaded.counter, 49);
+        for t in 0..8 {
+            assert_eq!(prompt_row(&store, &format!("k{t}")).unwrap(), b"49");
+        }
+        assert_eq!(prompt_row(&store, "late").unwrap(), b"1");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_fails_every_write_of_its_batch_and_writes_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), &[]).unwrap();
+        store.append(vec![put("before", b"1")]).wait().unwrap();
+        store.fail_next_commit();
+        // Both may land in the failed batch, or the second in the next: either way a ticket
+        // that says durable means the row is there, and an error means it is not.
+        let first = store.append(vec![put("a", b"2")]);
+        let second = store.append(vec![put("b", b"3")]);
+        let a = first.durable().await;
+        let b = second.wait();
+        assert!(a.is_err(), "the batch after the hook fails");
+        assert_eq!(prompt_row(&store, "a"), None);
+        assert_eq!(b.is_ok(), prompt_row(&store, "b").is_some());
+        // The writer goes on after a failed batch.
+        store.append(vec![put("after", b"4")]).wait().unwrap();
+        assert!(prompt_row(&store, "after").is_some());
+        assert!(prompt_row(&store, "before").is_some());
     }
 
     #[test]
