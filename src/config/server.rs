@@ -53,7 +53,9 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Test-only faults: when true, a client request carrying the header
     /// `x-comfy-gate-test-fault: panic` panics in the gate's handling of it (tests/panics.rs
-    /// shows the panic is contained). Never enable it in production. Default false.
+    /// shows the panic is contained), and one carrying `fail-store-commits=N` makes the state
+    /// store's next N commits fail (tests/store_faults.rs). Never enable it in production.
+    /// Default false.
     pub test_faults: bool,
 }
 

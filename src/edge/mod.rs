@@ -32,7 +32,9 @@ use crate::http::{Body, ConnInfo, status};
 use crate::sched::tenant::Caller;
 use proxy::Target;
 
-/// The header that injects a fault when `server.test_faults` is on (tests only).
+/// The header that injects a fault when `server.test_faults` is on (tests only): `panic` (the
+/// request's handling panics), `fail-store-commits=N` (the store's next N batches fail, as a
+/// failing disk's would, before this request is handled).
 pub const TEST_FAULT_HEADER: &str = "x-comfy-gate-test-fault";
 
 /// Serves one client request. A panic anywhere in its handling (up to the response head) is
@@ -129,12 +131,18 @@ async fn route(
     // One snapshot for the whole request: a reload meanwhile does not mix two configurations.
     let config = ctx.config.load();
     if config.server.test_faults
-        && req
-            .headers()
-            .get(TEST_FAULT_HEADER)
-            .is_some_and(|v| v == "panic")
+        && let Some(fault) = req.headers().get(TEST_FAULT_HEADER)
     {
-        panic!("test fault: {} {}", req.method(), req.uri().path());
+        let fault = fault.to_str().unwrap_or_default();
+        if fault == "panic" {
+            panic!("test fault: {} {}", req.method(), req.uri().path());
+        }
+        if let Some(n) = fault.strip_prefix("fail-store-commits=") {
+            let n = n
+                .parse()
+                .map_err(|_| GateError::BadRequest(format!("{TEST_FAULT_HEADER}: {fault}")))?;
+            ctx.sched.store().fail_next_commits(n);
+        }
     }
     // Every decision below, and the backend, see the same path (see `path`).
     match path::normalized_uri(req.uri()) {

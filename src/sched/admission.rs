@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use super::dispatch::{Forwarded, forward};
 use super::prompts::{PromptRecord, PromptTable};
 use super::tenant::Caller;
+use super::writer::Ticket;
 use super::{Scheduler, cache, cached, fit, placing};
 use crate::config::Config;
 use crate::error::GateError;
@@ -176,11 +177,6 @@ pub async fn submit(
         let stored = sched.stage(&s, &[&id]);
         (number, direct, band, stored)
     };
-    // Durable before anyone hears of it: a gate killed from here on still runs it.
-    if let Err(e) = stored.durable().await {
-        sched.unadmit(&id);
-        return Err(GateError::Unavailable(e.to_string()));
-    }
     // Counted once it is the gate's: a prompt its backend refused at once was never admitted.
     let count_submitted = move |sched: &Scheduler| {
         if let Some(metrics) = sched.fleet.metrics.on() {
@@ -195,16 +191,21 @@ pub async fn submit(
         )
     };
     let Some(backend) = direct else {
+        // Durable before anyone hears of it: a gate killed from here on still runs it. (A
+        // client gone meanwhile leaves it waiting in the gate queue, as after a lost answer.)
+        durably_admitted(sched, &id, stored).await?;
         count_submitted(sched);
         sched.broadcast_status();
         sched.wake();
         return Ok(queued_answer());
     };
-    // The forward and what follows from its answer run on their own task: a client that goes
-    // away mid-request must not leave the prompt half-sent, holding its slot.
+    // The commit, the forward and what follows from its answer run on their own task: a client
+    // that goes away mid-request must not leave the prompt reserved and never sent, holding its
+    // slot.
     let settle = {
         let (sched, id) = (sched.clone(), id.clone());
         tokio::spawn(async move {
+            durably_admitted(&sched, &id, stored).await?;
             let answer = forward(&sched, &id, backend).await;
             let settled = match &answer {
                 Forwarded::Accepted(_) => Some(answer),
@@ -218,11 +219,15 @@ pub async fn submit(
             if !matches!(settled, Some(Forwarded::Rejected(_))) {
                 count_submitted(&sched);
             }
-            settled
+            Ok::<_, GateError>(settled)
         })
     };
     // `None`: refused, but by a backend that had already lost the prompt to another: it waits.
-    match settle.await.ok().flatten().unwrap_or(Forwarded::Failed) {
+    let settled = match settle.await {
+        Ok(settled) => settled?,
+        Err(_) => None,
+    };
+    match settled.unwrap_or(Forwarded::Failed) {
         Forwarded::Accepted(body) => {
             // The backend echoes the explicit number as a float; show the gate's own.
             let mut answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -236,6 +241,28 @@ pub async fn submit(
         Forwarded::Rejected(body) => Ok(raw_json(StatusCode::BAD_REQUEST, body)),
         Forwarded::Failed => Ok(queued_answer()),
     }
+}
+
+/// Waits until prompt `id`'s admission (`stored`, appended when it was admitted) is durable.
+/// If that batch failed, the prompt's current state is written once more (the dispatcher may
+/// have moved it on, and written it, meanwhile); if that fails too, the prompt leaves as if
+/// never submitted ([`Scheduler::unadmit`]).
+///
+/// Errors: [`GateError::Unavailable`] (503) naming the store's error, after the second failure.
+async fn durably_admitted(sched: &Scheduler, id: &str, stored: Ticket) -> Result<(), GateError> {
+    let Err(first) = stored.durable().await else {
+        return Ok(());
+    };
+    tracing::warn!(error = %first, prompt = id, "a prompt's admission was not stored; writing it again");
+    let again = {
+        let s = sched.lock();
+        sched.stage(&s, &[id])
+    };
+    if let Err(e) = again.durable().await {
+        sched.unadmit(id);
+        return Err(GateError::Unavailable(e.to_string()));
+    }
+    Ok(())
 }
 
 /// The record of a new prompt of `caller` numbered `number`: its body, client id and `front`

@@ -132,9 +132,10 @@ pub(super) fn answer(
     // Its history entry is kept (and written) before the answer; `end` sends
     // `execution_success` from it, `status` and `executing {node: null}`.
     sched.end(&id, Outcome::Ran(entry));
-    if sched.history.summary(&id).is_none() {
+    // A `200` means it survives a restart: its entry must be in the store, not only in memory.
+    if !sched.history.is_written(&id) {
         return Err(GateError::Unavailable(
-            "the answer from the result cache could not be kept".into(),
+            "the answer from the result cache could not be stored".into(),
         ));
     }
     tracing::debug!(prompt = %id, from = %run.from, "answered from the result cache");

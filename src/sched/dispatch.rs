@@ -36,7 +36,12 @@ pub async fn forward(sched: &Scheduler, id: &str, backend: usize) -> Forwarded {
     let b = sched.fleet.get(backend).clone();
     let mut body = {
         let s = sched.lock();
-        let Some(r) = s.table.get(id) else {
+        // Still reserved for this backend: it may have been given back or deleted since.
+        let Some(r) = s
+            .table
+            .get(id)
+            .filter(|_| s.table.is_dispatching_to(id, b.name()))
+        else {
             return Forwarded::Failed;
         };
         let mut body = r.body.clone();
@@ -152,12 +157,19 @@ pub async fn dispatcher_loop(sched: Arc<Scheduler>) {
             (placed, stored)
         };
         // Each owner is durable before its prompt is sent (a restart looks for it there): one
-        // commit for the whole pass, awaited off the scheduler's lock.
-        if let Some(Err(e)) = match owners_stored {
-            Some(ticket) => Some(ticket.durable().await),
-            None => None,
-        } {
-            tracing::error!(error = %e, "could not persist prompt state");
+        // commit for the whole pass, awaited off the scheduler's lock. A pass the store could
+        // not take sends nothing: its prompts wait again, and the next pass comes after a tick
+        // (a failing disk must not spin this loop).
+        if let Some(ticket) = owners_stored
+            && let Err(e) = ticket.durable().await
+        {
+            tracing::error!(error = %e, "could not persist a dispatch pass; its prompts wait");
+            sched.unplace(&placed);
+            tokio::select! {
+                _ = sched.stop.cancelled() => return,
+                _ = tokio::time::sleep(IDLE_TICK) => {}
+            }
+            continue;
         }
         for (id, backend) in placed {
             let sched = sched.clone();

@@ -190,6 +190,12 @@ impl History {
         self.lock().get(id).map(|kept| kept.entry.clone())
     }
 
+    /// Whether prompt `id`'s entry is kept and in the store ([`History::written`] was called
+    /// for it; a restart would find it).
+    pub fn is_written(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|kept| !kept.whole)
+    }
+
     /// How many entries are kept.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -78,7 +78,7 @@ use outcome::failure_entry;
 pub use outcome::{Failure, Outcome};
 use prompts::{PromptRecord, PromptTable, Stage};
 use store::Store;
-use writer::Ticket;
+use writer::{Table, Ticket, Write};
 
 /// Placement decisions kept for `/admin/decisions`.
 pub const DECISIONS_KEPT: usize = 256;
@@ -447,10 +447,22 @@ impl Scheduler {
     pub fn forget_history(&self, id: &str) {
         let (entry, forgotten) = {
             let mut s = self.lock();
-            if s.table.get(id).is_some_and(|r| r.stage == Stage::Done) {
+            let ended = s.table.get(id).is_some_and(|r| r.stage == Stage::Done);
+            if ended {
                 s.table.remove(id);
             }
-            let forgotten = self.store.append(store::forget_writes(id).into());
+            // A record of the same id that has not ended (the id reused since) stays stored.
+            let writes = store::forget_writes(id).into_iter().filter(|w| {
+                ended
+                    || !matches!(
+                        w,
+                        Write::Delete {
+                            table: Table::Prompts,
+                            ..
+                        }
+                    )
+            });
+            let forgotten = self.store.append(writes.collect());
             (self.history.remove(id), forgotten)
         };
         if let Err(e) = forgotten.wait() {

@@ -4,9 +4,10 @@
 //! for the commit after releasing the lock: the fsync is never under it, and concurrent
 //! requests share one.
 
+use super::prompts::Stage;
 use super::store::{self, StoreError};
 use super::writer::{Ticket, Write};
-use super::{SchedState, Scheduler};
+use super::{SchedState, Scheduler, dispatch};
 
 impl Scheduler {
     /// Appends the current state of records `ids` (those still known) and the number counter
@@ -47,20 +48,43 @@ impl Scheduler {
         }
     }
 
-    /// A prompt whose admission did not become durable (its batch failed): out of the table
-    /// (its place and any slot it took freed) and out of the store, as if never submitted. The
-    /// removal is appended under the lock, after any copy of the record appended meanwhile
-    /// (the dispatcher may have placed it), so none outlives it in the store.
+    /// A prompt whose admission could not be stored: out of the table (its place and any slot
+    /// it took freed) and out of the store, as if never submitted. The removal is appended
+    /// under the lock, after any copy of the record appended meanwhile, so none outlives it in
+    /// the store. If it was already sent (a later batch that held it committed), its backend is
+    /// asked to drop it ([`dispatch::drop_copy`]).
     pub(super) fn unadmit(&self, id: &str) {
-        let forgotten = {
+        let (forgotten, sent_to) = {
             let mut s = self.lock();
-            s.table
-                .remove(id)
-                .map(|_| self.store.append(store::forget_writes(id).into()))
+            let Some(r) = s.table.remove(id) else {
+                return;
+            };
+            let sent_to = (r.stage != Stage::Queued)
+                .then_some(r.owner)
+                .flatten()
+                .and_then(|o| self.fleet.index_of(&o));
+            let forgotten = self.store.append(store::forget_writes(id).into());
+            (forgotten, sent_to)
         };
         // Not waited for: the caller answers an error either way.
         drop(forgotten);
+        if let Some(backend) = sent_to {
+            dispatch::drop_copy(self, backend, id);
+        }
         self.wake();
         self.broadcast_status();
+    }
+
+    /// Prompts a dispatch pass reserved (`(id, backend)`) whose owners could not be stored:
+    /// back to the gate queue unsent, as if the pass had not placed them (the store still
+    /// holds them waiting). One given back or deleted meanwhile is left as it is.
+    pub(super) fn unplace(&self, placed: &[(String, usize)]) {
+        let mut s = self.lock();
+        for (id, backend) in placed {
+            let b = self.fleet.get(*backend);
+            if s.table.is_dispatching_to(id, b.name()) {
+                s.table.enqueue_front(std::slice::from_ref(id));
+            }
+        }
     }
 }

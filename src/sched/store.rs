@@ -152,6 +152,8 @@ impl Store {
         Ok(read.list_tables().map_err(write_err)?.next().is_none())
     }
 
+    /// Marks a new file as the gate's. The one write that bypasses the writer: it runs while
+    /// the store is being opened, before anything can be appended.
     fn init(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(write_err)?;
         {
@@ -234,16 +236,6 @@ impl Store {
         self.writer.append(writes)
     }
 
-    /// Persists records (and the number counter) durably. Blocking.
-    pub fn save(&self, records: &[&PromptRecord], counter: Option<i64>) -> Result<(), StoreError> {
-        let mut writes = records
-            .iter()
-            .map(|r| record_write(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        writes.extend(counter.map(Write::Counter));
-        self.append(writes).wait()
-    }
-
     /// How many entries each table holds: `(prompts, history, aliases)` (for `/admin/records`).
     pub fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
         let read = self.db.begin_read().map_err(write_err)?;
@@ -255,12 +247,6 @@ impl Store {
             }
         };
         Ok((count(PROMPTS)?, count(HISTORY)?, count(ALIASES)?))
-    }
-
-    /// Removes prompts' records and history entries durably. Blocking.
-    pub fn remove(&self, ids: &[String]) -> Result<(), StoreError> {
-        self.append(ids.iter().flat_map(|id| forget_writes(id)).collect())
-            .wait()
     }
 
     /// The whole history entry of prompt `id` as written by [`Store::save_history`], as JSON
@@ -342,10 +328,10 @@ impl Store {
         self.append(writes).wait()
     }
 
-    /// Makes the next batch's commit fail (tests of the error path).
-    #[cfg(test)]
-    pub fn fail_next_commit(&self) {
-        self.writer.fail_next_commit();
+    /// Makes the next `n` batches fail (tests of the error paths; see
+    /// [`Writer::fail_next_commits`]).
+    pub fn fail_next_commits(&self, n: usize) {
+        self.writer.fail_next_commits(n);
     }
 
     pub fn path(&self) -> &Path {
@@ -415,160 +401,5 @@ fn by_name(v: &mut Value, names: &[String]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn garbage_and_foreign_files_are_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(Store::file(dir.path()), vec![0x5Au8; 8192]).unwrap();
-        let err = Store::open(dir.path(), &[])
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(err.contains("comfy-gate.redb"), "{err}");
-        assert!(err.contains("Nothing was changed"), "{err}");
-        assert_eq!(
-            std::fs::read(Store::file(dir.path())).unwrap(),
-            vec![0x5Au8; 8192],
-            "left as it was"
-        );
-    }
-
-    #[test]
-    fn incompatible_versions_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
-            assert_eq!(loaded.counter, 0);
-            let txn = store.db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert("schema", "99")
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let err = Store::open(dir.path(), &[])
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(err.contains("schema version 99"), "{err}");
-    }
-
-    #[test]
-    fn owners_stored_by_position_are_read_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (store, _) = Store::open(dir.path(), &[]).unwrap();
-            let txn = store.db.begin_write().unwrap();
-            {
-                let mut t = txn.open_table(PROMPTS).unwrap();
-                let old = serde_json::json!({"id": "p", "number": 1, "body": {}, "client_id": null,
-                    "identity": "x", "stage": "on_backend", "owner": 1, "create_time": 0, "tried": [0]});
-                t.insert("p", serde_json::to_vec(&old).unwrap().as_slice())
-                    .unwrap();
-                let mut a = txn.open_table(ALIASES).unwrap();
-                a.insert(r#"["output","","x.png"]"#, br#"[1,"y.png"]"#.as_slice())
-                    .unwrap();
-            }
-            txn.commit().unwrap();
-        }
-        let names = ["a".to_string(), "b".to_string()];
-        let (_, loaded) = Store::open(dir.path(), &names).unwrap();
-        assert_eq!(loaded.records[0].owner.as_deref(), Some("b"));
-        assert_eq!(loaded.records[0].tried, ["a"]);
-        assert_eq!(loaded.aliases[0].1, ("b".to_string(), "y.png".to_string()));
-    }
-
-    /// A row of the usage table (the test rows are JSON numbers, so a reopen loads them).
-    fn prompt_row(store: &Store, id: &str) -> Option<Vec<u8>> {
-        let read = store.db.begin_read().unwrap();
-        let t = read.open_table(USAGE).unwrap();
-        t.get(id).unwrap().map(|v| v.value().to_vec())
-    }
-
-    fn put(id: &str, value: &[u8]) -> Write {
-        Write::Put {
-            table: Table::Usage,
-            key: id.into(),
-            value: value.to_vec(),
-        }
-    }
-
-    #[test]
-    fn appends_from_many_threads_commit_in_their_order_and_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (store, _) = Store::open(dir.path(), &[]).unwrap();
-            let store = Arc::new(store);
-            // Each thread rewrites its own key; the last value appended must be what stays.
-            let threads: Vec<_> = (0..8)
-                .map(|t| {
-                    let store = store.clone();
-                    std::thread::spawn(move || {
-                        for i in 0..50u32 {
-                            let key = format!("k{t}");
-                            let ticket = store.append(vec![
-                                put(&key, i.to_string().as_bytes()),
-                                Write::Counter(i64::from(i)),
-                            ]);
-                            ticket.wait().unwrap();
-                            assert_eq!(prompt_row(&store, &key).unwrap(), i.to_string().as_bytes());
-                        }
-                    })
-                })
-                .collect();
-            for t in threads {
-                t.join().unwrap();
-            }
-            // Put then delete in one append: applied in order, nothing stays.
-            store
-                .append(vec![
-                    put("gone", b"0"),
-                    Write::Delete {
-                        table: Table::Usage,
-                        key: "gone".into(),
-                    },
-                ])
-                .wait()
-                .unwrap();
-            assert_eq!(prompt_row(&store, "gone"), None);
-            // Appended and not waited for: still committed before the store closes.
-            drop(store.append(vec![put("late", b"1")]));
-        }
-        let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
-        assert_eq!(loaded.counter, 49);
-        for t in 0..8 {
-            assert_eq!(prompt_row(&store, &format!("k{t}")).unwrap(), b"49");
-        }
-        assert_eq!(prompt_row(&store, "late").unwrap(), b"1");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_commit_fails_every_write_of_its_batch_and_writes_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), &[]).unwrap();
-        store.append(vec![put("before", b"1")]).wait().unwrap();
-        store.fail_next_commit();
-        // Both may land in the failed batch, or the second in the next: either way a ticket
-        // that says durable means the row is there, and an error means it is not.
-        let first = store.append(vec![put("a", b"2")]);
-        let second = store.append(vec![put("b", b"3")]);
-        let a = first.durable().await;
-        let b = second.wait();
-        assert!(a.is_err(), "the batch after the hook fails");
-        assert_eq!(prompt_row(&store, "a"), None);
-        assert_eq!(b.is_ok(), prompt_row(&store, "b").is_some());
-        // The writer goes on after a failed batch.
-        store.append(vec![put("after", b"4")]).wait().unwrap();
-        assert!(prompt_row(&store, "after").is_some());
-        assert!(prompt_row(&store, "before").is_some());
-    }
-
-    #[test]
-    fn reopening_keeps_the_gate_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let id = Store::open(dir.path(), &[]).unwrap().1.gate_id;
-        assert_eq!(Store::open(dir.path(), &[]).unwrap().1.gate_id, id);
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

@@ -15,6 +15,7 @@
 //! of its changes is in the store. The log has no redb types in it: another backing store (a
 //! shared one, design "Redis replicas") could apply the same changes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -118,7 +119,8 @@ impl Ticket {
 
     /// Waits for the commit, blocking the thread (on a multi-threaded tokio runtime the worker
     /// hands its other tasks over first, `block_in_place`). For synchronous callers that need
-    /// the change durable when they return.
+    /// the change durable when they return. Errors: [`StoreError::Write`] naming why the batch
+    /// failed (its transaction or commit, or the writer stopped).
     pub fn wait(self) -> Result<(), StoreError> {
         let block = || {
             let mut outcome = self.0.lock();
@@ -143,7 +145,7 @@ impl Ticket {
         Self::into_result(outcome)
     }
 
-    /// Waits for the commit without blocking a thread.
+    /// Waits for the commit without blocking a thread. Errors: as [`Ticket::wait`].
     pub async fn durable(self) -> Result<(), StoreError> {
         loop {
             if let Some(o) = self.0.lock().take() {
@@ -166,9 +168,8 @@ struct Log {
 struct Shared {
     log: Mutex<Log>,
     appended: Condvar,
-    /// Test hook: fail the next batch's commit.
-    #[cfg(test)]
-    fail_next: std::sync::atomic::AtomicBool,
+    /// Batches still to fail on purpose ([`Writer::fail_next_commits`]; tests only).
+    fail_next: AtomicUsize,
 }
 
 impl Shared {
@@ -185,13 +186,13 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread over `db`.
+    /// Starts the writer thread over `db`. Errors: the thread could not be spawned
+    /// (`std::io::Error`, from `std::thread::Builder::spawn`).
     pub fn start(db: Arc<Database>) -> std::io::Result<Writer> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Log::default()),
             appended: Condvar::new(),
-            #[cfg(test)]
-            fail_next: std::sync::atomic::AtomicBool::new(false),
+            fail_next: AtomicUsize::new(0),
         });
         let thread = {
             let shared = shared.clone();
@@ -224,12 +225,11 @@ impl Writer {
         Ticket(slot)
     }
 
-    /// Makes the next batch's commit fail (tests of the error path).
-    #[cfg(test)]
-    pub fn fail_next_commit(&self) {
-        self.shared
-            .fail_next
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Makes the next `n` batches fail as a failed commit would (each of their tickets gets
+    /// an error; none of their changes is stored). For tests of the error paths only (the
+    /// gate reaches it through `server.test_faults`).
+    pub fn fail_next_commits(&self, n: usize) {
+        self.shared.fail_next.store(n, Ordering::SeqCst);
     }
 }
 
@@ -294,12 +294,11 @@ fn run(shared: &Shared, db: &Database) {
                 Batch(std::mem::take(&mut log.tickets)),
             )
         };
-        #[cfg(test)]
-        if shared
+        let injected = shared
             .fail_next
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            batch.complete(Err("injected commit failure".into()));
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if injected.is_ok() {
+            batch.complete(Err("injected commit failure (server.test_faults)".into()));
             continue;
         }
         batch.complete(commit(db, &writes));
