@@ -29,9 +29,11 @@ pub(super) const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usa
 
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: &str = "1";
-/// Memory redb may keep for pages it read or wrote (its default is 1 GiB, which a history of
-/// big entries fills: the entries are read from the store on demand, not held).
-const CACHE_BYTES: usize = 32 << 20;
+/// Memory redb may keep for pages it read or wrote, 8 MiB (its default is 1 GiB, which a
+/// history of big entries fills: the entries are read from the store on demand, not held). At
+/// 32 MiB the history bench held 313.5 MB with group commit against 285.6 MB at 8 MiB
+/// (`cargo bench --bench overhead -- memory`, issue 16's 300 MB target).
+const CACHE_BYTES: usize = 8 << 20;
 /// Marks the file as comfy-gate's.
 const MAGIC: &str = "comfy-gate state";
 
