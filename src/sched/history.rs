@@ -241,7 +241,7 @@ mod tests {
         }))
     }
 
-    /// Prompt `p`'s record (what `save` stores beside the entry).
+    /// Prompt `p`'s record (what `store::history_writes` stores beside the entry).
     fn record() -> PromptRecord {
         PromptRecord::new(
             "p".into(),
@@ -262,7 +262,8 @@ mod tests {
         history.insert("p", 10, whole.clone());
         assert_eq!(history.summary("p").unwrap(), whole, "whole until written");
         let record = record();
-        history.store.save_history(&record, 10, &whole).unwrap();
+        let writes = crate::sched::store::history_writes(&record, 10, &whole).unwrap();
+        history.store.append(writes).wait().unwrap();
         history.written("p", &whole);
         let kept = history.summary("p").unwrap();
         assert_eq!(
@@ -291,7 +292,8 @@ mod tests {
         {
             let (store, _) = Store::open(dir.path(), &[]).unwrap();
             let record = record();
-            store.save_history(&record, 10, &whole).unwrap();
+            let writes = crate::sched::store::history_writes(&record, 10, &whole).unwrap();
+            store.append(writes).wait().unwrap();
         }
         let (store, loaded) = Store::open(dir.path(), &[]).unwrap();
         assert_eq!(loaded.history.len(), 1);

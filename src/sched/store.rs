@@ -251,7 +251,7 @@ impl Store {
         Ok((count(PROMPTS)?, count(HISTORY)?, count(ALIASES)?))
     }
 
-    /// The whole history entry of prompt `id` as written by [`Store::save_history`], as JSON
+    /// The whole history entry of prompt `id` as written by [`history_writes`], as JSON
     /// text (not parsed: `GET /history/{id}` sends it as it is); `Ok(None)` if there is none.
     pub fn history_entry_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         /// A stored row, its entry left unparsed.
@@ -271,17 +271,6 @@ impl Store {
         };
         let stored: Stored<'_> = serde_json::from_slice(row.value()).map_err(write_err)?;
         Ok(Some(stored.entry.get().as_bytes().to_vec()))
-    }
-
-    /// Stores a finished prompt's history entry together with its final record. Blocking.
-    pub fn save_history(
-        &self,
-        record: &PromptRecord,
-        finished_at: i64,
-        entry: &Value,
-    ) -> Result<(), StoreError> {
-        self.append(history_writes(record, finished_at, entry)?)
-            .wait()
     }
 
     /// Writes usage rows (`(key, row as JSON)`) and removes others, in one batch. Blocking.
